@@ -1,0 +1,272 @@
+"""The ONE ReasonLite config: every technique is a knob here, declared once with a one-line doc.
+
+Sections follow the pipeline: data -> teacher -> traces -> budget -> student/train -> contrastive -> eval -> tune.
+The tuner names knobs by dotted path (`traces.self_consistency.k`), so every field is reachable that way.
+Validation errors name the dotted path and say how to fix the value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+RationaleStyle = Literal["cot", "pal", "step_by_step"]
+StudentFormat = Literal["answer", "cot", "pal", "step_by_step"]
+
+
+class Section(BaseModel):
+    # Unknown keys are refused on purpose: a typo in a YAML knob must not silently fall back to the default.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    source: str = Field("retail_math", description="'retail_math' (built-in generator), 'gsm8k', or a .jsonl/.csv/HF-datasets path")
+    path: str | None = Field(None, description="GSM8K folder or train file when source is 'gsm8k' (default ../shared/data/gsm8k)")
+    n_train: int = Field(400, ge=1, description="training questions to take (generated or the first N loaded)")
+    n_test: int = Field(100, ge=1, description="held-out questions with the training templates (or the first N of the test file)")
+    n_test_heldout_templates: int = Field(100, ge=0, description="retail_math only: questions from templates never seen in training")
+    heldout_templates: list[str] | None = Field(None, description="retail_math templates held out of training (None = the generator's default two)")
+    test_path: str | None = Field(None, description="explicit eval file (.jsonl/.csv); overrides the source's test split")
+    field_mapping: dict[str, str] | None = Field(None, description="our field -> source column, e.g. {question: prompt, answer: label}")
+    on_bad_rows: Literal["skip", "fail"] = Field("skip", description="bad input rows: skip them with a count, or fail naming file:line")
+    seed: int = Field(0, description="seed for generation and shuffling")
+
+
+class TeacherConfig(Section):
+    kind: Literal["dataset", "hf", "openai"] = Field("dataset", description="'dataset' = the example's own gold rationale/program (offline), 'hf' = a local transformers model, 'openai' = any OpenAI-compatible endpoint")
+    model: str | None = Field(None, description="teacher model name (openai) or alias/path (hf)")
+    base_url: str | None = Field(None, description="openai: endpoint base URL, e.g. http://127.0.0.1:8000/v1")
+    api_key_env: str = Field("OPENAI_API_KEY", description="openai: name of the environment variable holding the key")
+    concurrency: int = Field(8, ge=1, le=1024, description="openai: max in-flight requests")
+    timeout_s: float = Field(60.0, gt=0, description="openai: per-request timeout in seconds")
+    max_retries: int = Field(5, ge=0, description="retries on 429/5xx/connection errors (exponential backoff, honours Retry-After)")
+    temperature: float = Field(0.7, ge=0, le=2, description="sampling temperature (0 = greedy; k>1 needs > 0 to differ)")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
+    max_tokens: int = Field(384, ge=1, description="max completion tokens per teacher sample")
+    stop: list[str] | None = Field(None, description="stop strings sent to the teacher")
+    batch_size: int = Field(8, ge=1, description="hf: prompts generated together")
+    cache_path: str | None = Field(None, description="SQLite teacher cache (default: <run dir>/../teacher_cache.sqlite, shared by runs)")
+
+    @model_validator(mode="after")
+    def _needs_model(self) -> TeacherConfig:
+        if self.kind in ("hf", "openai") and not self.model:
+            raise ValueError(f"teacher.model is required when teacher.kind is '{self.kind}' (e.g. model: gpt-4o-mini)")
+        if self.kind == "openai" and not self.base_url:
+            raise ValueError("teacher.base_url is required for teacher.kind 'openai' (e.g. https://api.openai.com/v1)")
+        return self
+
+
+class SelfConsistencyConfig(Section):
+    k: int = Field(1, ge=1, le=64, description="teacher samples per question")
+    min_agreement: float = Field(0.0, ge=0, le=1, description="drop questions whose majority answer has a smaller share of the k votes")
+    selection: Literal["all_correct", "one_per_question", "shortest_correct"] = Field("all_correct", description="which verified traces to keep per question")
+    pseudo_label: bool = Field(True, description="without gold answers, use the majority vote as the label")
+
+
+class TracesConfig(Section):
+    style: RationaleStyle = Field("pal", description="rationale style the teacher is asked for: cot, pal (solution() program) or step_by_step")
+    few_shot: int = Field(2, ge=0, le=16, description="few-shot exemplars in the teacher prompt")
+    few_shot_path: str | None = Field(None, description="JSONL of exemplars (question, rationale/program, answer); default built-ins")
+    verify: bool = Field(True, description="execute programs / compare answers with gold and keep only correct traces")
+    self_consistency: SelfConsistencyConfig = Field(default_factory=SelfConsistencyConfig, description="voting over k samples")
+    counterfactual_negatives: bool = Field(True, description="make a rejected trace by perturbing a correct program when the teacher produced no wrong one")
+
+
+class BudgetConfig(Section):
+    max_trace_tokens: int | None = Field(None, ge=1, description="data side: rationale token budget (student tokenizer); None = no cap")
+    data_policy: Literal["drop", "prefer_shortest", "truncate"] = Field("drop", description="what to do with traces over max_trace_tokens")
+    condition_training: bool = Field(False, description="train side: state a token budget in the prompt, drawn from the trace's length bucket")
+    buckets: list[int] = Field([32, 64, 128, 256, 512], description="length buckets for budget-conditioned prompts")
+    inference_cap: int | None = Field(None, ge=1, description="inference side: hard cap on reasoning tokens; None = max_new_tokens")
+    forcing: bool = Field(True, description="when the cap is hit before an answer, append the answer cue and generate the answer")
+    answer_tokens: int = Field(16, ge=1, description="tokens allowed for the forced answer after the cue")
+
+    @field_validator("buckets")
+    @classmethod
+    def _sorted(cls, v: list[int]) -> list[int]:
+        if not v or any(b <= 0 for b in v) or sorted(v) != v:
+            raise ValueError("budget.buckets must be a non-empty increasing list of positive token counts, e.g. [32, 64, 128]")
+        return v
+
+
+class StudentConfig(Section):
+    model: str = Field("smollm2-135m-instruct", description="student alias, HF folder or GGUF file")
+    format: StudentFormat = Field("pal", description="what the student learns to emit: answer, cot, pal or step_by_step")
+    lora: bool = Field(True, description="LoRA (PEFT) instead of full fine-tuning")
+    lora_r: int = Field(16, ge=1, le=512, description="LoRA rank")
+    lora_alpha: int = Field(32, ge=1, description="LoRA alpha (scale = alpha / r)")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
+    lora_target_modules: list[str] = Field(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], description="module names LoRA adapts")
+
+
+class TrainConfig(Section):
+    learning_rate: float = Field(1e-3, gt=0, lt=1, description="peak learning rate (LoRA likes ~1e-3, full FT ~5e-5)")
+    max_steps: int = Field(150, ge=1, description="optimizer steps")
+    batch_size: int = Field(8, ge=1, description="per-device batch size")
+    grad_accum: int = Field(1, ge=1, description="gradient accumulation steps")
+    max_length: int = Field(384, ge=16, description="max tokens of prompt + completion")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="linear warmup fraction")
+    seed: int = Field(0, description="seed for init, data order and dropout")
+    save_steps: int = Field(50, ge=1, description="checkpoint every N steps (resume continues from the last one)")
+    step_by_step_alpha: float = Field(0.5, ge=0, le=1, description="step_by_step loss = alpha*label + (1-alpha)*rationale")
+    epochs_cap: int = Field(20, ge=1, description="upper bound on passes over the data when max_steps would exceed it")
+
+
+class ContrastiveConfig(Section):
+    enabled: bool = Field(False, description="run a DPO stage on (chosen, rejected) rationale pairs after SFT")
+    beta: float = Field(0.1, gt=0, description="DPO beta (strength of the preference)")
+    nll_weight: float = Field(1.0, ge=0, description="weight of the SFT/NLL term on the chosen rationale (RPO)")
+    max_steps: int = Field(30, ge=1, description="DPO optimizer steps")
+    learning_rate: float = Field(2e-4, gt=0, lt=1, description="DPO learning rate")
+    batch_size: int = Field(4, ge=1, description="DPO batch size (pairs)")
+
+
+class EvalConfig(Section):
+    splits: list[str] = Field(["test", "test_heldout_templates"], description="which held-out splits of the data source to evaluate")
+    limit: int | None = Field(None, ge=1, description="evaluate at most N questions per split")
+    budgets: list[int] = Field([], description="extra inference caps to evaluate (one point per budget on the accuracy-vs-tokens plot)")
+    n: int = Field(1, ge=1, le=64, description="self-consistency samples at inference (1 = greedy)")
+    temperature: float = Field(0.7, ge=0, le=2, description="sampling temperature when n > 1")
+    early_exit: bool = Field(True, description="adaptive consistency: stop sampling once the majority cannot be overturned")
+    max_new_tokens: int = Field(256, ge=1, description="generation cap when no budget is set")
+    batch_size: int = Field(16, ge=1, description="questions generated together")
+    compare_base: bool = Field(True, description="also evaluate the untrained base student prompted the same way")
+
+
+class TuneConfig(Section):
+    objectives: list[Literal["accuracy", "mean_tokens", "cost_per_1k"]] = Field(["accuracy", "mean_tokens"], description="maximise accuracy, minimise tokens / cost")
+    sampler: Literal["nsga2", "tpe", "random"] = Field("tpe", description="Optuna sampler")
+    storage: str | None = Field(None, description="Optuna storage URL; None = SQLite in the run folder; postgresql://... for several workers")
+    study_name: str = Field("reasonlite", description="Optuna study name (workers sharing a storage join it)")
+    cost_per_1k_tokens: float = Field(0.0, ge=0, description="serving cost per 1k generated tokens, for the cost objective")
+    pick: Literal["accuracy", "tokens", "knee"] = Field("knee", description="which Pareto point becomes best.yaml")
+
+
+class ReasonLiteConfig(Section):
+    """Everything `reasonlite run` / `tune` need. Every field has a default: an empty YAML is the offline quickstart."""
+
+    name: str = Field("retail-pal", description="run name (folder under runs/)")
+    runs_dir: str = Field("runs", description="where run folders are created")
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    traces: TracesConfig = Field(default_factory=TracesConfig)
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    contrastive: ContrastiveConfig = Field(default_factory=ContrastiveConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ReasonLiteConfig:
+        if self.student.format == "pal" and self.traces.style not in ("pal",):
+            raise ValueError(
+                f"student.format 'pal' needs programs but traces.style is '{self.traces.style}': set traces.style: pal "
+                "or pick student.format cot/answer"
+            )
+        if self.student.format in ("cot", "step_by_step") and self.traces.style == "pal":
+            raise ValueError(
+                f"student.format '{self.student.format}' needs natural-language rationales but traces.style is 'pal': "
+                "set traces.style: cot (or step_by_step)"
+            )
+        return self
+
+
+# Which sections each pipeline stage depends on: a stage is reused when the hash of its sections is unchanged.
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "traces": ("data", "teacher", "traces", "budget.max_trace_tokens", "budget.data_policy", "student.model"),
+    "train": ("traces", "student", "train", "contrastive", "budget.condition_training", "budget.buckets"),
+    "eval": ("eval", "budget.inference_cap", "budget.forcing", "budget.answer_tokens"),
+}
+
+
+class ConfigError(ValueError):
+    """A config that failed validation; the message lists each bad dotted path with the fix."""
+
+
+def format_validation_error(err: ValidationError, source: str = "config") -> str:
+    lines = [f"invalid {source}:"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(root)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field; check the spelling (`reasonlite config show` lists every field)"
+        lines.append(f"  {path}: {msg} (got {e.get('input')!r})" if e["type"] != "extra_forbidden" else f"  {path}: {msg}")
+    return "\n".join(lines)
+
+
+def set_dotted(data: dict, dotted: str, value: Any) -> None:
+    """Set `a.b.c = value` inside nested dicts (creating levels as needed)."""
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: '{key}' is not a section")
+    node[keys[-1]] = value
+
+
+def get_dotted(obj: Any, dotted: str) -> Any:
+    for key in dotted.split("."):
+        obj = obj[key] if isinstance(obj, dict) else getattr(obj, key)
+    return obj
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`train.learning_rate=3e-4` -> ("train.learning_rate", 0.0003); values are parsed as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.field=value, e.g. train.max_steps=50")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw)
+
+
+def build_config(data: dict | None = None, overrides: dict[str, Any] | None = None, source: str = "config") -> ReasonLiteConfig:
+    data = json.loads(json.dumps(data or {}))  # deep copy
+    for key, value in (overrides or {}).items():
+        set_dotted(data, key, value)
+    try:
+        return ReasonLiteConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> ReasonLiteConfig:
+    """Read a YAML config (None = all defaults) and apply dotted overrides."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file {p} does not exist; see examples/ for starting points")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p} must hold a mapping of sections (data:, teacher:, ...), not {type(data).__name__}")
+    return build_config(data, overrides, source=str(path or "config"))
+
+
+def dump_config(cfg: ReasonLiteConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def config_hash(cfg: ReasonLiteConfig, sections: tuple[str, ...] | None = None) -> str:
+    """Stable short hash of the whole config or of the given dotted sections."""
+    full = cfg.model_dump(mode="json")
+    picked = full if sections is None else {s: get_dotted(full, s) for s in sections}
+    blob = json.dumps(picked, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def stage_hash(cfg: ReasonLiteConfig, stage: str) -> str:
+    """Hash of everything a stage depends on, including the stages before it."""
+    order = list(STAGE_SECTIONS)
+    sections: tuple[str, ...] = ()
+    for name in order[: order.index(stage) + 1]:
+        sections += STAGE_SECTIONS[name]
+    return config_hash(cfg, sections)

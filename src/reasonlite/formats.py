@@ -1,0 +1,79 @@
+"""How a student sees a question and what it must answer, shared by training and inference.
+
+Training and inference must build byte-identical prompts, so both call `build_messages`; the chat template of the
+student turns the messages into text. Formats:
+  answer        question -> "The answer is X."            (no-rationale baseline)
+  cot           question -> steps ... "The answer is X."
+  pal           question -> a `def solution(): ... return x` program, executed in the sandbox at inference
+  step_by_step  distilling step-by-step: the same question under two task prefixes, [label] -> answer and
+                [rationale] -> rationale; at inference the cheap [label] task answers.
+A budget (budget-conditioned training / inference) adds "Use at most N tokens." to the prompt.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+Format = Literal["answer", "cot", "pal", "step_by_step"]
+Task = Literal["label", "rationale"]
+
+ANSWER_CUE = "The answer is"
+INSTRUCTIONS: dict[str, str] = {
+    "answer": "Reply with the final answer only.",
+    "cot": f"Solve it step by step and end with '{ANSWER_CUE} X.'",
+    "pal": "Write a Python function solution() that computes and returns the answer.",
+}
+TASK_PREFIX: dict[str, str] = {"label": "[label]", "rationale": "[rationale]"}
+
+
+def budget_line(budget: int) -> str:
+    return f"Use at most {budget} tokens."
+
+
+def build_messages(question: str, fmt: Format, budget: int | None = None, task: Task | None = None) -> list[dict]:
+    """Chat messages for the student (user turn only; the tokenizer's chat template adds the rest)."""
+    if fmt == "step_by_step":
+        task = task or "label"
+        text = f"{TASK_PREFIX[task]} {question.strip()}"
+    elif fmt in INSTRUCTIONS:
+        text = f"{question.strip()}\n{INSTRUCTIONS[fmt]}"
+    else:
+        raise ValueError(f"unknown student format '{fmt}': use one of answer, cot, pal, step_by_step")
+    if budget is not None:
+        text += f"\n{budget_line(budget)}"
+    return [{"role": "user", "content": text}]
+
+
+def answer_sentence(answer: str) -> str:
+    return f"{ANSWER_CUE} {answer}."
+
+
+def ensure_answer_sentence(rationale: str, answer: str) -> str:
+    """A CoT target always ends with the marked answer, even when the teacher's text did not."""
+    text = rationale.strip()
+    if re.search(re.escape(ANSWER_CUE), text.splitlines()[-1] if text else ""):
+        return text
+    return f"{text}\n{answer_sentence(answer)}".strip()
+
+
+def build_target(fmt: Format, *, answer: str, rationale: str | None = None, program: str | None = None,
+                 task: Task | None = None) -> str:
+    """The completion the student is trained to produce for one example."""
+    if fmt == "answer" or (fmt == "step_by_step" and (task or "label") == "label"):
+        return answer_sentence(answer)
+    if fmt == "pal":
+        if not program:
+            raise ValueError("format 'pal' needs a program for every trace: use traces.style: pal")
+        return program.strip()
+    if not rationale:
+        raise ValueError(f"format '{fmt}' needs a rationale for every trace: use traces.style: cot")
+    return ensure_answer_sentence(rationale, answer)
+
+
+def extract_program(text: str) -> str:
+    """The program part of a PAL completion (fenced or bare), from `def solution` on."""
+    fenced = re.search(r"```(?:python|py)?\s*\n(.*?)(?:```|$)", text, re.S)
+    code = fenced.group(1) if fenced else text
+    start = code.find("def solution")
+    return (code[start:] if start >= 0 else code).strip()
