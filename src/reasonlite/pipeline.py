@@ -1,0 +1,165 @@
+"""`reasonlite run`: traces -> train -> eval -> export in one run folder.
+
+Each stage's output lives in a content-addressed folder `<runs_dir>/_stages/<stage>-<hash>/`, where the hash covers
+the config sections the stage (and the stages before it) depend on (`config.STAGE_SECTIONS`). The run folder links
+to them. So changing only the learning rate reuses the trace set and never calls the teacher again, and tuning trials
+that share a trace set share it. `force` reruns a stage (and, by hash, nothing else changes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from reasonlite.config import ReasonLiteConfig, build_config, dump_config, parse_override, stage_hash
+
+console = Console()
+STAGES = ("traces", "train", "eval")
+
+
+@dataclass
+class PipelineResult:
+    run_dir: Path
+    stages: dict[str, str] = field(default_factory=dict)  # stage -> "ran" | "reused"
+    stage_dirs: dict[str, Path] = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)  # eval summary of the student (and base when compared)
+
+    @property
+    def model_dir(self) -> Path:
+        return self.stage_dirs["train"] / "model"
+
+
+def _done_marker(folder: Path) -> Path:
+    return folder / ".stage-complete"
+
+
+def _link(run_dir: Path, name: str, target: Path) -> None:
+    link = run_dir / name
+    if link.is_symlink() or link.is_file():
+        link.unlink()
+    elif link.is_dir():
+        shutil.rmtree(link)
+    # Relative links keep a runs/ folder valid when it is moved or copied as a whole.
+    link.symlink_to(os.path.relpath(target.resolve(), run_dir.resolve()), target_is_directory=True)
+
+
+def _stage(cfg: ReasonLiteConfig, name: str, force: tuple[str, ...], result: PipelineResult, fn) -> Path:
+    stages_root = Path(cfg.runs_dir) / "_stages"
+    folder = stages_root / f"{name}-{stage_hash(cfg, name)}"
+    if _done_marker(folder).exists() and name not in force:
+        result.stages[name] = "reused"
+        console.print(f"[green]✓ {name}[/green]: reusing {folder} (config unchanged for this stage)")
+    else:
+        # A folder without its marker is a crashed attempt: the stage itself resumes from what it kept
+        # (teacher cache, training checkpoints), so it is not deleted.
+        folder.mkdir(parents=True, exist_ok=True)
+        console.rule(f"[bold]{name}")
+        t0 = time.perf_counter()
+        fn(folder)
+        _done_marker(folder).write_text(json.dumps({"seconds": time.perf_counter() - t0, "finished": time.time()}))
+        result.stages[name] = "ran"
+    result.stage_dirs[name] = folder
+    _link(result.run_dir, name, folder)
+    return folder
+
+
+def _eval_stage(cfg: ReasonLiteConfig, model_dir: Path, out: Path) -> dict:
+    from reasonlite.data.splits import load_splits
+
+    splits = load_splits(cfg.data)
+    targets = {"student": str(model_dir)}
+    if cfg.eval.compare_base:
+        targets["base"] = cfg.student.model
+    summary = evaluate_splits(cfg, targets, {s: splits[s] for s in cfg.eval.splits if s in splits}, out)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def run_pipeline(cfg: ReasonLiteConfig, force: tuple[str, ...] = ()) -> PipelineResult:
+    """Run (or reuse) every stage for this config; returns where everything is and the eval summary."""
+    bad = [f for f in force if f not in STAGES]
+    if bad:
+        raise ValueError(f"--force {bad[0]}: unknown stage; use one of {', '.join(STAGES)}")
+    # Forcing a stage forces the ones after it: their inputs changed.
+    force = tuple(STAGES[min(STAGES.index(f) for f in force):]) if force else ()
+    run_dir = Path(cfg.runs_dir) / cfg.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    result = PipelineResult(run_dir)
+
+    from reasonlite.traces import build_trace_set
+    from reasonlite.train import train_student
+
+    traces_dir = _stage(cfg, "traces", force, result, lambda out: build_trace_set(cfg, out))
+    train_dir = _stage(cfg, "train", force, result, lambda out: train_student(cfg, traces_dir, out))
+    eval_dir = _stage(cfg, "eval", force, result, lambda out: _eval_stage(cfg, train_dir / "model", out))
+    result.metrics = json.loads((eval_dir / "summary.json").read_text())
+
+    from reasonlite.train.export import update_model_card
+
+    update_model_card(train_dir / "model", result.metrics)
+    (run_dir / "pipeline.json").write_text(json.dumps(
+        {"stages": result.stages, "stage_dirs": {k: str(v) for k, v in result.stage_dirs.items()},
+         "metrics": result.metrics}, indent=2))
+    _write_serve_config(run_dir, train_dir / "model", cfg)
+    return result
+
+
+def _write_serve_config(run_dir: Path, model_dir: Path, cfg: ReasonLiteConfig) -> Path:
+    """A ready SLM-Fusion config serving the exported student (the printed `slm-fusion serve` command uses it)."""
+    import yaml
+
+    name = cfg.name
+    serve = {
+        "models": [{"name": name, "backend": "transformers", "model": str(model_dir.resolve()),
+                    "reasoning": {"format": cfg.student.format, "pal": cfg.student.format == "pal",
+                                  "reasoning_budget": cfg.budget.inference_cap}}],
+    }
+    path = run_dir / "serve.yaml"
+    path.write_text(yaml.safe_dump(serve, sort_keys=False))
+    return path
+
+
+# --- the quickstart -------------------------------------------------------------------------------------------------
+
+DEMO_DEFAULTS = {
+    "name": "demo-retail-pal",
+    "data": {"source": "retail_math", "n_train": 400, "n_test": 50, "n_test_heldout_templates": 50},
+    "teacher": {"kind": "dataset"},
+    "traces": {"style": "pal"},
+    "student": {"model": "smollm2-135m-instruct", "format": "pal"},
+    "budget": {"inference_cap": 160},
+    "eval": {"splits": ["test", "test_heldout_templates"], "compare_base": True},
+}
+
+
+def print_summary(result: PipelineResult) -> None:
+    table = Table(title=f"ReasonLite results — {result.run_dir}")
+    for col in ("split", "model", "accuracy", "mean tokens", "p95 tokens", "latency s/q", "exec errors"):
+        table.add_column(col, justify="right" if col not in ("split", "model") else "left")
+    for split, per_model in result.metrics.get("splits", {}).items():
+        for model_name, m in per_model.items():
+            table.add_row(split, model_name, f"{m['accuracy']:.1%}", f"{m['mean_tokens']:.1f}", f"{m['p95_tokens']:.0f}",
+                          f"{m['latency_s']:.2f}", f"{m.get('exec_error_rate', 0):.1%}")
+    console.print(table)
+
+
+def run_demo(overrides: list[str] | None = None) -> PipelineResult:
+    cfg = build_config(DEMO_DEFAULTS, dict(parse_override(o) for o in overrides or []), source="demo defaults")
+    console.print("[bold]ReasonLite quickstart[/bold]: retail-math, dataset teacher (gold programs), "
+                  f"{cfg.student.model} student, PAL distillation, inference cap {cfg.budget.inference_cap} tokens.")
+    t0 = time.perf_counter()
+    result = run_pipeline(cfg)
+    print_summary(result)
+    console.print(f"Finished in {(time.perf_counter() - t0) / 60:.1f} min.")
+    console.print(f"Report:         {result.stage_dirs['eval'] / 'report.md'}")
+    console.print(f"Exported model: {result.model_dir}")
+    console.print(f"Serve it:       slm-fusion serve {result.run_dir / 'serve.yaml'} --port 8000")
+    return result

@@ -1,0 +1,270 @@
+"""`reasonlite tune`: an Optuna study whose parameters are dotted paths of the one config.
+
+Each trial is a full `reasonlite run` (stages shared by hash, so trials that only change training knobs reuse the
+trace set). Objectives: maximise accuracy, minimise mean generated tokens (and optionally cost per 1k questions).
+Storage is SQLite in the study folder by default; a `postgresql://` URL lets workers on several machines share one
+study. Killed workers leave RUNNING trials that the heartbeat marks FAILED when a worker resumes.
+
+Search space YAML:
+    params:
+      traces.style: {type: categorical, choices: [cot, pal], also: [student.format]}
+      train.learning_rate: {type: float, low: 1.0e-4, high: 3.0e-3, log: true}
+      student.lora_r: {type: int, low: 4, high: 32, log: true}
+    trials: 20   # optional total cap across all workers
+`also` copies the sampled value to other paths that must agree with it (style and format).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import traceback
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from reasonlite.config import ConfigError, ReasonLiteConfig, build_config, get_dotted
+
+console = Console()
+
+
+class ParamSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["categorical", "int", "float"]
+    choices: list[Any] | None = None
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    also: list[str] = Field(default_factory=list, description="other dotted paths set to the same value")
+
+
+class SearchSpace(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    params: dict[str, ParamSpec]
+    trials: int | None = Field(None, ge=1, description="total trials across all workers (None = each worker's --trials)")
+
+
+def load_space(path: Path, base: ReasonLiteConfig) -> SearchSpace:
+    if not Path(path).exists():
+        raise ConfigError(f"search space {path} does not exist; see examples/tune_space.yaml")
+    try:
+        space = SearchSpace.model_validate(yaml.safe_load(Path(path).read_text()) or {})
+    except ValidationError as e:
+        raise ConfigError(f"invalid search space {path}: {e}") from None
+    dumped = base.model_dump()
+    for name, spec in space.params.items():
+        for dotted in (name, *spec.also):
+            try:
+                get_dotted(dumped, dotted)
+            except (KeyError, AttributeError):
+                raise ConfigError(f"search space {path}: '{dotted}' is not a config field "
+                                  "(use dotted paths shown by `reasonlite config show`)") from None
+        if spec.type == "categorical" and not spec.choices:
+            raise ConfigError(f"search space {path}: {name} is categorical and needs `choices`")
+        if spec.type in ("int", "float") and (spec.low is None or spec.high is None or spec.low > spec.high):
+            raise ConfigError(f"search space {path}: {name} needs low <= high")
+    return space
+
+
+def suggest(trial, space: SearchSpace) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    for name, spec in space.params.items():
+        if spec.type == "categorical":
+            value = trial.suggest_categorical(name, spec.choices)
+        elif spec.type == "int":
+            value = trial.suggest_int(name, int(spec.low), int(spec.high), log=spec.log, step=int(spec.step or 1))
+        else:
+            value = trial.suggest_float(name, spec.low, spec.high, log=spec.log, step=spec.step)
+        for dotted in (name, *spec.also):
+            overrides[dotted] = value
+    return overrides
+
+
+def _sampler(name: str, seed: int):
+    import optuna
+
+    return {"nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
+            "tpe": lambda: optuna.samplers.TPESampler(seed=seed, multivariate=True),
+            "random": lambda: optuna.samplers.RandomSampler(seed=seed)}[name]()
+
+
+def study_dir(cfg: ReasonLiteConfig) -> Path:
+    return Path(cfg.runs_dir) / f"tune-{cfg.tune.study_name}"
+
+
+def open_study(cfg: ReasonLiteConfig, storage: str | None = None):
+    import optuna
+
+    folder = study_dir(cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    url = storage or cfg.tune.storage or f"sqlite:///{(folder / 'study.db').resolve()}"
+    heartbeat = int(os.environ.get("REASONLITE_TUNE_HEARTBEAT_S", "30"))
+    rdb = optuna.storages.RDBStorage(
+        url, heartbeat_interval=heartbeat, grace_period=heartbeat * 2,
+        # A trial that died with its worker is marked FAILED and run again by the next worker.
+        failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1),
+        engine_kwargs={"pool_pre_ping": True} if url.startswith("postgresql") else {},
+    )
+    directions = ["maximize" if o == "accuracy" else "minimize" for o in cfg.tune.objectives]
+    return optuna.create_study(study_name=cfg.tune.study_name, storage=rdb, directions=directions,
+                               sampler=_sampler(cfg.tune.sampler, cfg.train.seed), load_if_exists=True)
+
+
+def _objective_values(cfg: ReasonLiteConfig, metrics: dict) -> list[float]:
+    """Objectives are read off the student's results on the first eval split."""
+    split = next(iter(metrics["splits"].values()))
+    student = split["student"]
+    values = []
+    for objective in cfg.tune.objectives:
+        if objective == "accuracy":
+            values.append(student["accuracy"])
+        elif objective == "mean_tokens":
+            values.append(student["mean_tokens"])
+        else:
+            values.append(student["mean_tokens"] * 1000 / 1000 * cfg.tune.cost_per_1k_tokens)
+    return values
+
+
+def make_objective(base: ReasonLiteConfig, space: SearchSpace):
+    from reasonlite.pipeline import run_pipeline
+
+    base_data = base.model_dump(mode="json")
+
+    def objective(trial) -> list[float]:
+        overrides = suggest(trial, space)
+        overrides["name"] = f"tune-{base.tune.study_name}/trial-{trial.number:04d}"
+        trial.set_user_attr("overrides", overrides)
+        try:
+            cfg = build_config(base_data, overrides, source=f"trial {trial.number}")
+            result = run_pipeline(cfg)
+        except Exception as e:  # recorded on the trial, never fatal for the study
+            trial.set_user_attr("error", f"{type(e).__name__}: {e}")
+            trial.set_user_attr("traceback", traceback.format_exc()[-4000:])
+            console.print(f"[red]trial {trial.number} failed[/red]: {type(e).__name__}: {e}")
+            raise
+        trial.set_user_attr("run_dir", str(result.run_dir))
+        return _objective_values(cfg, result.metrics)
+
+    return objective
+
+
+def pareto_rows(study) -> list[dict]:
+    rows = []
+    for t in study.best_trials:
+        rows.append({"trial": t.number, **dict(zip(study.metric_names or [], t.values)),
+                     "values": t.values, "params": t.params, "run_dir": t.user_attrs.get("run_dir")})
+    return sorted(rows, key=lambda r: r["values"][0], reverse=True)
+
+
+def pick_trial(study, objectives: list[str], pick: str):
+    """accuracy: most accurate; tokens: fewest tokens; knee: the Pareto point farthest from the line joining the
+    two extremes (normalised), i.e. the best trade-off."""
+    front = study.best_trials
+    if not front:
+        return None
+    acc_i = objectives.index("accuracy") if "accuracy" in objectives else None
+    tok_i = objectives.index("mean_tokens") if "mean_tokens" in objectives else None
+    if pick == "accuracy" or tok_i is None:
+        return max(front, key=lambda t: (t.values[acc_i], -t.values[tok_i] if tok_i is not None else 0))
+    if pick == "tokens" or acc_i is None:
+        return min(front, key=lambda t: (t.values[tok_i], -t.values[acc_i] if acc_i is not None else 0))
+    pts = [(t.values[acc_i], t.values[tok_i]) for t in front]
+    a_lo, a_hi = min(p[0] for p in pts), max(p[0] for p in pts)
+    k_lo, k_hi = min(p[1] for p in pts), max(p[1] for p in pts)
+
+    def norm(p):
+        return ((p[0] - a_lo) / ((a_hi - a_lo) or 1), 1 - (p[1] - k_lo) / ((k_hi - k_lo) or 1))
+
+    # In normalised space both axes are "higher is better"; the knee maximises the sum (distance to the x+y=1 line).
+    return max(front, key=lambda t: sum(norm((t.values[acc_i], t.values[tok_i]))))
+
+
+def write_outputs(cfg: ReasonLiteConfig, study, pick: str) -> dict:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+
+    folder = study_dir(cfg)
+    objectives = list(cfg.tune.objectives)
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    front = study.best_trials if done else []
+    lines = [f"# Tuning study `{cfg.tune.study_name}`", "",
+             f"{len(done)} complete, {len(failed)} failed trials. Objectives: {', '.join(objectives)}.", "",
+             "## Pareto front", "", "| trial | " + " | ".join(objectives) + " | params |",
+             "|---|" + "---|" * len(objectives) + "---|"]
+    for t in sorted(front, key=lambda t: t.values[0], reverse=True):
+        vals = " | ".join(f"{v:.4g}" for v in t.values)
+        lines.append(f"| {t.number} | {vals} | `{json.dumps(t.params)}` |")
+    if failed:
+        lines += ["", "## Failed trials", "", "| trial | error |", "|---|---|"]
+        lines += [f"| {t.number} | {t.user_attrs.get('error', '(worker died)')} |" for t in failed]
+    (folder / "pareto.md").write_text("\n".join(lines) + "\n")
+
+    if done and len(objectives) >= 2:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.scatter([t.values[1] for t in done], [t.values[0] for t in done], c="lightgray", label="trials")
+        ax.scatter([t.values[1] for t in front], [t.values[0] for t in front], c="crimson", label="Pareto front")
+        ax.set_xlabel(objectives[1])
+        ax.set_ylabel(objectives[0])
+        ax.set_title(f"study {cfg.tune.study_name}")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(folder / "pareto.png", dpi=120)
+        plt.close(fig)
+
+    chosen = pick_trial(study, objectives, pick) if front else None
+    summary = {"complete": len(done), "failed": len(failed), "pareto": [t.number for t in front],
+               "picked": chosen.number if chosen else None, "pick": pick}
+    if chosen is not None:
+        best = build_config(cfg.model_dump(mode="json"),
+                            {k: v for k, v in chosen.user_attrs["overrides"].items() if k != "name"})
+        best_path = folder / "best.yaml"
+        best_path.write_text(f"# picked by --pick {pick}: trial {chosen.number}, values {chosen.values}\n"
+                             + yaml.safe_dump(best.model_dump(mode="json"), sort_keys=False))
+        summary["best_yaml"] = str(best_path)
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def run_study(cfg: ReasonLiteConfig, space: SearchSpace, trials: int, storage: str | None = None):
+    import optuna
+    from optuna.study import MaxTrialsCallback
+    from optuna.trial import TrialState
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = open_study(cfg, storage)
+    callbacks = []
+    if space.trials:
+        callbacks.append(MaxTrialsCallback(space.trials, states=(TrialState.COMPLETE, TrialState.FAIL)))
+        done = len([t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.FAIL)])
+        trials = min(trials, max(space.trials - done, 0))
+    if trials:
+        study.optimize(make_objective(cfg, space), n_trials=trials, callbacks=callbacks, catch=(Exception,),
+                       gc_after_trial=True)
+    return study
+
+
+def tune_command(cfg: ReasonLiteConfig, space: Path, trials: int, storage: str | None, pick: str | None) -> dict:
+    parsed = load_space(space, cfg)
+    study = run_study(cfg, parsed, trials, storage)
+    summary = write_outputs(cfg, study, pick or cfg.tune.pick)
+    table = Table(title=f"Pareto front — study {cfg.tune.study_name}")
+    table.add_column("trial")
+    for o in cfg.tune.objectives:
+        table.add_column(o, justify="right")
+    table.add_column("params")
+    for t in sorted(study.best_trials, key=lambda t: t.values[0], reverse=True):
+        table.add_row(str(t.number), *[f"{v:.4g}" for v in t.values], json.dumps(t.params))
+    console.print(table)
+    folder = study_dir(cfg)
+    console.print(f"{summary['complete']} complete, {summary['failed']} failed. Report: {folder / 'pareto.md'}, "
+                  f"plot: {folder / 'pareto.png'}, best: {summary.get('best_yaml')}")
+    return summary

@@ -1,0 +1,133 @@
+"""The backend protocol in plain Python types, and the registry mapping config `backend:` names to classes.
+
+A backend turns a `GenerationRequest` into text. It knows nothing about HTTP or OpenAI's JSON (that is
+`slm_fusion.protocol`), queues or auth (that is `slm_fusion.app`).
+
+Two ways to ask for text:
+- chat: `GenerationRequest(messages=[...])` — the backend applies the model's chat template;
+- raw continuation: `GenerationRequest(prompt="...")` — the text is used verbatim, nothing is added. The reasoning
+  layer uses this for budget forcing: `backend.format_chat(messages)` + the assistant's partial text, continued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from slm_fusion.config import ModelBase
+
+
+@dataclass
+class GenerationRequest:
+    messages: list[dict[str, Any]] | None = None  # [{"role": ..., "content": str}]
+    prompt: str | None = None  # already formatted text to continue verbatim
+    max_tokens: int = 256
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    n: int = 1
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # unknown request fields, forwarded by the openai backend
+
+    def __post_init__(self) -> None:
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("GenerationRequest needs exactly one of `messages` (chat) or `prompt` (raw text)")
+
+
+@dataclass
+class Generation:
+    text: str
+    finish_reason: str  # "stop" | "length"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class TokenChunk:
+    """A piece of streamed text for choice `index`; the last chunk of a choice carries its `finish_reason`.
+
+    A backend that knows the exact token counts sends them once at the end as `usage=(prompt, completion)` totals
+    for the whole request (all choices); the gateway counts chunks otherwise.
+    """
+
+    index: int
+    text: str
+    finish_reason: str | None = None
+    usage: tuple[int, int] | None = None
+
+
+@runtime_checkable
+class Backend(Protocol):
+    config: ModelBase
+
+    async def start(self) -> None:
+        """Load weights / open connection pools (called once, in the app's lifespan)."""
+
+    async def generate(self, req: GenerationRequest) -> list[Generation]:
+        """All `req.n` choices, complete."""
+
+    def stream(self, req: GenerationRequest) -> AsyncIterator[TokenChunk]:
+        """Text as it is produced; closing the iterator early cancels the work."""
+
+    def count_tokens(self, text: str) -> int: ...
+
+    def format_chat(self, messages: list[dict[str, Any]]) -> str:
+        """The model's chat template applied with the generation prompt (raise NotImplementedError if unknown)."""
+
+    async def aclose(self) -> None: ...
+
+
+BACKENDS: dict[str, str] = {
+    # Imported lazily: the transformers backend pulls torch, llamacpp pulls llama_cpp.
+    "transformers": "slm_fusion.backends.transformers:TransformersBackend",
+    "llamacpp": "slm_fusion.backends.llamacpp:LlamaCppBackend",
+    "openai": "slm_fusion.backends.openai_upstream:OpenAIBackend",
+}
+
+
+def backend_class(name: str) -> type:
+    try:
+        target = BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"unknown backend '{name}'; choose one of {sorted(BACKENDS)}") from None
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def make_backend(config: ModelBase) -> Backend:
+    return backend_class(config.backend)(config)  # type: ignore[attr-defined]
+
+
+async def stream_from_generate(backend: Backend, req: GenerationRequest) -> AsyncIterator[TokenChunk]:
+    """Fallback stream for work that is only available whole (e.g. a reasoning strategy): one chunk per choice."""
+    gens = await backend.generate(req)
+    for i, g in enumerate(gens):
+        yield TokenChunk(index=i, text=g.text, finish_reason=g.finish_reason)
+    yield TokenChunk(
+        index=0, text="", usage=(gens[0].prompt_tokens if gens else 0, sum(g.completion_tokens for g in gens))
+    )
+
+
+def apply_stop(text: str, stop: list[str]) -> tuple[str, bool]:
+    """Cut `text` at the first stop sequence; returns (text, stopped)."""
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+class ThreadBridge:
+    """Deliver items from a worker thread into an asyncio.Queue owned by an event loop."""
+
+    __slots__ = ("loop", "queue")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def put(self, item: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # loop closed: the client is gone, nothing to deliver to
+            pass

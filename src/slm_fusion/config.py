@@ -1,0 +1,157 @@
+"""`FusionConfig`: the models the gateway serves, how each backend runs, and server operations — from YAML.
+
+```yaml
+server: {api_keys_env: FUSION_API_KEYS, max_request_bytes: 1048576, request_timeout_s: 120}
+models:
+  - {name: smol, backend: transformers, model: smollm2-135m-instruct, max_batch_size: 8}
+  - {name: smol-gguf, backend: llamacpp, model: /path/SmolLM2-135M-Instruct.Q4_1.gguf}
+  - {name: big, backend: openai, model: gpt-4o-mini, base_url: http://127.0.0.1:9000/v1}
+embeddings: {name: all-minilm-l6-v2}
+routers: {}          # owned by slm_fusion.routing
+virtual_models: {}   # owned by slm_fusion.routing
+```
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class _Strict(BaseModel):
+    # A typo in a config key must fail loudly instead of silently using a default.
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelBase(_Strict):
+    name: str = Field(..., min_length=1, description="Name clients pass as `model`.")
+    model: str = Field(..., min_length=1, description="Path or alias of the weights (upstream model name for openai).")
+    description: str = Field("", description="Free text shown by `slm-fusion check`.")
+    max_concurrency: int = Field(8, ge=1, description="Requests executed at once; the rest wait in the queue.")
+    max_queue: int = Field(64, ge=0, description="Requests allowed to wait; one more gets 429 with Retry-After.")
+    timeout_s: float | None = Field(None, gt=0, description="Per-request timeout (504); default server.request_timeout_s.")
+    replicas: int = Field(1, ge=1, description="Independent backend instances; a request goes to the least busy.")
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens when the request gives none.")
+    max_output_tokens: int | None = Field(None, ge=1, description="Largest max_tokens accepted (400 above it).")
+    reasoning: dict[str, Any] = Field(
+        default_factory=dict, description="Reasoning defaults for this model (read by slm_fusion.reasoning)."
+    )
+
+
+class TransformersModel(ModelBase):
+    backend: Literal["transformers"]
+    dtype: str | None = Field(None, description="torch dtype name, e.g. float32 / bfloat16.")
+    device: str | None = Field(None, description="torch device; default cpu.")
+    torch_threads: int | None = Field(None, ge=1, description="torch.set_num_threads for the decode worker.")
+    max_batch_size: int = Field(8, ge=1, description="Rows (requests x n) decoded together.")
+    batch_wait_ms: float = Field(5.0, ge=0, description="How long the batcher waits to collect concurrent requests.")
+
+
+class LlamaCppModel(ModelBase):
+    backend: Literal["llamacpp"]
+    n_ctx: int = Field(2048, ge=16, description="Context window passed to llama.cpp.")
+    n_threads: int | None = Field(None, ge=1, description="llama.cpp threads; default: all cores.")
+    n_batch: int = Field(512, ge=1)
+    chat_template: str | None = Field(
+        None, description="Jinja chat template; default: the GGUF's own `tokenizer.chat_template`."
+    )
+    max_concurrency: int = Field(1, ge=1, description="llama.cpp runs one request at a time per replica.")
+
+
+class OpenAIModel(ModelBase):
+    backend: Literal["openai"]
+    base_url: str = Field(..., description="Upstream base URL including /v1, e.g. http://127.0.0.1:8001/v1.")
+    api_key: str | None = Field(None, description="Upstream key (prefer api_key_env).")
+    api_key_env: str | None = Field(None, description="Environment variable holding the upstream key.")
+    connect_timeout_s: float = Field(5.0, gt=0)
+    max_connections: int = Field(256, ge=1)
+    max_keepalive_connections: int = Field(64, ge=0)
+    max_concurrency: int = Field(64, ge=1)
+    max_queue: int = Field(256, ge=0)
+
+    def resolved_api_key(self) -> str | None:
+        if self.api_key_env:
+            return os.environ.get(self.api_key_env) or self.api_key
+        return self.api_key
+
+
+ModelConfig = Annotated[TransformersModel | LlamaCppModel | OpenAIModel, Field(discriminator="backend")]
+
+
+class ServerConfig(_Strict):
+    api_keys: list[str] = Field(default_factory=list, description="Accepted bearer keys; empty = no auth.")
+    api_keys_env: str | None = Field(None, description="Env var with comma-separated keys (added to api_keys).")
+    max_request_bytes: int = Field(1 << 20, ge=1024, description="Larger request bodies get 413.")
+    request_timeout_s: float = Field(300.0, gt=0, description="Default per-request timeout (504).")
+    max_n: int = Field(16, ge=1, description="Largest `n` accepted.")
+    access_log: bool = Field(True, description="One JSON log line per request.")
+    retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 429.")
+
+    def resolved_api_keys(self) -> list[str]:
+        keys = list(self.api_keys)
+        if self.api_keys_env:
+            keys += [k.strip() for k in os.environ.get(self.api_keys_env, "").split(",") if k.strip()]
+        return keys
+
+
+class EmbeddingsConfig(_Strict):
+    name: str = Field("all-minilm-l6-v2", description="Name clients pass as `model` to /v1/embeddings.")
+    device: str = "cpu"
+    max_inputs: int = Field(256, ge=1, description="Most texts in one request.")
+
+
+class FusionConfig(_Strict):
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    models: list[ModelConfig] = Field(default_factory=list)
+    embeddings: EmbeddingsConfig | None = None
+    routers: dict[str, Any] = Field(default_factory=dict, description="Router definitions (slm_fusion.routing).")
+    virtual_models: dict[str, Any] | list[Any] = Field(
+        default_factory=dict, description="Virtual model names served through a router (slm_fusion.routing)."
+    )
+
+    @field_validator("models")
+    @classmethod
+    def _unique_names(cls, models: list[ModelBase]) -> list[ModelBase]:
+        seen: set[str] = set()
+        for m in models:
+            if m.name in seen:
+                raise ValueError(f"models: duplicate name '{m.name}'; each model needs a unique `name`")
+            seen.add(m.name)
+        return models
+
+    @model_validator(mode="after")
+    def _embedding_name_free(self) -> FusionConfig:
+        if self.embeddings and any(m.name == self.embeddings.name for m in self.models):
+            raise ValueError(f"embeddings.name '{self.embeddings.name}' clashes with a chat model; rename one")
+        return self
+
+    def model(self, name: str) -> ModelBase | None:
+        return next((m for m in self.models if m.name == name), None)
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the file, the field and what to change."""
+
+
+def load_fusion_config(path: str | Path) -> FusionConfig:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping with `models:` and optional `server:`")
+    try:
+        return FusionConfig.model_validate(raw)
+    except ValidationError as e:
+        lines = [f"{path}: invalid config"]
+        for err in e.errors():
+            where = ".".join(str(p) for p in err["loc"])
+            lines.append(f"  {where}: {err['msg']}")
+        raise ConfigError("\n".join(lines)) from None

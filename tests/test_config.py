@@ -1,0 +1,94 @@
+import pytest
+import yaml
+
+from reasonlite.config import (
+    ConfigError,
+    ReasonLiteConfig,
+    build_config,
+    config_hash,
+    load_config,
+    parse_override,
+    stage_hash,
+)
+
+
+def test_defaults_are_the_offline_quickstart():
+    cfg = ReasonLiteConfig()
+    assert cfg.teacher.kind == "dataset"
+    assert cfg.student.format == "pal" and cfg.traces.style == "pal"
+    assert cfg.data.source == "retail_math"
+
+
+def test_every_field_is_documented():
+    def walk(model_cls, prefix=""):
+        for name, field in model_cls.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, ReasonLiteConfig.__mro__[1]):
+                yield from walk(ann, f"{prefix}{name}.")
+            else:
+                yield f"{prefix}{name}", field.description
+
+    undocumented = [path for path, doc in walk(ReasonLiteConfig) if not doc]
+    assert undocumented == [], f"fields without a description: {undocumented}"
+
+
+def test_validation_error_names_dotted_path_and_fix():
+    with pytest.raises(ConfigError) as e:
+        build_config({"train": {"learning_rate": -1}})
+    assert "train.learning_rate" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        build_config({"traces": {"self_consistency": {"k": 0}}})
+    assert "traces.self_consistency.k" in str(e.value)
+
+
+def test_unknown_field_is_refused_not_ignored():
+    with pytest.raises(ConfigError) as e:
+        build_config({"train": {"learnig_rate": 1e-3}})
+    assert "train.learnig_rate" in str(e.value) and "unknown field" in str(e.value)
+
+
+def test_inconsistent_style_and_format_says_which_knob():
+    with pytest.raises(ConfigError) as e:
+        build_config({"traces": {"style": "cot"}, "student": {"format": "pal"}})
+    assert "traces.style" in str(e.value)
+
+
+def test_teacher_openai_requires_base_url():
+    with pytest.raises(ConfigError) as e:
+        build_config({"teacher": {"kind": "openai", "model": "gpt"}})
+    assert "teacher.base_url" in str(e.value)
+
+
+def test_overrides_and_yaml_roundtrip(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"train": {"max_steps": 7}}))
+    key, value = parse_override("train.learning_rate=3e-4")
+    cfg = load_config(path, {key: value})
+    assert cfg.train.max_steps == 7 and cfg.train.learning_rate == pytest.approx(3e-4)
+    with pytest.raises(ConfigError):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_stage_hash_ignores_later_stages():
+    a = ReasonLiteConfig()
+    b = build_config({"train": {"learning_rate": 5e-4}})
+    assert stage_hash(a, "traces") == stage_hash(b, "traces")
+    assert stage_hash(a, "train") != stage_hash(b, "train")
+    c = build_config({"traces": {"self_consistency": {"k": 4}}})
+    assert stage_hash(a, "traces") != stage_hash(c, "traces")
+    assert config_hash(a) != config_hash(b)
+
+
+def test_cli_config_show_and_schema():
+    from typer.testing import CliRunner
+
+    from reasonlite.cli import app
+
+    runner = CliRunner()
+    shown = runner.invoke(app, ["config", "show", "--set", "train.max_steps=9"])
+    assert shown.exit_code == 0, shown.output
+    assert yaml.safe_load(shown.output)["train"]["max_steps"] == 9
+    schema = runner.invoke(app, ["config", "schema"])
+    assert schema.exit_code == 0 and '"learning_rate"' in schema.output
+    bad = runner.invoke(app, ["config", "show", "--set", "train.max_steps=0"])
+    assert bad.exit_code == 2 and "train.max_steps" in bad.output
