@@ -4,7 +4,14 @@ from fractions import Fraction
 
 import pytest
 
-from reasonlite.answers import answers_match, eval_arithmetic, extract_answer, format_number, normalize_answer, to_number
+from reasonlite.answers import (
+    answers_match,
+    eval_arithmetic,
+    extract_answer,
+    format_number,
+    normalize_answer,
+    to_number,
+)
 
 EXTRACT_CASES = [
     # (model output, expected extracted answer)

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from decimal import Decimal, localcontext
 from fractions import Fraction
 
-__all__ = ["extract_answer", "normalize_answer", "answers_match", "to_number", "eval_arithmetic", "format_number"]
+__all__ = ["answers_match", "eval_arithmetic", "extract_answer", "format_number", "normalize_answer", "to_number"]
 
 # ---------------------------------------------------------------------------------------------------------------
 # Exact arithmetic on plain expressions ("48/2", "(1)/(2)", "v1 * 3")
@@ -26,9 +26,11 @@ __all__ = ["extract_answer", "normalize_answer", "answers_match", "to_number", "
 _MAX_EXPONENT = 64  # 10**64 is already far past any word-problem answer; larger powers are a denial-of-service risk
 
 
-def _to_fraction(value: int | float | Fraction) -> Fraction:
+def _to_fraction(value: float | Fraction) -> Fraction:
     # repr() keeps the decimal the author wrote (0.2 -> "0.2"), so Fraction("0.2") is exactly 1/5.
-    return value if isinstance(value, Fraction) else Fraction(repr(value)) if isinstance(value, float) else Fraction(value)
+    if isinstance(value, Fraction):
+        return value
+    return Fraction(repr(value)) if isinstance(value, float) else Fraction(value)
 
 
 def _eval_node(node: ast.AST, names: Mapping[str, Fraction]) -> Fraction:
@@ -82,7 +84,7 @@ def eval_arithmetic(expr: str, names: Mapping[str, int | float | Fraction] | Non
     return _eval_node(tree.body, {k: _to_fraction(v) for k, v in (names or {}).items()})
 
 
-def format_number(value: int | float | Fraction, max_decimals: int = 10) -> str:
+def format_number(value: float | Fraction, max_decimals: int = 10) -> str:
     """Canonical text for a number: "72", "2.5", "-0.125"; non-terminating decimals are rounded to ``max_decimals``."""
     frac = _to_fraction(value)
     if frac.denominator == 1:
@@ -118,11 +120,11 @@ _EXPR_CHARS_RE = re.compile(r"^[0-9A-Za-z_+\-*/^().\s]+$")
 _MATH_WORDS = {"sqrt", "exp", "log", "sin", "cos", "tan", "Abs"}
 
 _WORD_NUMBERS = {
-    w: i
-    for i, w in enumerate(
-        "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
-        "seventeen eighteen nineteen twenty".split()
-    )
+    word: i
+    for i, word in enumerate([
+        "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+        "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty",
+    ])
 }
 _WORD_NUMBERS.update({"thirty": 30, "forty": 40, "fifty": 50, "sixty": 60, "seventy": 70, "eighty": 80,
                       "ninety": 90, "hundred": 100})
@@ -209,7 +211,7 @@ def _number_text(s: str) -> str | None:
     return None
 
 
-def normalize_answer(s: str | int | float | None) -> str | None:
+def normalize_answer(s: str | float | None) -> str | None:
     """Canonical form of one answer: "$1,234.50" -> "1234.5", "72.0" -> "72", "1/2" -> "0.5", "12 apples" -> "12".
 
     Non-numeric answers (an expression such as "2x + 1") come back cleaned of LaTeX, markdown and surrounding
@@ -235,7 +237,7 @@ def normalize_answer(s: str | int | float | None) -> str | None:
     return re.sub(r"\s+", " ", text)
 
 
-def to_number(s: str | int | float | None) -> float | None:
+def to_number(s: str | float | None) -> float | None:
     """The answer as a float, or ``None`` when it is not a number (an expression, a word, nothing)."""
     text = normalize_answer(s)
     if text is None:
@@ -356,11 +358,11 @@ def _safe_sympy(expr: str):
     transformations = standard_transformations + (implicit_multiplication_application, convert_xor)
     try:
         return parse_expr(expr, local_dict={}, global_dict=dict(_sympy_globals()), transformations=transformations)
-    except Exception:  # sympy raises many types (SyntaxError, TokenError, TypeError...) for bad input
+    except Exception:  # noqa: BLE001 - sympy raises many types (SyntaxError, TokenError, TypeError...) for bad input
         return None
 
 
-def answers_match(pred: str | int | float | None, gold: str | int | float | None, rel_tol: float = 1e-6,
+def answers_match(pred: str | float | None, gold: str | float | None, rel_tol: float = 1e-6,
                   abs_tol: float = 1e-6) -> bool:
     """True when two answers are the same number (within tolerance) or the same expression (sympy)."""
     a, b = normalize_answer(pred), normalize_answer(gold)
@@ -383,6 +385,6 @@ def answers_match(pred: str | int | float | None, gold: str | int | float | None
         if not diff.free_symbols:
             scale = max(abs(float(sympy.N(eb))), 1.0) if not eb.free_symbols else 1.0
             return abs(float(sympy.N(diff))) <= max(abs_tol, rel_tol * scale)
-    except Exception:  # symbolic failures mean "cannot show equal", never a crash in grading
+    except Exception:  # noqa: BLE001 - symbolic failures mean "cannot show equal", never a crash in grading
         return False
     return False

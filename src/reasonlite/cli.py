@@ -72,7 +72,8 @@ def train(config: Optional[Path] = typer.Argument(None), traces_dir: Optional[Pa
 @app.command("eval")
 def eval_cmd(target: str = typer.Argument(..., help="a config YAML (evaluates its run's model) or a model alias/folder"),
              data: Optional[str] = typer.Option(None, help="retail_math, gsm8k, or a .jsonl/.csv file"),
-             fmt: str = typer.Option("pal", "--format", help="student format when TARGET is a model"),
+             fmt: Optional[str] = typer.Option(None, "--format",
+                                               help="student format (default: the model's reasonlite.json, else cot)"),
              budgets: Optional[str] = typer.Option(None, help="comma-separated inference caps, e.g. 32,64,128"),
              n: int = typer.Option(1, help="self-consistency samples"),
              limit: Optional[int] = typer.Option(None, help="evaluate at most N questions"),
@@ -81,7 +82,11 @@ def eval_cmd(target: str = typer.Argument(..., help="a config YAML (evaluates it
     """Evaluate a student: accuracy, tokens, latency, exec errors; JSON + Markdown report + PNG."""
     from reasonlite.evaluate import eval_command
 
-    eval_command(target=target, data=data, fmt=fmt, budgets=budgets, n=n, limit=limit, out=out, overrides=set)
+    try:
+        eval_command(target=target, data=data, fmt=fmt, budgets=budgets, n=n, limit=limit, out=out, overrides=set)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from None
 
 
 @app.command()
@@ -89,7 +94,11 @@ def compare(runs: list[Path] = typer.Argument(..., help="eval result folders or 
     """Print eval results side by side."""
     from reasonlite.evaluate import compare_runs
 
-    compare_runs(runs)
+    try:
+        compare_runs(runs)
+    except (ValueError, FileNotFoundError) as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from None
 
 
 @app.command()

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import ast
 import atexit
+import contextlib
 import copy
 import functools
 import json
@@ -194,6 +195,14 @@ def _checked_perm(n: Any, k: Any = None) -> int:
     return math.perm(n, k)
 
 
+def _checked_prod(iterable: Any, *, start: Any = 1) -> Any:
+    """``math.prod`` through checked_mul: a product of many big ints would otherwise grow unchecked in C."""
+    total = start
+    for item in iterable:
+        total = checked_mul(total, item)
+    return total
+
+
 MATH_NAMES = frozenset(name for name in dir(math) if not name.startswith("_"))
 FRACTIONS_NAMES = frozenset({"Fraction"})
 ALLOWED_MODULES = {"math": MATH_NAMES, "fractions": FRACTIONS_NAMES}
@@ -202,7 +211,7 @@ ALLOWED_MODULES = {"math": MATH_NAMES, "fractions": FRACTIONS_NAMES}
 def _math_proxy() -> SimpleNamespace:
     """The only ``math`` a program sees: public functions/constants, size-guarded where results can explode."""
     members = {name: getattr(math, name) for name in MATH_NAMES}
-    members.update(factorial=_checked_factorial, comb=_checked_comb, perm=_checked_perm)
+    members.update(factorial=_checked_factorial, comb=_checked_comb, perm=_checked_perm, prod=_checked_prod)
     return SimpleNamespace(**members)
 
 
@@ -298,6 +307,11 @@ def _fold(node: ast.AST, depth: int = 0) -> Any:
             if isinstance(node.op, ast.Pow):
                 return checked_pow(left, right)
             if isinstance(node.op, ast.Mult):
+                if isinstance(left, str) or isinstance(right, str):
+                    text, times = (left, right) if isinstance(left, str) else (right, left)
+                    if isinstance(times, int) and len(text) * times > MAX_SEQ_LEN:
+                        raise ResourceLimit(f"string repeat too large ({len(text)} x {times} > {MAX_SEQ_LEN})")
+                    return _NOT_CONST  # size-checked only: never build big strings in the parent
                 return checked_mul(left, right)
             if isinstance(node.op, ast.LShift):
                 return checked_lshift(left, right)
@@ -422,7 +436,7 @@ class _Prepared:
     message: str = ""
 
 
-@functools.lru_cache(maxsize=8192)
+@functools.lru_cache(maxsize=4096)  # sources are <= 20k chars, typically < 1k
 def _prepare(code: str, capture_last: bool) -> _Prepared:
     """Check, transform and compile once per distinct source (self-consistency samples repeat a lot)."""
     try:
@@ -772,6 +786,13 @@ class Sandbox:
         for worker in workers:
             worker.kill()
 
+    def __del__(self) -> None:
+        # Safety net for pools dropped without close(); workers also exit on their own when this process ends
+        # (their stdin reaches EOF).
+        # May run during interpreter shutdown (globals gone) or on a half-built instance: never raise here.
+        with contextlib.suppress(Exception):
+            self.close()
+
     def __enter__(self) -> Self:
         return self
 
@@ -793,7 +814,14 @@ class Sandbox:
 
     def _checkout(self, wanted: int) -> list[_Worker]:
         """Take at least one idle worker (waiting if other threads hold them all), more if idle right now."""
-        taken = [self._idle.get()]
+        while True:
+            if self._closed:
+                raise RuntimeError("Sandbox is closed; create a new one")
+            try:
+                taken = [self._idle.get(timeout=0.5)]
+                break
+            except queue.Empty:
+                continue
         while len(taken) < wanted:
             try:
                 taken.append(self._idle.get_nowait())

@@ -3,5 +3,16 @@
 from reasonlite.data.example import Example
 from reasonlite.data.gsm8k import load_gsm8k
 from reasonlite.data.loaders import DataError, LoadReport, load_examples, load_examples_with_report
+from reasonlite.data.retail_math import TEMPLATES, generate_retail_math, retail_math_splits
 
-__all__ = ["Example", "DataError", "LoadReport", "load_examples", "load_examples_with_report", "load_gsm8k"]
+__all__ = [
+    "TEMPLATES",
+    "DataError",
+    "Example",
+    "LoadReport",
+    "generate_retail_math",
+    "load_examples",
+    "load_examples_with_report",
+    "load_gsm8k",
+    "retail_math_splits",
+]

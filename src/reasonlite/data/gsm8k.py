@@ -5,6 +5,8 @@ Besides the gold answer, each solution gives us two teacher signals for free:
 * a rationale: the solution text without its ``<<48/2=24>>`` calculator annotations, ending "The answer is 72.";
 * a PAL program: every annotation becomes one line ``v1 = 48 / 2``; a number that repeats an earlier result is
   replaced by that result's variable, so the program is a real chain of computation, not a list of constants.
+  Authors often skip the calculator on the last step ("... leaving her with $43 - $18 = $25"), so on lines without
+  annotations, plain ``a op b = c`` equations that hold are used as steps too.
 
 A program is kept only when the annotations form a verified chain: each line, evaluated exactly, gives the value
 the annotation states, and some line gives the gold answer. Otherwise ``program`` is None and
@@ -23,9 +25,13 @@ from reasonlite.answers import eval_arithmetic, normalize_answer
 from reasonlite.data.example import Example
 from reasonlite.data.loaders import DataError
 
-__all__ = ["load_gsm8k", "solution_to_program", "solution_to_rationale", "PROGRAM_STATUSES"]
+__all__ = ["PROGRAM_STATUSES", "load_gsm8k", "solution_to_program", "solution_to_rationale"]
 
 _ANNOTATION_RE = re.compile(r"<<([^<>]*)>>")
+# "43 - 18 = 25", "3 x 4 = 12": numbers joined by operators, then "=", then a number
+_PLAIN_EQUATION_RE = re.compile(
+    r"(?<![\w.])((?:\d+(?:\.\d+)?\s*[-+*/x×]\s*)+\d+(?:\.\d+)?)\s*=\s*(\d+(?:\.\d+)?)(?!\.?\d|[A-Za-z]|\s*[-+*/x×]\s*\d)"
+)
 _QUESTION_NUMBER_RE = re.compile(r"\d+(?:\.\d+)?|\.\d+")
 
 PROGRAM_STATUSES = {
@@ -61,9 +67,35 @@ class _ReuseEarlierResults(ast.NodeTransformer):
         return node
 
 
-def solution_to_program(solution: str, gold: str | None, question: str = "") -> tuple[str | None, str]:
-    """Turn a GSM8K solution's calculator annotations into a PAL program; return ``(program or None, status)``."""
-    annotations = _ANNOTATION_RE.findall(solution.split("####")[0])
+def _annotations(solution: str, plain_equations: bool = True) -> list[str]:
+    """``expr=value`` strings in solution order: calculator annotations, plus plain "20 / 4 = 5" equations on lines
+    that have no annotation (GSM8K authors often skip the calculator for the last step)."""
+    found: list[str] = []
+    for line in solution.split("####")[0].splitlines():
+        marked = _ANNOTATION_RE.findall(line)
+        if marked or not plain_equations:
+            found.extend(marked)
+            continue
+        plain = line.replace("$", "").replace(",", "")
+        for expr, value in _PLAIN_EQUATION_RE.findall(plain):
+            expr = re.sub(r"[x×]", "*", expr)
+            # prose arithmetic is noisy ("8 x 1 1/2 = 12", "M + 4 + 2 = 8"): keep only equations that hold
+            try:
+                holds = _close(eval_arithmetic(expr), Fraction(value))
+            except (ValueError, ZeroDivisionError, OverflowError):
+                holds = False
+            if holds:
+                found.append(f"{expr}={value}")
+    return found
+
+
+def solution_to_program(solution: str, gold: str | None, question: str = "",
+                        plain_equations: bool = True) -> tuple[str | None, str]:
+    """Turn a GSM8K solution's calculator annotations into a PAL program; return ``(program or None, status)``.
+
+    ``plain_equations=False`` uses the ``<<expr=value>>`` annotations only (no recovery of un-annotated steps).
+    """
+    annotations = _annotations(solution, plain_equations)
     if not annotations:
         return None, "no_annotations"
     question_numbers = {Fraction(n) for n in _QUESTION_NUMBER_RE.findall(question.replace(",", ""))}
@@ -143,6 +175,6 @@ def load_gsm8k(path: str | Path, split: str = "train") -> list[Example]:
                 program=program,
                 domain="math",
                 metadata={"source": "gsm8k", "split": path.stem, "line": line_no, "program_status": status,
-                          "steps": len(_ANNOTATION_RE.findall(solution))},
+                          "steps": len(_annotations(solution))},
             ))
     return examples

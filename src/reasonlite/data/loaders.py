@@ -19,7 +19,14 @@ from rich.console import Console
 from reasonlite.answers import extract_answer, normalize_answer, to_number
 from reasonlite.data.example import EXAMPLE_FIELDS, Example
 
-__all__ = ["DataError", "BadRow", "LoadReport", "load_examples", "load_examples_with_report", "SUPPORTED_SUFFIXES"]
+__all__ = [
+    "SUPPORTED_SUFFIXES",
+    "BadRow",
+    "DataError",
+    "LoadReport",
+    "load_examples",
+    "load_examples_with_report",
+]
 
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".arrow")
 
@@ -277,3 +284,4 @@ def load_examples(
         if report.skipped > 5:
             console.print(f"  ... and {report.skipped - 5} more")
     return examples
+

@@ -22,7 +22,7 @@ Global `parameters` may also hold per-model parameters (e.g. `density`): they ar
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -35,10 +35,10 @@ class ParamRule(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     filter: str | None = Field(None, description="substring of the tensor name, e.g. 'self_attn' or 'mlp'")
-    value: Union[bool, float, list[float]] = Field(..., description="a number or a gradient across layers")
+    value: bool | float | list[float] = Field(..., description="a number or a gradient across layers")
 
 
-ParamValue = Union[bool, float, str, list[float], list[ParamRule]]
+ParamValue = bool | float | str | list[float] | list[ParamRule]
 
 
 def _plain(value: Any) -> Any:
@@ -87,7 +87,7 @@ class MergeConfig(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _fits_method(self) -> "MergeConfig":
+    def _fits_method(self) -> MergeConfig:
         method = MERGE_METHODS[self.merge_method]
         if method.needs_base and not self.base_model:
             raise ValueError(f"merge_method '{method.name}' needs `base_model` (the model the task vectors start from)")

