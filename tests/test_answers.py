@@ -171,3 +171,7 @@ def test_format_number():
     assert format_number(72.0) == "72"
     assert format_number(Fraction(1, 3)) == "0.3333333333"
     assert format_number(-0.0) == "0"
+    assert format_number(10.000000000000002) == "10"  # float noise from an executed program
+    assert format_number(0.1 + 0.2) == "0.3"
+    assert format_number(Fraction(-1, 8)) == "-0.125"
+    assert format_number(10**30 + Fraction(1, 2)) == "1000000000000000000000000000000.5"

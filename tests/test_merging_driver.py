@@ -39,17 +39,17 @@ def save_tokenizer(folder, prefix="tok"):
 def make_llama(folder, seed, tokenizer_prefix="tok", **overrides):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    settings = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    settings = {
+        "vocab_size": VOCAB,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "tie_word_embeddings": True,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
     settings.update(overrides)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(**settings))
@@ -357,3 +357,24 @@ def test_adapter_can_be_a_model_in_a_merge_config(llamas, peft_setup, tmp_path):
     torch.testing.assert_close(half[name], (reference[name] + base[name]) / 2, atol=1e-5, rtol=0)
     with safe_open(tmp_path / "half" / "model.safetensors", "pt") as f:
         assert f.metadata() == {"format": "pt"}
+
+
+def test_cli_merge_and_merge_lora(llamas, peft_setup, tmp_path):
+    from typer.testing import CliRunner
+
+    from slm_fusion.cli import app
+
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text(yaml.safe_dump({"merge_method": "linear", "models": [{"model": str(llamas["a"])},
+                                                                      {"model": str(llamas["b"])}]}))
+    runner = CliRunner()
+    result = runner.invoke(app, ["merge", str(cfg), str(tmp_path / "out"), "--no-progress", "--dtype", "float16"])
+    assert result.exit_code == 0, result.output
+    assert {t.dtype for t in weights(tmp_path / "out").values()} == {torch.float16}
+    result = runner.invoke(app, ["merge-lora", str(peft_setup[0]), "--out", str(tmp_path / "lora")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "lora" / "model.safetensors").exists()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"merge_method": "ties", "models": [{"model": str(llamas["a"])}]}))
+    result = runner.invoke(app, ["merge", str(bad), str(tmp_path / "x")])
+    assert result.exit_code == 1 and "base_model" in result.output

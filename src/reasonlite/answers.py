@@ -85,20 +85,20 @@ def eval_arithmetic(expr: str, names: Mapping[str, int | float | Fraction] | Non
 
 
 def format_number(value: float | Fraction, max_decimals: int = 10) -> str:
-    """Canonical text for a number: "72", "2.5", "-0.125"; non-terminating decimals are rounded to ``max_decimals``."""
+    """Canonical text for a number: "72", "2.5", "-0.125", rounded to ``max_decimals`` places.
+
+    Rounding makes 1/3 finite ("0.3333333333") and removes float noise from executed programs
+    (10.000000000000002 -> "10"), so equal answers also have equal text (majority voting groups by text).
+    """
     frac = _to_fraction(value)
     if frac.denominator == 1:
         return str(frac.numerator)
-    den = frac.denominator
-    for p in (2, 5):
-        while den % p == 0:
-            den //= p
+    rounded = round(frac, max_decimals)  # exact: Fraction rounding, half to even
+    if rounded.denominator == 1:
+        return str(rounded.numerator)
     with localcontext() as ctx:
-        ctx.prec = 60
-        dec = Decimal(frac.numerator) / Decimal(frac.denominator)
-        if den != 1:  # e.g. 1/3: no finite decimal exists, so round
-            dec = dec.quantize(Decimal(1).scaleb(-max_decimals))
-        text = format(dec, "f")
+        ctx.prec = len(str(abs(rounded.numerator))) + max_decimals + 5  # enough digits for an exact quotient
+        text = format(Decimal(rounded.numerator) / Decimal(rounded.denominator), "f")
     if "." in text:
         text = text.rstrip("0").rstrip(".")
     return "0" if text in ("-0", "") else text

@@ -71,15 +71,55 @@ def _stage(cfg: ReasonLiteConfig, name: str, force: tuple[str, ...], result: Pip
 
 
 def _eval_stage(cfg: ReasonLiteConfig, model_dir: Path, out: Path) -> dict:
+    """Evaluate the student (and the untrained base prompted the same way) on each configured split."""
     from reasonlite.data.splits import load_splits
+    from reasonlite.evaluate import evaluate, write_report
+    from reasonlite.infer import Student
 
     splits = load_splits(cfg.data)
+    missing = [s for s in cfg.eval.splits if s not in splits]
+    if missing:
+        raise ValueError(f"eval.splits: {missing} not produced by data.source '{cfg.data.source}' "
+                         f"(available: {', '.join(k for k in splits if k != 'train')})")
     targets = {"student": str(model_dir)}
     if cfg.eval.compare_base:
         targets["base"] = cfg.student.model
-    summary = evaluate_splits(cfg, targets, {s: splits[s] for s in cfg.eval.splits if s in splits}, out)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    budgets = [cfg.budget.inference_cap, *[b for b in cfg.eval.budgets if b != cfg.budget.inference_cap]]
+    summary: dict = {"splits": {}, "budgets": budgets}
+    for target_name, ref in targets.items():
+        student = Student(ref, fmt=cfg.student.format, forcing=cfg.budget.forcing,
+                          answer_tokens=cfg.budget.answer_tokens, batch_size=cfg.eval.batch_size, name=target_name)
+        # The base model only gets the run's own budget setting: the extra budgets are about the student.
+        target_budgets = budgets if target_name == "student" else budgets[:1]
+        for split in cfg.eval.splits:
+            examples = splits[split][: cfg.eval.limit] if cfg.eval.limit else splits[split]
+            result = evaluate(student, examples, budgets=target_budgets, n=cfg.eval.n,
+                              temperature=cfg.eval.temperature, early_exit=cfg.eval.early_exit,
+                              max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
+                              seed=cfg.train.seed, data_name=f"{cfg.data.source}:{split}")
+            write_report(result, out / f"{target_name}-{split}")
+            summary["splits"].setdefault(split, {})[target_name] = result.points[0].metrics
+            if target_name == "student" and len(result.points) > 1:
+                summary.setdefault("budget_sweep", {})[split] = [
+                    {"budget": p.budget, **p.metrics} for p in result.points]
+        del student
+    _write_run_report(cfg, summary, out)
     return summary
+
+
+def _write_run_report(cfg: ReasonLiteConfig, summary: dict, out: Path) -> None:
+    lines = [f"# ReasonLite run `{cfg.name}`", "",
+             f"Student `{cfg.student.model}` trained as `{cfg.student.format}` on `{cfg.data.source}` "
+             f"(teacher `{cfg.teacher.kind}`), inference cap {cfg.budget.inference_cap}.", "",
+             "| split | model | accuracy | mean tokens | p95 tokens | latency s/q | exec errors |",
+             "|---|---|---|---|---|---|---|"]
+    for split, per_model in summary["splits"].items():
+        for name, m in per_model.items():
+            lines.append(f"| {split} | {name} | {m['accuracy']:.1%} | {m['mean_tokens']:.1f} | {m['p95_tokens']:.0f} "
+                         f"| {m['seconds_per_question']:.2f} | {m['exec_error_rate']:.1%} |")
+    lines += ["", "Per-target reports (breakdowns, plots): " + ", ".join(
+        f"[{d.name}]({d.name}/report.md)" for d in sorted(out.iterdir()) if d.is_dir())]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
 
 
 def run_pipeline(cfg: ReasonLiteConfig, force: tuple[str, ...] = ()) -> PipelineResult:
@@ -147,7 +187,7 @@ def print_summary(result: PipelineResult) -> None:
     for split, per_model in result.metrics.get("splits", {}).items():
         for model_name, m in per_model.items():
             table.add_row(split, model_name, f"{m['accuracy']:.1%}", f"{m['mean_tokens']:.1f}", f"{m['p95_tokens']:.0f}",
-                          f"{m['latency_s']:.2f}", f"{m.get('exec_error_rate', 0):.1%}")
+                          f"{m['seconds_per_question']:.2f}", f"{m.get('exec_error_rate', 0):.1%}")
     console.print(table)
 
 

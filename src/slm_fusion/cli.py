@@ -65,5 +65,14 @@ def serve(
                 timeout_graceful_shutdown=graceful_timeout)
 
 
+def _register_merge_commands() -> None:
+    from slm_fusion.merging.cli import register  # imports no torch: the commands import the merge modules lazily
+
+    register(app)
+
+
+_register_merge_commands()
+
+
 if __name__ == "__main__":
     app()

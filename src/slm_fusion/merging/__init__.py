@@ -26,7 +26,7 @@ _EXPORTS = {
     "merge_adapter": "lora",
     "merge_adapter_in_memory": "lora",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = list(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -27,10 +28,10 @@ def _print_report(report) -> None:
 
 
 def merge(
-    config: Path = typer.Argument(..., exists=True, dir_okay=False, help="merge YAML (see examples/merge.yaml)"),
-    out_dir: Path = typer.Argument(..., help="output folder for the merged HF model"),
-    dtype: str | None = typer.Option(None, help="override the config's dtype: float16 | bfloat16 | float32"),
-    progress: bool = typer.Option(True, help="show a progress bar"),
+    config: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="merge YAML (see examples/merge.yaml)")],
+    out_dir: Annotated[Path, typer.Argument(help="output folder for the merged HF model")],
+    dtype: Annotated[str | None, typer.Option(help="override the config's dtype: float16 | bfloat16 | float32")] = None,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
     """Merge models tensor by tensor as the YAML config says (linear, task_arithmetic, ties, dare_*, slerp)."""
     from slm_fusion.merging.config import MergeConfigError, load_merge_config
@@ -48,14 +49,14 @@ def merge(
 
 
 def merge_lora(
-    adapters: list[Path] = typer.Argument(..., help="one or more PEFT LoRA adapter folders of the same base"),
-    out: Path = typer.Option(..., "--out", help="output folder"),
-    base: str | None = typer.Option(None, help="base model (folder or alias); default: the adapters' own base"),
-    weights: str | None = typer.Option(None, help="comma-separated weight per adapter (default 1 each)"),
-    method: str = typer.Option("linear", help="linear | ties | concat"),
-    density: float = typer.Option(1.0, help="ties: fraction of each delta kept"),
-    as_adapter: bool = typer.Option(False, "--as-adapter", help="write a new adapter (linear/concat) not a model"),
-    dtype: str = typer.Option("float32", help="dtype of a merged model"),
+    adapters: Annotated[list[Path], typer.Argument(help="one or more PEFT LoRA adapter folders of the same base")],
+    out: Annotated[Path, typer.Option("--out", help="output folder")],
+    base: Annotated[str | None, typer.Option(help="base model (folder or alias); default: the adapters' base")] = None,
+    weights: Annotated[str | None, typer.Option(help="comma-separated weight per adapter (default 1 each)")] = None,
+    method: Annotated[str, typer.Option(help="linear | ties | concat")] = "linear",
+    density: Annotated[float, typer.Option(help="ties: fraction of each delta kept")] = 1.0,
+    as_adapter: Annotated[bool, typer.Option("--as-adapter", help="write a new adapter (linear/concat)")] = False,
+    dtype: Annotated[str, typer.Option(help="dtype of a merged model")] = "float32",
 ) -> None:
     """Fold LoRA adapters into their base (streaming), or combine several into one model or adapter."""
     from slm_fusion.merging.driver import MergeError, MergeReport
