@@ -13,8 +13,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from reasonlite.formats import ANSWER_CUE  # noqa: E402
-from reasonlite.infer import (  # noqa: E402
+from reasonlite.formats import ANSWER_CUE
+from reasonlite.infer import (
     Generated,
     Student,
     answer_end,
@@ -115,7 +115,6 @@ def test_rows_stop_independently_in_one_batch(tiny):
     model, tok = tiny
     prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
                for q in QUESTIONS]
-    thresholds = {}
 
     def detect(text: str):
         # stop a row once it has produced more than 8 characters: rows reach that at different steps
@@ -125,7 +124,6 @@ def test_rows_stop_independently_in_one_batch(tiny):
     for gen in out:
         assert isinstance(gen, Generated)
         assert gen.done and gen.tokens < 40 and len(gen.text) > 8
-        thresholds[gen.text] = gen.tokens
     full = hf_generate(model, tok, prompts[:1], max_new_tokens=out[0].tokens, temperature=0.0, detect=lambda t: None)
     assert not full[0].done and full[0].tokens == out[0].tokens
 
@@ -228,7 +226,7 @@ def test_early_stop_and_stop_strings_cut_the_text(scripted):
 
 def test_scripted_forcing_uses_the_answer_cue(scripted, tokenizer):
     long_reasoning = " ".join(["and then we add some more numbers"] * 20)
-    student, script = scripted({"Q?": [long_reasoning, " 42."]}, answer_tokens=4)
+    student, _script = scripted({"Q?": [long_reasoning, " 42."]}, answer_tokens=4)
     sol = student.solve("Q?", budget=10)
     assert sol.forced and sol.status == "budget_forced" and sol.answer == "42"
     assert sol.reasoning_tokens == 10 and sol.text.endswith(f"{ANSWER_CUE} 42.")
@@ -260,7 +258,7 @@ def test_student_reads_reasonlite_json(tmp_path):
     for f in src.iterdir():
         (tmp_path / f.name).symlink_to(f)
     (tmp_path / "reasonlite.json").write_text(json.dumps({"format": "pal", "budget_conditioned": True,
-                                                          "buckets": [32, 64]}))
+                                                          "budget_buckets": [32, 64]}))
     student = Student(str(tmp_path))
     assert student.fmt == "pal" and student.budget_conditioned
     assert "Use at most 32 tokens." in student.prompt("Q?", budget=50)

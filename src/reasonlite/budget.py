@@ -49,8 +49,8 @@ def token_stats(lengths: Sequence[int]) -> dict:
     if not lengths:
         return {"n": 0, "mean": 0.0, "p50": 0.0, "p95": 0.0, "max": 0}
     a = np.asarray(lengths, dtype=float)
-    return {"n": int(a.size), "mean": round(float(a.mean()), 2), "p50": float(np.percentile(a, 50)),
-            "p95": float(np.percentile(a, 95)), "max": int(a.max())}
+    return {"n": int(a.size), "mean": round(float(a.mean()), 2), "p50": round(float(np.percentile(a, 50)), 2),
+            "p95": round(float(np.percentile(a, 95)), 2), "max": int(a.max())}
 
 
 def budget_bucket(n_tokens: int, buckets: Sequence[int]) -> int:

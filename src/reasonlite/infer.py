@@ -344,7 +344,7 @@ class Student:
         if self.fmt not in FORMATS:
             raise ValueError(f"fmt '{self.fmt}' is not a student format; use one of {', '.join(FORMATS)}")
         self.budget_conditioned = bool(meta.get("budget_conditioned", False))
-        self.budget_buckets = meta.get("buckets")
+        self.budget_buckets = meta.get("budget_buckets") or meta.get("buckets")
         self.name = name or getattr(getattr(self.model, "config", None), "name_or_path", None) or "student"
         if answer_tokens < 1:
             raise ValueError(f"answer_tokens={answer_tokens} must be >= 1 (tokens allowed for the forced answer)")

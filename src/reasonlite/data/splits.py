@@ -50,13 +50,11 @@ def load_splits(cfg: DataConfig) -> dict[str, list[Example]]:
     if cfg.source == "retail_math":
         from reasonlite.data.retail_math import retail_math_splits
 
-        splits = retail_math_splits(cfg.n_train, max(cfg.n_test, cfg.n_test_heldout_templates), seed=cfg.seed,
-                                    heldout_templates=cfg.heldout_templates)
-        splits["test"] = splits["test"][: cfg.n_test]
-        splits["test_heldout_templates"] = splits["test_heldout_templates"][: cfg.n_test_heldout_templates]
+        splits = retail_math_splits(cfg.n_train, cfg.n_test, seed=cfg.seed, heldout_templates=cfg.heldout_templates,
+                                    n_test_heldout=cfg.n_test_heldout_templates)
     elif cfg.source == "gsm8k":
         splits = _gsm8k_splits(cfg)
-    elif Path(cfg.source).suffix in (".jsonl", ".csv", ".parquet", ".arrow") or Path(cfg.source).is_dir():
+    elif Path(cfg.source).suffix in (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".arrow") or Path(cfg.source).is_dir():
         splits = _file_splits(cfg)
     else:
         raise ValueError(f"data.source '{cfg.source}' is not retail_math, gsm8k or a .jsonl/.csv/.parquet path")

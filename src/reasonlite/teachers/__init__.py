@@ -25,7 +25,7 @@ def make_teacher(cfg: TeacherConfig, style: str = "pal", seed: int = 0) -> Teach
     if cfg.kind == "hf":
         from reasonlite.teachers.hf import HFTeacher
 
-        return HFTeacher(cfg, seed=seed)
+        return HFTeacher(cfg, style=style, seed=seed)
     if cfg.kind == "openai":
         from reasonlite.teachers.openai import OpenAITeacher
 

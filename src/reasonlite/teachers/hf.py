@@ -5,6 +5,10 @@ Prompts go through the tokenizer's chat template; (prompt, sample) pairs are gen
 temperature 0 repeats one answer). Each batch is seeded from its first (prompt, sample), so a run is reproducible;
 completions are cached like any teacher's, so a re-run does not even load the model. Generation runs in a worker
 thread so the event loop (progress bar) stays live.
+
+A local model's reply can be started for it (an API chat model's cannot): for style `pal` the assistant turn is
+prefilled with "```python\ndef solution():\n", which keeps small local teachers on the program format. The prefill
+is part of the returned text (and of the cache key).
 """
 
 from __future__ import annotations
@@ -15,15 +19,19 @@ from reasonlite.config import TeacherConfig
 from reasonlite.teachers.base import Completion, OnSample, SampleCollector, TeacherPrompt
 
 
+PREFILL = {"pal": "```python\ndef solution():\n"}
+
+
 class HFTeacher:
     kind = "hf"
 
-    def __init__(self, cfg: TeacherConfig, seed: int = 0):
+    def __init__(self, cfg: TeacherConfig, style: str = "pal", seed: int = 0):
         self.cfg = cfg
         self.model_id = cfg.model
         self.seed = seed
+        self.prefill = PREFILL.get(style, "")
         self.params = {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens,
-                       "stop": cfg.stop, "seed": seed}
+                       "stop": cfg.stop, "seed": seed, "prefill": self.prefill}
         self.calls = 0
         self._model = None
         self._tokenizer = None
@@ -54,7 +62,8 @@ class HFTeacher:
         import torch
 
         tok, model = self._tokenizer, self._model
-        texts = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in messages]
+        texts = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False) + self.prefill
+                 for m in messages]
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         kwargs = {"max_new_tokens": self.cfg.max_tokens, "pad_token_id": tok.pad_token_id, "do_sample": sample}
         if sample:
@@ -74,6 +83,6 @@ class HFTeacher:
             for s in self.cfg.stop or []:  # stop_strings keeps the stop text; OpenAI semantics drop it
                 if s in text:
                     text = text[: text.index(s)]
-            results.append(Completion(text=text, prompt_tokens=int(n_prompt), completion_tokens=n_new,
+            results.append(Completion(text=self.prefill + text, prompt_tokens=int(n_prompt), completion_tokens=n_new,
                                       finish_reason="length" if n_new >= self.cfg.max_tokens else "stop"))
         return results

@@ -192,7 +192,7 @@ def _manifest(cfg, teacher, examples, traces, votes, selected, final, pairs, cac
                    "after_budget": token_stats([t.tokens for t in final]),
                    "all_samples": token_stats([t.tokens for t in traces if t.reasoning])},
         "pairs": {"total": len(pairs), "counterfactual": sum(p.counterfactual for p in pairs)},
-        "cache": cache_stats.as_dict(),
+        "cache": {"enabled": teacher.kind != "dataset", **cache_stats.as_dict()},
         "seconds": round(seconds, 2),
     }
 

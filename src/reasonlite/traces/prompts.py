@@ -102,10 +102,9 @@ def load_exemplars(path: str | Path, style: str) -> list[Exemplar]:
 
 def strip_answer_sentence(rationale: str) -> str:
     """The steps of a CoT rationale without its closing "The answer is X." line (step_by_step shows them apart)."""
-    lines = rationale.strip().splitlines()
-    while lines and re.match(rf"\s*{re.escape(ANSWER_CUE)}\b", lines[-1], re.I):
-        lines.pop()
-    return "\n".join(lines).strip()
+    text = rationale.strip()
+    # the cue may close the last line ("... = 382. The answer is 382.") or stand on its own line
+    return re.sub(rf"(?:^|(?<=[.!?\s])){re.escape(ANSWER_CUE)}\b[^\n]*$", "", text, flags=re.I).strip()
 
 
 def render_completion(style: str, *, answer: str | None, rationale: str | None = None,

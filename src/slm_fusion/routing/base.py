@@ -8,7 +8,7 @@ choose, so a config that names a missing model fails when it loads (`slm-fusion 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -196,3 +196,27 @@ def load_labelled(path: str | Path) -> list[LabelledPrompt]:
     if not rows:
         raise RoutingConfigError(f"{path}: no rows; a labelled file needs `prompt`/`model` JSON lines")
     return rows
+
+
+# A gateway function that runs one generation on a configured model: `await call(model, n=..., temperature=...)`
+# returns its `Generation`s. Cascades and output fusion are written against it, so they run the same way inside the
+# gateway (queues, timeouts, fallbacks, metrics) and in `route-eval` / tests.
+CallModel = Callable[..., Awaitable[list[Any]]]
+
+
+@dataclass
+class ExecutionPlan(RouteDecision):
+    """A decision that runs generations itself (cascade, output fusion) instead of naming one model.
+
+    `execute(call)` returns the generations to send back and updates `model`, `path`, `score`, `reason` with what
+    happened; `extra` holds fields added to the response body (e.g. `slm_fusion: {agreement, votes}`) and `headers`
+    extra response headers.
+    """
+
+    runner: Callable[[ExecutionPlan, CallModel], Awaitable[list[Any]]] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)
+
+    async def execute(self, call: CallModel) -> list[Any]:
+        assert self.runner is not None
+        return await self.runner(self, call)
