@@ -317,7 +317,8 @@ class Student:
 
     def __init__(self, path_or_model: Any, fmt: Format | None = None, device: str | None = None, *,
                  tokenizer: Any = None, generate_fn: GenerateFn | None = None, forcing: bool = True,
-                 answer_tokens: int = 16, batch_size: int = 16, round_size: int = 3, name: str | None = None) -> None:
+                 answer_tokens: int = 16, early_stop: bool = True, batch_size: int = 16, round_size: int = 3,
+                 name: str | None = None) -> None:
         meta: dict = {}
         self.model = None
         if isinstance(path_or_model, (str, os.PathLike)):
@@ -350,7 +351,7 @@ class Student:
             raise ValueError(f"answer_tokens={answer_tokens} must be >= 1 (tokens allowed for the forced answer)")
         if round_size < 1:
             raise ValueError(f"round_size={round_size} must be >= 1")
-        self.forcing, self.answer_tokens = forcing, answer_tokens
+        self.forcing, self.answer_tokens, self.early_stop = forcing, answer_tokens, early_stop
         self.batch_size, self.round_size = batch_size, round_size
         self._generate_fn = generate_fn
         self.min_budget = min_budget(tokenizer)
@@ -392,7 +393,9 @@ class Student:
         fmt = self.fmt
 
         def detect(text: str) -> int | None:
-            cuts = [answer_end(text, fmt)] + [text.find(s) if s in text else None for s in stop or ()]
+            # early_stop=False is the controller switched off: only stop strings and the end of turn stop a row
+            cuts = [answer_end(text, fmt) if self.early_stop else None]
+            cuts += [text.find(s) if s in text else None for s in stop or ()]
             cuts = [c for c in cuts if c is not None]
             return min(cuts) if cuts else None
 

@@ -126,7 +126,8 @@ def _objective_values(cfg: ReasonLiteConfig, metrics: dict) -> list[float]:
         elif objective == "mean_tokens":
             values.append(student["mean_tokens"])
         else:
-            values.append(student["mean_tokens"] * 1000 / 1000 * cfg.tune.cost_per_1k_tokens)
+            # cost of 1k questions = 1k x mean tokens / 1k x price per 1k tokens
+            values.append(student["mean_tokens"] * cfg.tune.cost_per_1k_tokens)
     return values
 
 
@@ -243,8 +244,9 @@ def run_study(cfg: ReasonLiteConfig, space: SearchSpace, trials: int, storage: s
     study = open_study(cfg, storage)
     callbacks = []
     if space.trials:
-        callbacks.append(MaxTrialsCallback(space.trials, states=(TrialState.COMPLETE, TrialState.FAIL)))
-        done = len([t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.FAIL)])
+        # The cap counts completed trials: a trial that failed (or died with its worker) is retried, not counted.
+        callbacks.append(MaxTrialsCallback(space.trials, states=(TrialState.COMPLETE,)))
+        done = len([t for t in study.trials if t.state == TrialState.COMPLETE])
         trials = min(trials, max(space.trials - done, 0))
     if trials:
         study.optimize(make_objective(cfg, space), n_trials=trials, callbacks=callbacks, catch=(Exception,),

@@ -377,7 +377,14 @@ class GatewayMiddleware:
                     "(server.max_request_bytes)."
                 ))
                 return
-            await self.app(scope, self._limited(receive) if length is None else receive, send_wrapped)
+            if length is None and scope["method"] in ("POST", "PUT", "PATCH"):
+                receive = await self._buffer_chunked(receive)
+                if receive is None:
+                    await reply(RequestTooLarge(
+                        f"Request body exceeds the limit of {self.max_bytes} bytes (server.max_request_bytes)."
+                    ))
+                    return
+            await self.app(scope, receive, send_wrapped)
         except Exception as e:  # the last resort: never a bare 500
             log.exception("unhandled error", extra={"fusion": {"request_id": request_id, "path": path}})
             if not started[0]:
@@ -400,22 +407,35 @@ class GatewayMiddleware:
         presented = header[7:].strip()
         return any(hmac.compare_digest(presented, key) for key in self.gw.api_keys)
 
-    def _limited(self, receive: Any) -> Any:
-        """Chunked bodies carry no Content-Length: count bytes as they arrive."""
-        seen = 0
+    async def _buffer_chunked(self, receive: Any) -> Any | None:
+        """A chunked body has no Content-Length: read it (at most max_bytes) before the app sees it.
 
-        async def wrapped() -> dict:
-            nonlocal seen
+        Returns a replaying `receive`, or None when the body is too large.
+        """
+        parts, seen = [], 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise RequestTooLarge(
-                        f"Request body exceeds the limit of {self.max_bytes} bytes (server.max_request_bytes)."
-                    )
-            return message
+            if message["type"] != "http.request":
+                parts = None  # client gone; let the app see the disconnect
+                break
+            body = message.get("body", b"")
+            seen += len(body)
+            if seen > self.max_bytes:
+                return None
+            parts.append(body)
+            if not message.get("more_body"):
+                break
+        first = {"type": "http.request", "body": b"".join(parts), "more_body": False} if parts is not None else message
+        replayed = False
 
-        return wrapped
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return first
+            return await receive()
+
+        return replay
 
 
 class _ServerError(FusionError):

@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from transformers.trainer_callback import PrinterCallback
+
 from reasonlite.config import ReasonLiteConfig
 from reasonlite.formats import build_messages, ensure_answer_sentence
 from reasonlite.train.formats_data import TrainError, _budget_bucket, end_of_turn
@@ -112,6 +114,7 @@ def run_dpo(cfg: ReasonLiteConfig, model, tokenizer, pairs: list[Any], out_dir) 
     progress = RichProgress("contrastive")
     trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(rows),
                          processing_class=tokenizer, callbacks=[progress])
+    trainer.remove_callback(PrinterCallback)
     console.print(f"contrastive stage: {len(rows)} pairs, beta={c.beta}, nll_weight={c.nll_weight}")
     t0 = time.perf_counter()
     trainer.train()

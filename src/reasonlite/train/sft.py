@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import PrinterCallback
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
@@ -62,7 +63,12 @@ def weighted_example_loss(logits: torch.Tensor, labels: torch.Tensor, weights: t
 
 
 class WeightedSFTTrainer(SFTTrainer):
-    """SFTTrainer whose loss honours a `loss_weight` column (step_by_step); other formats use TRL's loss unchanged."""
+    """SFTTrainer whose loss honours a `loss_weight` column (step_by_step).
+
+    Unweighted rows use transformers' own causal-LM loss (token mean over the accumulated batch, exactly what TRL
+    computes) instead of TRL's fused chunked log-prob kernel: that kernel saves GPU memory but made a CPU step
+    several times slower here, and it also computes entropy/accuracy metrics we do not use.
+    """
 
     def __init__(self, *args, weighted: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
@@ -74,14 +80,14 @@ class WeightedSFTTrainer(SFTTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         weights = inputs.pop("loss_weight", None)
-        if weights is None:
-            return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
-        labels = inputs["labels"]
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
-        loss = weighted_example_loss(outputs.logits, labels, weights)
         if model.training and "attention_mask" in inputs:
             self._total_train_tokens += int(inputs["attention_mask"].sum().item())
+        if weights is None:
+            inputs["use_cache"] = False
+            return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
+        loss = weighted_example_loss(outputs.logits, inputs["labels"], weights)
         return (loss, outputs) if return_outputs else loss
 
 
@@ -219,6 +225,7 @@ def run_sft(cfg: ReasonLiteConfig, model, tokenizer, dataset, ckpt_dir: Path, re
     collator = WeightedCollator(pad_token_id=tokenizer.pad_token_id)
     trainer = WeightedSFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                                  data_collator=collator, callbacks=[progress], weighted=weighted)
+    trainer.remove_callback(PrinterCallback)  # it prints every log dict; RichProgress shows the same
     progress.trainer = trainer
     checkpoint = last_checkpoint(ckpt_dir) if resume else None
     if checkpoint:

@@ -1,0 +1,102 @@
+"""Virtual models: names clients send as `model` that a router (or output fusion) resolves per request.
+
+```yaml
+routers:
+  topic: {type: semantic, default: general, exemplars_file: examples/routing_labelled.jsonl}
+virtual_models:
+  auto: {router: topic}                                      # a router defined in `routers:`
+  by-length: {router: rules, default: smol, rules: [...]}    # or a router type with its config inline
+  ensemble: {fusion: vote, models: [smol, smol-gguf, big]}   # output fusion (slm_fusion.fusion)
+```
+An explicit real model name never goes through a router. Everything is checked when the config loads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from slm_fusion.routing.base import (
+    ROUTERS,
+    RouteDecision,
+    RouterBase,
+    RouterContext,
+    RoutingConfigError,
+    build_router,
+    routing_request,
+)
+
+
+class VirtualModel:
+    """The object the gateway calls for a virtual name: `await route(body, headers)` -> decision."""
+
+    def __init__(self, name: str, router: RouterBase) -> None:
+        self.name = name
+        self.router = router
+
+    def targets(self) -> set[str]:
+        return self.router.targets()
+
+    async def route(self, body: Any, headers: Mapping[str, str] | None = None) -> RouteDecision:
+        request = routing_request(body, headers)
+        request.model = self.name
+        if getattr(self.router, "blocking", False):  # embeddings take milliseconds: keep the event loop free
+            return await asyncio.to_thread(self.router.route, request)
+        return self.router.route(request)
+
+
+def _virtual_items(raw: dict[str, Any] | list[Any]) -> list[tuple[str, dict[str, Any]]]:
+    if isinstance(raw, dict):
+        return list(raw.items())
+    items = []
+    for i, entry in enumerate(raw):
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise RoutingConfigError(f"virtual_models[{i}]: each entry needs a `name`")
+        spec = dict(entry)
+        items.append((spec.pop("name"), spec))
+    return items
+
+
+def build_virtual_models(
+    routers: dict[str, Any], virtual_models: dict[str, Any] | list[Any], models: set[str],
+    base_dir: Path | None = None,
+) -> dict[str, VirtualModel]:
+    """Build every router and virtual model; RoutingConfigError names the bad entry and the fix."""
+    from slm_fusion.fusion import OutputFusion
+
+    ctx = RouterContext(models=set(models), base_dir=base_dir or Path.cwd())
+    for name, spec in (routers or {}).items():
+        if name in models:
+            raise RoutingConfigError(f"routers.{name}: name clashes with a configured model; rename the router")
+        ctx.routers[name] = build_router(name, spec, ctx)
+    out: dict[str, VirtualModel] = {}
+    for name, spec in _virtual_items(virtual_models or {}):
+        where = f"virtual_models.{name}"
+        if name in models:
+            raise RoutingConfigError(f"{where}: name clashes with a configured model; pick another name")
+        if not isinstance(spec, dict):
+            raise RoutingConfigError(f"{where}: must be a mapping like {{router: NAME}} or {{fusion: vote, models: [...]}}")
+        spec = dict(spec)
+        if "fusion" in spec:
+            router: RouterBase = OutputFusion(name, spec, ctx)
+        elif "router" in spec:
+            ref = spec.pop("router")
+            if ref in ctx.routers:
+                if spec:
+                    raise RoutingConfigError(
+                        f"{where}: router '{ref}' is defined in `routers:`; move {sorted(spec)} there"
+                    )
+                router = ctx.routers[ref]
+            elif ref in ROUTERS:
+                router = build_router(name, {"type": ref, **spec}, ctx)
+            else:
+                raise RoutingConfigError(
+                    f"{where}.router: '{ref}' is neither a router in `routers:` ({sorted(ctx.routers)}) "
+                    f"nor a router type ({sorted(ROUTERS)})"
+                )
+        else:
+            raise RoutingConfigError(f"{where}: give `router: NAME` or `fusion: vote|first_valid` with `models`")
+        out[name] = VirtualModel(name, router)
+    return out
