@@ -39,7 +39,14 @@ ACCURACY_HOOK: Callable[[Path], dict] | None = None  # lead: merged_dir -> {"acc
 
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    """This process' peak RSS. VmHWM, not ru_maxrss: Linux carries the parent's peak into a child's ru_maxrss across
+    fork + exec, which would charge every worker the parent's ~1.3 GB of input preparation."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # other OSes; KiB on Linux
 
 
 def _base_model_dir(work: Path) -> tuple[Path, str]:

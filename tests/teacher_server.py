@@ -25,6 +25,8 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Self
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -47,6 +49,18 @@ class ServerState:
     attempt_times: dict[str, list[float]] = field(default_factory=dict)
     hold_after: int | None = None
     release: asyncio.Event | None = None
+    loop: asyncio.AbstractEventLoop | None = None
+
+    def hold(self, after: int) -> None:
+        """From another thread: park every request that arrives after `after` choices were served."""
+        self.release = asyncio.Event()
+        self.hold_after = after
+
+    def release_held(self) -> None:
+        """From another thread: answer the parked requests 503 (uncounted) and stop holding."""
+        self.hold_after = None
+        if self.release is not None and self.loop is not None:
+            self.loop.call_soon_threadsafe(self.release.set)
 
 
 def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
@@ -77,6 +91,7 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         state.requests += 1
+        state.loop = asyncio.get_running_loop()
         if state.api_key is not None and request.headers.get("authorization") != f"Bearer {state.api_key}":
             state.statuses[401] += 1
             return _error(401, "Incorrect API key provided")
@@ -148,7 +163,7 @@ class ThreadedServer:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
-    def __enter__(self) -> ThreadedServer:
+    def __enter__(self) -> Self:
         self.thread.start()
         deadline = time.time() + 10
         while not self.server.started:
@@ -169,7 +184,7 @@ def main() -> None:
     parser.add_argument("--script", help="JSON file {question: [completion, ...]}")
     parser.add_argument("--model", default="teacher-1")
     args = parser.parse_args()
-    script = json.loads(open(args.script).read()) if args.script else {}
+    script = json.loads(Path(args.script).read_text()) if args.script else {}
     state = ServerState(script=script, latency_s=args.latency, models=(args.model,))
     uvicorn.run(create_app(state), host="127.0.0.1", port=args.port, log_level="warning", lifespan="off")
 

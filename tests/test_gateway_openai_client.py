@@ -93,7 +93,7 @@ def test_stop_sequence_honoured(client):
 
 
 def test_streaming_matches_non_streaming(client):
-    kwargs = dict(model="tiny", messages=MESSAGES, max_tokens=15, temperature=1.0, seed=9)
+    kwargs = {"model": "tiny", "messages": MESSAGES, "max_tokens": 15, "temperature": 1.0, "seed": 9}
     whole = client.chat.completions.create(**kwargs)
     chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
     assert chunks[0].choices[0].delta.role == "assistant"

@@ -11,10 +11,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from teacher_server import ServerState, ThreadedServer, free_port  # noqa: E402
+from teacher_server import ServerState, ThreadedServer, free_port
 
-from reasonlite.config import TeacherConfig  # noqa: E402
-from reasonlite.teachers import CompletionCache, TeacherError, TeacherPrompt, complete_cached, make_teacher  # noqa: E402
+from reasonlite.config import TeacherConfig
+from reasonlite.teachers import CompletionCache, TeacherError, TeacherPrompt, complete_cached, make_teacher
 
 
 def _prompt(question: str) -> TeacherPrompt:
@@ -81,7 +81,7 @@ def test_openai_teacher_malformed_after_all_retries_is_not_fatal(tmp_path):
     state = ServerState(script={"[[malformed]] q": ["The answer is 3."], "ok": ["The answer is 4."]})
     cache = CompletionCache(tmp_path / "cache.sqlite")
     with ThreadedServer(state) as server:
-        results, stats = _run(_teacher(server.base_url, max_retries=0), cache,
+        results, _ = _run(_teacher(server.base_url, max_retries=0), cache,
                               [_prompt("[[malformed]] q"), _prompt("ok")], 1)
     assert results[0][0].error and results[0][0].text == ""
     assert results[1][0].text == "The answer is 4."
@@ -90,9 +90,9 @@ def test_openai_teacher_malformed_after_all_retries_is_not_fatal(tmp_path):
 
 def test_openai_teacher_wrong_key_names_the_env_var(monkeypatch):
     monkeypatch.setenv("RL_TEST_TEACHER_KEY", "wrong-key")
-    with ThreadedServer(ServerState(api_key="right-key")) as server:
-        with pytest.raises(TeacherError, match="RL_TEST_TEACHER_KEY") as err:
-            _run(_teacher(server.base_url), None, [_prompt("q")], 1)
+    with ThreadedServer(ServerState(api_key="right-key")) as server, \
+            pytest.raises(TeacherError, match="RL_TEST_TEACHER_KEY") as err:
+        _run(_teacher(server.base_url), None, [_prompt("q")], 1)
     assert "401" in str(err.value)
 
 
@@ -104,9 +104,8 @@ def test_openai_teacher_right_key_is_sent(monkeypatch):
 
 
 def test_openai_teacher_unknown_model_names_teacher_model():
-    with ThreadedServer(ServerState()) as server:
-        with pytest.raises(TeacherError, match="teacher.model") as err:
-            _run(_teacher(server.base_url, model="no-such-model"), None, [_prompt("q")], 1)
+    with ThreadedServer(ServerState()) as server, pytest.raises(TeacherError, match="teacher.model") as err:
+        _run(_teacher(server.base_url, model="no-such-model"), None, [_prompt("q")], 1)
     assert "no-such-model" in str(err.value) and "404" in str(err.value)
 
 

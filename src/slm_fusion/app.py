@@ -102,6 +102,7 @@ class ModelHandle:
         self._queue_gauge = metrics.queue_depth.labels(self.name)
         self._flight_gauge = metrics.in_flight.labels(self.name)
         self.state = "loading"
+        self.health: Any = None  # slm_fusion.routing.DeploymentHealth: per-replica failures and cooldowns
 
     @contextlib.asynccontextmanager
     async def slot(self, retry_after_s: int = 1) -> AsyncIterator[Backend]:
@@ -117,11 +118,21 @@ class ModelHandle:
                 self.waiting -= 1
                 self._queue_gauge.dec()
             try:
-                i = min(range(len(self.backends)), key=self.active.__getitem__)
+                if self.health is not None:  # least busy replica that is not cooling down after failures
+                    i = self.health.pick(self.active)
+                else:
+                    i = min(range(len(self.backends)), key=self.active.__getitem__)
                 self.active[i] += 1
                 self._flight_gauge.inc()
                 try:
                     yield self.backends[i]
+                except BaseException as e:
+                    if self.health is not None and _is_retryable(e):
+                        self.health.failure(i)
+                    raise
+                else:
+                    if self.health is not None:
+                        self.health.success(i)
                 finally:
                     self.active[i] -= 1
                     self._flight_gauge.dec()
@@ -184,6 +195,7 @@ class Gateway:
             replicas = backends.get(m.name) or [make_backend(m) for _ in range(m.replicas)]
             self.handles[m.name] = ModelHandle(m, replicas, self.metrics)
         self.routers = routers if routers is not None else _default_routers(config)
+        self.routing = _routing_settings(config, self.handles)  # fallbacks and replica cooldowns
         self.reasoning = reasoning if reasoning is not None else _default_reasoning(config)
         self.embedder = Embedder(config.embeddings) if config.embeddings else None
         self.created = int(time.time())
@@ -208,7 +220,9 @@ class Gateway:
         return list(self.handles) + [n for n in self.routers if n not in self.handles]
 
     # ------------------------------------------------------------------ the seam for routers
-    async def resolve_target(self, request: P.ChatCompletionRequest | P.CompletionRequest) -> tuple[ModelHandle, Any]:
+    async def resolve_target(
+        self, request: P.ChatCompletionRequest | P.CompletionRequest, headers: Any = None
+    ) -> tuple[ModelHandle, Any]:
         """Model name → (handle of a configured model, routing decision or None)."""
         name = request.model
         handle = self.handles.get(name)
@@ -217,7 +231,8 @@ class Gateway:
         router = self.routers.get(name)
         if router is None:
             raise ModelNotFound(name, self.model_names())
-        decision = router.route(request)
+        # Routers from slm_fusion.routing also look at request headers (rules on `x-...` values).
+        decision = router.route(request, headers) if getattr(router, "wants_headers", False) else router.route(request)
         if inspect.isawaitable(decision):
             decision = await decision
         target = decision if isinstance(decision, str) else getattr(decision, "model", None)
@@ -260,6 +275,105 @@ class Gateway:
         async for chunk in backend.stream(gen):
             yield chunk
 
+    # ------------------------------------------------------------------ routing: fallbacks, cascades, fusion
+    def fallback_chain(self, name: str) -> list[str]:
+        # Each extra replica is one more try of the same model (a failed replica is skipped while it cools down).
+        retries = [name] * (len(self.handles[name].backends) - 1)
+        chain = self.routing.chain(name) if self.routing is not None else [name]
+        return [chain[0], *retries, *chain[1:]]
+
+    def _available(self, name: str) -> bool:
+        health = self.handles[name].health
+        return health is None or health.available()
+
+    async def generate_on(
+        self, handle: ModelHandle, body: Any, gen: GenerationRequest | None = None, **overrides: Any
+    ) -> list[Generation]:
+        """One generation on `handle` within its own timeout; a timeout counts as a failure of the replica used."""
+        gen = gen or self.generation_request(handle, body)
+        for key, value in overrides.items():
+            setattr(gen, key, value)
+        timeout = handle.timeout(self.config.server.request_timeout_s)
+        used: list[Backend] = []
+        try:
+            async with asyncio.timeout(timeout):
+                async with handle.slot(self.config.server.retry_after_s) as backend:
+                    used.append(backend)
+                    return await self.execute(handle, backend, gen, body)
+        except TimeoutError:
+            if used and handle.health is not None:
+                handle.health.failure(handle.backends.index(used[0]))
+            raise GatewayTimeout(f"model '{handle.name}' did not answer within {timeout}s (timeout_s)") from None
+
+    async def generate_routed(
+        self, handle: ModelHandle, decision: Any, body: Any, gen: GenerationRequest
+    ) -> tuple[ModelHandle, list[Generation], Any]:
+        """Run a request: a plan (cascade, output fusion) runs its own calls; otherwise the chosen model, then its
+        `routing.fallbacks` on errors/timeouts. Returns (model that answered, generations, decision)."""
+        from slm_fusion.routing import RouteDecision, with_fallbacks
+
+        if hasattr(decision, "execute"):
+            async def call(model: str, **overrides: Any) -> list[Generation]:
+                async def attempt(m: str) -> list[Generation]:
+                    return await self.generate_on(self.handles[m], body, **overrides)
+
+                return (await with_fallbacks(self.fallback_chain(model), attempt, self._available))[1]
+
+            gens = await decision.execute(call)
+            return self.handles[decision.model], gens, decision
+
+        async def attempt(m: str) -> list[Generation]:
+            h = self.handles[m]
+            return await self.generate_on(h, body, gen if h is handle else None)
+
+        model, gens, tried = await with_fallbacks(self.fallback_chain(handle.name), attempt, self._available)
+        return self.handles[model], gens, _note_fallback(decision, handle.name, model, tried, RouteDecision)
+
+    async def open_stream(
+        self, handle: ModelHandle, decision: Any, body: Any, gen: GenerationRequest
+    ) -> tuple[ModelHandle, contextlib.AsyncExitStack, AsyncIterator[TokenChunk], TokenChunk | None, float, Any]:
+        """Start a stream and await its first chunk before anything is sent, so a model that fails or times out
+        before its first token is replaced by its fallback. Returns (handle, exit stack holding the queue slot,
+        chunks, first chunk, deadline, decision)."""
+        from slm_fusion.routing import RouteDecision, with_fallbacks
+
+        loop = asyncio.get_running_loop()
+        if hasattr(decision, "execute"):  # plans produce whole answers: sent as one chunk per choice
+            h, gens, decision = await self.generate_routed(handle, decision, body, gen)
+            chunks = _chunks_of(gens)
+            first = await anext(chunks, None)
+            return h, contextlib.AsyncExitStack(), chunks, first, loop.time() + 1e9, decision
+
+        async def attempt(m: str) -> tuple:
+            h = self.handles[m]
+            g = gen if h is handle else self.generation_request(h, body)
+            timeout = h.timeout(self.config.server.request_timeout_s)
+            deadline = loop.time() + timeout
+            stack = contextlib.AsyncExitStack()
+            chunks: AsyncIterator[TokenChunk] | None = None
+            used: list[Backend] = []
+            try:
+                async with asyncio.timeout_at(deadline):
+                    backend = await stack.enter_async_context(h.slot(self.config.server.retry_after_s))
+                    used.append(backend)
+                    chunks = self.execute_stream(h, backend, g, body)
+                    first = await anext(chunks, None)
+            except BaseException as e:
+                if chunks is not None:
+                    await chunks.aclose()
+                await stack.__aexit__(type(e), e, e.__traceback__)  # the slot sees the error (replica health)
+                if isinstance(e, TimeoutError):
+                    if used and h.health is not None:
+                        h.health.failure(h.backends.index(used[0]))
+                    raise GatewayTimeout(f"model '{h.name}' did not answer within {timeout}s (timeout_s)") from None
+                raise
+            return h, stack, chunks, first, deadline
+
+        model, (h, stack, chunks, first, deadline), tried = await with_fallbacks(
+            self.fallback_chain(handle.name), attempt, self._available
+        )
+        return h, stack, chunks, first, deadline, _note_fallback(decision, handle.name, model, tried, RouteDecision)
+
     # ------------------------------------------------------------------ request translation
     def generation_request(
         self, handle: ModelHandle, body: P.ChatCompletionRequest | P.CompletionRequest
@@ -281,12 +395,12 @@ class Gateway:
         for name in ("presence_penalty", "frequency_penalty", "user"):
             if (value := getattr(body, name)) is not None:
                 extra[name] = value
-        common = dict(
-            max_tokens=max_tokens,
-            temperature=1.0 if body.temperature is None else body.temperature,
-            top_p=1.0 if body.top_p is None else body.top_p,
-            n=body.n, stop=stop, seed=body.seed, extra=extra,
-        )
+        common: dict[str, Any] = {
+            "max_tokens": max_tokens,
+            "temperature": 1.0 if body.temperature is None else body.temperature,
+            "top_p": 1.0 if body.top_p is None else body.top_p,
+            "n": body.n, "stop": stop, "seed": body.seed, "extra": extra,
+        }
         if isinstance(body, P.ChatCompletionRequest):
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
             return GenerationRequest(messages=messages, **common)
@@ -308,6 +422,60 @@ def _default_routers(config: FusionConfig) -> dict[str, Any]:
     except (ImportError, AttributeError) as e:
         raise RuntimeError(f"`virtual_models` needs slm_fusion.routing.build_routers: {e}") from e
     return build_routers(config)
+
+
+def _note_fallback(decision: Any, asked: str, used: str, tried: list[str], decision_cls: type) -> Any:
+    """Record on the decision (created for a plain model name) that a fallback or another replica answered."""
+    if not tried:
+        return decision
+    reason = "fallback after " + ", ".join(tried)
+    if decision is None:
+        return decision_cls(model=used, score=1.0, reason=reason, router="fallback", path=[asked, used])
+    decision.model = used
+    decision.path = [*getattr(decision, "path", [asked])[:1], used]
+    decision.reason = f"{getattr(decision, 'reason', '')}; {reason}".lstrip("; ")
+    return decision
+
+
+async def _chunks_of(gens: list[Generation]) -> AsyncIterator[TokenChunk]:
+    for i, g in enumerate(gens):
+        yield TokenChunk(index=i, text=g.text, finish_reason=g.finish_reason)
+    yield TokenChunk(index=0, text="", usage=(gens[0].prompt_tokens if gens else 0,
+                                              sum(g.completion_tokens for g in gens)))
+
+
+def _route_headers(gw: Gateway, handle: ModelHandle, body: Any, decision: Any) -> dict[str, str]:
+    """`x-slm-fusion-model` (who answered) and `x-slm-fusion-route` (router;path;score;reason), also counted."""
+    headers = {"x-fusion-model": handle.name, "x-slm-fusion-model": handle.name}
+    if decision is None:
+        return headers
+    route = decision.header() if hasattr(decision, "header") else str(getattr(decision, "reason", "") or "")
+    route = route[:300].encode("ascii", "replace").decode()
+    headers["x-slm-fusion-route"] = route
+    if reason := getattr(decision, "reason", None):
+        headers["x-fusion-route-reason"] = str(reason)[:200].encode("ascii", "replace").decode()
+    headers.update(getattr(decision, "headers", None) or {})
+    gw.metrics.routed.labels(body.model, str(getattr(decision, "router", "") or "router"), handle.name).inc()
+    return headers
+
+
+def _routing_settings(config: FusionConfig, handles: dict[str, ModelHandle]) -> Any | None:
+    """`routing:` (fallbacks, allowed_fails, cooldown_s) from slm_fusion.routing; gives each model replica health."""
+    try:
+        routing = importlib.import_module("slm_fusion.routing")
+    except ImportError:
+        return None
+    settings = routing.routing_settings(config)
+    for handle in handles.values():
+        handle.health = routing.DeploymentHealth(len(handle.backends), settings.allowed_fails, settings.cooldown_s)
+    return settings
+
+
+def _is_retryable(exc: BaseException) -> bool:
+    """An error another replica or a fallback model may not have (5xx, 429, timeouts), not a bad request."""
+    if isinstance(exc, TimeoutError | ConnectionError):
+        return True
+    return isinstance(exc, FusionError) and (exc.status >= 500 or exc.status == 429)
 
 
 def _default_reasoning(config: FusionConfig) -> Any | None:
@@ -399,10 +567,11 @@ class GatewayMiddleware:
                 access_log.info("request", extra={"fusion": {
                     "request_id": request_id, "method": scope["method"], "path": path, "status": status_box[0],
                     "duration_ms": round(elapsed * 1000, 3), "model": model,
+                    **({"route": scope["fusion.route"]} if scope.get("fusion.route") else {}),
                 }})
 
     def _authorized(self, header: bytes | None) -> bool:
-        if not header or not header[:7].lower() == b"bearer ":
+        if not header or header[:7].lower() != b"bearer ":
             return False
         presented = header[7:].strip()
         return any(hmac.compare_digest(presented, key) for key in self.gw.api_keys)
@@ -547,21 +716,16 @@ def _model_cards(gw: Gateway) -> list[P.ModelCard]:
 
 
 async def _complete(gw: Gateway, body: Any, request: Request, *, chat: bool) -> Response:
-    handle, decision = await gw.resolve_target(body)
+    handle, decision = await gw.resolve_target(body, request.headers)
     request.scope["fusion.model"] = handle.name
     gen = gw.generation_request(handle, body)
     timeout = handle.timeout(gw.config.server.request_timeout_s)
-    headers = {"x-fusion-model": handle.name}
-    if decision is not None and (reason := getattr(decision, "reason", None)):
-        headers["x-fusion-route-reason"] = str(reason)[:200].encode("ascii", "replace").decode()
     if body.stream:
-        return await _stream(gw, handle, gen, body, chat, timeout, headers)
-    try:
-        async with asyncio.timeout(timeout):
-            async with handle.slot(gw.config.server.retry_after_s) as backend:
-                gens = await gw.execute(handle, backend, gen, body)
-    except TimeoutError:
-        raise GatewayTimeout(f"model '{handle.name}' did not answer within {timeout}s (timeout_s)") from None
+        return await _stream(gw, handle, gen, body, chat, timeout, decision, request)
+    handle, gens, decision = await gw.generate_routed(handle, decision, body, gen)
+    request.scope["fusion.model"] = handle.name
+    headers = _route_headers(gw, handle, body, decision)
+    request.scope["fusion.route"] = headers.get("x-slm-fusion-route", "")
     prompt_tokens = gens[0].prompt_tokens if gens else 0
     completion_tokens = sum(g.completion_tokens for g in gens)
     gw.metrics.observe_tokens(handle.name, prompt_tokens, completion_tokens)
@@ -581,30 +745,24 @@ async def _complete(gw: Gateway, body: Any, request: Request, *, chat: bool) -> 
             choices=[P.CompletionChoice(index=i, text=prefix + g.text, finish_reason=g.finish_reason)
                      for i, g in enumerate(gens)],
         )
+    # Routing extras (e.g. output fusion's `slm_fusion: {agreement, votes}`) ride along as extra response fields.
+    extra = {k: v for k, v in (getattr(decision, "extra", None) or {}).items() if not k.startswith("_")}
+    if extra:
+        return _json({**resp.model_dump(mode="json"), **extra}, headers=headers)
     return _model_json(resp, headers)
 
 
 async def _stream(
     gw: Gateway, handle: ModelHandle, gen: GenerationRequest, body: Any, chat: bool, timeout: float,
-    headers: dict[str, str],
+    decision: Any, request: Request,
 ) -> Response:
-    """SSE stream. The first token is awaited before answering, so failures up to then get a real status code."""
+    """SSE stream. The first token is awaited before answering, so failures up to then get a real status code
+    (or the next model of `routing.fallbacks` is tried)."""
     start = time.perf_counter()
-    deadline = asyncio.get_running_loop().time() + timeout
-    stack = contextlib.AsyncExitStack()
-    chunks: AsyncIterator[TokenChunk] | None = None
-    try:
-        async with asyncio.timeout_at(deadline):
-            backend = await stack.enter_async_context(handle.slot(gw.config.server.retry_after_s))
-            chunks = gw.execute_stream(handle, backend, gen, body)
-            first = await anext(chunks, None)
-    except BaseException as e:
-        if chunks is not None:
-            await chunks.aclose()
-        await stack.aclose()
-        if isinstance(e, TimeoutError):
-            raise GatewayTimeout(f"model '{handle.name}' did not answer within {timeout}s (timeout_s)") from None
-        raise
+    handle, stack, chunks, first, deadline, decision = await gw.open_stream(handle, decision, body, gen)
+    request.scope["fusion.model"] = handle.name
+    headers = _route_headers(gw, handle, body, decision)
+    request.scope["fusion.route"] = headers.get("x-slm-fusion-route", "")
     ttft_seen = False
     created = int(time.time())
     cid = f"chatcmpl-{uuid.uuid4().hex}" if chat else f"cmpl-{uuid.uuid4().hex}"
@@ -659,7 +817,7 @@ async def _stream(
             yield b"data: " + orjson.dumps(err.to_dict()) + b"\n\n"
         except FusionError as err:
             yield b"data: " + orjson.dumps(err.to_dict()) + b"\n\n"
-        except Exception as e:  # noqa: BLE001 — a stream that already said 200 can only report in-band
+        except Exception as e:  # a stream that already said 200 can only report in-band
             log.exception("stream failed")
             yield b"data: " + orjson.dumps(error_body(f"internal error: {type(e).__name__}", "server_error")) + b"\n\n"
         finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -24,7 +25,7 @@ def _load(config: Path):
 
 
 @app.command()
-def check(config: Path = typer.Argument(..., help="Gateway YAML config.")) -> None:
+def check(config: Annotated[Path, typer.Argument(help="Gateway YAML config.")]) -> None:
     """Validate a gateway config without loading any model; print the models table."""
     cfg = _load(config)
     table = Table(title=f"{config} — {len(cfg.models)} model(s)")
@@ -46,11 +47,11 @@ def check(config: Path = typer.Argument(..., help="Gateway YAML config.")) -> No
 
 @app.command()
 def serve(
-    config: Path = typer.Argument(..., help="Gateway YAML config."),
-    host: str = typer.Option("127.0.0.1", help="Interface to bind."),
-    port: int = typer.Option(8000, help="TCP port."),
-    log_level: str = typer.Option("info", help="debug | info | warning | error"),
-    graceful_timeout: float = typer.Option(30.0, help="Seconds in-flight requests get to finish on shutdown."),
+    config: Annotated[Path, typer.Argument(help="Gateway YAML config.")],
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    log_level: Annotated[str, typer.Option(help="debug | info | warning | error")] = "info",
+    graceful_timeout: Annotated[float, typer.Option(help="Seconds in-flight requests get to finish on shutdown.")] = 30.0,
 ) -> None:
     """Serve the OpenAI-compatible gateway (Ctrl-C stops it after in-flight requests finish)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -112,6 +112,9 @@ class FusionConfig(_Strict):
     virtual_models: dict[str, Any] | list[Any] = Field(
         default_factory=dict, description="Virtual model names served through a router (slm_fusion.routing)."
     )
+    routing: dict[str, Any] = Field(
+        default_factory=dict, description="Fallbacks and replica cooldowns: fallbacks, allowed_fails, cooldown_s."
+    )
 
     @field_validator("models")
     @classmethod

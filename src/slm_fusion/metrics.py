@@ -29,6 +29,10 @@ class GatewayMetrics:
         self.tokens = Counter("slm_fusion_tokens", "Tokens processed", ["model", "kind"], registry=r)
         self.queue_depth = Gauge("slm_fusion_queue_depth", "Requests waiting for a backend slot", ["model"], registry=r)
         self.in_flight = Gauge("slm_fusion_in_flight", "Requests executing on a backend", ["model"], registry=r)
+        self.routed = Counter(
+            "slm_fusion_routed_requests", "Requests resolved through a virtual model, by router and model that answered",
+            ["virtual_model", "router", "model"], registry=r,
+        )
 
     def observe_request(self, model: str, route: str, status: int, seconds: float) -> None:
         self.requests.labels(model, route, str(status)).inc()

@@ -10,8 +10,19 @@ from reasonlite.config import TeacherConfig
 from reasonlite.teachers.base import Completion, OnSample, Teacher, TeacherError, TeacherPrompt
 from reasonlite.teachers.cache import CacheStats, CompletionCache, cache_key, complete_cached
 
-__all__ = ["Completion", "OnSample", "Teacher", "TeacherError", "TeacherPrompt", "CacheStats", "CompletionCache",
-           "cache_key", "complete_cached", "make_teacher", "TEACHERS"]
+__all__ = [
+    "TEACHERS",
+    "CacheStats",
+    "Completion",
+    "CompletionCache",
+    "OnSample",
+    "Teacher",
+    "TeacherError",
+    "TeacherPrompt",
+    "cache_key",
+    "complete_cached",
+    "make_teacher",
+]
 
 TEACHERS = ("dataset", "hf", "openai")
 

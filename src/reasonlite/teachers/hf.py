@@ -18,7 +18,6 @@ import asyncio
 from reasonlite.config import TeacherConfig
 from reasonlite.teachers.base import Completion, OnSample, SampleCollector, TeacherPrompt
 
-
 PREFILL = {"pal": "```python\ndef solution():\n"}
 
 

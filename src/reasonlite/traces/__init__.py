@@ -5,4 +5,4 @@ from reasonlite.traces.build import TraceSet, build_trace_set
 from reasonlite.traces.pairs import Pair
 from reasonlite.traces.verify import Trace
 
-__all__ = ["Trace", "Pair", "TraceSet", "build_trace_set"]
+__all__ = ["Pair", "Trace", "TraceSet", "build_trace_set"]

@@ -100,9 +100,24 @@ async def _ask_teacher(teacher, cache, prompts, k, count_tokens, show_progress: 
             progress.update(task, advance=1 if done_per_prompt[i] == k else 0, calls=teacher.calls,
                             hits=counters["hits"])
 
-        result = await complete_cached(teacher, cache, prompts, k, on_sample=on_sample, count_tokens=count_tokens)
+        try:
+            result = await complete_cached(teacher, cache, prompts, k, on_sample=on_sample,
+                                           count_tokens=count_tokens)
+        finally:
+            client = getattr(teacher, "client", None)
+            if client is not None:  # close the HTTP pool on the loop that opened it
+                await client.close()
         progress.update(task, calls=teacher.calls)
     return result
+
+
+def _run_async(coro):
+    """Run the teacher coroutine on uvloop when installed (~20% less client CPU per request), else asyncio."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 def build_trace_set(cfg: ReasonLiteConfig, out_dir: str | Path, show_progress: bool = True,
@@ -124,14 +139,11 @@ def build_trace_set(cfg: ReasonLiteConfig, out_dir: str | Path, show_progress: b
     teacher = make_teacher(cfg.teacher, style=style, seed=cfg.data.seed)
     cache = None if teacher.kind == "dataset" else CompletionCache(default_cache_path(cfg))
     try:
-        completions, cache_stats = asyncio.run(_ask_teacher(
+        completions, cache_stats = _run_async(_ask_teacher(
             teacher, cache, prompts, k, lambda text: count_tokens_many([text], tokenizer)[0], show_progress, console))
     finally:
         if cache is not None:
             cache.close()
-        client = getattr(teacher, "client", None)
-        if client is not None:  # close the HTTP pool on a fresh loop (the build's loop is gone)
-            asyncio.run(client.close())
 
     # verify: parse every reply, execute every program in one sandbox batch, count student tokens
     traces = [parse_trace(ex, style, c.text, s, c.error)

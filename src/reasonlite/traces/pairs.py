@@ -17,6 +17,7 @@ from __future__ import annotations
 import ast
 import random
 import re
+from functools import lru_cache
 
 from pydantic import BaseModel
 
@@ -54,7 +55,7 @@ def _byte_offsets(source: bytes) -> list[int]:
     return starts
 
 
-def _bumped(value: int | float, rng: random.Random) -> int | float:
+def _bumped(value: float, rng: random.Random) -> int | float:
     if isinstance(value, int):
         return value + rng.choice([1, 2, 3]) if value >= 0 else value - 1
     return round(value * rng.choice([1.5, 2.0]) + 0.5, 6)
@@ -106,6 +107,7 @@ def program_edits(program: str, rng: random.Random, limit: int = MAX_PROGRAM_CAN
 # CoT: the answer changed consistently in the final step and the answer line
 # ---------------------------------------------------------------------------------------------------------------
 
+_normalized = lru_cache(maxsize=65536)(normalize_answer)
 _NUM_RE = re.compile(r"(?<![\w.])\$?(-?\d[\d,]*(?:\.\d+)?)(?![\w])")
 
 
@@ -118,8 +120,10 @@ def perturb_rationale(rationale: str, answer: str, rng: random.Random) -> tuple[
     new_value = normalize_answer(format_number(value + offset if value == int(value) else value + offset / 2))
     lines = rationale.splitlines()
 
+    target = normalize_answer(answer)
+
     def occurrences(line: str) -> list[re.Match]:
-        return [m for m in _NUM_RE.finditer(line) if answers_match(m.group(1).replace(",", ""), answer)]
+        return [m for m in _NUM_RE.finditer(line) if _normalized(m.group(1).replace(",", "")) == target]
 
     answer_line = max((i for i, line in enumerate(lines) if occurrences(line)), default=None)
     if answer_line is None:

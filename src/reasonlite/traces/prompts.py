@@ -104,7 +104,7 @@ def strip_answer_sentence(rationale: str) -> str:
     """The steps of a CoT rationale without its closing "The answer is X." line (step_by_step shows them apart)."""
     text = rationale.strip()
     # the cue may close the last line ("... = 382. The answer is 382.") or stand on its own line
-    return re.sub(rf"(?:^|(?<=[.!?\s])){re.escape(ANSWER_CUE)}\b[^\n]*$", "", text, flags=re.I).strip()
+    return re.sub(rf"(?:^|(?<=[.!?\s])){re.escape(ANSWER_CUE)}\b[^\n]*$", "", text, flags=re.IGNORECASE).strip()
 
 
 def render_completion(style: str, *, answer: str | None, rationale: str | None = None,
@@ -148,7 +148,7 @@ class ParsedReply:
     answer: str | None  # for pal this stays None until the program is executed
 
 
-_STEP_BY_STEP_RE = re.compile(r"Rationale\s*:\s*(.*?)\n\s*(?:Final\s+)?Answer\s*:\s*(.+)", re.S | re.I)
+_STEP_BY_STEP_RE = re.compile(r"Rationale\s*:\s*(.*?)\n\s*(?:Final\s+)?Answer\s*:\s*(.+)", re.DOTALL | re.IGNORECASE)
 
 
 def parse_reply(style: str, text: str) -> ParsedReply:

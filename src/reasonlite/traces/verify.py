@@ -12,12 +12,17 @@ vote when there is no gold - see self_consistency):
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Literal
 
 from pydantic import BaseModel, Field
 
 from reasonlite.answers import answers_match, normalize_answer
 from reasonlite.traces.prompts import parse_reply
+
+# k samples of a question repeat answers (and often whole texts): memoise the pure, string-keyed checks
+_match = lru_cache(maxsize=65536)(answers_match)
+_parse = lru_cache(maxsize=16384)(parse_reply)
 
 Status = Literal["correct", "wrong", "exec_error", "no_answer", "unverified"]
 
@@ -52,7 +57,7 @@ class Trace(BaseModel):
 
 def parse_trace(example, style: str, text: str, sample_index: int, error: str | None = None) -> Trace:
     """A Trace from a raw reply (answer still unknown for pal until `execute_programs`)."""
-    parsed = parse_reply(style, text)
+    parsed = _parse(style, text or "")
     trace = Trace(id=f"{example.id}#{sample_index}", example_id=example.id, question=example.question,
                   gold=normalize_answer(example.answer) if example.answer is not None else None,
                   domain=example.domain, style=style, text=text or "", rationale=parsed.rationale,
@@ -95,5 +100,5 @@ def grade(trace: Trace, label: str | None, pseudo: bool = False) -> Trace:
     elif label is None:
         trace.status = "unverified"
     else:
-        trace.status = "correct" if answers_match(trace.answer, label) else "wrong"
+        trace.status = "correct" if _match(trace.answer, label) else "wrong"
     return trace

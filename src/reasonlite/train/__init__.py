@@ -18,7 +18,7 @@ from pathlib import Path
 from reasonlite.config import ReasonLiteConfig, stage_hash
 from reasonlite.train.formats_data import TrainError, build_dataset, load_trace_set, trace_examples
 
-__all__ = ["TrainError", "TrainResult", "train_student", "export_student", "update_model_card"]
+__all__ = ["TrainError", "TrainResult", "export_student", "train_student", "update_model_card"]
 
 STATE_FILE = "train_state.json"
 

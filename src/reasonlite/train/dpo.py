@@ -19,9 +19,10 @@ from typing import Any
 
 from transformers.trainer_callback import PrinterCallback
 
+from reasonlite.budget import budget_bucket
 from reasonlite.config import ReasonLiteConfig
 from reasonlite.formats import build_messages, ensure_answer_sentence
-from reasonlite.train.formats_data import TrainError, _budget_bucket, end_of_turn
+from reasonlite.train.formats_data import TrainError, end_of_turn
 from reasonlite.train.sft import RichProgress, console, precision_kwargs
 
 # student format -> pair style it can learn from
@@ -51,7 +52,7 @@ def pair_rows(cfg: ReasonLiteConfig, pairs: list[Any], tokenizer) -> list[dict]:
         rejected = _completion(fmt, pair.rejected, getattr(pair, "rejected_answer", None))
         budget = None
         if cfg.budget.condition_training:
-            budget = _budget_bucket(len(tokenizer(chosen, add_special_tokens=False)["input_ids"]), cfg.budget.buckets)
+            budget = budget_bucket(len(tokenizer(chosen, add_special_tokens=False)["input_ids"]), cfg.budget.buckets)
         task = "rationale" if fmt == "step_by_step" else None
         messages = build_messages(pair.question, fmt, budget=budget, task=task)
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

@@ -63,8 +63,8 @@ def write_model_card(out: Path, cfg: ReasonLiteConfig, meta: dict, train_metrics
         "",
         f"Distilled from a `{cfg.teacher.kind}` teacher into `{meta['base_model']}` with ReasonLite.",
         "",
-        f"- **student format**: `{meta['format']}` (prompt it with `reasonlite.formats.build_messages(question, "
-        f"'{meta['format']}')`; `reasonlite.infer.Student` reads `{STUDENT_META}` and does this for you)",
+        (f"- **student format**: `{meta['format']}` (prompt it with `reasonlite.formats.build_messages(question, "
+         f"'{meta['format']}')`; `reasonlite.infer.Student` reads `{STUDENT_META}` and does this for you)"),
         f"- **budget-conditioned**: {meta['budget_conditioned']}",
         f"- **trace set manifest sha256**: `{meta.get('trace_manifest_sha256')}`",
         f"- **export**: {'LoRA adapter' if meta.get('adapter_only') else 'merged weights'}",

@@ -14,14 +14,14 @@ bucket, so at inference a stated budget means something the student has seen.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
+from reasonlite.budget import budget_bucket
 from reasonlite.config import ReasonLiteConfig
 from reasonlite.formats import build_messages, build_target
+from reasonlite.traces import TraceSet
 
 
 class TrainError(ValueError):
@@ -29,39 +29,13 @@ class TrainError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------- trace-set loading
-def load_trace_set(trace_dir: str | Path) -> Any:
-    """The trace set in `trace_dir` (`.traces`, `.pairs`, `.manifest`, `.path`), via `reasonlite.traces.TraceSet`.
-
-    The JSONL fallback only serves trees where `reasonlite.traces` is absent; it reads the same folder format.
-    """
+def load_trace_set(trace_dir: str | Path) -> TraceSet:
+    """The trace set in `trace_dir` (`.traces`, `.pairs`, `.manifest`, `.path`), or a TrainError saying how to get one."""
     folder = Path(trace_dir)
-    if not (folder / "traces.jsonl").exists():
-        raise TrainError(f"no trace set at {folder} (traces.jsonl missing): run `reasonlite traces CONFIG` first or "
-                         "pass --traces pointing at a trace-set folder")
-    try:
-        from reasonlite.traces import TraceSet
-    except ImportError:
-        TraceSet = None  # noqa: N806
-    if TraceSet is not None:
-        return TraceSet.load(folder)
-
-    def rows(name: str) -> list[SimpleNamespace]:
-        path = folder / name
-        if not path.exists():
-            return []
-        return [SimpleNamespace(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
-
-    manifest = json.loads((folder / "manifest.json").read_text()) if (folder / "manifest.json").exists() else {}
-    return SimpleNamespace(traces=rows("traces.jsonl"), pairs=rows("pairs.jsonl"), manifest=manifest, path=folder)
-
-
-# ---------------------------------------------------------------------------------------------- budget buckets
-def _budget_bucket(tokens: int, buckets: list[int]) -> int:
-    try:
-        from reasonlite.budget import budget_bucket
-    except ImportError:  # the budget module is optional for training; same rule as there
-        return next((b for b in buckets if tokens <= b), buckets[-1])
-    return budget_bucket(tokens, buckets)
+    if not (folder / "traces.jsonl").exists() or not (folder / "manifest.json").exists():
+        raise TrainError(f"no trace set at {folder} (traces.jsonl / manifest.json missing): run `reasonlite traces "
+                         "CONFIG` first or pass --traces pointing at a trace-set folder")
+    return TraceSet.load(folder)
 
 
 # ---------------------------------------------------------------------------------------------- rows
@@ -129,7 +103,7 @@ def trace_examples(cfg: ReasonLiteConfig, traces: list[Any], tokenizer=None) -> 
                 if tokenizer is None:
                     raise TrainError("budget.condition_training needs trace token counts; pass the student tokenizer")
                 n_tokens = len(tokenizer(rationale_target, add_special_tokens=False)["input_ids"])
-            budget = _budget_bucket(int(n_tokens), cfg.budget.buckets)
+            budget = budget_bucket(int(n_tokens), cfg.budget.buckets)
         q = trace.question
         tid = str(getattr(trace, "id", ""))
         if fmt == "answer":
@@ -199,8 +173,8 @@ def build_dataset(cfg: ReasonLiteConfig, examples: list[TextExample], tokenizer)
                          f"{p90} ({lengths[-1]} fits every example), or cap traces with budget.max_trace_tokens")
     columns: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": []}
     for r in rows:
-        for key in columns:
-            columns[key].append(r[key][:max_len])
+        for key, column in columns.items():
+            column.append(r[key][:max_len])
     if cfg.student.format == "step_by_step":
         columns["loss_weight"] = [ex.loss_weight for ex in examples]
     return Dataset.from_dict(columns)

@@ -195,7 +195,8 @@ def last_checkpoint(ckpt_dir: Path) -> str | None:
     return get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
 
 
-def run_sft(cfg: ReasonLiteConfig, model, tokenizer, dataset, ckpt_dir: Path, resume: bool = False) -> SFTRun:
+def run_sft(cfg: ReasonLiteConfig, model, tokenizer, dataset, ckpt_dir: Path, resume: bool = False,
+            callbacks: list[TrainerCallback] | None = None) -> SFTRun:
     """Train with SFTTrainer; with `resume`, continue from the newest checkpoint in `ckpt_dir` if there is one."""
     steps = planned_steps(cfg, len(dataset))
     weighted = "loss_weight" in dataset.column_names
@@ -205,7 +206,7 @@ def run_sft(cfg: ReasonLiteConfig, model, tokenizer, dataset, ckpt_dir: Path, re
         per_device_train_batch_size=cfg.train.batch_size,
         gradient_accumulation_steps=cfg.train.grad_accum,
         learning_rate=cfg.train.learning_rate,
-        warmup_steps=int(round(cfg.train.warmup_ratio * steps)),
+        warmup_steps=round(cfg.train.warmup_ratio * steps),
         lr_scheduler_type="linear",
         seed=cfg.train.seed,
         data_seed=cfg.train.seed,
@@ -224,7 +225,8 @@ def run_sft(cfg: ReasonLiteConfig, model, tokenizer, dataset, ckpt_dir: Path, re
     progress = RichProgress("sft")
     collator = WeightedCollator(pad_token_id=tokenizer.pad_token_id)
     trainer = WeightedSFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                                 data_collator=collator, callbacks=[progress], weighted=weighted)
+                                 data_collator=collator, callbacks=[progress, *(callbacks or [])],
+                                 weighted=weighted)
     trainer.remove_callback(PrinterCallback)  # it prints every log dict; RichProgress shows the same
     progress.trainer = trainer
     checkpoint = last_checkpoint(ckpt_dir) if resume else None

@@ -71,11 +71,13 @@ class LlamaCppBackend:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=self.llm.metadata.get(
             "tokenizer.ggml.add_bos_token", "true") == "true", special=True)
 
-    def _prepare(self, req: GenerationRequest) -> tuple[str, int, int]:
+    def _prepare(self, req: GenerationRequest) -> tuple[str | list[int], int, int]:
         if self.llm is None:
             raise Unavailable(f"model '{self.config.name}' is not started")
-        prompt = self.format_chat(req.messages) if req.messages is not None else req.prompt
+        prompt: str | list[int] = self.format_chat(req.messages) if req.messages is not None else req.prompt
         prompt_tokens = len(self._tokenize(prompt))
+        if prompt_tokens == 0:  # an empty prompt: start from BOS as OpenAI's completions do
+            prompt, prompt_tokens = [self.llm.token_bos()], 1
         room = self.config.n_ctx - prompt_tokens
         if room < 1:
             raise InvalidRequest(
@@ -85,8 +87,8 @@ class LlamaCppBackend:
         return prompt, prompt_tokens, min(req.max_tokens, room)
 
     def _kwargs(self, req: GenerationRequest, max_tokens: int, choice: int) -> dict[str, Any]:
-        kw: dict[str, Any] = dict(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                                  stop=req.stop or None)
+        kw: dict[str, Any] = {"max_tokens": max_tokens, "temperature": req.temperature, "top_p": req.top_p,
+                              "stop": req.stop or None}
         if req.seed is not None:
             kw["seed"] = (req.seed + choice) % (1 << 32)  # llama.cpp seeds are uint32
         for name in ("presence_penalty", "frequency_penalty"):

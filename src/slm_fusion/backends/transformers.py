@@ -104,7 +104,14 @@ class TransformersBackend:
     def _encode(self, req: GenerationRequest) -> list[int]:
         text = self.format_chat(req.messages) if req.messages is not None else req.prompt
         # The text already holds every special token the model needs (chat template or caller's own prefix).
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        if not ids:  # an empty prompt: start from BOS as OpenAI's completions do
+            bos = self.tokenizer.bos_token_id
+            if bos is None:
+                raise InvalidRequest("the prompt is empty and the model has no BOS token to start from",
+                                     param="prompt")
+            ids = [bos]
+        return ids
 
     async def stream(self, req: GenerationRequest) -> AsyncIterator[TokenChunk]:
         if self._thread is None:

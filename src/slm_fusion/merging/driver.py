@@ -97,7 +97,6 @@ class Checkpoint:
                     self._file_of[name] = file
                     self._meta[name] = (_DTYPES_BY_TAG[piece.get_dtype()], tuple(piece.get_shape()))
                     self.names.append(name)
-        self._handles: dict[Path, Any] = {}
 
     @property
     def tied(self) -> bool:
@@ -121,14 +120,14 @@ class Checkpoint:
         source = self._source(name)
         if source is None:
             raise KeyError(f"{self.label} has no tensor '{name}'")
-        file = self._file_of[source]
-        if file not in self._handles:
-            self._handles[file] = safe_open(file, framework="pt")
-        return self._handles[file].get_tensor(source)
+        # A handle per read: safe_open maps the whole file, and every page read through a long-lived map stays in
+        # this process' RSS until the map goes — keeping handles open grew RSS by the inputs' full size.
+        # Re-opening only re-parses the JSON header.
+        with safe_open(self._file_of[source], framework="pt") as handle:
+            return handle.get_tensor(source)
 
     def close(self) -> None:
-        # Dropping the handles unmaps the files, so pages read so far stop counting towards the process' memory.
-        self._handles.clear()
+        """Nothing stays open between reads; kept so checkpoints can be closed uniformly."""
 
 
 _DTYPES_BY_TAG = {

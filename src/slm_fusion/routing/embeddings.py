@@ -73,6 +73,10 @@ class TextEmbedder:
             return np.zeros((0, self.dim), dtype=np.float32)
         return np.stack(out).astype(np.float32, copy=False)  # type: ignore[arg-type]
 
+    def clear_cache(self) -> None:
+        with self._lock:
+            self._cache.clear()
+
     def embed_one(self, text: str) -> np.ndarray:
         return self.embed([text])[0]
 

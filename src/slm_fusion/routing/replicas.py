@@ -66,6 +66,8 @@ class DeploymentHealth:
         self.clock = clock
         self.fails = [0] * n
         self.cooling_until = [0.0] * n
+        self._picks = 0
+        self.last_pick = [0] * n  # round-robin among equally busy replicas
 
     def healthy(self, i: int) -> bool:
         return self.cooling_until[i] <= self.clock()
@@ -77,8 +79,12 @@ class DeploymentHealth:
         """Least in-flight healthy deployment; when all are cooling, the one that recovers first."""
         healthy = [i for i in range(len(active)) if self.healthy(i)]
         if healthy:
-            return min(healthy, key=lambda i: (active[i], i))
-        return min(range(len(active)), key=lambda i: self.cooling_until[i])
+            i = min(healthy, key=lambda i: (active[i], self.fails[i], self.last_pick[i]))
+        else:
+            i = min(range(len(active)), key=lambda i: self.cooling_until[i])
+        self._picks += 1
+        self.last_pick[i] = self._picks
+        return i
 
     def success(self, i: int) -> None:
         self.fails[i] = 0
@@ -109,7 +115,7 @@ async def with_fallbacks(
     (e.g. 400 invalid request) is raised at once: another model would refuse it too.
     """
     candidates = [m for m in chain if available is None or available(m)] or chain[-1:]
-    tried: list[str] = []
+    tried = [f"{m}: cooling down" for m in dict.fromkeys(chain) if m not in candidates]
     for i, model in enumerate(candidates):
         try:
             return model, await attempt(model), tried

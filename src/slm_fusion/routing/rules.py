@@ -62,11 +62,11 @@ class _CompiledRule:
     def __init__(self, rule: Rule, index: int) -> None:
         self.rule = rule
         self.label = rule.name or f"rule #{index}"
-        self.regex = re.compile(rule.regex, re.I) if rule.regex else None
+        self.regex = re.compile(rule.regex, re.IGNORECASE) if rule.regex else None
         words = [re.escape(k.strip()) for k in rule.keywords if k.strip()]
         # Word boundaries so "sum" does not match "summary"; phrases keep their inner spaces.
-        self.keywords = re.compile(r"\b(?:" + "|".join(words) + r")\b", re.I) if words else None
-        self.headers = {k: re.compile(p, re.I) for k, p in rule.header.items()}
+        self.keywords = re.compile(r"\b(?:" + "|".join(words) + r")\b", re.IGNORECASE) if words else None
+        self.headers = {k: re.compile(p, re.IGNORECASE) for k, p in rule.header.items()}
         self.user = re.compile(rule.user) if rule.user else None
 
     def match(self, req: RoutingRequest) -> str | None:

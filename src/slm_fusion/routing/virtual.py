@@ -32,6 +32,8 @@ from slm_fusion.routing.base import (
 class VirtualModel:
     """The object the gateway calls for a virtual name: `await route(body, headers)` -> decision."""
 
+    wants_headers = True  # the gateway passes request headers (rules may match on them)
+
     def __init__(self, name: str, router: RouterBase) -> None:
         self.name = name
         self.router = router

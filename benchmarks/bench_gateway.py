@@ -1,0 +1,448 @@
+"""SLM-Fusion gateway benchmark: proxy overhead vs LiteLLM, dynamic batching, llama.cpp pass-through, soak.
+
+1. Proxy overhead. A fast mock upstream (raw ASGI on uvicorn) is called directly, through LiteLLM's proxy and
+   through our gateway (one worker each, pinned to its own core with taskset; upstream and load generator share the
+   other core). Load comes from `wrk` (one Lua script for POST): added latency p50/p99 at concurrency 1 and max
+   req/s at concurrency 32, non-streaming and streaming.
+2. Dynamic batching: SmolLM2-135M on the transformers backend, 8 concurrent chat requests through the gateway,
+   max_batch_size=8 vs max_batch_size=1 (one at a time): total completion tokens/s.
+3. llama.cpp: the SmolLM2 GGUF through the gateway (HTTP) vs raw llama-cpp-python, tokens/s.
+4. Soak: 10,000 requests at concurrency 64 against the mock upstream through the gateway: errors, RSS growth.
+
+`run(quick=True)` uses short runs and small counts (and skips LiteLLM unless its venv already exists).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench-results" / "gateway"
+LITELLM_VENV = ROOT / "bench-results" / ".litellm-venv"
+PY = sys.executable
+console = Console()
+
+CHAT_BODY = {"model": "mock", "messages": [{"role": "user", "content": "What is 2+3?"}], "max_tokens": 16}
+PROXY_CPU, SIDE_CPU = "1", "0"  # the proxy under test gets a core to itself
+BENCH_KEY = "sk-bench-0123456789abcdef0123456789abcdef"  # both proxies authenticate (LiteLLM requires a key)
+
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.body = os.getenv("BENCH_BODY")
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer " .. os.getenv("BENCH_KEY")
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('WRKJSON {"p50_us": %d, "p99_us": %d, "requests": %d, "errors": %d, "non2xx": %d, "duration_us": %d}\\n',
+    latency:percentile(50), latency:percentile(99), summary.requests,
+    e.connect + e.read + e.write + e.timeout, e.status, summary.duration))
+end
+"""
+
+
+# ------------------------------------------------------------------------------------------------ processes
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pin(cpus: str) -> list[str]:
+    return ["taskset", "-c", cpus] if shutil.which("taskset") and (os.cpu_count() or 1) > 1 else []
+
+
+@contextmanager
+def _process(name: str, cmd: list[str], ready_url: str, cpus: str | None, env: dict | None = None,
+             timeout: float = 180):
+    OUT.mkdir(parents=True, exist_ok=True)
+    log = open(OUT / f"{name}.log", "w")
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}
+    proc = subprocess.Popen((_pin(cpus) if cpus else []) + cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode}; see {OUT / (name + '.log')}")
+            try:
+                if httpx.get(ready_url, timeout=2).status_code < 500:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name} did not become ready at {ready_url}")
+            time.sleep(0.25)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@contextmanager
+def _mock_upstream():
+    port = _free_port()
+    with _process("mock-upstream", [PY, "-m", "slm_fusion.backends.mock_upstream", "--port", str(port)],
+                  f"http://127.0.0.1:{port}/v1/models", SIDE_CPU):
+        yield f"http://127.0.0.1:{port}"
+
+
+@contextmanager
+def _our_gateway(config: dict, cpus: str | None = PROXY_CPU, name: str = "slm-fusion"):
+    port = _free_port()
+    cfg = OUT / f"{name}.yaml"
+    OUT.mkdir(parents=True, exist_ok=True)
+    cfg.write_text(json.dumps(config))  # JSON is YAML
+    with _process(name, [PY, "-m", "slm_fusion.cli", "serve", str(cfg), "--port", str(port), "--log-level",
+                         "warning"], f"http://127.0.0.1:{port}/health", cpus) as proc:
+        yield f"http://127.0.0.1:{port}", proc
+
+
+def _ensure_litellm(install: bool) -> Path | None:
+    exe = LITELLM_VENV / "bin" / "litellm"
+    if exe.exists():
+        return exe
+    if not install:
+        return None
+    console.print("[cyan]installing litellm[proxy] into bench-results/.litellm-venv (one time)...[/cyan]")
+    try:
+        subprocess.run([sys.executable, "-m", "venv", str(LITELLM_VENV)], check=True)
+        subprocess.run([str(LITELLM_VENV / "bin" / "pip"), "install", "-q", "litellm[proxy]"], check=True,
+                       timeout=1200)
+    except (subprocess.SubprocessError, OSError) as e:
+        console.print(f"[yellow]LiteLLM could not be installed: {e}[/yellow]")
+        return None
+    return exe if exe.exists() else None
+
+
+@contextmanager
+def _litellm(exe: Path, upstream: str):
+    port = _free_port()
+    cfg = OUT / "litellm.yaml"
+    cfg.write_text(json.dumps({
+        "model_list": [{"model_name": "mock", "litellm_params": {
+            "model": "openai/mock", "api_base": upstream + "/v1", "api_key": "sk-none"}}],
+        "litellm_settings": {"drop_params": True, "telemetry": False},
+        "general_settings": {"master_key": BENCH_KEY},
+    }))
+    env = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR", "TELEMETRY": "False"}
+    with _process("litellm", [str(exe), "--config", str(cfg), "--host", "127.0.0.1", "--port", str(port),
+                              "--num_workers", "1"], f"http://127.0.0.1:{port}/health/liveliness", PROXY_CPU,
+                  env=env, timeout=300):
+        yield f"http://127.0.0.1:{port}"
+
+
+# ---------------------------------------------------------------------------------------------- load: wrk
+
+
+def _wrk(url: str, concurrency: int, seconds: float, stream: bool) -> dict:
+    body = {**CHAT_BODY, "stream": True} if stream else CHAT_BODY
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(WRK_SCRIPT)
+        script = f.name
+    cmd = _pin(SIDE_CPU) + ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, int(seconds))}s", "--timeout", "10s",
+                            "-s", script, url + "/v1/chat/completions"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "BENCH_BODY": json.dumps(body), "BENCH_KEY": BENCH_KEY},
+                         timeout=seconds + 60)
+    os.unlink(script)
+    m = re.search(r"WRKJSON (\{.*\})", out.stdout)
+    if not m:
+        raise RuntimeError(f"wrk failed: {out.stdout[-500:]} {out.stderr[-500:]}")
+    r = json.loads(m.group(1))
+    return {"p50_ms": r["p50_us"] / 1000, "p99_ms": r["p99_us"] / 1000,
+            "rps": r["requests"] / (r["duration_us"] / 1e6), "requests": r["requests"],
+            "errors": r["errors"] + r["non2xx"]}
+
+
+def _measure_target(url: str, seconds: float) -> dict:
+    _wrk(url, 4, 1, False)  # warm-up: connections, caches, lazy imports
+    out = {}
+    for stream in (False, True):
+        kind = "stream" if stream else "json"
+        c1 = _wrk(url, 1, seconds, stream)
+        c32 = _wrk(url, 32, seconds, stream)
+        out[kind] = {"c1_p50_ms": c1["p50_ms"], "c1_p99_ms": c1["p99_ms"], "c32_rps": c32["rps"],
+                     "c32_p50_ms": c32["p50_ms"], "errors": c1["errors"] + c32["errors"]}
+    return out
+
+
+def bench_proxy(quick: bool) -> dict:
+    if not shutil.which("wrk"):
+        return {"skipped": "wrk not installed (apt-get install -y wrk)"}
+    seconds = 2 if quick else 8
+    litellm = _ensure_litellm(install=not quick)
+    results: dict = {}
+    with _mock_upstream() as upstream:
+        console.print("[cyan]proxy overhead: direct upstream[/cyan]")
+        results["direct"] = _measure_target(upstream, seconds)
+        gw_config = {"server": {"access_log": False, "api_keys": [BENCH_KEY]},
+                     "models": [{"name": "mock", "backend": "openai", "model": "mock", "base_url": upstream + "/v1",
+                                 "max_concurrency": 256, "max_queue": 1024}]}
+        with _our_gateway(gw_config) as (gw, _):
+            console.print("[cyan]proxy overhead: slm-fusion[/cyan]")
+            results["slm_fusion"] = _measure_target(gw, seconds)
+        if litellm:
+            try:
+                with _litellm(litellm, upstream) as ll:
+                    console.print("[cyan]proxy overhead: LiteLLM[/cyan]")
+                    results["litellm"] = _measure_target(ll, seconds)
+            except (RuntimeError, TimeoutError) as e:
+                results["litellm"] = {"skipped": str(e)}
+        else:
+            results["litellm"] = {"skipped": "LiteLLM not installed" + (" (quick mode does not install it)"
+                                                                         if quick else "")}
+    for kind in ("json", "stream"):
+        d, ours = results["direct"][kind], results["slm_fusion"][kind]
+        ours["added_p50_ms"] = ours["c1_p50_ms"] - d["c1_p50_ms"]
+        ours["added_p99_ms"] = ours["c1_p99_ms"] - d["c1_p99_ms"]
+        ll = results["litellm"].get(kind)
+        if ll:
+            ll["added_p50_ms"] = ll["c1_p50_ms"] - d["c1_p50_ms"]
+            ll["added_p99_ms"] = ll["c1_p99_ms"] - d["c1_p99_ms"]
+            results.setdefault("ratios", {})[kind] = {
+                "added_p50_ours_over_litellm": ours["added_p50_ms"] / max(ll["added_p50_ms"], 1e-9),
+                "rps_ours_over_litellm": ours["c32_rps"] / max(ll["c32_rps"], 1e-9),
+            }
+    return results
+
+
+# ------------------------------------------------------------------------------------- transformers batching
+
+PROMPTS = [
+    "What is 2+3?", "Name three colours.", "Write a haiku about the sea.", "What is the capital of France?",
+    "Explain what a prime number is.", "Give me a synonym for happy.", "How many legs does a spider have?",
+    "Describe a cat in one sentence.",
+]
+
+
+async def _batched_run(max_batch_size: int, max_tokens: int) -> dict:
+    from slm_fusion.app import create_app
+    from slm_fusion.config import FusionConfig
+
+    cfg = FusionConfig.model_validate({"server": {"access_log": False}, "models": [{
+        "name": "smol", "backend": "transformers", "model": "smollm2-135m-instruct", "max_batch_size": max_batch_size,
+        "batch_wait_ms": 10, "max_concurrency": 8}]})
+    app = create_app(cfg)
+    gw = app.state.gateway
+    await gw.start()
+    try:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway", timeout=600) as client:
+            async def one(prompt: str) -> int:
+                r = await client.post("/v1/chat/completions", json={
+                    "model": "smol", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+                    "temperature": 0})
+                r.raise_for_status()
+                return r.json()["usage"]["completion_tokens"]
+
+            await one("Hi")  # warm-up
+            start = time.perf_counter()
+            tokens = sum(await asyncio.gather(*(one(p) for p in PROMPTS)))
+            elapsed = time.perf_counter() - start
+    finally:
+        await gw.aclose()
+    return {"tokens": tokens, "seconds": elapsed, "tok_per_s": tokens / elapsed}
+
+
+def bench_batching(quick: bool) -> dict:
+    import torch
+
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    max_tokens = 16 if quick else 64
+    console.print("[cyan]transformers: 8 concurrent requests, dynamic batching vs one at a time[/cyan]")
+    batched = asyncio.run(_batched_run(8, max_tokens))
+    single = asyncio.run(_batched_run(1, max_tokens))
+    return {"max_tokens": max_tokens, "batched": batched, "one_at_a_time": single,
+            "speedup": batched["tok_per_s"] / single["tok_per_s"]}
+
+
+# ---------------------------------------------------------------------------------------------- llama.cpp
+
+
+def bench_llamacpp(quick: bool) -> dict:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return {"skipped": "llama-cpp-python not installed"}
+    from reasonlite.models import smollm2_gguf
+    from slm_fusion.backends.llamacpp import LlamaCppBackend
+    from slm_fusion.config import LlamaCppModel
+
+    gguf = str(smollm2_gguf())
+    max_tokens = 32 if quick else 128
+    runs = 2 if quick else 4
+    messages = [{"role": "user", "content": "Write a long, detailed story about a dragon who learns to bake bread."}]
+    console.print("[cyan]llama.cpp: raw llama-cpp-python vs through the gateway[/cyan]")
+    backend = LlamaCppBackend(LlamaCppModel(name="smol", backend="llamacpp", model=gguf, n_threads=2))
+    backend._load()
+    prompt = backend.format_chat(messages)
+    backend.llm.create_completion(prompt=prompt, max_tokens=8, temperature=0)  # warm-up
+    raw_tokens, raw_time = 0, 0.0
+    for _ in range(runs):
+        start = time.perf_counter()
+        out = backend.llm.create_completion(prompt=prompt, max_tokens=max_tokens, temperature=0)
+        raw_time += time.perf_counter() - start
+        raw_tokens += out["usage"]["completion_tokens"]
+    backend.llm.close()
+    del backend
+
+    config = {"server": {"access_log": False},
+              "models": [{"name": "smol", "backend": "llamacpp", "model": gguf, "n_threads": 2}]}
+    results = {"raw": {"tokens": raw_tokens, "seconds": raw_time, "tok_per_s": raw_tokens / raw_time}}
+    with _our_gateway(config, cpus=None, name="slm-fusion-llamacpp") as (gw, _):
+        body = {"model": "smol", "messages": messages, "max_tokens": max_tokens, "temperature": 0}
+        httpx.post(gw + "/v1/chat/completions", json={**body, "max_tokens": 8}, timeout=120)  # warm-up
+        for kind in ("json", "stream"):
+            tokens, elapsed = 0, 0.0
+            for _ in range(runs):
+                start = time.perf_counter()
+                if kind == "json":
+                    r = httpx.post(gw + "/v1/chat/completions", json=body, timeout=300)
+                    tokens += r.json()["usage"]["completion_tokens"]
+                else:
+                    with httpx.stream("POST", gw + "/v1/chat/completions", timeout=300,
+                                      json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
+                        for line in r.iter_lines():
+                            if line.startswith("data: {") and '"usage":{' in line:
+                                tokens += json.loads(line[6:])["usage"]["completion_tokens"]
+                elapsed += time.perf_counter() - start
+            results[f"gateway_{kind}"] = {"tokens": tokens, "seconds": elapsed, "tok_per_s": tokens / elapsed,
+                                          "ratio_vs_raw": (tokens / elapsed) / results["raw"]["tok_per_s"]}
+    return results
+
+
+# -------------------------------------------------------------------------------------------------- soak
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def _load(url: str, total: int, concurrency: int) -> dict:
+    errors = 0
+    sent = 0
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
+        async def worker():
+            nonlocal errors, sent
+            while sent < total:
+                sent += 1
+                stream = sent % 4 == 0  # a quarter of the traffic streams
+                try:
+                    if stream:
+                        async with client.stream("POST", "/v1/chat/completions", json={**CHAT_BODY, "stream": True}) as r:
+                            body = b"".join([c async for c in r.aiter_bytes()])
+                            ok = r.status_code == 200 and body.endswith(b"data: [DONE]\n\n") and b'"error"' not in body
+                    else:
+                        r = await client.post("/v1/chat/completions", json=CHAT_BODY)
+                        ok = r.status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                errors += not ok
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - start
+    return {"requests": total, "errors": errors, "seconds": elapsed, "rps": total / elapsed}
+
+
+def bench_soak(quick: bool) -> dict:
+    total = 500 if quick else 10_000
+    console.print(f"[cyan]soak: {total} requests at concurrency 64 through the gateway[/cyan]")
+    with _mock_upstream() as upstream:
+        config = {"server": {"access_log": False},
+                  "models": [{"name": "mock", "backend": "openai", "model": "mock", "base_url": upstream + "/v1",
+                              "max_concurrency": 64, "max_queue": 256}]}
+        with _our_gateway(config, name="slm-fusion-soak") as (gw, proc):
+            asyncio.run(_load(gw, 200, 64))  # warm-up before the baseline RSS
+            rss_before = _rss_mb(proc.pid)
+            result = asyncio.run(_load(gw, total, 64))
+            rss_after = _rss_mb(proc.pid)
+            health = httpx.get(gw + "/health").json()
+    result.update(rss_before_mb=rss_before, rss_after_mb=rss_after, rss_growth_mb=rss_after - rss_before,
+                  in_flight_after=sum(m["in_flight"] + m["queued"] for m in health["models"].values()))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------- report
+
+
+def _report(r: dict) -> None:
+    proxy = r.get("proxy", {})
+    if "direct" in proxy:
+        t = Table(title="Gateway overhead in front of a fast mock upstream (one worker, pinned core)")
+        for col in ("target", "mode", "c1 p50 ms", "c1 p99 ms", "added p50 ms", "added p99 ms", "c32 req/s", "errors"):
+            t.add_column(col)
+        for name in ("direct", "litellm", "slm_fusion"):
+            for kind in ("json", "stream"):
+                row = proxy.get(name, {}).get(kind)
+                if row:
+                    t.add_row(name, kind, f"{row['c1_p50_ms']:.2f}", f"{row['c1_p99_ms']:.2f}",
+                              f"{row.get('added_p50_ms', 0):.2f}", f"{row.get('added_p99_ms', 0):.2f}",
+                              f"{row['c32_rps']:.0f}", str(row["errors"]))
+        console.print(t)
+        for kind, ratio in proxy.get("ratios", {}).items():
+            console.print(f"{kind}: our added p50 = {ratio['added_p50_ours_over_litellm']:.2f}x LiteLLM's "
+                          f"(target <= 0.2); our req/s = {ratio['rps_ours_over_litellm']:.1f}x LiteLLM's (target >= 5)")
+        if "skipped" in proxy.get("litellm", {}):
+            console.print(f"LiteLLM: {proxy['litellm']['skipped']}")
+    b = r.get("batching")
+    if b:
+        console.print(f"transformers SmolLM2, 8 concurrent requests x {b['max_tokens']} tokens: batched "
+                      f"{b['batched']['tok_per_s']:.1f} tok/s vs one-at-a-time {b['one_at_a_time']['tok_per_s']:.1f} "
+                      f"tok/s -> {b['speedup']:.2f}x (target >= 4)")
+    lc = r.get("llamacpp")
+    if lc and "raw" in lc:
+        console.print(f"llama.cpp SmolLM2: raw {lc['raw']['tok_per_s']:.1f} tok/s; gateway json "
+                      f"{lc['gateway_json']['tok_per_s']:.1f} ({lc['gateway_json']['ratio_vs_raw']:.1%}), stream "
+                      f"{lc['gateway_stream']['tok_per_s']:.1f} ({lc['gateway_stream']['ratio_vs_raw']:.1%}) "
+                      "(target >= 90%)")
+    s = r.get("soak")
+    if s:
+        console.print(f"soak: {s['requests']} requests in {s['seconds']:.1f}s ({s['rps']:.0f} req/s), errors "
+                      f"{s['errors']}, RSS {s['rss_before_mb']:.1f} -> {s['rss_after_mb']:.1f} MB "
+                      f"(+{s['rss_growth_mb']:.1f}), left in flight {s['in_flight_after']}")
+
+
+def run(quick: bool = False) -> dict:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    results: dict = {"quick": quick, "cpus": os.cpu_count()}
+    for name, fn in (("proxy", bench_proxy), ("soak", bench_soak), ("batching", bench_batching),
+                     ("llamacpp", bench_llamacpp)):
+        try:
+            results[name] = fn(quick)
+        except Exception as e:  # one failing part must not hide the others' numbers
+            console.print(f"[red]{name} failed: {type(e).__name__}: {e}[/red]")
+            results[name] = {"error": f"{type(e).__name__}: {e}"}
+    _report(results)
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / ("results-quick.json" if quick else "results.json")).write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    run(quick="--quick" in sys.argv)

@@ -1,0 +1,142 @@
+"""Semantic and classifier routers with the real all-MiniLM-L6-v2 embeddings (loaded once per session)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import joblib
+import numpy as np
+import pytest
+
+from slm_fusion.backends.base import Generation
+from slm_fusion.config import FusionConfig
+from slm_fusion.routing import RoutingConfigError, RoutingRequest, build_routers, load_labelled
+from slm_fusion.routing.classifier import load_classifier, train_classifier
+from slm_fusion.routing.embeddings import get_embedder
+
+LABELLED = Path(__file__).resolve().parents[1] / "examples" / "routing_labelled.jsonl"
+MODELS = [{"name": n, "backend": "openai", "model": n, "base_url": "http://127.0.0.1:9/v1"}
+          for n in ("retail", "math", "general", "big")]
+PROMPTS = {
+    "retail": "Corner Grocer sells apples for $0.75 each. A customer buys 14 apples and pays with a $20 bill. "
+              "How many dollars of change does the customer get?",
+    "math": "Tom has 3 times as many marbles as Jerry. Together they have 48 marbles. How many does Jerry have?",
+    "general": "Can you write me a short poem about my cat sleeping in the sun?",
+}
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    return get_embedder()
+
+
+@pytest.fixture(scope="session")
+def classifier_file(tmp_path_factory, embedder) -> Path:
+    out = tmp_path_factory.mktemp("router") / "router.pkl"
+    train_classifier(load_labelled(LABELLED), out)
+    return out
+
+
+def _req(text: str) -> RoutingRequest:
+    return RoutingRequest(messages=[{"role": "user", "content": text}], text=text)
+
+
+def _build(routers: dict, virtual: dict | None = None, **extra):
+    cfg = FusionConfig.model_validate({"models": MODELS, "routers": routers,
+                                       "virtual_models": virtual or {n: {"router": n} for n in routers}, **extra})
+    return build_routers(cfg)
+
+
+def test_fast_path_matches_sentence_transformers(embedder):
+    texts = ["How many pens are left?", "Write a haiku about rain."]
+    ours = embedder.embed(texts)
+    reference = embedder.model.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
+    assert ours.shape == (2, embedder.dim) == (2, 384)
+    assert np.allclose(ours, reference, atol=1e-4)
+    hits = embedder.hits
+    embedder.embed_one(texts[0])  # the LRU answers the second router that asks for the same text
+    assert embedder.hits == hits + 1
+
+
+@pytest.mark.parametrize("method", ["knn", "centroid"])
+def test_semantic_routes_hand_made_prompts(embedder, method):
+    router = _build({"topic": {"type": "semantic", "default": "big", "method": method, "k": 5,
+                               "threshold": 0.1, "exemplars_file": str(LABELLED)}})["topic"].router
+    for model, prompt in PROMPTS.items():
+        d = router.route(_req(prompt))
+        assert d.model == model, (method, prompt, d)
+        assert 0.1 <= d.score <= 1.0 and d.router == "topic"
+
+
+def test_semantic_threshold_falls_back_to_default(embedder, tmp_path):
+    txt = tmp_path / "math.txt"
+    txt.write_text("How many apples are left after selling 5 of 12?\nWhat is 15 percent of 80?\n")
+    router = _build({"s": {"type": "semantic", "default": "general", "threshold": 0.5, "k": 1,
+                           "exemplars": {"math": str(txt), "retail": ["A shop sells mugs for $4 each."]}}})["s"].router
+    near = router.route(_req("How many apples remain after selling 7 of 20?"))
+    assert near.model == "math"
+    far = router.route(_req("Translate 'good night' into German."))
+    assert far.model == "general" and "default" in far.reason and far.score < 0.5
+
+
+def test_classifier_round_trip(classifier_file, embedder):
+    bundle = load_classifier(classifier_file)
+    assert bundle["embedding_model_id"] == embedder.model_id and bundle["dim"] == 384
+    assert set(bundle["labels"]) == {"retail", "math", "general"} and bundle["calibrated"]
+    router = _build({"learned": {"type": "classifier", "path": str(classifier_file)}})["learned"].router
+    x = embedder.embed(list(PROMPTS.values()))
+    direct = bundle["classifier"].predict(x)
+    for (model, prompt), expected in zip(PROMPTS.items(), direct, strict=True):
+        d = router.route(_req(prompt))
+        assert d.model == model == expected
+        probs = router.probabilities(prompt)
+        assert abs(sum(probs.values()) - 1) < 1e-6 and d.score == pytest.approx(probs[model])
+
+
+def test_classifier_threshold_uses_default(classifier_file):
+    router = _build({"c": {"type": "classifier", "path": str(classifier_file), "threshold": 0.999,
+                           "default": "big"}})["c"].router
+    d = router.route(_req("hmm"))
+    assert d.model == "big" and "default" in d.reason
+
+
+def test_classifier_from_another_embedding_model_is_refused(classifier_file, tmp_path):
+    bundle = joblib.load(classifier_file)
+    bundle["embedding_model_id"] = "sentence-transformers/all-mpnet-base-v2"
+    bundle["dim"] = 768
+    other = tmp_path / "other.pkl"
+    joblib.dump(bundle, other)
+    with pytest.raises(RoutingConfigError, match="retrain"):
+        _build({"c": {"type": "classifier", "path": str(other)}})
+    (tmp_path / "junk.pkl").write_bytes(b"not a pickle")
+    with pytest.raises(RoutingConfigError, match="not a router classifier"):
+        _build({"c": {"type": "classifier", "path": str(tmp_path / "junk.pkl")}})
+
+
+def test_classifier_labels_must_be_configured_models(classifier_file):
+    cfg_models = [m for m in MODELS if m["name"] != "retail"]
+    cfg = FusionConfig.model_validate({"models": cfg_models, "routers": {"c": {"type": "classifier",
+                                       "path": str(classifier_file)}}})
+    with pytest.raises(RoutingConfigError, match="'retail' is not configured"):
+        build_routers(cfg)
+
+
+def test_cascade_consults_classifier_before_generating(classifier_file):
+    vm = _build({"learned": {"type": "classifier", "path": str(classifier_file)},
+                 "k": {"type": "cascade", "models": ["retail", "big"], "classifier": "learned",
+                       "min_probability": 0.5}}, virtual={"k": {"router": "k"}})["k"]
+    calls = []
+
+    async def call(model, **kw):
+        calls.append(model)
+        return [Generation(text="The answer is 3.", finish_reason="stop", prompt_tokens=1, completion_tokens=1)] * (
+            kw.get("n") or 1)
+
+    plan = vm.router.route(_req(PROMPTS["general"]))  # the classifier says: not a retail prompt
+    asyncio.run(plan.execute(call))
+    assert calls == ["big"] and plan.path == ["big"] and "p(retail)" in plan.reason
+    calls.clear()
+    plan = vm.router.route(_req(PROMPTS["retail"]))
+    asyncio.run(plan.execute(call))
+    assert calls == ["retail"] and plan.path == ["retail"]
