@@ -73,30 +73,29 @@ def _pin(cpus: str) -> list[str]:
 def _process(name: str, cmd: list[str], ready_url: str, cpus: str | None, env: dict | None = None,
              timeout: float = 180):
     OUT.mkdir(parents=True, exist_ok=True)
-    log = open(OUT / f"{name}.log", "w")
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}
-    proc = subprocess.Popen((_pin(cpus) if cpus else []) + cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited with {proc.returncode}; see {OUT / (name + '.log')}")
-            try:
-                if httpx.get(ready_url, timeout=2).status_code < 500:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{name} did not become ready at {ready_url}")
-            time.sleep(0.25)
-        yield proc
-    finally:
-        proc.terminate()
+    with open(OUT / f"{name}.log", "w") as log:
+        full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}
+        proc = subprocess.Popen((_pin(cpus) if cpus else []) + cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env)
         try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+            deadline = time.monotonic() + timeout
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited with {proc.returncode}; see {OUT / (name + '.log')}")
+                try:
+                    if httpx.get(ready_url, timeout=2).status_code < 500:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{name} did not become ready at {ready_url}")
+                time.sleep(0.25)
+            yield proc
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 @contextmanager
@@ -162,7 +161,7 @@ def _wrk(url: str, concurrency: int, seconds: float, stream: bool) -> dict:
         script = f.name
     cmd = _pin(SIDE_CPU) + ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, int(seconds))}s", "--timeout", "10s",
                             "-s", script, url + "/v1/chat/completions"]
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "BENCH_BODY": json.dumps(body), "BENCH_KEY": BENCH_KEY},
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ, "BENCH_BODY": json.dumps(body), "BENCH_KEY": BENCH_KEY},
                          timeout=seconds + 60)
     os.unlink(script)
     m = re.search(r"WRKJSON (\{.*\})", out.stdout)
@@ -344,6 +343,7 @@ def _rss_mb(pid: int) -> float:
 async def _load(url: str, total: int, concurrency: int) -> dict:
     errors = 0
     sent = 0
+    kinds: dict[str, int] = {}
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
         async def worker():
@@ -359,14 +359,17 @@ async def _load(url: str, total: int, concurrency: int) -> dict:
                     else:
                         r = await client.post("/v1/chat/completions", json=CHAT_BODY)
                         ok = r.status_code == 200
-                except httpx.HTTPError:
-                    ok = False
-                errors += not ok
+                    kind = str(r.status_code) if r.status_code != 200 else "bad stream body"
+                except httpx.HTTPError as e:
+                    ok, kind = False, type(e).__name__
+                if not ok:
+                    errors += 1
+                    kinds[kind] = kinds.get(kind, 0) + 1
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - start
-    return {"requests": total, "errors": errors, "seconds": elapsed, "rps": total / elapsed}
+    return {"requests": total, "errors": errors, "error_kinds": kinds, "seconds": elapsed, "rps": total / elapsed}
 
 
 def bench_soak(quick: bool) -> dict:
@@ -435,7 +438,7 @@ def run(quick: bool = False) -> dict:
                      ("llamacpp", bench_llamacpp)):
         try:
             results[name] = fn(quick)
-        except Exception as e:  # one failing part must not hide the others' numbers
+        except Exception as e:  # noqa: BLE001 — one failing part must not hide the others' numbers
             console.print(f"[red]{name} failed: {type(e).__name__}: {e}[/red]")
             results[name] = {"error": f"{type(e).__name__}: {e}"}
     _report(results)

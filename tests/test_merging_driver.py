@@ -378,3 +378,11 @@ def test_cli_merge_and_merge_lora(llamas, peft_setup, tmp_path):
     bad.write_text(yaml.safe_dump({"merge_method": "ties", "models": [{"model": str(llamas["a"])}]}))
     result = runner.invoke(app, ["merge", str(bad), str(tmp_path / "x")])
     assert result.exit_code == 1 and "base_model" in result.output
+
+
+def test_refuses_to_overwrite_an_input(llamas, tmp_path):
+    copy = tmp_path / "a"
+    shutil.copytree(llamas["a"], copy)
+    with pytest.raises(MergeError, match="write the merge to a new folder"):
+        run_merge(config("linear", [{"model": str(copy)}, {"model": str(llamas["b"])}]), copy, show_progress=False)
+    assert (copy / "model.safetensors").exists()

@@ -33,6 +33,7 @@ def gateway(upstream):
         upstream_model("small", u, "small"),
         upstream_model("big", u, "answer-42"),
         upstream_model("broken", u, "fail-500"),
+        upstream_model("broken-stream", u, "fail-500"),
         upstream_model("slowpoke", u, "slow", timeout_s=0.5),
         upstream_model("pair", u, "answer-5", replicas=2),
     ]
@@ -40,7 +41,7 @@ def gateway(upstream):
         "models": models,
         "server": {"access_log": False},
         "routing": {"allowed_fails": 1, "cooldown_s": 1.0,
-                    "fallbacks": {"broken": ["big"], "slowpoke": ["big"]}},
+                    "fallbacks": {"broken": ["big"], "broken-stream": ["big"], "slowpoke": ["big"]}},
         "routers": {"tiers": {"type": "rules", "default": "small",
                               "rules": [{"model": "big", "header": {"x-tier": "premium"}}]}},
         "virtual_models": {
@@ -134,11 +135,14 @@ def test_fallback_after_500_and_timeout(client):
     assert "broken: cooling down" in h["x-slm-fusion-route"]  # benched after its failure above (allowed_fails=1)
 
 
-def test_stream_falls_back_before_first_byte(client):
+def test_stream_falls_back_before_first_byte(client, upstream):
+    failed = upstream.hits["fail-500"]
     with client.chat.completions.with_streaming_response.create(
-        model="broken", messages=[{"role": "user", "content": "hi"}], stream=True
+        model="broken-stream", messages=[{"role": "user", "content": "hi"}], stream=True
     ) as resp:
         assert resp.headers["x-slm-fusion-model"] == "big"
+        assert "UpstreamError" in resp.headers["x-slm-fusion-route"]  # really tried, failed, then fell back
+        assert upstream.hits["fail-500"] == failed + 1
         text = "".join(c.choices[0].delta.content or "" for c in resp.parse() if c.choices)
     assert text == "The answer is 42."
 

@@ -142,7 +142,7 @@ def _hand_loss(logits, labels, weights):
 
 def test_step_by_step_alpha_weights_the_loss_as_computed_by_hand(tokenizer, cot_set):
     from reasonlite.models import load_model
-    from reasonlite.train.sft import WeightedCollator, WeightedSFTTrainer, run_sft  # noqa: F401
+    from reasonlite.train.sft import WeightedCollator, WeightedSFTTrainer
 
     model, _ = load_model(TINY, device="cpu")
     traces = load_trace_set(cot_set).traces[:2]
@@ -258,7 +258,7 @@ def trained(tmp_path_factory, pal_set):
 def test_train_student_writes_metrics_plot_and_a_loadable_export(trained):
     from reasonlite.models import load_model
 
-    cfg, result = trained
+    _cfg, result = trained
     out = result.export_dir.parent
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == result.steps == 2 and metrics["rows"] == 8
@@ -310,7 +310,7 @@ def test_contrastive_stage_changes_the_model_and_drops_the_ref_adapter(tmp_path,
             torch.nn.init.normal_(p, std=0.02)
     before = _weights(model)
     result = run_dpo(cfg, model, tokenizer, trace_set.pairs, tmp_path / "dpo")
-    after = {k: v for k, v in _weights(result.model).items()}
+    after = _weights(result.model)
     assert result.steps == 2 and result.pairs == 8
     assert list(result.model.peft_config) == ["default"]
     assert any(not torch.allclose(before[k], after[k]) for k in before)

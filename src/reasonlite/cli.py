@@ -49,10 +49,16 @@ def config_schema() -> None:
 def traces(config: Optional[Path] = typer.Argument(None), out: Optional[Path] = typer.Option(None, help="trace-set folder"),
            set: Optional[list[str]] = SetOption) -> None:
     """Ask the teacher, verify, vote and write a trace-set folder."""
+    from reasonlite.teachers import TeacherError
     from reasonlite.traces import build_trace_set
 
     cfg = _load(config, set)
-    build_trace_set(cfg, out or _run_dir(cfg) / "traces")
+    try:
+        build_trace_set(cfg, out or _run_dir(cfg) / "traces")
+    except TeacherError as e:  # unreachable teacher, wrong key, unknown model: the message names the knob
+        console.print(f"[red]teacher error:[/red] {e}\n(completions received so far are kept in the cache)",
+                      highlight=False)
+        raise typer.Exit(1) from None
 
 
 @app.command()

@@ -42,6 +42,9 @@ def check(config: Annotated[Path, typer.Argument(help="Gateway YAML config.")]) 
                   f"virtual models: {len(cfg.virtual_models)}")
     if cfg.server.api_keys_env and not os.environ.get(cfg.server.api_keys_env):
         console.print(f"[yellow]warning: server.api_keys_env={cfg.server.api_keys_env} is not set[/yellow]")
+    from slm_fusion.routing.cli import check_routing
+
+    check_routing(cfg)  # builds routers: a missing model, exemplar or classifier file fails here, not per request
     console.print("[green]config OK[/green]")
 
 
@@ -73,6 +76,15 @@ def _register_merge_commands() -> None:
 
 
 _register_merge_commands()
+
+
+def _register_routing_commands() -> None:
+    from slm_fusion.routing.cli import register  # `router train`, `route-eval`; heavy imports stay inside commands
+
+    register(app)
+
+
+_register_routing_commands()
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ stream → `UpstreamError` raised from the iterator (the app turns it into an er
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import AsyncIterator
 from typing import Any
@@ -35,7 +36,7 @@ class OpenAIBackend:
             limits=httpx.Limits(
                 max_connections=self.config.max_connections,
                 max_keepalive_connections=self.config.max_keepalive_connections,
-                keepalive_expiry=30.0,
+                keepalive_expiry=self.config.keepalive_expiry_s,
             ),
             timeout=httpx.Timeout(read, connect=self.config.connect_timeout_s, pool=read),
         )
@@ -69,7 +70,7 @@ class OpenAIBackend:
     async def generate(self, req: GenerationRequest) -> list[Generation]:
         path, body = self._body(req, stream=False)
         try:
-            resp = await self.client.post(path, content=body)
+            resp = await self._send(self.client.build_request("POST", path, content=body), stream=False)
         except httpx.HTTPError as e:
             raise _map_transport_error(e, self.config.base_url) from None
         if resp.status_code != 200:
@@ -97,7 +98,8 @@ class OpenAIBackend:
         chat = req.messages is not None
         done = False
         try:
-            async with self.client.stream("POST", path, content=body) as resp:
+            resp = await self._send(self.client.build_request("POST", path, content=body), stream=True)
+            async with contextlib.aclosing(resp):  # type: ignore[type-var]
                 if resp.status_code != 200:
                     raise _map_status(resp.status_code, await resp.aread())
                 async for line in resp.aiter_lines():
@@ -127,6 +129,17 @@ class OpenAIBackend:
             raise _map_transport_error(e, self.config.base_url) from None
         if not done:
             raise UpstreamError("upstream closed the stream before [DONE]")
+
+    async def _send(self, request: httpx.Request, stream: bool) -> httpx.Response:
+        """Send, retrying once when a pooled keep-alive connection turns out to be closed by the upstream.
+
+        That race (the upstream drops an idle connection as we reuse it) fails before the upstream has read the
+        request, so one retry on a fresh connection is safe.
+        """
+        try:
+            return await self.client.send(request, stream=stream)
+        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
+            return await self.client.send(request, stream=stream)
 
     def count_tokens(self, text: str) -> int:
         # No tokenizer for a remote model: OpenAI's rule of thumb (about 4 characters per token).

@@ -321,7 +321,9 @@ class MergeReport:
     inputs: list[str]
     n_tensors: int = 0
     total_bytes: int = 0  # bytes of merged weights written
-    peak_tensor_bytes: int = 0  # max over tensors of bytes held at once: inputs + output (+ shard buffer, always 0)
+    # max over tensors of bytes the driver holds at once: inputs + output (+ shard buffer, always 0 here). The merge
+    # method's float32 temporaries come on top (about one to three tensors' worth; more for TIES).
+    peak_tensor_bytes: int = 0
     largest_tensor_bytes: int = 0
     seconds: float = 0.0
     shards: list[str] = field(default_factory=list)
@@ -418,8 +420,9 @@ def run_merge(config: MergeConfig | str | Path, out_dir: str | Path, *, show_pro
     elif config.tokenizer_source.isdigit():
         chosen = models[int(config.tokenizer_source)]
         tok_source = (chosen.label, _tokenizer_dir(chosen))
-    else:
-        tok_source = (config.tokenizer_source, resolve_model_ref(config.tokenizer_source))
+    else:  # a folder with tokenizer files (config.json not required) or a model reference
+        tok_path = Path(config.tokenizer_source).expanduser()
+        tok_source = (config.tokenizer_source, tok_path if tok_path.is_dir() else resolve_model_ref(tok_path))
     check_tokenizers(tok_source, [(c.label, _tokenizer_dir(c)) for c in inputs])
 
     names = list(reference.names)
@@ -430,6 +433,9 @@ def run_merge(config: MergeConfig | str | Path, out_dir: str | Path, *, show_pro
         dtype, shape = reference.meta(name)
         specs.append(TensorSpec(name, out_dtype if dtype.is_floating_point else dtype, shape))
     out_dir = Path(out_dir)
+    for ckpt in inputs:
+        if out_dir.resolve() == ckpt.folder.resolve():
+            raise MergeError(f"out_dir {out_dir} is the folder of {ckpt.label}; write the merge to a new folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in list(out_dir.glob("model*.safetensors")) + list(out_dir.glob("model.safetensors.index.json")):
         stale.unlink()  # a previous merge's shards would be picked up by loaders next to ours

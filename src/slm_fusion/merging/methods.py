@@ -229,7 +229,7 @@ def sign_consensus_merge(deltas: list[Tensor], weights: list[float], normalize: 
     mixed = torch.zeros_like(deltas[0])
     divisor = torch.zeros_like(deltas[0]) if normalize else None
     for delta, weight in zip(deltas, weights, strict=True):
-        agree = (delta.sign() == elected) & (delta != 0)
+        agree = (delta * elected) > 0  # same sign as elected and non-zero, in one pass
         mixed.add_(delta * agree, alpha=weight)
         if divisor is not None:
             divisor.add_(agree, alpha=weight)

@@ -63,6 +63,7 @@ class RouteDecision:
     reason: str
     router: str
     path: list[str] = field(default_factory=list)  # models tried in order (cascade, fallbacks)
+    label: str | None = None  # the class the router recognised (exemplar / classifier label) before `labels:` mapping
 
     def header(self) -> str:
         """`x-slm-fusion-route` value: `router;path=a>b;score=0.83;reason=...` (ASCII, one line, bounded)."""
@@ -90,6 +91,7 @@ class RouterContext:
     models: set[str]  # configured (real) model names
     base_dir: Path = field(default_factory=Path.cwd)  # relative paths in the config resolve against this
     routers: dict[str, Router] = field(default_factory=dict)  # routers built so far (a cascade may use one)
+    load_models: bool = True  # False (`slm-fusion check`): validate everything but do not load embedding models
 
     def path(self, p: str | Path) -> Path:
         p = Path(p).expanduser()
@@ -134,8 +136,9 @@ class RouterBase:
     def route(self, request: RoutingRequest) -> RouteDecision:
         raise NotImplementedError
 
-    def decide(self, model: str, score: float, reason: str) -> RouteDecision:
-        return RouteDecision(model=model, score=float(score), reason=reason, router=self.name, path=[model])
+    def decide(self, model: str, score: float, reason: str, label: str | None = None) -> RouteDecision:
+        return RouteDecision(model=model, score=float(score), reason=reason, router=self.name, path=[model],
+                             label=label)
 
 
 ROUTERS: dict[str, type[RouterBase]] = {}

@@ -148,7 +148,7 @@ class CascadeRouter(RouterBase):
         skipped: list[str] = []
         probs: dict[str, float] = {}
         if self.classifier is not None and "classifier" in self.signals:
-            probs = self.classifier.probabilities(request.text)
+            probs = self.classifier.model_probabilities(request.text)
             while len(models) > 1 and probs.get(models[0], 0.0) < self.cfg.min_probability:
                 skipped.append(f"p({models[0]})={probs.get(models[0], 0.0):.2f}<{self.cfg.min_probability}")
                 models.pop(0)

@@ -33,7 +33,7 @@ from slm_fusion.routing.base import (
     RoutingRequest,
     register,
 )
-from slm_fusion.routing.embeddings import DEFAULT_EMBEDDING, get_embedder
+from slm_fusion.routing.embeddings import DEFAULT_EMBEDDING, EMBEDDING_INFO, get_embedder
 
 FORMAT = "slm-fusion-router-classifier/1"
 MIN_PER_CLASS_TO_CALIBRATE = 15  # 3 calibration folds with at least 5 rows of each class
@@ -78,7 +78,7 @@ def train_classifier(
     return bundle
 
 
-def load_classifier(path: str | Path, embedding: str | None = None) -> dict[str, Any]:
+def load_classifier(path: str | Path, embedding: str | None = None, load_model: bool = True) -> dict[str, Any]:
     """Load and check a saved router classifier; RoutingConfigError names what is wrong and how to fix it."""
     path = Path(path)
     if not path.exists():
@@ -98,11 +98,16 @@ def load_classifier(path: str | Path, embedding: str | None = None) -> dict[str,
             f"{path}: trained on embedding model '{bundle['embedding']}' but the router uses '{embedding}'; "
             "retrain with the router's embedding model or change `embedding`"
         )
-    embedder = get_embedder(name)
-    if embedder.model_id != bundle["embedding_model_id"] or embedder.dim != bundle["dim"]:
+    if name not in EMBEDDING_INFO:
+        raise RoutingConfigError(f"{path}: embedding model '{name}' is unknown here; use one of {sorted(EMBEDDING_INFO)}")
+    model_id, dim = EMBEDDING_INFO[name]
+    if load_model:
+        embedder = get_embedder(name)
+        model_id, dim = embedder.model_id, embedder.dim
+    if model_id != bundle["embedding_model_id"] or dim != bundle["dim"]:
         raise RoutingConfigError(
             f"{path}: trained on {bundle['embedding_model_id']} ({bundle['dim']}-d) but '{name}' is "
-            f"{embedder.model_id} ({embedder.dim}-d); retrain the router"
+            f"{model_id} ({dim}-d); retrain the router"
         )
     return bundle
 
@@ -117,26 +122,39 @@ class ClassifierRouter(RouterBase):
         threshold: float = Field(0.0, ge=0.0, le=1.0, description="Below this probability use `default`.")
         default: str | None = Field(None, description="Model used below `threshold` (required when threshold > 0).")
         embedding: str | None = Field(None, description="Embedding model; must be the one the file was trained on.")
+        labels: dict[str, str] = Field(
+            default_factory=dict, description="Trained label -> model serving it (default: the label is the model)."
+        )
 
     def setup(self, ctx: RouterContext) -> None:
         if self.cfg.threshold > 0 and self.cfg.default is None:
             raise RoutingConfigError(f"routers.{self.name}: `threshold` > 0 needs a `default` model")
-        self.bundle = load_classifier(ctx.path(self.cfg.path), self.cfg.embedding)
+        self.bundle = load_classifier(ctx.path(self.cfg.path), self.cfg.embedding, load_model=ctx.load_models)
         self.clf = self.bundle["classifier"]
         self.labels: list[str] = self.bundle["labels"]
-        self.embedder = get_embedder(self.bundle["embedding"])
+        if ctx.load_models:
+            self.embedder = get_embedder(self.bundle["embedding"])
 
     def targets(self) -> set[str]:
-        return set(self.labels) | ({self.cfg.default} if self.cfg.default else set())
+        mapped = {self.cfg.labels.get(label, label) for label in self.labels}
+        return mapped | ({self.cfg.default} if self.cfg.default else set())
 
     def probabilities(self, text: str) -> dict[str, float]:
         probs = self.clf.predict_proba(self.embedder.embed_one(text)[None, :])[0]
         return {label: float(p) for label, p in zip(self.labels, probs, strict=True)}
 
+    def model_probabilities(self, text: str) -> dict[str, float]:
+        """Probabilities per model (labels mapped to the same model add up)."""
+        out: dict[str, float] = {}
+        for label, p in self.probabilities(text).items():
+            model = self.cfg.labels.get(label, label)
+            out[model] = out.get(model, 0.0) + p
+        return out
+
     def route(self, request: RoutingRequest) -> RouteDecision:
         probs = self.probabilities(request.text)
-        model = max(probs, key=probs.__getitem__)
-        p = probs[model]
+        label = max(probs, key=probs.__getitem__)
+        p = probs[label]
         if p < self.cfg.threshold and self.cfg.default:
-            return self.decide(self.cfg.default, p, f"p({model})={p:.2f}<{self.cfg.threshold}: default")
-        return self.decide(model, p, f"p({model})={p:.2f}")
+            return self.decide(self.cfg.default, p, f"p({label})={p:.2f}<{self.cfg.threshold}: default")
+        return self.decide(self.cfg.labels.get(label, label), p, f"p({label})={p:.2f}", label)

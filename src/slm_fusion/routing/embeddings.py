@@ -97,6 +97,8 @@ def _load_minilm() -> TextEmbedder:
 
 # Config name → loader. A router or a saved classifier names its embedding model by these keys.
 EMBEDDING_MODELS: dict[str, Callable[[], TextEmbedder]] = {DEFAULT_EMBEDDING: _load_minilm}
+# Config name → (model id, dimension), known without loading: lets `slm-fusion check` vet a classifier file cheaply.
+EMBEDDING_INFO: dict[str, tuple[str, int]] = {DEFAULT_EMBEDDING: ("sentence-transformers/all-MiniLM-L6-v2", 384)}
 
 _loaded: dict[str, TextEmbedder] = {}
 _load_lock = threading.Lock()

@@ -205,7 +205,8 @@ def evaluate_router(router: Any, rows: list[LabelledPrompt], warmup: int = 3) ->
         t0 = time.perf_counter()
         decision = router.route(request)
         latencies.append((time.perf_counter() - t0) * 1000)
-        predicted.append(decision.model)
+        # With a `labels:` map several classes may share a model: score the class the router recognised.
+        predicted.append(decision.label or decision.model)
     gold = [r.model for r in rows]
     labels = sorted(set(gold) | set(predicted))
     confusion = {g: {p: 0 for p in labels} for g in labels}

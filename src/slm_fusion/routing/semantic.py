@@ -33,7 +33,7 @@ from slm_fusion.routing.base import (
     load_labelled,
     register,
 )
-from slm_fusion.routing.embeddings import DEFAULT_EMBEDDING, get_embedder
+from slm_fusion.routing.embeddings import DEFAULT_EMBEDDING, EMBEDDING_MODELS, get_embedder
 
 
 def _prompts_from_file(path) -> list[str]:
@@ -64,8 +64,15 @@ class SemanticRouter(RouterBase):
         k: int = Field(5, ge=1, description="Neighbours that vote (knn).")
         threshold: float = Field(0.35, ge=-1.0, le=1.0, description="Minimum cosine similarity to pick a specialist.")
         embedding: str = Field(DEFAULT_EMBEDDING, description="Embedding model (see routing.embeddings).")
+        labels: dict[str, str] = Field(
+            default_factory=dict, description="Exemplar label -> model serving it (default: the label is the model)."
+        )
 
     def setup(self, ctx: RouterContext) -> None:
+        if self.cfg.embedding not in EMBEDDING_MODELS:
+            raise RoutingConfigError(
+                f"routers.{self.name}.embedding: unknown '{self.cfg.embedding}'; use one of {sorted(EMBEDDING_MODELS)}"
+            )
         by_model: dict[str, list[str]] = defaultdict(list)
         for model, prompts in self.cfg.exemplars.items():
             items = _prompts_from_file(ctx.path(prompts)) if isinstance(prompts, str) else prompts
@@ -80,9 +87,11 @@ class SemanticRouter(RouterBase):
         for model, prompts in by_model.items():
             if not prompts:
                 raise RoutingConfigError(f"routers.{self.name}.exemplars.{model}: empty exemplar set; add prompts")
-            ctx.check_model(model, f"routers.{self.name}.exemplars")
-        self.embedder = get_embedder(self.cfg.embedding)
+            ctx.check_model(self.cfg.labels.get(model, model), f"routers.{self.name}.exemplars ({model})")
         self.labels = sorted(by_model)
+        if not ctx.load_models:
+            return
+        self.embedder = get_embedder(self.cfg.embedding)
         texts = [p for m in self.labels for p in by_model[m]]
         self.owner = np.array([i for i, m in enumerate(self.labels) for _ in by_model[m]])
         self.vectors = self.embedder.embed(texts)
@@ -90,7 +99,7 @@ class SemanticRouter(RouterBase):
         self.centroids = centroids / np.linalg.norm(centroids, axis=1, keepdims=True)
 
     def targets(self) -> set[str]:
-        return set(self.labels) | {self.cfg.default}
+        return {self.cfg.labels.get(label, label) for label in self.labels} | {self.cfg.default}
 
     def scores(self, vector: np.ndarray) -> tuple[int, float, str]:
         """(label index, score, how) for one embedded prompt."""
@@ -109,7 +118,7 @@ class SemanticRouter(RouterBase):
 
     def route(self, request: RoutingRequest) -> RouteDecision:
         best, score, how = self.scores(self.embedder.embed_one(request.text))
-        model = self.labels[best]
+        label = self.labels[best]
         if score < self.cfg.threshold:
-            return self.decide(self.cfg.default, score, f"nearest {model} {score:.2f}<{self.cfg.threshold}: default")
-        return self.decide(model, score, f"{how} similarity {score:.2f}")
+            return self.decide(self.cfg.default, score, f"nearest {label} {score:.2f}<{self.cfg.threshold}: default")
+        return self.decide(self.cfg.labels.get(label, label), score, f"{label}: {how} similarity {score:.2f}", label)

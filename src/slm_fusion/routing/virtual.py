@@ -63,12 +63,15 @@ def _virtual_items(raw: dict[str, Any] | list[Any]) -> list[tuple[str, dict[str,
 
 def build_virtual_models(
     routers: dict[str, Any], virtual_models: dict[str, Any] | list[Any], models: set[str],
-    base_dir: Path | None = None,
+    base_dir: Path | None = None, load_models: bool = True,
 ) -> dict[str, VirtualModel]:
-    """Build every router and virtual model; RoutingConfigError names the bad entry and the fix."""
+    """Build every router and virtual model; RoutingConfigError names the bad entry and the fix.
+
+    `load_models=False` checks everything (models, files, labels, embedding ids) without loading embedding models.
+    """
     from slm_fusion.fusion import OutputFusion
 
-    ctx = RouterContext(models=set(models), base_dir=base_dir or Path.cwd())
+    ctx = RouterContext(models=set(models), base_dir=base_dir or Path.cwd(), load_models=load_models)
     for name, spec in (routers or {}).items():
         if name in models:
             raise RoutingConfigError(f"routers.{name}: name clashes with a configured model; rename the router")

@@ -1,0 +1,105 @@
+"""Routing commands of `slm-fusion`: `router train`, `route-eval`, and the routing part of `check`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+router_app = typer.Typer(help="Train routers.", no_args_is_help=True)
+
+
+@router_app.command("train")
+def train(
+    data: Annotated[Path, typer.Option(help="Labelled JSONL: one {\"prompt\", \"model\"} object per line.")],
+    out: Annotated[Path, typer.Option(help="Where to write the router file (joblib).")] = Path("router.pkl"),
+    embedding: Annotated[str, typer.Option(help="Embedding model name.")] = "all-minilm-l6-v2",
+    calibrate: Annotated[bool | None, typer.Option(
+        help="Calibrate probabilities (default: when every class has >= 15 rows).")] = None,
+) -> None:
+    """Train a `classifier` router (embeddings + logistic regression) and save it with its embedding model id."""
+    from slm_fusion.routing.base import RoutingConfigError, load_labelled
+    from slm_fusion.routing.classifier import train_classifier
+
+    try:
+        rows = load_labelled(data)
+        with console.status(f"embedding {len(rows)} prompts and fitting"):
+            bundle = train_classifier(rows, out, embedding=embedding, calibrate=calibrate)
+    except (RoutingConfigError, ValueError) as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(code=2) from None
+    table = Table(title=f"router classifier → {out}")
+    table.add_column("model")
+    table.add_column("rows", justify="right")
+    for label in bundle["labels"]:
+        table.add_row(label, str(bundle["class_counts"][label]))
+    console.print(table)
+    console.print(f"embedding {bundle['embedding_model_id']} ({bundle['dim']}-d); calibrated={bundle['calibrated']}; "
+                  f"train accuracy {bundle['train_accuracy']:.3f}")
+
+
+def route_eval(
+    config: Annotated[Path, typer.Argument(help="Gateway YAML config with `virtual_models`.")],
+    data: Annotated[Path, typer.Option(help="Labelled JSONL (prompt, model, optional answer).")],
+    out: Annotated[Path, typer.Option(help="Output folder for route_eval.json/.md and the PNG curve.")] = Path(
+        "route-eval"),
+    only: Annotated[list[str] | None, typer.Option(help="Evaluate only these virtual models.")] = None,
+    max_answerable: Annotated[int | None, typer.Option(help="Cap rows with answers used for cascades.")] = None,
+) -> None:
+    """Routing accuracy, confusion matrix, decision latency; quality vs cost curve for cascades."""
+    from slm_fusion.config import ConfigError
+    from slm_fusion.routing.base import RoutingConfigError
+    from slm_fusion.routing.evaluate import run_route_eval
+
+    try:
+        result = run_route_eval(config, data, out, only=only, max_answerable=max_answerable)
+    except (ConfigError, RoutingConfigError) as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(code=2) from None
+    table = Table(title=f"routing on {result['n_rows']} prompts")
+    for col in ("virtual model", "router", "accuracy", "p50 ms", "p99 ms"):
+        table.add_column(col)
+    for r in result["routers"]:
+        table.add_row(r["virtual_model"], f"{r['kind']}:{r['router']}", f"{r['accuracy']:.3f}",
+                      f"{r['latency_ms']['p50']:.2f}", f"{r['latency_ms']['p99']:.2f}")
+    console.print(table)
+    for c in result["cascades"]:
+        t = Table(title=f"cascade {c['name']}: {c['small']} → {c['big']}")
+        for col in ("threshold", "sent to big", "accuracy"):
+            t.add_column(col)
+        for p in c["curve"]:
+            t.add_row(str(p["threshold"]), f"{p['escalated']:.2f}", f"{p['accuracy']:.3f}")
+        console.print(t)
+    console.print(f"wrote {', '.join(result['files'].values())}")
+
+
+def check_routing(cfg) -> None:
+    """Build every router (exemplars, classifier files, models named) so errors show now; embeddings stay unloaded."""
+    from slm_fusion.routing import build_routers, routing_settings
+    from slm_fusion.routing.base import RoutingConfigError
+
+    if not (cfg.routers or cfg.virtual_models or cfg.routing):
+        return
+    try:
+        virtual = build_routers(cfg, load_models=False)
+        settings = routing_settings(cfg)
+    except RoutingConfigError as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(code=2) from None
+    table = Table(title="virtual models")
+    for col in ("name", "router", "kind", "can route to"):
+        table.add_column(col)
+    for name, vm in virtual.items():
+        table.add_row(name, vm.router.name, vm.router.kind, ", ".join(sorted(vm.targets())))
+    console.print(table)
+    if settings.fallbacks:
+        console.print("fallbacks: " + "; ".join(f"{m} → {' → '.join(c)}" for m, c in settings.fallbacks.items()))
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(router_app, name="router")
+    app.command("route-eval")(route_eval)
