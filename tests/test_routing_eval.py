@@ -1,4 +1,4 @@
-"""`slm-fusion router train`, `check` on routing sections, and `route-eval` (accuracy, confusion, cascade curve)."""
+"""`slm-fusion route-eval`: routing accuracy, confusion matrix, and the cascade quality-vs-cost curve."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from typer.testing import CliRunner
 from slm_fusion.cli import app
 from slm_fusion.routing.evaluate import cascade_curve
 
-LABELLED = Path(__file__).resolve().parents[1] / "examples" / "routing_labelled.jsonl"
 runner = CliRunner()
 
 
@@ -32,23 +31,6 @@ def _config(tmp_path: Path, url: str, extra: str) -> Path:
     p = tmp_path / "fusion.yaml"
     p.write_text(f"models:\n{models}\n{extra}")
     return p
-
-
-def test_router_train_cli_and_check(tmp_path, upstream):
-    out = tmp_path / "router.pkl"
-    r = runner.invoke(app, ["router", "train", "--data", str(LABELLED), "--out", str(out)])
-    assert r.exit_code == 0, r.output
-    assert out.exists() and "calibrated=True" in r.output and "retail" in r.output
-    good = _config(tmp_path, upstream.url, f"virtual_models:\n  learned: {{router: classifier, path: {out}}}\n")
-    r = runner.invoke(app, ["check", str(good)])
-    assert r.exit_code == 0 and "learned" in r.output and "config OK" in r.output, r.output
-    missing = _config(tmp_path, upstream.url, "virtual_models:\n  learned: {router: classifier, path: nope.pkl}\n")
-    r = runner.invoke(app, ["check", str(missing)])
-    assert r.exit_code == 2 and "router train" in r.output
-    empty = _config(tmp_path, upstream.url,
-                    "virtual_models:\n  s: {router: semantic, default: general, exemplars: {math: []}}\n")
-    r = runner.invoke(app, ["check", str(empty)])
-    assert r.exit_code == 2 and "empty exemplar set" in r.output
 
 
 def test_cascade_curve_replays_thresholds():

@@ -8,11 +8,13 @@ from pathlib import Path
 import joblib
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
 from slm_fusion.backends.base import Generation
+from slm_fusion.cli import app as cli_app
 from slm_fusion.config import FusionConfig
 from slm_fusion.routing import RoutingConfigError, RoutingRequest, build_routers, load_labelled
-from slm_fusion.routing.classifier import load_classifier, train_classifier
+from slm_fusion.routing.classifier import load_classifier
 from slm_fusion.routing.embeddings import get_embedder
 
 LABELLED = Path(__file__).resolve().parents[1] / "examples" / "routing_labelled.jsonl"
@@ -33,9 +35,17 @@ def embedder():
 
 @pytest.fixture(scope="session")
 def classifier_file(tmp_path_factory, embedder) -> Path:
+    """Trained once through the CLI (`slm-fusion router train`); the exemplar embeddings are already cached."""
     out = tmp_path_factory.mktemp("router") / "router.pkl"
-    train_classifier(load_labelled(LABELLED), out)
+    r = CliRunner().invoke(cli_app, ["router", "train", "--data", str(LABELLED), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "calibrated=True" in r.output and "retail" in r.output
     return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _warm_cache(embedder):
+    embedder.embed([row.prompt for row in load_labelled(LABELLED)])
 
 
 def _req(text: str) -> RoutingRequest:
@@ -140,3 +150,27 @@ def test_cascade_consults_classifier_before_generating(classifier_file):
     plan = vm.router.route(_req(PROMPTS["retail"]))
     asyncio.run(plan.execute(call))
     assert calls == ["retail"] and plan.path == ["retail"]
+
+
+def _config(tmp_path: Path, url: str, extra: str) -> Path:
+    models = "\n".join(
+        f"  - {{name: {n}, backend: openai, model: {n}, base_url: {url}/v1}}" for n in ("retail", "math", "general")
+    )
+    p = tmp_path / "fusion.yaml"
+    p.write_text(f"models:\n{models}\n{extra}")
+    return p
+
+
+def test_check_reports_routing_errors(tmp_path, classifier_file):
+    out = classifier_file
+    runner = CliRunner()
+    good = _config(tmp_path, "http://127.0.0.1:9", f"virtual_models:\n  learned: {{router: classifier, path: {out}}}\n")
+    r = runner.invoke(cli_app, ["check", str(good)])
+    assert r.exit_code == 0 and "learned" in r.output and "config OK" in r.output, r.output
+    missing = _config(tmp_path, "http://127.0.0.1:9", "virtual_models:\n  learned: {router: classifier, path: nope.pkl}\n")
+    r = runner.invoke(cli_app, ["check", str(missing)])
+    assert r.exit_code == 2 and "router train" in r.output
+    empty = _config(tmp_path, "http://127.0.0.1:9",
+                    "virtual_models:\n  s: {router: semantic, default: general, exemplars: {math: []}}\n")
+    r = runner.invoke(cli_app, ["check", str(empty)])
+    assert r.exit_code == 2 and "empty exemplar set" in r.output

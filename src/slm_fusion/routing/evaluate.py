@@ -353,6 +353,7 @@ def run_route_eval(config_path: str | Path, data: str | Path, out_dir: str | Pat
     virtual = build_routers(cfg)
     rows = load_labelled(data)
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"config": str(config_path), "data": str(data), "n_rows": len(rows), "routers": [],
                               "cascades": []}
     for name, vm in virtual.items():
