@@ -5,7 +5,7 @@ rationales (dataset teacher); built once and cached under bench-results/budget-s
 Eval set: retail-math held-out questions (`test` split: training templates, unseen questions).
 
 Measured side by side in one run, greedy unless noted:
-  plain           the controller switched off: generate until end of turn or max_new_tokens (256)
+  plain           the controller switched off: generate until end of turn or max_new_tokens (256; quick: 96)
   early stop      stop as soon as "The answer is X." is finished, no cap
   budget B        reasoning capped at B tokens; at the cap the reasoning is closed, "The answer is" appended and
                   `answer_tokens` more generated (budget forcing)
@@ -32,8 +32,10 @@ ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "bench-results" / "budget-student"
 console = Console()
 
-FULL = {"n_train": 300, "max_steps": 120, "n_test": 60, "budgets": [32, 48, 64, 96], "sc_questions": 40}
-QUICK = {"n_train": 40, "max_steps": 6, "n_test": 8, "budgets": [32, 64], "sc_questions": 4}
+# sized for a 2-core CPU box (about 20 min the first time, the student is cached afterwards)
+FULL = {"n_train": 240, "max_steps": 60, "n_test": 40, "budgets": [32, 48, 64, 96], "sc_questions": 20,
+        "max_new_tokens": 256}
+QUICK = {"n_train": 40, "max_steps": 6, "n_test": 8, "budgets": [32, 64], "sc_questions": 4, "max_new_tokens": 96}
 
 
 def student_config(size: dict):
@@ -98,7 +100,7 @@ def run(quick: bool = False) -> dict:
     common = {"forcing": True, "answer_tokens": cfg.budget.answer_tokens, "batch_size": 16, "name": str(model_dir)}
     controlled = Student((model, tokenizer), fmt="cot", **common)
     uncontrolled = Student((model, tokenizer), fmt="cot", **{**common, "forcing": False}, early_stop=False)
-    kw = {"max_new_tokens": 256, "progress": True, "data_name": "retail_math:test"}
+    kw = {"max_new_tokens": size["max_new_tokens"], "progress": True, "data_name": "retail_math:test"}
 
     plain = evaluate(uncontrolled, examples, **kw).points[0]
     swept = evaluate(controlled, examples, budgets=[None, *size["budgets"]], **kw).points

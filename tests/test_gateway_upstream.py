@@ -23,15 +23,17 @@ def upstream():
         yield served
 
 
-@pytest.fixture(scope="module")
-def gateway(upstream):
+@pytest.fixture(scope="module", params=["aiohttp", "httpx"])
+def gateway(upstream, request):
+    """Every test runs over both connection layers of the httpx client (httpx-aiohttp and httpcore)."""
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    t = {"transport": request.param}
     models = [
-        upstream_model("up", upstream.url),
-        upstream_model("up-500", upstream.url, "fail-500"),
-        upstream_model("up-reset", upstream.url, "reset"),
-        upstream_model("up-slow", upstream.url, "slow", timeout_s=0.5),
-        upstream_model("up-dead", dead),
+        upstream_model("up", upstream.url, **t),
+        upstream_model("up-500", upstream.url, "fail-500", **t),
+        upstream_model("up-reset", upstream.url, "reset", **t),
+        upstream_model("up-slow", upstream.url, "slow", timeout_s=0.5, **t),
+        upstream_model("up-dead", dead, **t),
     ]
     with serve_gateway({"models": models, "server": {"access_log": False}}) as served:
         yield served

@@ -270,3 +270,9 @@ def test_import_reasonlite_stays_light():
     code = "import sys, reasonlite; assert 'torch' not in sys.modules; print(reasonlite.Student.__name__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "Student"
+
+
+def test_controller_off_does_not_cut_after_the_answer(scripted):
+    student, _ = scripted({"Q?": ["The answer is 7. And then more talk."]}, early_stop=False)
+    sol = student.solve("Q?")
+    assert sol.text == "The answer is 7. And then more talk." and sol.answer == "7" and not sol.forced

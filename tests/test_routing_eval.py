@@ -18,7 +18,7 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def upstream():
-    app_, hits = make_upstream()
+    app_, _ = make_upstream()
     with serve(app_) as served:
         yield served
 

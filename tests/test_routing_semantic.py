@@ -119,6 +119,8 @@ def test_classifier_from_another_embedding_model_is_refused(classifier_file, tmp
     joblib.dump(bundle, other)
     with pytest.raises(RoutingConfigError, match="retrain"):
         _build({"c": {"type": "classifier", "path": str(other)}})
+    with pytest.raises(RoutingConfigError, match="trained on embedding model 'all-minilm-l6-v2'"):
+        _build({"c": {"type": "classifier", "path": str(classifier_file), "embedding": "all-minilm-l6-v2-int8"}})
     (tmp_path / "junk.pkl").write_bytes(b"not a pickle")
     with pytest.raises(RoutingConfigError, match="not a router classifier"):
         _build({"c": {"type": "classifier", "path": str(tmp_path / "junk.pkl")}})

@@ -103,6 +103,7 @@ def _eval_stage(cfg: ReasonLiteConfig, model_dir: Path, out: Path) -> dict:
                 summary.setdefault("budget_sweep", {})[split] = [
                     {"budget": p.budget, **p.metrics} for p in result.points]
         del student
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
     _write_run_report(cfg, summary, out)
     return summary
 
@@ -138,7 +139,7 @@ def run_pipeline(cfg: ReasonLiteConfig, force: tuple[str, ...] = ()) -> Pipeline
     from reasonlite.train import train_student
 
     traces_dir = _stage(cfg, "traces", force, result, lambda out: build_trace_set(cfg, out))
-    train_dir = _stage(cfg, "train", force, result, lambda out: train_student(cfg, traces_dir, out))
+    train_dir = _stage(cfg, "train", force, result, lambda out: train_student(cfg, traces_dir, out, resume=True))
     eval_dir = _stage(cfg, "eval", force, result, lambda out: _eval_stage(cfg, train_dir / "model", out))
     result.metrics = json.loads((eval_dir / "summary.json").read_text())
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Literal
@@ -104,15 +105,40 @@ def open_study(cfg: ReasonLiteConfig, storage: str | None = None):
     folder.mkdir(parents=True, exist_ok=True)
     url = storage or cfg.tune.storage or f"sqlite:///{(folder / 'study.db').resolve()}"
     heartbeat = int(os.environ.get("REASONLITE_TUNE_HEARTBEAT_S", "30"))
-    rdb = optuna.storages.RDBStorage(
-        url, heartbeat_interval=heartbeat, grace_period=heartbeat * 2,
-        # A trial that died with its worker is marked FAILED and run again by the next worker.
-        failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1),
-        engine_kwargs={"pool_pre_ping": True} if url.startswith("postgresql") else {},
-    )
+    rdb = _rdb_storage(url, heartbeat)
     directions = ["maximize" if o == "accuracy" else "minimize" for o in cfg.tune.objectives]
-    return optuna.create_study(study_name=cfg.tune.study_name, storage=rdb, directions=directions,
-                               sampler=_sampler(cfg.tune.sampler, cfg.train.seed), load_if_exists=True)
+    # Workers sharing a remote study each get their own sampler seed, or two workers started together would
+    # propose the same first parameters; the embedded SQLite study keeps the config's seed (reproducible).
+    seed = cfg.train.seed if url.startswith("sqlite") else cfg.train.seed + os.getpid()
+    for attempt in range(5):
+        try:
+            return optuna.create_study(study_name=cfg.tune.study_name, storage=rdb, directions=directions,
+                                       sampler=_sampler(cfg.tune.sampler, seed), load_if_exists=True)
+        except optuna.exceptions.DuplicatedStudyError:  # another worker created it between check and insert
+            time.sleep(0.5 * (attempt + 1))
+    raise RuntimeError(f"tune: could not create or load study '{cfg.tune.study_name}' in {url}")
+
+
+def _rdb_storage(url: str, heartbeat: int):
+    """RDBStorage with heartbeats; retried because workers started together race on creating the tables."""
+    import optuna
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+
+    for attempt in range(6):
+        try:
+            return optuna.storages.RDBStorage(
+                url, heartbeat_interval=heartbeat, grace_period=heartbeat * 2,
+                # A trial that died with its worker is marked FAILED and run again by the next worker.
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
+                engine_kwargs={"pool_pre_ping": True} if url.startswith("postgresql") else {},
+            )
+        except (IntegrityError, ProgrammingError) as exc:  # CREATE TABLE raced with another worker's
+            last = exc
+            time.sleep(0.5 * (attempt + 1))
+        except OperationalError as exc:
+            raise RuntimeError(f"--storage {url}: cannot connect ({exc.orig}); check host, port, user and that "
+                               "the database exists") from exc
+    raise last
 
 
 def _objective_values(cfg: ReasonLiteConfig, metrics: dict) -> list[float]:

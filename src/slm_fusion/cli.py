@@ -55,6 +55,7 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     log_level: Annotated[str, typer.Option(help="debug | info | warning | error")] = "info",
     graceful_timeout: Annotated[float, typer.Option(help="Seconds in-flight requests get to finish on shutdown.")] = 30.0,
+    keep_alive: Annotated[int, typer.Option(help="Idle keep-alive seconds; above clients' pool expiry (httpx: 5).")] = 75,
 ) -> None:
     """Serve the OpenAI-compatible gateway (Ctrl-C stops it after in-flight requests finish)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -66,7 +67,7 @@ def serve(
     cfg = _load(config)
     configure_logging(log_level)
     uvicorn.run(create_app(cfg), host=host, port=port, log_level=log_level, access_log=False,
-                timeout_graceful_shutdown=graceful_timeout)
+                timeout_graceful_shutdown=graceful_timeout, timeout_keep_alive=keep_alive)
 
 
 def _register_merge_commands() -> None:

@@ -70,6 +70,9 @@ class OpenAIModel(ModelBase):
     connect_timeout_s: float = Field(5.0, gt=0)
     max_connections: int = Field(256, ge=1)
     max_keepalive_connections: int = Field(64, ge=0)
+    transport: Literal["aiohttp", "httpx"] = Field(
+        "aiohttp", description="Connection layer under the httpx client: aiohttp (httpx-aiohttp, faster) or httpcore."
+    )
     keepalive_expiry_s: float = Field(
         4.0, gt=0, description="Drop idle upstream connections before the upstream does (uvicorn: 5 s)."
     )

@@ -113,6 +113,9 @@ def run_dpo(cfg: ReasonLiteConfig, model, tokenizer, pairs: list[Any], out_dir) 
     # from the config path, which is the pre-SFT model, so hand it a frozen copy of the SFT student instead.
     ref_model = None if is_peft else copy.deepcopy(model).eval()
     progress = RichProgress("contrastive")
+    import datasets
+
+    datasets.disable_progress_bars()
     trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(rows),
                          processing_class=tokenizer, callbacks=[progress])
     trainer.remove_callback(PrinterCallback)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -224,6 +225,7 @@ def run_sft(cfg: ReasonLiteConfig, model, tokenizer, dataset, ckpt_dir: Path, re
     )
     progress = RichProgress("sft")
     collator = WeightedCollator(pad_token_id=tokenizer.pad_token_id)
+    datasets.disable_progress_bars()  # TRL's dataset preparation bars would interleave with ours
     trainer = WeightedSFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                                  data_collator=collator, callbacks=[progress, *(callbacks or [])],
                                  weighted=weighted)

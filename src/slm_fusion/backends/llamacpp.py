@@ -87,7 +87,8 @@ class LlamaCppBackend:
         return prompt, prompt_tokens, min(req.max_tokens, room)
 
     def _kwargs(self, req: GenerationRequest, max_tokens: int, choice: int) -> dict[str, Any]:
-        kw: dict[str, Any] = {"max_tokens": max_tokens, "temperature": req.temperature, "top_p": req.top_p,
+        temperature = req.temperature if req.temperature >= 1e-4 else 0.0  # near-zero: greedy, as transformers'
+        kw: dict[str, Any] = {"max_tokens": max_tokens, "temperature": temperature, "top_p": req.top_p,
                               "stop": req.stop or None}
         if req.seed is not None:
             kw["seed"] = (req.seed + choice) % (1 << 32)  # llama.cpp seeds are uint32

@@ -238,8 +238,8 @@ class TransformersBackend:
         next_ids = logits.argmax(dim=-1)
         for b, r in enumerate(rows):
             temperature, top_p = r.job.req.temperature, r.job.req.top_p
-            if temperature <= 0:
-                continue  # greedy
+            if temperature < 1e-4:
+                continue  # greedy: dividing by a near-zero temperature would overflow to inf
             scores = logits[b] / temperature
             if top_p < 1.0:
                 sorted_scores, order = scores.sort(descending=True)
@@ -250,6 +250,8 @@ class TransformersBackend:
                 sorted_scores[cut] = float("-inf")
                 scores = torch.full_like(scores, float("-inf")).scatter(0, order, sorted_scores)
             probs = scores.softmax(-1)
+            if not bool(torch.isfinite(probs).all()):
+                continue  # numerically degenerate distribution: fall back to the greedy token
             next_ids[b] = torch.multinomial(probs, 1, generator=r.generator)[0]
         return next_ids
 

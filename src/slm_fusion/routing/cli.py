@@ -48,7 +48,8 @@ def route_eval(
     out: Annotated[Path, typer.Option(help="Output folder for route_eval.json/.md and the PNG curve.")] = Path(
         "route-eval"),
     only: Annotated[list[str] | None, typer.Option(help="Evaluate only these virtual models.")] = None,
-    max_answerable: Annotated[int | None, typer.Option(help="Cap rows with answers used for cascades.")] = None,
+    max_answerable: Annotated[int, typer.Option(
+        help="Rows with a gold answer used for each cascade (each costs real generations).")] = 20,
 ) -> None:
     """Routing accuracy, confusion matrix, decision latency; quality vs cost curve for cascades."""
     from slm_fusion.config import ConfigError

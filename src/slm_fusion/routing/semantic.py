@@ -5,7 +5,7 @@ routers:
   topic:
     type: semantic
     default: general              # below `threshold` similarity nobody is a specialist
-    method: knn                   # knn (k nearest exemplars vote, weighted by similarity) | centroid
+    method: knn                   # knn (mean similarity of each specialist's k nearest exemplars) | centroid
     k: 5
     threshold: 0.35
     exemplars:
@@ -61,7 +61,7 @@ class SemanticRouter(RouterBase):
         )
         exemplars_file: str | None = Field(None, description="Labelled JSONL with `prompt` and `model` per row.")
         method: Literal["knn", "centroid"] = "knn"
-        k: int = Field(5, ge=1, description="Neighbours that vote (knn).")
+        k: int = Field(5, ge=1, description="Nearest exemplars per specialist averaged (knn).")
         threshold: float = Field(0.35, ge=-1.0, le=1.0, description="Minimum cosine similarity to pick a specialist.")
         embedding: str = Field(DEFAULT_EMBEDDING, description="Embedding model (see routing.embeddings).")
         labels: dict[str, str] = Field(
@@ -95,7 +95,8 @@ class SemanticRouter(RouterBase):
         texts = [p for m in self.labels for p in by_model[m]]
         self.owner = np.array([i for i, m in enumerate(self.labels) for _ in by_model[m]])
         self.vectors = self.embedder.embed(texts)
-        centroids = np.stack([self.vectors[self.owner == i].mean(0) for i in range(len(self.labels))])
+        self.members = [np.flatnonzero(self.owner == i) for i in range(len(self.labels))]
+        centroids = np.stack([self.vectors[m].mean(0) for m in self.members])
         self.centroids = centroids / np.linalg.norm(centroids, axis=1, keepdims=True)
 
     def targets(self) -> set[str]:
@@ -107,14 +108,16 @@ class SemanticRouter(RouterBase):
             sims = self.centroids @ vector
             best = int(np.argmax(sims))
             return best, float(sims[best]), "centroid"
+        # Per specialist, the mean similarity of its k nearest exemplars: unlike a plain k-NN vote this does not
+        # favour the specialist with the most exemplars.
         sims = self.vectors @ vector
-        k = min(self.cfg.k, len(sims))
-        top = np.argpartition(-sims, k - 1)[:k]
-        weight = np.zeros(len(self.labels))
-        np.add.at(weight, self.owner[top], sims[top])
-        best = int(np.argmax(weight))
-        mine = top[self.owner[top] == best]
-        return best, float(sims[mine].max()), f"knn {len(mine)}/{k}"
+        scores = np.empty(len(self.labels))
+        for i, members in enumerate(self.members):
+            own = sims[members]
+            k = min(self.cfg.k, len(own))
+            scores[i] = np.partition(own, len(own) - k)[-k:].mean()
+        best = int(np.argmax(scores))
+        return best, float(scores[best]), f"knn top-{self.cfg.k} mean"
 
     def route(self, request: RoutingRequest) -> RouteDecision:
         best, score, how = self.scores(self.embedder.embed_one(request.text))
