@@ -15,7 +15,7 @@ from reasonlite.data.retail_math import retail_math_splits
 from reasonlite.pipeline import run_pipeline
 
 sys.path.insert(0, str(Path(__file__).parent))
-from teacher_server import ServerState, ThreadedServer  # noqa: E402
+from teacher_server import ServerState, ThreadedServer
 
 
 def _config(tmp_path: Path, base_url: str, **train):

@@ -17,7 +17,7 @@ from reasonlite.config import build_config, load_config
 from reasonlite.tune import load_space, open_study, run_study, tune_command
 
 sys.path.insert(0, str(Path(__file__).parent))
-from pg_server import PostgresServer, find_pg_bin  # noqa: E402
+from pg_server import PostgresServer, find_pg_bin
 
 TINY = {
     "name": "tiny",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -19,7 +18,7 @@ console = Console()
 SetOption = typer.Option(None, "--set", "-s", help="override a knob: section.field=value (repeatable)")
 
 
-def _load(config: Optional[Path], overrides: Optional[list[str]]) -> ReasonLiteConfig:
+def _load(config: Path | None, overrides: list[str] | None) -> ReasonLiteConfig:
     try:
         return load_config(config, dict(parse_override(o) for o in overrides or []))
     except ConfigError as e:
@@ -32,7 +31,7 @@ def _run_dir(cfg: ReasonLiteConfig) -> Path:
 
 
 @config_app.command("show")
-def config_show(config: Optional[Path] = typer.Argument(None), set: Optional[list[str]] = SetOption) -> None:
+def config_show(config: Path | None = typer.Argument(None), set: list[str] | None = SetOption) -> None:
     """Print the resolved config (YAML) with every default filled in."""
     console.print(dump_config(_load(config, set)), highlight=False, markup=False)
 
@@ -46,8 +45,8 @@ def config_schema() -> None:
 
 
 @app.command()
-def traces(config: Optional[Path] = typer.Argument(None), out: Optional[Path] = typer.Option(None, help="trace-set folder"),
-           set: Optional[list[str]] = SetOption) -> None:
+def traces(config: Path | None = typer.Argument(None), out: Path | None = typer.Option(None, help="trace-set folder"),
+           set: list[str] | None = SetOption) -> None:
     """Ask the teacher, verify, vote and write a trace-set folder."""
     from reasonlite.teachers import TeacherError
     from reasonlite.traces import build_trace_set
@@ -62,11 +61,11 @@ def traces(config: Optional[Path] = typer.Argument(None), out: Optional[Path] = 
 
 
 @app.command()
-def train(config: Optional[Path] = typer.Argument(None), traces_dir: Optional[Path] = typer.Option(None, "--traces"),
-          out: Optional[Path] = typer.Option(None, help="training output folder"),
+def train(config: Path | None = typer.Argument(None), traces_dir: Path | None = typer.Option(None, "--traces"),
+          out: Path | None = typer.Option(None, help="training output folder"),
           resume: bool = typer.Option(False, help="continue from the last checkpoint"),
           adapter_only: bool = typer.Option(False, help="export the LoRA adapter instead of a merged model"),
-          set: Optional[list[str]] = SetOption) -> None:
+          set: list[str] | None = SetOption) -> None:
     """Train the student on a trace set (SFT, then the optional contrastive stage) and export it."""
     from reasonlite.train import train_student
 
@@ -77,14 +76,14 @@ def train(config: Optional[Path] = typer.Argument(None), traces_dir: Optional[Pa
 
 @app.command("eval")
 def eval_cmd(target: str = typer.Argument(..., help="a config YAML (evaluates its run's model) or a model alias/folder"),
-             data: Optional[str] = typer.Option(None, help="retail_math, gsm8k, or a .jsonl/.csv file"),
-             fmt: Optional[str] = typer.Option(None, "--format",
+             data: str | None = typer.Option(None, help="retail_math, gsm8k, or a .jsonl/.csv file"),
+             fmt: str | None = typer.Option(None, "--format",
                                                help="student format (default: the model's reasonlite.json, else cot)"),
-             budgets: Optional[str] = typer.Option(None, help="comma-separated inference caps, e.g. 32,64,128"),
+             budgets: str | None = typer.Option(None, help="comma-separated inference caps, e.g. 32,64,128"),
              n: int = typer.Option(1, help="self-consistency samples"),
-             limit: Optional[int] = typer.Option(None, help="evaluate at most N questions"),
-             out: Optional[Path] = typer.Option(None, help="report folder"),
-             set: Optional[list[str]] = SetOption) -> None:
+             limit: int | None = typer.Option(None, help="evaluate at most N questions"),
+             out: Path | None = typer.Option(None, help="report folder"),
+             set: list[str] | None = SetOption) -> None:
     """Evaluate a student: accuracy, tokens, latency, exec errors; JSON + Markdown report + PNG."""
     from reasonlite.evaluate import eval_command
 
@@ -108,8 +107,8 @@ def compare(runs: list[Path] = typer.Argument(..., help="eval result folders or 
 
 
 @app.command()
-def run(config: Optional[Path] = typer.Argument(None), force: Optional[list[str]] = typer.Option(None, help="rerun a stage: traces|train|eval"),
-        set: Optional[list[str]] = SetOption) -> None:
+def run(config: Path | None = typer.Argument(None), force: list[str] | None = typer.Option(None, help="rerun a stage: traces|train|eval"),
+        set: list[str] | None = SetOption) -> None:
     """traces -> train -> eval -> export in one run folder; unchanged stages are reused."""
     from reasonlite.pipeline import run_pipeline
 
@@ -118,11 +117,11 @@ def run(config: Optional[Path] = typer.Argument(None), force: Optional[list[str]
 
 
 @app.command()
-def tune(config: Optional[Path] = typer.Argument(None), space: Path = typer.Option(..., help="search space YAML"),
+def tune(config: Path | None = typer.Argument(None), space: Path = typer.Option(..., help="search space YAML"),
          trials: int = typer.Option(10, help="trials for this worker"),
-         storage: Optional[str] = typer.Option(None, help="Optuna storage URL (default SQLite in the run folder)"),
-         pick: Optional[str] = typer.Option(None, help="accuracy|tokens|knee"),
-         set: Optional[list[str]] = SetOption) -> None:
+         storage: str | None = typer.Option(None, help="Optuna storage URL (default SQLite in the run folder)"),
+         pick: str | None = typer.Option(None, help="accuracy|tokens|knee"),
+         set: list[str] | None = SetOption) -> None:
     """Optuna search over dotted config paths; writes the Pareto front and best.yaml."""
     from reasonlite.tune import tune_command
 
@@ -131,7 +130,7 @@ def tune(config: Optional[Path] = typer.Argument(None), space: Path = typer.Opti
 
 
 @app.command()
-def demo(set: Optional[list[str]] = SetOption) -> None:
+def demo(set: list[str] | None = SetOption) -> None:
     """The quickstart: retail-math, dataset teacher, SmolLM2 student with PAL and the budget controller."""
     from reasonlite.pipeline import run_demo
 

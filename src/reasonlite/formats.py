@@ -73,7 +73,7 @@ def build_target(fmt: Format, *, answer: str, rationale: str | None = None, prog
 
 def extract_program(text: str) -> str:
     """The program part of a PAL completion (fenced or bare), from `def solution` on."""
-    fenced = re.search(r"```(?:python|py)?\s*\n(.*?)(?:```|$)", text, re.S)
+    fenced = re.search(r"```(?:python|py)?\s*\n(.*?)(?:```|$)", text, re.DOTALL)
     code = fenced.group(1) if fenced else text
     start = code.find("def solution")
     return (code[start:] if start >= 0 else code).strip()

@@ -160,8 +160,10 @@ def _write_serve_config(run_dir: Path, model_dir: Path, cfg: ReasonLiteConfig) -
     name = cfg.name
     serve = {
         "models": [{"name": name, "backend": "transformers", "model": str(model_dir.resolve()),
-                    "reasoning": {"format": cfg.student.format, "pal": cfg.student.format == "pal",
-                                  "reasoning_budget": cfg.budget.inference_cap}}],
+                    # the prompt is rewritten into the student's training prompt; step_by_step answers with [label]
+                    "reasoning": {"format": "answer" if cfg.student.format == "step_by_step" else cfg.student.format,
+                                  "student_prompt": True, "reasoning_budget": cfg.budget.inference_cap,
+                                  "answer_tokens": cfg.budget.answer_tokens}}],
     }
     path = run_dir / "serve.yaml"
     path.write_text(yaml.safe_dump(serve, sort_keys=False))

@@ -729,8 +729,13 @@ async def _complete(gw: Gateway, body: Any, request: Request, *, chat: bool) -> 
     prompt_tokens = gens[0].prompt_tokens if gens else 0
     completion_tokens = sum(g.completion_tokens for g in gens)
     gw.metrics.observe_tokens(handle.name, prompt_tokens, completion_tokens)
+    details = None
+    if any(g.reasoning is not None for g in gens):
+        from slm_fusion.reasoning import usage_details
+
+        details = usage_details(gens)
     usage = P.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                    total_tokens=prompt_tokens + completion_tokens)
+                    total_tokens=prompt_tokens + completion_tokens, completion_tokens_details=details)
     fingerprint = f"fusion-{handle.config.backend}"
     if chat:
         resp: Any = P.ChatCompletionResponse(
@@ -747,6 +752,12 @@ async def _complete(gw: Gateway, body: Any, request: Request, *, chat: bool) -> 
         )
     # Routing extras (e.g. output fusion's `slm_fusion: {agreement, votes}`) ride along as extra response fields.
     extra = {k: v for k, v in (getattr(decision, "extra", None) or {}).items() if not k.startswith("_")}
+    if details is not None:  # the reasoning layer's per-choice result (answer, program, agreement, ...)
+        data = resp.model_dump(mode="json")
+        for choice, g in zip(data["choices"], gens):
+            if g.reasoning is not None:
+                choice["slm_fusion"] = g.reasoning
+        return _json({**data, **extra}, headers=headers)
     if extra:
         return _json({**resp.model_dump(mode="json"), **extra}, headers=headers)
     return _model_json(resp, headers)

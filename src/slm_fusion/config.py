@@ -27,6 +27,29 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class ReasoningDefaults(_Strict):
+    """Per-model defaults of the reasoning layer (`slm_fusion.reasoning`); request extras override them."""
+
+    format: Literal["cot", "pal", "answer"] = Field(
+        "cot", description="What the model writes: cot ends with 'The answer is X.', pal a solution() program."
+    )
+    reasoning_budget: int | None = Field(
+        None, ge=1, description="Default cap on reasoning tokens (budget forcing past it); null = max_tokens."
+    )
+    pal: bool = Field(False, description="Always execute the model's program and answer with its result.")
+    vote: bool = Field(False, description="Always self-consistency: sample `samples` answers and return the majority.")
+    samples: int = Field(5, ge=2, le=64, description="Samples drawn for `vote` when the request's n is 1.")
+    vote_temperature: float = Field(0.7, gt=0, le=2.0, description="Sampling temperature for voting when unset.")
+    answer_tokens: int = Field(16, ge=1, le=256, description="Tokens allowed for the forced answer after the cap.")
+    student_prompt: bool = Field(
+        False, description="Rewrite the last user message into the prompt reasonlite trained the student on."
+    )
+
+    def active(self) -> bool:
+        return self.reasoning_budget is not None or self.pal or self.vote or self.format == "pal" \
+            or self.student_prompt
+
+
 class ModelBase(_Strict):
     name: str = Field(..., min_length=1, description="Name clients pass as `model`.")
     model: str = Field(..., min_length=1, description="Path or alias of the weights (upstream model name for openai).")
@@ -37,8 +60,8 @@ class ModelBase(_Strict):
     replicas: int = Field(1, ge=1, description="Independent backend instances; a request goes to the least busy.")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when the request gives none.")
     max_output_tokens: int | None = Field(None, ge=1, description="Largest max_tokens accepted (400 above it).")
-    reasoning: dict[str, Any] = Field(
-        default_factory=dict, description="Reasoning defaults for this model (read by slm_fusion.reasoning)."
+    reasoning: ReasoningDefaults = Field(
+        default_factory=ReasoningDefaults, description="Reasoning-layer defaults (budget, pal, vote) for this model."
     )
 
 

@@ -113,6 +113,16 @@ class Usage(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    completion_tokens_details: dict[str, int] | None = Field(
+        None, description="Reasoning layer only: completion tokens split into reasoning_tokens and answer_tokens."
+    )
+
+    @model_serializer(mode="wrap")
+    def _omit_details(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("completion_tokens_details") is None:
+            data.pop("completion_tokens_details", None)
+        return data
 
 
 class AssistantMessage(BaseModel):

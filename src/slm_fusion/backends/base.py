@@ -43,6 +43,11 @@ class Generation:
     finish_reason: str  # "stop" | "length"
     prompt_tokens: int
     completion_tokens: int
+    # Set by the reasoning layer (slm_fusion.reasoning) only; the cascade router reads the last three.
+    reasoning: dict[str, Any] | None = None  # answer, status, program, votes, reasoning/answer tokens ...
+    agreement: float | None = None  # self-consistency agreement ratio
+    exec_error: str | None = None  # the PAL program failed in the sandbox
+    forced_without_answer: bool = False  # budget forcing still produced no answer
 
 
 @dataclass

@@ -1,0 +1,233 @@
+"""The reasoning layer: trace budget with budget forcing, program execution (PAL) and self-consistency voting,
+applied to any backend through the gateway's `execute` seam, built on `reasonlite`'s primitives.
+
+Per request (the SDK's `extra_body`), overriding the model's `reasoning:` defaults in the gateway config:
+  reasoning_budget: N   reasoning is capped at N tokens; a completion that hits the cap without an answer gets its
+                        reasoning closed and the answer cue appended ("The answer is" / "    return "), then at most
+                        `answer_tokens` more are generated (budget forcing: always an answer, bounded cost);
+  pal: true             the completion is a `solution()` program: it runs in reasonlite's sandbox and the choice's
+                        content is its result; the program is returned in `choices[i].slm_fusion.program`;
+  vote: true            self-consistency: `n` samples (the model's `samples` when n is 1) vote on the extracted or
+                        executed answer; ONE choice comes back, with `slm_fusion.agreement` and `slm_fusion.votes`.
+Usage counts every generated token (all samples, the forced answers) and splits them in
+`usage.completion_tokens_details` into `reasoning_tokens` and `answer_tokens`.
+
+Budget forcing needs a raw continuation of the chat-formatted prompt (`backend.format_chat`): transformers and
+llama.cpp backends have it. An OpenAI-compatible upstream does not expose its template; there the forced answer is
+asked for as a continuation of the assistant message (`continue_final_message`, which vLLM understands).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+from reasonlite.answers import extract_answer, normalize_answer
+from reasonlite.formats import ANSWER_CUE, build_messages, extract_program
+from reasonlite.infer import answer_end, answer_start, force_answer, read_student_meta
+from reasonlite.vote import majority_vote
+from slm_fusion.backends.base import Backend, Generation, GenerationRequest
+from slm_fusion.config import FusionConfig, ModelBase, ReasoningDefaults
+from slm_fusion.errors import InvalidRequest
+
+
+@dataclass
+class _Plan:
+    """What one request asks of the layer, after merging request extras over the model's defaults."""
+
+    fmt: str  # cot | pal | answer
+    budget: int | None
+    vote: bool
+    samples: int
+    temperature: float
+    answer_tokens: int
+
+
+@dataclass
+class _Sample:
+    text: str
+    reasoning_tokens: int
+    answer_tokens: int
+    forced: bool
+    prompt_tokens: int
+    program: str | None = None
+    answer: str | None = None
+    status: str = "ok"  # ok | budget_forced | exec_error | no_answer
+    error: str | None = None
+
+
+class ReasoningLayer:
+    def __init__(self, config: FusionConfig | None = None) -> None:
+        self.config = config
+        self._student_meta: dict[str, dict] = {}
+
+    # -- the seam ---------------------------------------------------------------------------------------------------
+
+    def applies(self, request: Any, model_cfg: ModelBase) -> bool:
+        asked = getattr(request, "reasoning_budget", None) is not None or bool(getattr(request, "pal", None)) \
+            or bool(getattr(request, "vote", None))
+        return asked or model_cfg.reasoning.active()
+
+    async def generate(self, backend: Backend, gen: GenerationRequest, request: Any,
+                       model_cfg: ModelBase) -> list[Generation]:
+        defaults = model_cfg.reasoning
+        plan = self._plan(gen, request, defaults)
+        messages = self._messages(gen, plan, defaults, model_cfg)
+        floor = backend.count_tokens(ANSWER_CUE) + 1
+        if plan.budget is not None and plan.budget < floor:
+            raise InvalidRequest(f"reasoning_budget={plan.budget} is below {floor} tokens: the forced answer cue "
+                                 f"'{ANSWER_CUE}' alone takes {floor - 1}; pass at least {floor}",
+                                 param="reasoning_budget")
+        if plan.vote:
+            samples = await self._sample(backend, gen, messages, plan, plan.samples)
+            return [self._voted(samples)]
+        samples = await self._sample(backend, gen, messages, plan, gen.n)
+        return [self._single(s) for s in samples]
+
+    # -- planning -----------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _plan(gen: GenerationRequest, request: Any, d: ReasoningDefaults) -> _Plan:
+        budget = getattr(request, "reasoning_budget", None)
+        budget = d.reasoning_budget if budget is None else budget
+        pal = getattr(request, "pal", None)
+        fmt = "pal" if (pal if pal is not None else (d.pal or d.format == "pal")) else \
+            ("cot" if d.format == "pal" else d.format)
+        vote = getattr(request, "vote", None)
+        vote = d.vote if vote is None else bool(vote)
+        samples = gen.n if gen.n > 1 else d.samples
+        asked_temperature = getattr(request, "temperature", None)
+        temperature = gen.temperature if not vote or asked_temperature is not None else d.vote_temperature
+        if budget is not None and budget + d.answer_tokens > gen.max_tokens:
+            budget = max(1, gen.max_tokens - d.answer_tokens)  # max_tokens stays the hard ceiling per sample
+        return _Plan(fmt, budget, vote, samples, temperature, d.answer_tokens)
+
+    def _messages(self, gen: GenerationRequest, plan: _Plan, d: ReasoningDefaults,
+                  model_cfg: ModelBase) -> list[dict] | None:
+        if gen.messages is None or not d.student_prompt:
+            return gen.messages
+        # A reasonlite student answers best when asked exactly as it was trained: its own instruction (and the
+        # budget line when it was trained budget-conditioned), read from the exported folder's reasonlite.json.
+        meta = self._student_meta.setdefault(model_cfg.model, read_student_meta(model_cfg.model)
+                                             if _is_dir(model_cfg.model) else {})
+        question = next((m["content"] for m in reversed(gen.messages) if m["role"] == "user"), None)
+        if question is None:
+            raise InvalidRequest("this model answers a question: send at least one user message", param="messages")
+        fmt = meta.get("format") or plan.fmt
+        budget = plan.budget if meta.get("budget_conditioned") else None
+        return build_messages(question, fmt, budget=budget)
+
+    # -- sampling with budget forcing -----------------------------------------------------------------------------
+
+    async def _sample(self, backend: Backend, gen: GenerationRequest, messages: list[dict] | None, plan: _Plan,
+                      n: int) -> list[_Sample]:
+        try:
+            base = backend.format_chat(messages) if messages is not None else gen.prompt
+        except NotImplementedError:
+            base = None  # upstream model: chat requests, forcing as a continued assistant message
+        cap = plan.budget if plan.budget is not None else gen.max_tokens
+        first = GenerationRequest(
+            messages=messages if base is None else None, prompt=base, max_tokens=cap, temperature=plan.temperature,
+            top_p=gen.top_p, n=n, stop=list(gen.stop), seed=gen.seed, extra=dict(gen.extra))
+        samples: list[_Sample] = []
+        for g in await backend.generate(first):
+            end = answer_end(g.text, plan.fmt)
+            if end is not None or g.finish_reason != "length":
+                text = g.text[:end] if end is not None else g.text
+                start = answer_start(text, plan.fmt)
+                answer_tokens = min(backend.count_tokens(text[start:]), g.completion_tokens) if start is not None else 0
+                samples.append(_Sample(text, g.completion_tokens - answer_tokens, answer_tokens, False,
+                                       g.prompt_tokens))
+            else:
+                samples.append(_Sample(g.text, g.completion_tokens, 0, True, g.prompt_tokens))
+        forced = [s for s in samples if s.forced]
+        await asyncio.gather(*(self._force(backend, gen, messages, base, plan, s) for s in forced))
+        await asyncio.to_thread(self._extract, samples, plan.fmt)
+        return samples
+
+    @staticmethod
+    async def _force(backend: Backend, gen: GenerationRequest, messages: list[dict] | None, base: str | None,
+                     plan: _Plan, s: _Sample) -> None:
+        prefix = force_answer(s.text, plan.fmt)
+        common = {"max_tokens": plan.answer_tokens, "temperature": plan.temperature, "top_p": gen.top_p, "n": 1,
+                  "stop": ["\n"], "seed": gen.seed}
+        if base is not None:
+            req = GenerationRequest(prompt=base + prefix, extra=dict(gen.extra), **common)
+        else:
+            req = GenerationRequest(
+                messages=[*(messages or []), {"role": "assistant", "content": prefix}],
+                extra={**gen.extra, "continue_final_message": True, "add_generation_prompt": False}, **common)
+        g = (await backend.generate(req))[0]
+        text = prefix + g.text
+        end = answer_end(text, plan.fmt) if plan.fmt != "pal" else None
+        s.text, s.answer_tokens = (text[:end] if end is not None else text), g.completion_tokens
+
+    @staticmethod
+    def _extract(samples: list[_Sample], fmt: str) -> None:
+        """Answers: pal programs run in reasonlite's sandbox (an error is a status), other formats are read."""
+        if fmt == "pal":
+            from reasonlite.sandbox import execute_many
+
+            for s in samples:
+                s.program = extract_program(s.text)
+            for s, result in zip(samples, execute_many([s.program for s in samples])):
+                if result.ok and result.value is not None:
+                    s.answer = normalize_answer(str(result.value))
+                elif not result.ok:
+                    s.status, s.error = "exec_error", f"{result.error}: {result.message}"
+        else:
+            for s in samples:
+                s.answer = extract_answer(s.text)
+        for s in samples:
+            if s.status == "ok":
+                s.status = "no_answer" if s.answer is None else "budget_forced" if s.forced else "ok"
+
+    # -- results ------------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _content(s: _Sample) -> str:
+        # PAL answers with the program's result; a failed program shows what the model wrote instead.
+        return s.answer if s.program is not None and s.answer is not None else s.text
+
+    def _single(self, s: _Sample) -> Generation:
+        info = {"answer": s.answer, "status": s.status, "forced": s.forced, "program": s.program,
+                "error": s.error, "reasoning_tokens": s.reasoning_tokens, "answer_tokens": s.answer_tokens}
+        return Generation(text=self._content(s), finish_reason="stop", prompt_tokens=s.prompt_tokens,
+                          completion_tokens=s.reasoning_tokens + s.answer_tokens,
+                          reasoning={k: v for k, v in info.items() if v is not None}, exec_error=s.error,
+                          forced_without_answer=s.forced and s.answer is None)
+
+    def _voted(self, samples: list[_Sample]) -> Generation:
+        vote = majority_vote([s.answer for s in samples])
+        shown = next((s for s in samples if s.answer is not None and normalize_answer(s.answer) == vote.answer),
+                     samples[0])
+        g = self._single(shown)
+        reasoning = sum(s.reasoning_tokens for s in samples)
+        answer = sum(s.answer_tokens for s in samples)
+        g.completion_tokens = reasoning + answer
+        g.agreement = vote.agreement
+        g.reasoning.update(answer=vote.answer, agreement=round(vote.agreement, 4), votes=vote.counts,
+                           samples=len(samples), reasoning_tokens=reasoning, answer_tokens=answer)
+        if vote.answer is None:
+            g.reasoning.pop("answer", None)
+        return g
+
+
+def _is_dir(path: str) -> bool:
+    from pathlib import Path
+
+    return Path(path).is_dir()
+
+
+def make_reasoning_layer(config: FusionConfig) -> ReasoningLayer:
+    return ReasoningLayer(config)
+
+
+def usage_details(gens: list[Generation]) -> dict[str, int] | None:
+    """`usage.completion_tokens_details` for a response whose choices went through the layer (None otherwise)."""
+    infos = [g.reasoning for g in gens if g.reasoning is not None]
+    if not infos:
+        return None
+    return {"reasoning_tokens": sum(i.get("reasoning_tokens", 0) for i in infos),
+            "answer_tokens": sum(i.get("answer_tokens", 0) for i in infos)}
