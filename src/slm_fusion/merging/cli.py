@@ -86,7 +86,27 @@ def merge_lora(
         console.print(f"adapter written to {result}")
 
 
+def merge_eval(
+    config: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="the merge YAML, with models[i].eval")],
+    merged: Annotated[Path, typer.Argument(help="the merged model folder `slm-fusion merge` wrote")],
+    out: Annotated[Path | None, typer.Option(help="report folder (default MERGED/merge_eval)")] = None,
+    limit: Annotated[int | None, typer.Option(help="questions per task split (overrides eval.limit)")] = None,
+    base: Annotated[bool, typer.Option("--base", help="also score the base model on every task")] = False,
+    batch_size: Annotated[int, typer.Option(help="questions generated together")] = 16,
+) -> None:
+    """Score the merged model and each specialist on each specialist's task set: one table."""
+    from slm_fusion.merging.config import MergeConfigError, load_merge_config
+    from slm_fusion.merging.evaluate import merge_eval as run
+
+    try:
+        run(load_merge_config(config), merged, out_dir=out, limit=limit, with_base=base, batch_size=batch_size)
+    except (MergeConfigError, FileNotFoundError, ValueError) as err:
+        console.print(f"[red]merge-eval failed:[/red] {err}")
+        raise typer.Exit(code=1) from None
+
+
 def register(app: typer.Typer) -> None:
-    """Add `merge` and `merge-lora` to the slm-fusion app."""
+    """Add `merge`, `merge-lora` and `merge-eval` to the slm-fusion app."""
     app.command("merge")(merge)
     app.command("merge-lora")(merge_lora)
+    app.command("merge-eval")(merge_eval)

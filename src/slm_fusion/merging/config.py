@@ -48,12 +48,24 @@ def _plain(value: Any) -> Any:
     return value
 
 
+class TaskSet(BaseModel):
+    """The task an input model is a specialist for: what `slm-fusion merge-eval` scores it (and the merge) on."""
+
+    model_config = ConfigDict(extra="forbid")
+    data: str = Field(..., description="retail_math, gsm8k, or a JSONL/CSV path (as `reasonlite eval --data`)")
+    format: Literal["answer", "cot", "pal", "step_by_step"] | None = Field(
+        None, description="how the model answers; default: the student's reasonlite.json, else cot")
+    limit: int | None = Field(None, ge=1, description="questions per split (default: all)")
+    budget: int | None = Field(None, ge=2, description="reasoning-token cap with budget forcing (default: none)")
+
+
 class InputModel(BaseModel):
     """One model to merge and its per-model parameters (weight, density, ...)."""
 
     model_config = ConfigDict(extra="forbid")
     model: str = Field(..., description="a HF folder (config.json + *.safetensors), a LoRA adapter folder or an alias")
     parameters: dict[str, ParamValue] = Field(default_factory=dict, description="per-model parameters")
+    eval: TaskSet | None = Field(None, description="this specialist's task set, used by `slm-fusion merge-eval`")
 
     def plain_parameters(self) -> dict[str, Any]:
         return {k: _plain(v) for k, v in self.parameters.items()}
