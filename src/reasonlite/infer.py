@@ -281,6 +281,31 @@ class Solution:
         return asdict(self)
 
 
+def extract_answers(samples: Sequence[Any], fmt: Format) -> None:
+    """Fill each sample's answer/status (objects with text, forced, program, answer, status, error fields): pal
+    programs run in the sandbox in parallel, an exec error is a status; other formats are read from the text.
+    Shared with SLM-Fusion's reasoning layer."""
+    from reasonlite.answers import extract_answer, normalize_answer
+
+    if fmt == "pal":
+        from reasonlite.formats import extract_program
+        from reasonlite.sandbox import execute_many
+
+        for s in samples:
+            s.program = extract_program(s.text)
+        for s, result in zip(samples, execute_many([s.program for s in samples])):
+            if result.ok:
+                s.answer = normalize_answer(str(result.value)) if result.value is not None else None
+            else:
+                s.status, s.error = "exec_error", f"{result.error}: {result.message}"
+    else:
+        for s in samples:
+            s.answer = extract_answer(s.text)
+    for s in samples:
+        if s.status == "ok":
+            s.status = "no_answer" if s.answer is None else "budget_forced" if s.forced else "ok"
+
+
 def _check_options(budget: int | None, n: int, temperature: float, max_new_tokens: int, floor: int) -> None:
     if n < 1:
         raise ValueError(f"n={n}: self-consistency needs at least one sample; pass n >= 1")
@@ -421,27 +446,7 @@ class Student:
         return samples
 
     def _extract(self, samples: list[Sample]) -> None:
-        """Fill answer/status: pal programs run in the sandbox (in parallel), other formats are read from the text."""
-        from reasonlite.answers import extract_answer, normalize_answer
-
-        if self.fmt == "pal":
-            from reasonlite.formats import extract_program
-            from reasonlite.sandbox import execute_many
-
-            for s in samples:
-                s.program = extract_program(s.text)
-            results = execute_many([s.program for s in samples])
-            for s, result in zip(samples, results):
-                if result.ok:
-                    s.answer = normalize_answer(str(result.value)) if result.value is not None else None
-                else:
-                    s.status, s.error = "exec_error", f"{result.error}: {result.message}"
-        else:
-            for s in samples:
-                s.answer = extract_answer(s.text)
-        for s in samples:
-            if s.status == "ok":
-                s.status = "no_answer" if s.answer is None else "budget_forced" if s.forced else "ok"
+        extract_answers(samples, self.fmt)
 
     # -- solving ------------------------------------------------------------------------------------------------------
 

@@ -23,9 +23,9 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
-from reasonlite.answers import extract_answer, normalize_answer
-from reasonlite.formats import ANSWER_CUE, build_messages, extract_program
-from reasonlite.infer import answer_end, answer_start, force_answer, read_student_meta
+from reasonlite.answers import normalize_answer
+from reasonlite.formats import ANSWER_CUE, build_messages
+from reasonlite.infer import answer_end, answer_start, extract_answers, force_answer, read_student_meta
 from reasonlite.vote import majority_vote
 from slm_fusion.backends.base import Backend, Generation, GenerationRequest
 from slm_fusion.config import FusionConfig, ModelBase, ReasoningDefaults
@@ -143,7 +143,7 @@ class ReasoningLayer:
                 samples.append(_Sample(g.text, g.completion_tokens, 0, True, g.prompt_tokens))
         forced = [s for s in samples if s.forced]
         await asyncio.gather(*(self._force(backend, gen, messages, base, plan, s) for s in forced))
-        await asyncio.to_thread(self._extract, samples, plan.fmt)
+        await asyncio.to_thread(extract_answers, samples, plan.fmt)
         return samples
 
     @staticmethod
@@ -162,26 +162,6 @@ class ReasoningLayer:
         text = prefix + g.text
         end = answer_end(text, plan.fmt) if plan.fmt != "pal" else None
         s.text, s.answer_tokens = (text[:end] if end is not None else text), g.completion_tokens
-
-    @staticmethod
-    def _extract(samples: list[_Sample], fmt: str) -> None:
-        """Answers: pal programs run in reasonlite's sandbox (an error is a status), other formats are read."""
-        if fmt == "pal":
-            from reasonlite.sandbox import execute_many
-
-            for s in samples:
-                s.program = extract_program(s.text)
-            for s, result in zip(samples, execute_many([s.program for s in samples])):
-                if result.ok and result.value is not None:
-                    s.answer = normalize_answer(str(result.value))
-                elif not result.ok:
-                    s.status, s.error = "exec_error", f"{result.error}: {result.message}"
-        else:
-            for s in samples:
-                s.answer = extract_answer(s.text)
-        for s in samples:
-            if s.status == "ok":
-                s.status = "no_answer" if s.answer is None else "budget_forced" if s.forced else "ok"
 
     # -- results ------------------------------------------------------------------------------------------------------
 
