@@ -47,12 +47,12 @@ def _start_server(script_path: Path, port: int) -> subprocess.Popen:
     raise RuntimeError("teacher_server did not start")
 
 
-def _throughput(base_url: str, n_requests: int) -> dict:
+def _throughput(base_url: str, n_requests: int, transport: str = "aiohttp") -> dict:
     from reasonlite.config import TeacherConfig
     from reasonlite.teachers import TeacherPrompt, make_teacher
 
     cfg = TeacherConfig(kind="openai", model="teacher-1", base_url=base_url, concurrency=CONCURRENCY, max_retries=0,
-                        api_key_env="RL_BENCH_UNSET_KEY")
+                        api_key_env="RL_BENCH_UNSET_KEY", transport=transport)
     prompts = [TeacherPrompt([{"role": "user", "content": f"throughput question {i}"}]) for i in range(n_requests)]
 
     async def go():
@@ -99,7 +99,8 @@ def run(quick: bool = False) -> dict:
         server = _start_server(tmp / "script.json", port)
         try:
             base_url = f"http://127.0.0.1:{port}/v1"
-            tput = _throughput(base_url, n_requests)
+            tput = _throughput(base_url, n_requests)  # the default transport (aiohttp)
+            tput_httpx = _throughput(base_url, n_requests, transport="httpx")  # side by side, same run
             cfg = build_config({"runs_dir": str(tmp / "runs"), "data": data,
                                 "teacher": {"kind": "openai", "model": "teacher-1", "base_url": base_url,
                                             "concurrency": CONCURRENCY, "api_key_env": "RL_BENCH_UNSET_KEY"},
@@ -129,6 +130,7 @@ def run(quick: bool = False) -> dict:
 
     result = {
         "throughput": tput,
+        "throughput_httpx": tput_httpx,
         "build": {"questions": n_questions, "k": k, "samples": n_questions * k,
                   "cold_seconds": round(cold_s, 2), "cold_calls": cold.manifest["cache"]["calls"],
                   "cached_rerun_seconds": round(warm_s, 2), "cached_rerun_calls": warm.manifest["cache"]["calls"],
@@ -141,6 +143,9 @@ def run(quick: bool = False) -> dict:
     result["table"] = [
         {"measure": f"openai teacher, concurrency {CONCURRENCY}, 50 ms server", "value": f"{tput['req_per_s']} req/s",
          "reference": f"ideal {tput['ideal_req_per_s']:.0f} req/s ({tput['fraction_of_ideal']:.0%})"},
+        {"measure": "  same, transport httpx (openai SDK default)", "value": f"{tput_httpx['req_per_s']} req/s",
+         "reference": f"{tput_httpx['fraction_of_ideal']:.0%} of ideal; aiohttp is "
+                      f"{tput['req_per_s'] / tput_httpx['req_per_s']:.2f}x"},
         {"measure": f"build {n_questions} x k={k}, cold", "value": f"{cold_s:.2f} s",
          "reference": f"{cold.manifest['cache']['calls']} teacher calls"},
         {"measure": f"build {n_questions} x k={k}, fully cached re-run", "value": f"{warm_s:.2f} s",

@@ -44,6 +44,8 @@ class TeacherConfig(Section):
     api_key_env: str = Field("OPENAI_API_KEY", description="openai: name of the environment variable holding the key")
     concurrency: int = Field(8, ge=1, le=1024, description="openai: max in-flight requests")
     timeout_s: float = Field(60.0, gt=0, description="openai: per-request timeout in seconds")
+    transport: Literal["aiohttp", "httpx"] = Field(
+        "aiohttp", description="openai: HTTP layer under the client; aiohttp costs less CPU per request than httpx's")
     max_retries: int = Field(5, ge=0, description="retries on 429/5xx/connection errors (exponential backoff, honours Retry-After)")
     temperature: float = Field(0.7, ge=0, le=2, description="sampling temperature (0 = greedy; k>1 needs > 0 to differ)")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")

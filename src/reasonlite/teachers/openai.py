@@ -65,7 +65,8 @@ class OpenAITeacher:
         self.calls = 0
         self.retries = 0
         key = os.environ.get(cfg.api_key_env) or "EMPTY"  # local servers often accept any key
-        self.client = openai.AsyncOpenAI(base_url=cfg.base_url, api_key=key, max_retries=0, timeout=cfg.timeout_s)
+        self.client = openai.AsyncOpenAI(base_url=cfg.base_url, api_key=key, max_retries=0, timeout=cfg.timeout_s,
+                                         http_client=_http_client(cfg))
 
     async def complete(self, prompts: list[TeacherPrompt], samples: list[list[int]],
                        on_sample: OnSample | None = None) -> list[list[Completion]]:
@@ -139,7 +140,9 @@ class OpenAITeacher:
         if isinstance(retryable, (_Malformed, json.JSONDecodeError)):
             return [Completion(text="", error=f"malformed response: {retryable}") for _ in range(n)]
         if isinstance(retryable, openai.APIConnectionError):
-            kind = "timed out" if isinstance(retryable, openai.APITimeoutError) else "is unreachable"
+            # aiohttp reports a refused connection as a connect *timeout*; it failed fast, it did not time out
+            refused = "Cannot connect to host" in str(retryable.__cause__ or "")
+            kind = "timed out" if isinstance(retryable, openai.APITimeoutError) and not refused else "is unreachable"
             raise TeacherError(f"teacher at teacher.base_url={cfg.base_url} {kind} after {cfg.max_retries + 1} "
                                f"attempts ({retryable}); check the server is running, or raise teacher.timeout_s / "
                                "teacher.max_retries") from None
@@ -178,3 +181,14 @@ def _message(e: Exception) -> str:
         if isinstance(err, dict) and err.get("message"):
             return str(err["message"])
     return str(e)
+
+
+def _http_client(cfg: TeacherConfig):
+    """The openai SDK's aiohttp-backed client (openai[aiohttp]) when asked for and installed; None = its httpx default.
+    """
+    if cfg.transport != "aiohttp":
+        return None
+    try:
+        return openai.DefaultAioHttpClient(timeout=cfg.timeout_s)
+    except (ImportError, RuntimeError):
+        return None
