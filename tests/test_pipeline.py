@@ -59,6 +59,12 @@ def test_run_then_change_only_lr_reuses_traces_without_teacher_calls(tmp_path, t
     assert metrics["splits"]["test"]["student"]["total"] == 3
     # the exported model's card carries the eval metrics
     assert "accuracy" in (run_dir / "train" / "model" / "README.md").read_text().lower()
+    # serve.yaml is a valid gateway config serving the exported student with its reasoning defaults
+    from slm_fusion.config import load_fusion_config
+
+    served = load_fusion_config(run_dir / "serve.yaml").models[0]
+    assert served.reasoning.format == "pal" and served.reasoning.student_prompt
+    assert (Path(served.model) / "config.json").exists()
 
     manifest = (run_dir / "traces" / "manifest.json").read_text()
     second = run_pipeline(_config(tmp_path, base_url, learning_rate=5e-4))

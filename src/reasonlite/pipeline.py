@@ -202,7 +202,7 @@ def run_demo(overrides: list[str] | None = None) -> PipelineResult:
     result = run_pipeline(cfg)
     print_summary(result)
     console.print(f"Finished in {(time.perf_counter() - t0) / 60:.1f} min.")
-    console.print(f"Report:         {result.stage_dirs['eval'] / 'report.md'}")
-    console.print(f"Exported model: {result.model_dir}")
+    console.print(f"Report:         {result.run_dir / 'eval' / 'report.md'}")
+    console.print(f"Exported model: {result.run_dir / 'train' / 'model'}")
     console.print(f"Serve it:       slm-fusion serve {result.run_dir / 'serve.yaml'} --port 8000")
     return result
