@@ -178,6 +178,8 @@ DEMO_DEFAULTS = {
     "teacher": {"kind": "dataset"},
     "traces": {"style": "pal"},
     "student": {"model": "smollm2-135m-instruct", "format": "pal"},
+    # The setting benchmarks/bench_distill.py measured at 100% on held-out questions of the training templates.
+    "train": {"max_steps": 60, "learning_rate": 2e-3, "max_length": 320},
     "budget": {"inference_cap": 160},
     "eval": {"splits": ["test", "test_heldout_templates"], "compare_base": True},
 }
