@@ -174,7 +174,7 @@ def _write_serve_config(run_dir: Path, model_dir: Path, cfg: ReasonLiteConfig) -
 
 DEMO_DEFAULTS = {
     "name": "demo-retail-pal",
-    "data": {"source": "retail_math", "n_train": 400, "n_test": 50, "n_test_heldout_templates": 50},
+    "data": {"source": "retail_math", "n_train": 400, "n_test": 40, "n_test_heldout_templates": 40},
     "teacher": {"kind": "dataset"},
     "traces": {"style": "pal"},
     "student": {"model": "smollm2-135m-instruct", "format": "pal"},
