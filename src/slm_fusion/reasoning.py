@@ -25,7 +25,7 @@ from typing import Any
 
 from reasonlite.answers import normalize_answer
 from reasonlite.formats import ANSWER_CUE, build_messages
-from reasonlite.infer import answer_end, answer_start, extract_answers, force_answer, read_student_meta
+from reasonlite.infer import Sample, answer_end, answer_start, extract_answers, force_answer, read_student_meta
 from reasonlite.vote import majority_vote
 from slm_fusion.backends.base import Backend, Generation, GenerationRequest
 from slm_fusion.config import FusionConfig, ModelBase, ReasoningDefaults
@@ -42,19 +42,6 @@ class _Plan:
     samples: int
     temperature: float
     answer_tokens: int
-
-
-@dataclass
-class _Sample:
-    text: str
-    reasoning_tokens: int
-    answer_tokens: int
-    forced: bool
-    prompt_tokens: int
-    program: str | None = None
-    answer: str | None = None
-    status: str = "ok"  # ok | budget_forced | exec_error | no_answer
-    error: str | None = None
 
 
 class ReasoningLayer:
@@ -80,10 +67,10 @@ class ReasoningLayer:
                                  f"'{ANSWER_CUE}' alone takes {floor - 1}; pass at least {floor}",
                                  param="reasoning_budget")
         if plan.vote:
-            samples = await self._sample(backend, gen, messages, plan, plan.samples)
-            return [self._voted(samples)]
-        samples = await self._sample(backend, gen, messages, plan, gen.n)
-        return [self._single(s) for s in samples]
+            samples, prompt_tokens = await self._sample(backend, gen, messages, plan, plan.samples)
+            return [self._voted(samples, prompt_tokens)]
+        samples, prompt_tokens = await self._sample(backend, gen, messages, plan, gen.n)
+        return [self._single(s, prompt_tokens) for s in samples]
 
     # -- planning -----------------------------------------------------------------------------------------------------
 
@@ -121,7 +108,7 @@ class ReasoningLayer:
     # -- sampling with budget forcing -----------------------------------------------------------------------------
 
     async def _sample(self, backend: Backend, gen: GenerationRequest, messages: list[dict] | None, plan: _Plan,
-                      n: int) -> list[_Sample]:
+                      n: int) -> tuple[list[Sample], int]:
         try:
             base = backend.format_chat(messages) if messages is not None else gen.prompt
         except NotImplementedError:
@@ -130,25 +117,25 @@ class ReasoningLayer:
         first = GenerationRequest(
             messages=messages if base is None else None, prompt=base, max_tokens=cap, temperature=plan.temperature,
             top_p=gen.top_p, n=n, stop=list(gen.stop), seed=gen.seed, extra=dict(gen.extra))
-        samples: list[_Sample] = []
-        for g in await backend.generate(first):
+        samples: list[Sample] = []
+        generated = await backend.generate(first)
+        for g in generated:
             end = answer_end(g.text, plan.fmt)
             if end is not None or g.finish_reason != "length":
                 text = g.text[:end] if end is not None else g.text
                 start = answer_start(text, plan.fmt)
                 answer_tokens = min(backend.count_tokens(text[start:]), g.completion_tokens) if start is not None else 0
-                samples.append(_Sample(text, g.completion_tokens - answer_tokens, answer_tokens, False,
-                                       g.prompt_tokens))
+                samples.append(Sample(text, g.completion_tokens - answer_tokens, answer_tokens, forced=False))
             else:
-                samples.append(_Sample(g.text, g.completion_tokens, 0, True, g.prompt_tokens))
+                samples.append(Sample(g.text, g.completion_tokens, 0, forced=True))
         forced = [s for s in samples if s.forced]
         await asyncio.gather(*(self._force(backend, gen, messages, base, plan, s) for s in forced))
         await asyncio.to_thread(extract_answers, samples, plan.fmt)
-        return samples
+        return samples, generated[0].prompt_tokens if generated else 0
 
     @staticmethod
     async def _force(backend: Backend, gen: GenerationRequest, messages: list[dict] | None, base: str | None,
-                     plan: _Plan, s: _Sample) -> None:
+                     plan: _Plan, s: Sample) -> None:
         prefix = force_answer(s.text, plan.fmt)
         common = {"max_tokens": plan.answer_tokens, "temperature": plan.temperature, "top_p": gen.top_p, "n": 1,
                   "stop": ["\n"], "seed": gen.seed}
@@ -166,23 +153,23 @@ class ReasoningLayer:
     # -- results ------------------------------------------------------------------------------------------------------
 
     @staticmethod
-    def _content(s: _Sample) -> str:
+    def _content(s: Sample) -> str:
         # PAL answers with the program's result; a failed program shows what the model wrote instead.
         return s.answer if s.program is not None and s.answer is not None else s.text
 
-    def _single(self, s: _Sample) -> Generation:
+    def _single(self, s: Sample, prompt_tokens: int) -> Generation:
         info = {"answer": s.answer, "status": s.status, "forced": s.forced, "program": s.program,
                 "error": s.error, "reasoning_tokens": s.reasoning_tokens, "answer_tokens": s.answer_tokens}
-        return Generation(text=self._content(s), finish_reason="stop", prompt_tokens=s.prompt_tokens,
+        return Generation(text=self._content(s), finish_reason="stop", prompt_tokens=prompt_tokens,
                           completion_tokens=s.reasoning_tokens + s.answer_tokens,
                           reasoning={k: v for k, v in info.items() if v is not None}, exec_error=s.error,
                           forced_without_answer=s.forced and s.answer is None)
 
-    def _voted(self, samples: list[_Sample]) -> Generation:
+    def _voted(self, samples: list[Sample], prompt_tokens: int) -> Generation:
         vote = majority_vote([s.answer for s in samples])
         shown = next((s for s in samples if s.answer is not None and normalize_answer(s.answer) == vote.answer),
                      samples[0])
-        g = self._single(shown)
+        g = self._single(shown, prompt_tokens)
         reasoning = sum(s.reasoning_tokens for s in samples)
         answer = sum(s.answer_tokens for s in samples)
         g.completion_tokens = reasoning + answer
