@@ -96,8 +96,9 @@ class ReasoningLayer:
             return gen.messages
         # A reasonlite student answers best when asked exactly as it was trained: its own instruction (and the
         # budget line when it was trained budget-conditioned), read from the exported folder's reasonlite.json.
-        meta = self._student_meta.setdefault(model_cfg.model, read_student_meta(model_cfg.model)
-                                             if _is_dir(model_cfg.model) else {})
+        if model_cfg.model not in self._student_meta:  # read once per model, not per request
+            self._student_meta[model_cfg.model] = read_student_meta(model_cfg.model) if _is_dir(model_cfg.model) else {}
+        meta = self._student_meta[model_cfg.model]
         question = next((m["content"] for m in reversed(gen.messages) if m["role"] == "user"), None)
         if question is None:
             raise InvalidRequest("this model answers a question: send at least one user message", param="messages")
