@@ -6,6 +6,7 @@ The upstream `model` name picks the script, so one server plays every specialist
                   [unsure]      → choice i says "The answer is i." (agreement 1/n)
                   [pal-broken]  → a PAL program that divides by zero
                   [pal-ok]      → a PAL program returning 6*7
+  echo-prompt   answers with the last message's text (shows what the gateway sent)
   fail-500      HTTP 500
   slow          answers after 2 s
 `hits[model]` counts requests per upstream model name.
@@ -31,6 +32,8 @@ def _script(model: str, prompt: str, i: int) -> str:
         if "[pal-ok]" in prompt:
             return "def solution():\n    return 6 * 7"
         return "Counting carefully. The answer is 7."
+    if model == "echo-prompt":
+        return prompt
     return f"echo from {model}"
 
 

@@ -28,7 +28,9 @@ def scripted():
     with serve(app) as upstream:
         cfg = {"models": [upstream_model("small", upstream.url, "small"),
                           upstream_model("small-pal", upstream.url, "small", reasoning={"pal": True}),
-                          upstream_model("small-vote", upstream.url, "small", reasoning={"vote": True, "samples": 3})]}
+                          upstream_model("small-vote", upstream.url, "small", reasoning={"vote": True, "samples": 3}),
+                          upstream_model("student", upstream.url, "echo-prompt",
+                                         reasoning={"format": "cot", "student_prompt": True})]}
         with serve_gateway(cfg) as served:
             yield openai.OpenAI(base_url=served.v1, api_key="x", max_retries=0), hits
 
@@ -118,3 +120,13 @@ def test_reasoning_defaults_are_validated_with_the_field_path():
     with pytest.raises((ConfigError, ValueError)) as err:
         FusionConfig.model_validate({"models": [{**TINY, "reasoning": {"format": "sql"}}]})
     assert "format" in str(err.value)
+
+
+def test_student_prompt_asks_in_the_students_training_prompt(scripted):
+    from reasonlite.formats import build_messages
+
+    client, _ = scripted
+    resp = client.chat.completions.create(model="student", messages=[
+        {"role": "system", "content": "You are helpful."}, {"role": "user", "content": "How many pens?"}])
+    sent = resp.choices[0].message.content  # the upstream echoes the last message it received
+    assert sent == build_messages("How many pens?", "cot")[0]["content"]
