@@ -146,7 +146,7 @@ def run(quick: bool = False, cascade: bool = True) -> dict[str, Any]:
     import torch
 
     from slm_fusion.routing.embeddings import get_embedder
-    from slm_fusion.routing.evaluate import evaluate_router, labelled_mix, write_labelled
+    from slm_fusion.routing.evaluate import cascade_table, evaluate_router, labelled_mix, write_labelled
 
     # One thread: a decision is one small forward, and on a shared 2-core box extra threads only spin and contend.
     torch.set_num_threads(1)
@@ -188,12 +188,8 @@ def run(quick: bool = False, cascade: bool = True) -> dict[str, Any]:
     if cascade:
         c = asyncio.run(_cascade(n_questions=6 if quick else 12, samples=3, seed=7))
         results["cascade"] = c
-        t = Table(title=f"cascade {Path(c['small_model']).name} → {c['big_model']} on {c['n']} retail-math questions")
-        for col in ("threshold", "sent to big", "accuracy"):
-            t.add_column(col)
-        for p in c["curve"]:
-            t.add_row(str(p["threshold"]), f"{p['escalated']:.2f}", f"{p['accuracy']:.3f}")
-        console.print(t)
+        console.print(cascade_table(
+            c["curve"], f"cascade {Path(c['small_model']).name} → {c['big_model']} on {c['n']} retail-math questions"))
         results["table"].append({"router": f"cascade@{c['threshold']}", "accuracy": round(c["accuracy"], 4),
                                  "p50_ms": "", "p99_ms": "", "p50_cached_ms": "",
                                  "retail": f"escalated {c['escalated']:.2f}", "math": "", "general": ""})

@@ -54,7 +54,7 @@ def route_eval(
     """Routing accuracy, confusion matrix, decision latency; quality vs cost curve for cascades."""
     from slm_fusion.config import ConfigError
     from slm_fusion.routing.base import RoutingConfigError
-    from slm_fusion.routing.evaluate import run_route_eval
+    from slm_fusion.routing.evaluate import cascade_table, run_route_eval
 
     try:
         result = run_route_eval(config, data, out, only=only, max_answerable=max_answerable)
@@ -69,12 +69,7 @@ def route_eval(
                       f"{r['latency_ms']['p50']:.2f}", f"{r['latency_ms']['p99']:.2f}")
     console.print(table)
     for c in result["cascades"]:
-        t = Table(title=f"cascade {c['name']}: {c['small']} → {c['big']}")
-        for col in ("threshold", "sent to big", "accuracy"):
-            t.add_column(col)
-        for p in c["curve"]:
-            t.add_row(str(p["threshold"]), f"{p['escalated']:.2f}", f"{p['accuracy']:.3f}")
-        console.print(t)
+        console.print(cascade_table(c["curve"], f"cascade {c['name']}: {c['small']} → {c['big']}"))
     console.print(f"wrote {', '.join(result['files'].values())}")
 
 

@@ -279,6 +279,18 @@ def cascade_curve(outcomes: list[dict[str, Any]], thresholds: list[float] | None
     return rows
 
 
+def cascade_table(curve: list[dict[str, Any]], title: str):
+    """The cascade curve as a rich table (threshold, fraction sent to the big model, accuracy)."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("threshold", "sent to big", "accuracy"):
+        table.add_column(col)
+    for p in curve:
+        table.add_row(str(p["threshold"]), f"{p['escalated']:.2f}", f"{p['accuracy']:.3f}")
+    return table
+
+
 def plot_cascade(curve: list[dict[str, Any]], path: str | Path, title: str = "cascade") -> Path:
     import matplotlib
 
