@@ -12,7 +12,8 @@ Measured side by side in one run, greedy unless noted:
   n=5             self-consistency, temperature 0.7, adaptive early exit (rounds of 3 then 2), no cap
 
 The headline: the smallest-token budget whose accuracy is within 2 points of `plain`, and its token reduction.
-Run: `.venv/bin/python benchmarks/bench_budget.py [--quick]`.
+Run: `.venv/bin/python benchmarks/bench_budget.py [--quick] [--student EXPORTED_COT_STUDENT]` (`--student` reuses a
+CoT student trained elsewhere, e.g. by bench_distill.py, instead of training the cached one).
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "bench-results" / "budget-student"
 console = Console()
 
-# sized for a 2-core CPU box (about 20 min the first time, the student is cached afterwards)
-FULL = {"n_train": 240, "max_steps": 60, "n_test": 40, "budgets": [32, 48, 64, 96], "sc_questions": 20,
+# sized for a 2-core CPU box (about 20 min the first time, the student is cached afterwards); the training recipe
+# is bench_distill.py's (400 questions, 60 LoRA steps, lr 2e-3), so its cot student can be passed as --student
+FULL = {"n_train": 400, "max_steps": 60, "n_test": 40, "budgets": [32, 48, 64, 96], "sc_questions": 20,
         "max_new_tokens": 256}
 QUICK = {"n_train": 40, "max_steps": 6, "n_test": 8, "budgets": [32, 64], "sc_questions": 4, "max_new_tokens": 96}
 
@@ -48,7 +50,7 @@ def student_config(size: dict):
         "teacher": {"kind": "dataset"},
         "traces": {"style": "cot", "few_shot": 0, "counterfactual_negatives": False},
         "student": {"model": "smollm2-135m-instruct", "format": "cot", "lora": True, "lora_r": 16, "lora_alpha": 32},
-        "train": {"max_steps": size["max_steps"], "batch_size": 8, "learning_rate": 1e-3, "max_length": 256,
+        "train": {"max_steps": size["max_steps"], "batch_size": 8, "learning_rate": 2e-3, "max_length": 320,
                   "save_steps": 1000},
         "budget": {"answer_tokens": 12},
     })
@@ -81,7 +83,7 @@ def _row(name: str, point, plain: dict | None) -> dict:
     return row
 
 
-def run(quick: bool = False) -> dict:
+def run(quick: bool = False, student: str | None = None) -> dict:
     import torch
 
     from reasonlite.data.splits import load_splits
@@ -93,7 +95,7 @@ def run(quick: bool = False) -> dict:
     size = QUICK if quick else FULL
     cfg = student_config(size)
     t0 = time.perf_counter()
-    model_dir = cot_student(cfg)
+    model_dir = Path(student) if student else cot_student(cfg)
     train_s = time.perf_counter() - t0
     examples = load_splits(cfg.data)["test"][: size["n_test"]]
     model, tokenizer = load_model(model_dir)
@@ -145,4 +147,5 @@ def run(quick: bool = False) -> dict:
 
 
 if __name__ == "__main__":
-    run(quick="--quick" in sys.argv)
+    args = sys.argv[1:]
+    run(quick="--quick" in args, student=args[args.index("--student") + 1] if "--student" in args else None)

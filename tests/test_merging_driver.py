@@ -218,6 +218,8 @@ def test_config_validation_names_the_field(tmp_path):
         "density=1.5: must be in")
     bad({"merge_method": "linear", "models": [{"model": "a"}], "dtype": "float8"}, "dtype")
     bad({"merge_method": "linear", "models": []}, "models")
+    bad({"merge_method": "linear", "models": [{"model": "a"}, {"model": "b"}], "tokenizer_source": 2},
+        "tokenizer_source=2: only 2 models")
     good = tmp_path / "good.yaml"
     good.write_text(yaml.safe_dump({
         "merge_method": "ties", "base_model": "b",
@@ -227,6 +229,9 @@ def test_config_validation_names_the_field(tmp_path):
     cfg = load_merge_config(good)
     assert cfg.model_parameters(0) == {"weight": 0.5, "density": [0.3, 0.7]}
     assert cfg.global_parameters() == {"normalize": True, "lambda": 1.0}
+    good.write_text(yaml.safe_dump({"merge_method": "linear", "models": [{"model": "a"}, {"model": "b"}],
+                                    "tokenizer_source": 1}))  # a YAML int names a model by index
+    assert load_merge_config(good).tokenizer_source == "1"
 
 
 def test_example_config_validates():

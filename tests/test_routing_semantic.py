@@ -104,6 +104,40 @@ def test_classifier_round_trip(classifier_file, embedder):
         assert abs(sum(probs.values()) - 1) < 1e-6 and d.score == pytest.approx(probs[model])
 
 
+def test_single_fit_classifier_uses_one_model_and_its_probabilities(embedder, tmp_path):
+    from slm_fusion.routing.classifier import train_classifier
+
+    rows = load_labelled(LABELLED)
+    bundle = train_classifier(rows, tmp_path / "fast.pkl", single_fit=True)
+    assert bundle["calibrated"] and bundle["single_fit"]
+    assert len(bundle["classifier"].calibrated_classifiers_) == 1  # one LR per decision, not the 3-fold ensemble
+    ensemble = train_classifier(rows, None)
+    assert len(ensemble["classifier"].calibrated_classifiers_) == 3 and not ensemble["single_fit"]
+    router = _build({"fast": {"type": "classifier", "path": str(tmp_path / "fast.pkl")}})["fast"].router
+    x = embedder.embed(list(PROMPTS.values()))
+    for prompt, expected in zip(PROMPTS.values(), bundle["classifier"].predict_proba(x), strict=True):
+        probs = router.probabilities(prompt)
+        assert [probs[label] for label in bundle["labels"]] == pytest.approx(list(expected), abs=1e-6)
+
+
+def test_embedding_threads_come_from_the_routing_section(embedder):
+    from slm_fusion.routing import embeddings
+
+    try:
+        cfg = FusionConfig.model_validate({"models": MODELS, "routing": {"embedding_threads": 2}, "virtual_models": {
+            "s": {"router": "semantic", "default": "big", "exemplars_file": str(LABELLED)}}})
+        router = build_routers(cfg)["s"].router
+        assert router.embedder is not embedder and ("all-minilm-l6-v2", 2) in embeddings._loaded
+        if router.embedder.session is not None:
+            assert router.embedder.session.get_session_options().intra_op_num_threads == 2
+        assert np.allclose(router.embedder.embed(["same vectors?"]), embedder.embed(["same vectors?"]), atol=1e-5)
+        bad = FusionConfig.model_validate({"models": MODELS, "routing": {"embedding_threads": 0}})
+        with pytest.raises(RoutingConfigError, match="embedding_threads"):
+            build_routers(bad)
+    finally:
+        embeddings.set_embedding_threads(1)
+
+
 def test_classifier_threshold_uses_default(classifier_file):
     router = _build({"c": {"type": "classifier", "path": str(classifier_file), "threshold": 0.999,
                            "default": "big"}})["c"].router

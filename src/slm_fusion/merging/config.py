@@ -84,6 +84,11 @@ class MergeConfig(BaseModel):
     seed: int = Field(0, description="seed of the randomised methods (DARE)")
     max_shard_size: int | str = Field("2GB", description="largest output shard, bytes or '500MB' / '2GB'")
 
+    @field_validator("tokenizer_source", mode="before")
+    @classmethod
+    def _index_as_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value  # YAML `0` is an int
+
     @field_validator("merge_method")
     @classmethod
     def _known_method(cls, value: str) -> str:

