@@ -24,8 +24,8 @@ from slm_fusion.routing.base import (
     register,
     routing_request,
 )
-from slm_fusion.routing.replicas import DeploymentHealth, RoutingSettings, is_retryable, with_fallbacks
 from slm_fusion.routing.embeddings import set_embedding_threads
+from slm_fusion.routing.replicas import DeploymentHealth, RoutingSettings, is_retryable, with_fallbacks
 from slm_fusion.routing.virtual import VirtualModel, build_virtual_models
 
 
