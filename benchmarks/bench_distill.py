@@ -9,6 +9,7 @@ model prompted for PAL is the zero-training reference. Optional variants: step_b
     python benchmarks/bench_distill.py            # full (about 10 CPU-minutes of training per student)
     python benchmarks/bench_distill.py --quick    # tiny numbers, checks the harness end to end
     python benchmarks/bench_distill.py --students answer,pal
+    python benchmarks/bench_distill.py --students '' --no-base --variants --only "pal +contrastive" --workdir W
 """
 
 from __future__ import annotations
@@ -75,12 +76,14 @@ def _evaluate(target, fmt: str, splits: dict, settings: dict, limit: int | None 
 
 
 def run(quick: bool = False, students: tuple[str, ...] = ("answer", "cot", "pal"), base: bool = True,
-        variants: bool = False, workdir: str | None = None) -> dict:
+        variants: bool = False, workdir: str | None = None, only: tuple[str, ...] | None = None) -> dict:
+    """`workdir` keeps trace sets, trained students and rows.json: a re-run with the same workdir (after a crash or a
+    kill) reuses every student already exported there and only evaluates it. `only` keeps the plan rows so named."""
     import torch
 
     from reasonlite.data.splits import load_splits
     from reasonlite.traces import build_trace_set
-    from reasonlite.train import train_student
+    from reasonlite.train import TrainResult, train_student
 
     torch.manual_seed(0)
     settings = QUICK if quick else FULL
@@ -102,15 +105,24 @@ def run(quick: bool = False, students: tuple[str, ...] = ("answer", "cot", "pal"
         plan += [(f"step_by_step a={a}", "step_by_step", {"train.step_by_step_alpha": a}) for a in (0.2, 0.5, 0.8)]
         c = {"contrastive.enabled": True, "contrastive.max_steps": 3 if quick else 20}
         plan += [("pal +contrastive", "pal", c)]
+    if only:
+        plan = [p for p in plan if p[0] in only]
     for name, fmt, extra in plan:
         cfg = _config(settings, fmt, extra)
         console.rule(f"[bold]{name}")
         t0 = time.perf_counter()
-        result = train_student(cfg, traces_for(fmt), root / f"train-{name.replace(' ', '_').replace('=', '')}")
+        train_dir = root / f"train-{name.replace(' ', '_').replace('=', '')}"
+        if (train_dir / "model" / "config.json").exists() and (train_dir / "metrics.json").exists():
+            m = json.loads((train_dir / "metrics.json").read_text())  # exported by an earlier run of this workdir
+            result = TrainResult(train_dir / "model", m["steps"], m["total_train_seconds"], m["final_loss"])
+            console.print(f"[dim]reusing the student exported in {train_dir}[/dim]")
+        else:
+            result = train_student(cfg, traces_for(fmt), train_dir)
         train_minutes = (time.perf_counter() - t0) / 60
         rows[name] = {"format": fmt, "steps": result.steps, "train_minutes": round(result.train_seconds / 60, 2),
                       "wall_minutes": round(train_minutes, 2), "final_loss": round(result.final_loss, 4),
                       **_evaluate(result.export_dir, fmt, splits, settings)}
+        (root / "rows.json").write_text(json.dumps(rows, indent=2))  # each finished row survives a later crash
     if base:
         console.rule("[bold]base (untuned, PAL prompt)")
         rows["base pal (untuned)"] = {"format": "pal", "steps": 0, "train_minutes": 0.0, "final_loss": None,
@@ -140,9 +152,14 @@ def run(quick: bool = False, students: tuple[str, ...] = ("answer", "cot", "pal"
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    chosen = ("answer", "cot", "pal")
+    chosen, only, workdir = ("answer", "cot", "pal"), None, None
     for i, a in enumerate(args):
         if a == "--students":
-            chosen = tuple(args[i + 1].split(","))
-    out = run(quick="--quick" in args, students=chosen, base="--no-base" not in args, variants="--variants" in args)
+            chosen = tuple(s for s in args[i + 1].split(",") if s)
+        if a == "--only":  # e.g. --only "step_by_step a=0.2,pal +contrastive"
+            only = tuple(args[i + 1].split(","))
+        if a == "--workdir":
+            workdir = args[i + 1]
+    out = run(quick="--quick" in args, students=chosen, base="--no-base" not in args, variants="--variants" in args,
+              workdir=workdir, only=only)
     print(json.dumps(out, indent=2))
