@@ -45,18 +45,22 @@ def find_pal_student() -> Path | None:
     return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
 
 
-def _routers(train_file: Path, router_file: Path, int8_file: Path, threads: int = 1):
-    from slm_fusion.config import FusionConfig
-    from slm_fusion.routing import build_routers
+def _train_classifiers(train_file: Path, router_file: Path, int8_file: Path):
+    """The fp32 and int8 classifier router files (single fit: one LR per decision); returns (fp32 bundle, seconds)."""
     from slm_fusion.routing.base import load_labelled
     from slm_fusion.routing.classifier import train_classifier
 
-    bundle, train_s = None, 0.0
-    if threads == 1:  # trained once; the 2-thread routers load the same files
-        t0 = time.perf_counter()
-        bundle = train_classifier(load_labelled(train_file), router_file, single_fit=True)
-        train_s = time.perf_counter() - t0
-        train_classifier(load_labelled(train_file), int8_file, embedding="all-minilm-l6-v2-int8", single_fit=True)
+    t0 = time.perf_counter()
+    bundle = train_classifier(load_labelled(train_file), router_file, single_fit=True)
+    train_s = time.perf_counter() - t0
+    train_classifier(load_labelled(train_file), int8_file, embedding="all-minilm-l6-v2-int8", single_fit=True)
+    return bundle, train_s
+
+
+def _routers(train_file: Path, router_file: Path, int8_file: Path, threads: int = 1):
+    from slm_fusion.config import FusionConfig
+    from slm_fusion.routing import build_routers
+
     models = [{"name": n, "backend": "openai", "model": n, "base_url": "http://127.0.0.1:9/v1"} for n in SPECIALISTS]
     cfg = FusionConfig.model_validate({"models": models, "routing": {"embedding_threads": threads}, "virtual_models": {
         "semantic-knn": {"router": "semantic", "default": "general", "method": "knn", "k": 3, "threshold": 0.2,
@@ -68,7 +72,7 @@ def _routers(train_file: Path, router_file: Path, int8_file: Path, threads: int 
                               "exemplars_file": str(train_file), "embedding": "all-minilm-l6-v2-int8"},
         "classifier-int8": {"router": "classifier", "path": str(int8_file)},
     }})
-    return build_routers(cfg), bundle, train_s
+    return build_routers(cfg)
 
 
 def _warm_latency(router, rows, repeats: int = 1) -> float:
@@ -163,10 +167,12 @@ def run(quick: bool = False, cascade: bool = True) -> dict[str, Any]:
     t0 = time.perf_counter()
     get_embedder()
     embed_load_s = time.perf_counter() - t0
-    virtual, bundle, train_s = _routers(train_file, OUT / "router.pkl", OUT / "router-int8.pkl")
+    files = (train_file, OUT / "router.pkl", OUT / "router-int8.pkl")
+    bundle, train_s = _train_classifiers(*files)
+    virtual = _routers(*files)
     results_runtime = get_embedder().runtime
     # The same routers again with a 2-thread embedder (the classifier files are reused: same embedding model).
-    for name, vm in _routers(train_file, OUT / "router.pkl", OUT / "router-int8.pkl", threads=2)[0].items():
+    for name, vm in _routers(*files, threads=2).items():
         virtual[f"{name} (2 thr)"] = vm
 
     table = Table(title=f"routing on {len(test)} held-out prompts ({len(train)} train)")
