@@ -54,7 +54,7 @@ def main() -> int:
         try:
             module = importlib.import_module(f"benchmarks.bench_{name}")
             result = module.run(quick=args.quick)
-        except Exception as e:  # one broken benchmark must not hide the others' numbers
+        except Exception as e:  # noqa: BLE001 - one broken benchmark must not hide the others' numbers
             traceback.print_exc()
             result = {"error": f"{type(e).__name__}: {e}"}
             failed.append(name)

@@ -92,3 +92,14 @@ def test_cli_config_show_and_schema():
     assert schema.exit_code == 0 and '"learning_rate"' in schema.output
     bad = runner.invoke(app, ["config", "show", "--set", "train.max_steps=0"])
     assert bad.exit_code == 2 and "train.max_steps" in bad.output
+
+
+@pytest.mark.parametrize("name", ["retail_math.yaml", "openai_teacher.yaml", "retail_cot_budget.yaml"])
+def test_example_configs_load(name):
+    from pathlib import Path
+
+    from reasonlite.config import load_config
+
+    cfg = load_config(Path(__file__).parents[1] / "examples" / name)
+    if name == "retail_cot_budget.yaml":
+        assert cfg.budget.compress and cfg.budget.condition_training and cfg.eval.calculator

@@ -83,12 +83,16 @@ def eval_cmd(target: str = typer.Argument(..., help="a config YAML (evaluates it
              n: int = typer.Option(1, help="self-consistency samples"),
              limit: int | None = typer.Option(None, help="evaluate at most N questions"),
              out: Path | None = typer.Option(None, help="report folder"),
+             calculator: bool = typer.Option(False, "--calculator",
+                                             help="cot: compute each 'EXPRESSION =' and force the exact result"),
              set: list[str] | None = SetOption) -> None:
     """Evaluate a student: accuracy, tokens, latency, exec errors; JSON + Markdown report + PNG."""
     from reasonlite.evaluate import eval_command
 
+    overrides = [*(set or []), *(["eval.calculator=true"] if calculator else [])]
     try:
-        eval_command(target=target, data=data, fmt=fmt, budgets=budgets, n=n, limit=limit, out=out, overrides=set)
+        eval_command(target=target, data=data, fmt=fmt, budgets=budgets, n=n, limit=limit, out=out,
+                     overrides=overrides)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         console.print(f"[red]{e}[/red]")
         raise typer.Exit(2) from None

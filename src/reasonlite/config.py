@@ -84,6 +84,7 @@ class BudgetConfig(Section):
     data_policy: Literal["drop", "prefer_shortest", "truncate"] = Field("drop", description="what to do with traces over max_trace_tokens")
     condition_training: bool = Field(False, description="train side: state a token budget in the prompt, drawn from the trace's length bucket")
     buckets: list[int] = Field([32, 64, 128, 256, 512], description="length buckets for budget-conditioned prompts")
+    compress: bool = Field(False, description="cot, with condition_training: also train on each rationale's compressed form (its equations, single-use results inlined) at that form's bucket")
     inference_cap: int | None = Field(None, ge=1, description="inference side: hard cap on reasoning tokens; None = max_new_tokens")
     forcing: bool = Field(True, description="when the cap is hit before an answer, append the answer cue and generate the answer")
     answer_tokens: int = Field(16, ge=1, description="tokens allowed for the forced answer after the cue")
@@ -136,6 +137,7 @@ class EvalConfig(Section):
     temperature: float = Field(0.7, ge=0, le=2, description="sampling temperature when n > 1")
     early_exit: bool = Field(True, description="adaptive consistency: stop sampling once the majority cannot be overturned")
     max_new_tokens: int = Field(256, ge=1, description="generation cap when no budget is set")
+    calculator: bool = Field(False, description="cot/answer students: compute every 'EXPRESSION =' the student writes and force the exact result")
     batch_size: int = Field(16, ge=1, description="questions generated together")
     compare_base: bool = Field(True, description="also evaluate the untrained base student prompted the same way")
 
@@ -176,13 +178,19 @@ class ReasonLiteConfig(Section):
                 f"student.format '{self.student.format}' needs natural-language rationales but traces.style is 'pal': "
                 "set traces.style: cot (or step_by_step)"
             )
+        if self.budget.compress and (self.student.format != "cot" or not self.budget.condition_training):
+            raise ValueError(
+                "budget.compress trains a short form of each rationale next to the full one, told apart only by the "
+                "stated budget: it needs student.format: cot and budget.condition_training: true"
+            )
         return self
 
 
 # Which sections each pipeline stage depends on: a stage is reused when the hash of its sections is unchanged.
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "traces": ("data", "teacher", "traces", "budget.max_trace_tokens", "budget.data_policy", "student.model"),
-    "train": ("traces", "student", "train", "contrastive", "budget.condition_training", "budget.buckets"),
+    "train": ("traces", "student", "train", "contrastive", "budget.condition_training", "budget.buckets",
+              "budget.compress"),
     "eval": ("eval", "budget.inference_cap", "budget.forcing", "budget.answer_tokens"),
 }
 

@@ -167,7 +167,9 @@ def evaluate(student, examples: Sequence[Example], budgets: Sequence[int | None]
     return EvalResult(model=str(getattr(student, "name", "student")), format=str(getattr(student, "fmt", "?")),
                       data=data_name, n=n, points=points,
                       meta={"temperature": temperature if n > 1 else 0.0, "early_exit": early_exit,
-                            "max_new_tokens": max_new_tokens, "seed": seed, "questions": len(examples)})
+                            "max_new_tokens": max_new_tokens, "seed": seed, "questions": len(examples),
+                            "calculator": bool(getattr(student, "calculator", False)),
+                            "budget_conditioned": bool(getattr(student, "budget_conditioned", False))})
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -200,7 +202,8 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 def render_markdown(result: EvalResult) -> str:
     parts = [f"# Eval: {result.model}", "",
              (f"- format: `{result.format}`, data: `{result.data or '?'}`, questions: {result.meta.get('questions')}, "
-             f"n: {result.n}, max_new_tokens: {result.meta.get('max_new_tokens')}"), "", "## Summary", ""]
+             f"n: {result.n}, max_new_tokens: {result.meta.get('max_new_tokens')}, "
+             f"calculator: {result.meta.get('calculator', False)}"), "", "## Summary", ""]
     rows = [[p.label] + [fmt.format(p.metrics[key]) for key, _, fmt in SUMMARY_COLUMNS] for p in result.points]
     parts += [_md_table(["setting"] + [h for _, h, _ in SUMMARY_COLUMNS], rows), ""]
     for dim in BREAKDOWNS:
@@ -393,7 +396,7 @@ def eval_command(target: str, data: str | None = None, fmt: str | None = None, b
     else:
         examples, data_name = load_eval_data("retail_math", limit, seed=cfg.data.seed), "retail_math"
     student = Student(model_ref, fmt=fmt or None, forcing=cfg.budget.forcing, answer_tokens=cfg.budget.answer_tokens,
-                      batch_size=cfg.eval.batch_size)
+                      batch_size=cfg.eval.batch_size, calculator=cfg.eval.calculator)
     result = evaluate(student, examples, budgets=budget_list, n=n, temperature=cfg.eval.temperature,
                       early_exit=cfg.eval.early_exit, max_new_tokens=cfg.eval.max_new_tokens, data_name=data_name)
     paths = write_report(result, out)

@@ -207,10 +207,11 @@ def stop_token_ids(model, tokenizer) -> set[int]:
 
 
 def hf_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float, detect: Detector,
-                top_p: float = 1.0) -> list[Generated]:
-    """Batched (left-padded) generation; every row stops independently as soon as `detect` says it is finished."""
+                top_p: float = 1.0, calculator: bool = False) -> list[Generated]:
+    """Batched (left-padded) generation; every row stops independently as soon as `detect` says it is finished.
+    `calculator` forces the exact result after every "EXPRESSION =" a row writes (`reasonlite.calculator`)."""
     import torch
-    from transformers import StoppingCriteriaList
+    from transformers import LogitsProcessorList, StoppingCriteriaList
 
     tokenizer.padding_side = "left"
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
@@ -219,6 +220,10 @@ def hf_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, tempe
     watcher = _row_watcher(tokenizer, prompt_len, detect, stop_ids)
     kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "stopping_criteria": StoppingCriteriaList([watcher]),
                               "pad_token_id": tokenizer.pad_token_id, "eos_token_id": sorted(stop_ids)}
+    if calculator:
+        from reasonlite.calculator import calculator_processor
+
+        kwargs["logits_processor"] = LogitsProcessorList([calculator_processor(tokenizer, prompt_len)])
     if temperature > 0:
         kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
     else:
@@ -337,13 +342,13 @@ class Student:
 
     `path_or_model` is a model alias / HF folder / GGUF file, a `(model, tokenizer)` pair, or None together with
     `tokenizer=` and `generate_fn=` (a scripted student for tests). `fmt` defaults to the folder's reasonlite.json,
-    else "cot".
+    else "cot". `calculator` (cot/answer) computes every "EXPRESSION =" the student writes and forces the result.
     """
 
     def __init__(self, path_or_model: Any, fmt: Format | None = None, device: str | None = None, *,
                  tokenizer: Any = None, generate_fn: GenerateFn | None = None, forcing: bool = True,
                  answer_tokens: int = 16, early_stop: bool = True, batch_size: int = 16, round_size: int = 3,
-                 name: str | None = None) -> None:
+                 calculator: bool = False, name: str | None = None) -> None:
         meta: dict = {}
         self.model = None
         if isinstance(path_or_model, (str, os.PathLike)):
@@ -376,7 +381,11 @@ class Student:
             raise ValueError(f"answer_tokens={answer_tokens} must be >= 1 (tokens allowed for the forced answer)")
         if round_size < 1:
             raise ValueError(f"round_size={round_size} must be >= 1")
+        if calculator and self.fmt == "pal":
+            raise ValueError("calculator=True is for cot/answer students: a pal student's program is executed "
+                             "whole in the sandbox; pass calculator=False")
         self.forcing, self.answer_tokens, self.early_stop = forcing, answer_tokens, early_stop
+        self.calculator = calculator
         self.batch_size, self.round_size = batch_size, round_size
         self._generate_fn = generate_fn
         self.min_budget = min_budget(tokenizer)
@@ -395,10 +404,15 @@ class Student:
         if not prompts:
             return []
         if self._generate_fn is None:
-            return hf_generate(self.model, self.tokenizer, prompts, max_new_tokens, temperature, detect)
+            return hf_generate(self.model, self.tokenizer, prompts, max_new_tokens, temperature, detect,
+                               calculator=self.calculator)
         results = []
         for out in self._generate_fn(prompts, max_new_tokens, temperature, detect):
             if isinstance(out, str):  # a scripted completion: apply the same early stop and cap as the real path
+                if self.calculator:
+                    from reasonlite.calculator import recompute
+
+                    out = recompute(out)
                 cut = detect(out)
                 text = out[:cut] if cut is not None else out
                 ids = self.tokenizer(text, add_special_tokens=False).input_ids

@@ -88,7 +88,8 @@ def _eval_stage(cfg: ReasonLiteConfig, model_dir: Path, out: Path) -> dict:
     summary: dict = {"splits": {}, "budgets": budgets}
     for target_name, ref in targets.items():
         student = Student(ref, fmt=cfg.student.format, forcing=cfg.budget.forcing,
-                          answer_tokens=cfg.budget.answer_tokens, batch_size=cfg.eval.batch_size, name=target_name)
+                          answer_tokens=cfg.budget.answer_tokens, batch_size=cfg.eval.batch_size,
+                          calculator=cfg.eval.calculator, name=target_name)
         # The base model only gets the run's own budget setting: the extra budgets are about the student.
         target_budgets = budgets if target_name == "student" else budgets[:1]
         for split in cfg.eval.splits:
@@ -110,8 +111,8 @@ def _eval_stage(cfg: ReasonLiteConfig, model_dir: Path, out: Path) -> dict:
 
 def _write_run_report(cfg: ReasonLiteConfig, summary: dict, out: Path) -> None:
     lines = [f"# ReasonLite run `{cfg.name}`", "",
-             f"Student `{cfg.student.model}` trained as `{cfg.student.format}` on `{cfg.data.source}` "
-             f"(teacher `{cfg.teacher.kind}`), inference cap {cfg.budget.inference_cap}.", "",
+             (f"Student `{cfg.student.model}` trained as `{cfg.student.format}` on `{cfg.data.source}` "
+              f"(teacher `{cfg.teacher.kind}`), inference cap {cfg.budget.inference_cap}."), "",
              "| split | model | accuracy | mean tokens | p95 tokens | latency s/q | exec errors |",
              "|---|---|---|---|---|---|---|"]
     for split, per_model in summary["splits"].items():
@@ -151,6 +152,23 @@ def run_pipeline(cfg: ReasonLiteConfig, force: tuple[str, ...] = ()) -> Pipeline
          "metrics": result.metrics}, indent=2))
     _write_serve_config(run_dir, train_dir / "model", cfg)
     return result
+
+
+def train_once(cfg: ReasonLiteConfig, cache_root: str | Path) -> tuple[Path, float]:
+    """(exported student folder, train seconds) for `cfg`: the trace set and the student are built in
+    `cache_root/<train-stage hash>/` the first time and reused afterwards (benchmarks and scripts that need a trained
+    student but not a whole run folder). An interrupted build resumes from its teacher cache and checkpoints."""
+    folder = Path(cache_root) / stage_hash(cfg, "train")
+    model_dir, metrics = folder / "train" / "model", folder / "train" / "metrics.json"
+    if (model_dir / "config.json").exists():
+        console.print(f"[dim]cached student: {model_dir}[/dim]")
+        return model_dir, json.loads(metrics.read_text()).get("total_train_seconds", 0.0) if metrics.exists() else 0.0
+    from reasonlite.traces import build_trace_set
+    from reasonlite.train import train_student
+
+    build_trace_set(cfg, folder / "traces")
+    result = train_student(cfg, folder / "traces", folder / "train")
+    return Path(result.export_dir), result.train_seconds
 
 
 def _write_serve_config(run_dir: Path, model_dir: Path, cfg: ReasonLiteConfig) -> Path:

@@ -9,7 +9,10 @@ end-of-turn token, so what is trained is exactly what is asked for.
 Formats (see `reasonlite.formats`): answer, cot, pal, and step_by_step (two rows per trace, the [label] task weighted
 by `train.step_by_step_alpha` and the [rationale] task by 1 - alpha; the weights travel in a `loss_weight` column).
 With `budget.condition_training`, rationale rows state "Use at most N tokens." where N is the trace's own length
-bucket, so at inference a stated budget means something the student has seen.
+bucket, so at inference a stated budget means something the student has seen. `budget.compress` (cot) adds, per trace,
+the rationale's compressed form (`calculator.compress_rationale`: its equations, single-use results inlined) at that
+form's own, smaller bucket, plus the full rationale without any stated budget: the student learns to write it out
+when no budget is stated or the budget is generous, and to write the arithmetic alone when the budget is tight.
 """
 
 from __future__ import annotations
@@ -115,6 +118,8 @@ def trace_examples(cfg: ReasonLiteConfig, traces: list[Any], tokenizer=None) -> 
                                    1.0 - alpha, "rationale", tid))
         else:
             out.append(TextExample(build_messages(q, fmt, budget=budget), rationale_target, trace_id=tid))
+            if cfg.budget.compress:
+                out.extend(_compressed_rows(cfg, q, rationale_target, label or "", tid, tokenizer, report))
         report.used += 1
     if not out:
         reasons = ", ".join(f"{k}: {v}" for k, v in report.dropped.items())
@@ -125,6 +130,23 @@ def trace_examples(cfg: ReasonLiteConfig, traces: list[Any], tokenizer=None) -> 
                              f"trace set, or choose a student.format the traces support (answer)")
         raise TrainError(f"all {len(traces)} traces were filtered out ({reasons}): check the trace set / teacher")
     return out, report
+
+
+def _compressed_rows(cfg: ReasonLiteConfig, question: str, rationale: str, label: str, trace_id: str, tokenizer,
+                     report: BuildReport) -> list[TextExample]:
+    """`budget.compress`: the full rationale with no stated budget, and its compressed form at that form's bucket."""
+    from reasonlite.calculator import compress_rationale
+
+    rows = [TextExample(build_messages(question, "cot"), rationale, trace_id=trace_id)]
+    short = compress_rationale(rationale, label)
+    if short is None:  # no equations, or they do not give the label: nothing to compress
+        report.drop("not compressible (kept full only)")
+        return rows
+    if tokenizer is None:
+        raise TrainError("budget.compress needs the student tokenizer to bucket compressed rationales")
+    bucket = budget_bucket(len(tokenizer(short, add_special_tokens=False)["input_ids"]), cfg.budget.buckets)
+    rows.append(TextExample(build_messages(question, "cot", budget=bucket), short, trace_id=trace_id))
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------- tokenisation
