@@ -7,7 +7,8 @@ and cached under bench-results/merge-specialists/<train hash>/ (or passed in wit
 Every registered merge method combines them against the base SmolLM2-135M-Instruct with one fixed setting (no
 tuning): linear 0.5/0.5, slerp t=0.5, task_arithmetic / ties / dare_* weight 1.0 each (density 0.6 for the trimming
 methods). Each model — base, both specialists, every merge — is scored on both task sets (retail-math held-out questions
-of the training templates in PAL format; the first GSM8K test questions in CoT format with a reasoning cap), greedy.
+of the training templates in PAL format; the first GSM8K test questions in CoT format with a reasoning cap and the
+decoding-time calculator), greedy.
 Merge time is measured here in-process; peak RSS per method is bench_merging.py's job (fresh subprocesses).
 
 Run: `.venv/bin/python benchmarks/bench_merge_quality.py [--quick] [--pal DIR] [--cot DIR]`.
@@ -66,25 +67,6 @@ def specialist_config(task: str, size: dict):
     })
 
 
-def specialist(cfg) -> tuple[Path, float]:
-    """(exported model dir, train seconds) for `cfg`, trained once and cached by the train-stage hash."""
-    from reasonlite.config import stage_hash
-
-    folder = CACHE / stage_hash(cfg, "train")
-    model_dir = folder / "train" / "model"
-    metrics = folder / "train" / "metrics.json"
-    if (model_dir / "config.json").exists():
-        console.print(f"[dim]cached specialist: {model_dir}[/dim]")
-        seconds = json.loads(metrics.read_text()).get("train_seconds", 0.0) if metrics.exists() else 0.0
-        return model_dir, seconds
-    from reasonlite.traces import build_trace_set
-    from reasonlite.train import train_student
-
-    build_trace_set(cfg, folder / "traces")
-    result = train_student(cfg, folder / "traces", folder / "train")
-    return Path(result.export_dir), result.train_seconds
-
-
 def merge_config(method: str, pal: Path, cot: Path, seed: int = 0):
     from slm_fusion.merging.config import MergeConfig
 
@@ -100,7 +82,7 @@ def _score(model: str, fmt: str, examples, budget: int | None, name: str) -> dic
     from reasonlite.evaluate import evaluate
     from reasonlite.infer import Student
 
-    student = Student(model, fmt=fmt, batch_size=16, name=name)
+    student = Student(model, fmt=fmt, batch_size=16, name=name, calculator=fmt == "cot")
     m = evaluate(student, examples, budgets=[budget], max_new_tokens=200, data_name=name).points[0].metrics
     del student
     return {"accuracy": round(m["accuracy"], 4), "mean_tokens": round(m["mean_tokens"], 1),
@@ -111,6 +93,7 @@ def run(quick: bool = False, pal: str | None = None, cot: str | None = None) -> 
     import torch
 
     from reasonlite.data.splits import load_splits
+    from reasonlite.pipeline import train_once
     from slm_fusion.merging.driver import run_merge
 
     torch.manual_seed(0)
@@ -118,8 +101,8 @@ def run(quick: bool = False, pal: str | None = None, cot: str | None = None) -> 
     OUT.mkdir(parents=True, exist_ok=True)
     pal_cfg, cot_cfg = specialist_config("retail-pal", size), specialist_config("gsm8k-cot", size)
     train_s: dict[str, float] = {}
-    pal_dir, train_s["retail-pal"] = (Path(pal), 0.0) if pal else specialist(pal_cfg)
-    cot_dir, train_s["gsm8k-cot"] = (Path(cot), 0.0) if cot else specialist(cot_cfg)
+    pal_dir, train_s["retail-pal"] = (Path(pal), 0.0) if pal else train_once(pal_cfg, CACHE)
+    cot_dir, train_s["gsm8k-cot"] = (Path(cot), 0.0) if cot else train_once(cot_cfg, CACHE)
     tasks = {  # task -> (format, examples, reasoning cap)
         "retail-math PAL": ("pal", load_splits(pal_cfg.data)["test"][: size["n_eval"]], None),
         "GSM8K CoT": ("cot", load_splits(cot_cfg.data)["test"][: size["n_eval"]], size["cot_budget"]),

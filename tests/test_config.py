@@ -103,3 +103,21 @@ def test_example_configs_load(name):
     cfg = load_config(Path(__file__).parents[1] / "examples" / name)
     if name == "retail_cot_budget.yaml":
         assert cfg.budget.compress and cfg.budget.condition_training and cfg.eval.calculator
+
+
+def test_late_knobs_enter_the_hash_only_when_set():
+    import hashlib
+    import json
+
+    cot = {"student": {"format": "cot"}, "traces": {"style": "cot"}}
+    a = build_config(cot)
+    # the hash this config had before budget.compress / eval.calculator existed: cached stages stay valid
+    before = a.model_dump(mode="json")
+    del before["budget"]["compress"], before["eval"]["calculator"]
+    assert config_hash(a) == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
+    b = build_config({**cot, "budget": {"compress": True, "condition_training": True}})
+    a_conditioned = build_config({**cot, "budget": {"condition_training": True}})
+    assert stage_hash(a_conditioned, "train") != stage_hash(b, "train")
+    assert stage_hash(a_conditioned, "traces") == stage_hash(b, "traces")
+    c = build_config({**cot, "eval": {"calculator": True}})
+    assert stage_hash(a, "train") == stage_hash(c, "train") and stage_hash(a, "eval") != stage_hash(c, "eval")

@@ -265,10 +265,28 @@ def dump_config(cfg: ReasonLiteConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
+# Knobs added after stage folders already existed: they enter a hash only when set away from their default, so that
+# upgrading reasonlite does not orphan every cached trace set and trained student (a retrain can cost GPU hours).
+LATE_KNOBS: dict[str, Any] = {"budget.compress": False, "eval.calculator": False}
+
+
+def _drop_late_defaults(picked: dict) -> None:
+    for knob, default in LATE_KNOBS.items():
+        for key, value in picked.items():
+            if key == knob and value == default:
+                del picked[key]
+                break
+            inner = knob.removeprefix(key + ".") if knob.startswith(key + ".") else None
+            if inner and isinstance(value, dict) and "." not in inner and value.get(inner, object()) == default:
+                del value[inner]
+                break
+
+
 def config_hash(cfg: ReasonLiteConfig, sections: tuple[str, ...] | None = None) -> str:
     """Stable short hash of the whole config or of the given dotted sections."""
     full = cfg.model_dump(mode="json")
-    picked = full if sections is None else {s: get_dotted(full, s) for s in sections}
+    picked = dict(full) if sections is None else {s: get_dotted(full, s) for s in sections}
+    _drop_late_defaults(picked)
     blob = json.dumps(picked, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
