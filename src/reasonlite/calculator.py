@@ -96,14 +96,28 @@ def recompute(text: str) -> str:
 # ------------------------------------------------------------------------------------------------------------------
 
 
+def _digit_token_ids(tokenizer) -> list[int]:
+    """Ids of tokens that begin with a digit (they would extend a number just written), cached per tokenizer."""
+    cached = getattr(tokenizer, "_reasonlite_digit_ids", None)
+    if cached is None:
+        tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        cached = [i for i, t in enumerate(tokens) if t and t[0].isdigit()]
+        tokenizer._reasonlite_digit_ids = cached
+    return cached
+
+
 def calculator_processor(tokenizer, prompt_len: int):
-    """A LogitsProcessor that, per row, forces the calculator's result after every "EXPRESSION =" it generates."""
+    """A LogitsProcessor that, per row, forces the calculator's result after every "EXPRESSION =" it generates,
+    then keeps the row from appending digits to it (a model that expected "2550" would write "255" + "0")."""
     import torch
     from transformers import LogitsProcessor
+
+    digit_ids = torch.tensor(_digit_token_ids(tokenizer), dtype=torch.long)
 
     class CalculatorProcessor(LogitsProcessor):
         def __init__(self) -> None:
             self.pending: dict[int, list[int]] = {}  # row -> token ids still to force
+            self.closing: set[int] = set()  # rows whose result was just completed: no digit may follow
             self.calls = 0  # results inserted (for tests and stats)
 
         def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
@@ -111,6 +125,10 @@ def calculator_processor(tokenizer, prompt_len: int):
                 return scores
             for row in range(input_ids.shape[0]):
                 queue = self.pending.get(row)
+                if not queue and row in self.closing:
+                    self.closing.discard(row)
+                    scores[row, digit_ids.to(scores.device)] = float("-inf")
+                    continue
                 if not queue:
                     # cheap test first: only a just-generated "=" can start a calculation
                     if "=" not in tokenizer.decode(input_ids[row, -1:]):
@@ -122,6 +140,8 @@ def calculator_processor(tokenizer, prompt_len: int):
                     queue = self.pending[row] = tokenizer(insert, add_special_tokens=False).input_ids
                     self.calls += 1
                 forced = queue.pop(0)
+                if not queue:
+                    self.closing.add(row)
                 scores[row, :] = float("-inf")
                 scores[row, forced] = 0.0
             return scores
