@@ -25,6 +25,7 @@ token reduction. Run: `.venv/bin/python benchmarks/bench_budget.py [--quick] [--
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -151,10 +152,15 @@ def run(quick: bool = False, student: str | None = None, budget_student: str | N
         sc_table.add_row(*[str(r.get(c, "")) for c in sc_rows[1]])
     console.print(sc_table)
     console.print(f"headline: {headline}")
-    return {"quick": quick, "students": {"cot": str(cot_dir), "cot+budget": str(budget_dir)},
+    result = {"quick": quick, "students": {"cot": str(cot_dir), "cot+budget": str(budget_dir)},
             "student_build_s": round(build_s, 1), "questions": len(examples),
             "answer_tokens": cfg.budget.answer_tokens, "buckets": BUCKETS, "headline": headline, "table": rows,
             "self_consistency": sc_rows}
+    out = ROOT / "bench-results" / ("budget-quick.json" if quick else "budget.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    console.print(f"wrote {out}")
+    return result
 
 
 def _arg(args: list[str], flag: str) -> str | None:

@@ -264,6 +264,10 @@ def test_student_reads_reasonlite_json(tmp_path):
     assert "Use at most 32 tokens." in student.prompt("Q?", budget=50)
     assert "Use at most" not in student.prompt("Q?")
     assert Student(str(src)).fmt == "cot"  # no reasonlite.json: the default
+    from reasonlite.models import load_model
+
+    pair = Student(load_model(str(tmp_path)))  # a (model, tokenizer) pair loaded from the folder reads it too
+    assert pair.fmt == "pal" and pair.budget_conditioned and pair.budget_buckets == [32, 64]
 
 
 def test_import_reasonlite_stays_light():

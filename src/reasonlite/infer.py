@@ -359,6 +359,9 @@ class Student:
             name = name or str(path_or_model)
         elif isinstance(path_or_model, tuple):
             self.model, tokenizer = path_or_model
+            loaded_from = getattr(self.model, "name_or_path", None)  # the folder load_model read, when it was one
+            if loaded_from and Path(loaded_from).is_dir():
+                meta = read_student_meta(loaded_from)
         elif path_or_model is not None:
             self.model = path_or_model
         if tokenizer is None:
