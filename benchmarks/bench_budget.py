@@ -42,7 +42,7 @@ CACHE = ROOT / "bench-results" / "budget-student"
 console = Console(width=160)
 
 # sized for a 2-core CPU box (about 45 min the first time: two students; they are cached afterwards)
-FULL = {"n_train": 400, "max_steps": 60, "budget_steps": 150, "n_test": 40, "budgets": [24, 32, 48, 64, 96],
+FULL = {"n_train": 400, "max_steps": 60, "budget_steps": 150, "n_test": 40, "budgets": [24, 32, 40, 48, 64, 96],
         "sc_questions": 20, "max_new_tokens": 256}
 QUICK = {"n_train": 40, "max_steps": 6, "budget_steps": 6, "n_test": 8, "budgets": [24, 48], "sc_questions": 4,
          "max_new_tokens": 96}

@@ -103,15 +103,19 @@ def test_processor_forces_the_result_inside_hf_generate(tiny):
     script = tokenizer("The 4 boxes cost 4 * $27 =", add_special_tokens=False).input_ids
     result_len = len(tokenizer(" $108", add_special_tokens=False).input_ids)
     zero = tokenizer("0", add_special_tokens=False).input_ids[0]
+    dot = tokenizer(".", add_special_tokens=False).input_ids[0]
 
-    class Script(LogitsProcessor):  # the random model "writes" an equation, then wants to append a "0" to the result
+    class Script(LogitsProcessor):  # the random model "writes" an equation, then wants to write ".0" after the result
         def __call__(self, input_ids, scores):
             step = input_ids.shape[1] - prompt_len
             if step < len(script):
                 scores[:, :] = float("-inf")
                 scores[:, script[step]] = 0.0
-            elif step >= len(script) + result_len:
-                scores[:, zero] = 1e4
+            elif step == len(script) + result_len:
+                scores[:, zero] = 1e4  # "108" + "0": refused
+                scores[:, dot] = 1e3  # so "." comes next
+            elif step > len(script) + result_len:
+                scores[:, zero] = 1e4  # "108." + "0": refused too
             return scores
 
     calc = calculator_processor(tokenizer, prompt_len)
@@ -121,7 +125,8 @@ def test_processor_forces_the_result_inside_hf_generate(tiny):
                              pad_token_id=tokenizer.pad_token_id)
     text = tokenizer.decode(out[0, prompt_len:], skip_special_tokens=True)
     assert text.startswith("The 4 boxes cost 4 * $27 = $108"), text
-    assert not text[len("The 4 boxes cost 4 * $27 = $108"):][:1].isdigit(), text  # the result is not extended
+    rest = text[len("The 4 boxes cost 4 * $27 = $108"):]
+    assert rest[0] == "." and not rest[1].isdigit(), text  # the result is not extended, not even past a "."
     assert calc.calls == 1
 
 

@@ -108,7 +108,8 @@ def _digit_token_ids(tokenizer) -> list[int]:
 
 def calculator_processor(tokenizer, prompt_len: int):
     """A LogitsProcessor that, per row, forces the calculator's result after every "EXPRESSION =" it generates,
-    then keeps the row from appending digits to it (a model that expected "2550" would write "255" + "0")."""
+    then keeps the row from extending it: a model that expected "2550" or "9.75" would write "255" + "0" or
+    "9" + ".75", so no digit may follow the result, nor follow a "." or "," right after it ("9. The" is fine)."""
     import torch
     from transformers import LogitsProcessor
 
@@ -117,7 +118,7 @@ def calculator_processor(tokenizer, prompt_len: int):
     class CalculatorProcessor(LogitsProcessor):
         def __init__(self) -> None:
             self.pending: dict[int, list[int]] = {}  # row -> token ids still to force
-            self.closing: set[int] = set()  # rows whose result was just completed: no digit may follow
+            self.closing: dict[int, bool] = {}  # row -> True right after its result, False one token later
             self.calls = 0  # results inserted (for tests and stats)
 
         def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
@@ -126,9 +127,12 @@ def calculator_processor(tokenizer, prompt_len: int):
             for row in range(input_ids.shape[0]):
                 queue = self.pending.get(row)
                 if not queue and row in self.closing:
-                    self.closing.discard(row)
-                    scores[row, digit_ids.to(scores.device)] = float("-inf")
-                    continue
+                    just_finished = self.closing.pop(row)
+                    if just_finished or tokenizer.decode(input_ids[row, -1:]) in (".", ","):
+                        scores[row, digit_ids.to(scores.device)] = float("-inf")
+                        if just_finished:
+                            self.closing[row] = False
+                        continue
                 if not queue:
                     # cheap test first: only a just-generated "=" can start a calculation
                     if "=" not in tokenizer.decode(input_ids[row, -1:]):
@@ -141,7 +145,7 @@ def calculator_processor(tokenizer, prompt_len: int):
                     self.calls += 1
                 forced = queue.pop(0)
                 if not queue:
-                    self.closing.add(row)
+                    self.closing[row] = True
                 scores[row, :] = float("-inf")
                 scores[row, forced] = 0.0
             return scores
