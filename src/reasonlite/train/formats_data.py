@@ -116,10 +116,10 @@ def trace_examples(cfg: ReasonLiteConfig, traces: list[Any], tokenizer=None) -> 
                                    build_target(fmt, answer=label, task="label"), alpha, "label", tid))
             out.append(TextExample(build_messages(q, fmt, budget=budget, task="rationale"), rationale_target,
                                    1.0 - alpha, "rationale", tid))
-        elif cfg.budget.compress:
-            out.extend(_compressed_rows(cfg, q, rationale_target, label or "", tid, tokenizer, report))
         else:
             out.append(TextExample(build_messages(q, fmt, budget=budget), rationale_target, trace_id=tid))
+            if cfg.budget.compress:
+                out.extend(_compressed_rows(cfg, q, rationale_target, label or "", tid, tokenizer, report))
         report.used += 1
     if not out:
         reasons = ", ".join(f"{k}: {v}" for k, v in report.dropped.items())
@@ -134,30 +134,18 @@ def trace_examples(cfg: ReasonLiteConfig, traces: list[Any], tokenizer=None) -> 
 
 def _compressed_rows(cfg: ReasonLiteConfig, question: str, rationale: str, label: str, trace_id: str, tokenizer,
                      report: BuildReport) -> list[TextExample]:
-    """`budget.compress`: three rows per trace that teach "the fullest form that fits the stated budget":
-    the full rationale with no stated budget; the full rationale under a bucket it fits; the compressed form under a
-    bucket it fits but the full rationale does not. Each stated bucket is drawn (seeded, per trace) from the eligible
-    ones, so every budget below a question's full length, not only the compressed form's own bucket, means "compress".
-    """
-    import random
-
+    """`budget.compress`: the full rationale with no stated budget, and its compressed form at that form's bucket."""
     from reasonlite.calculator import compress_rationale
 
-    if tokenizer is None:
-        raise TrainError("budget.compress needs the student tokenizer to bucket rationales")
-    buckets = cfg.budget.buckets
-    draw = random.Random(f"{cfg.train.seed}:{trace_id}")
-    n_full = len(tokenizer(rationale, add_special_tokens=False)["input_ids"])
-    full_fits = [b for b in buckets if b >= n_full] or buckets[-1:]
-    rows = [TextExample(build_messages(question, "cot"), rationale, trace_id=trace_id),
-            TextExample(build_messages(question, "cot", budget=draw.choice(full_fits)), rationale, trace_id=trace_id)]
+    rows = [TextExample(build_messages(question, "cot"), rationale, trace_id=trace_id)]
     short = compress_rationale(rationale, label)
     if short is None:  # no equations, or they do not give the label: nothing to compress
         report.drop("not compressible (kept full only)")
         return rows
-    n_short = len(tokenizer(short, add_special_tokens=False)["input_ids"])
-    short_fits = [b for b in buckets if n_short <= b < n_full] or [budget_bucket(n_short, buckets)]
-    rows.append(TextExample(build_messages(question, "cot", budget=draw.choice(short_fits)), short, trace_id=trace_id))
+    if tokenizer is None:
+        raise TrainError("budget.compress needs the student tokenizer to bucket compressed rationales")
+    bucket = budget_bucket(len(tokenizer(short, add_special_tokens=False)["input_ids"]), cfg.budget.buckets)
+    rows.append(TextExample(build_messages(question, "cot", budget=bucket), short, trace_id=trace_id))
     return rows
 
 
