@@ -133,3 +133,23 @@ def test_cli_reports_bad_budget(tmp_path):
     out = CliRunner().invoke(app, ["eval", "tiny-random-llama", "--budgets", "2", "--limit", "1",
                                    "--out", str(tmp_path / "x")])
     assert out.exit_code == 2 and "budget=2" in out.output
+
+
+def test_cli_calculator_flag_reaches_the_student(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from reasonlite.cli import app
+
+    data = tmp_path / "q.jsonl"
+    data.write_text(json.dumps({"question": "What is 4 * 27?", "answer": "108"}) + "\n")
+    out = CliRunner().invoke(app, ["eval", "tiny-random-llama", "--data", str(data), "--format", "cot",
+                                   "--budgets", "8", "--calculator", "--out", str(tmp_path / "ev")])
+    assert out.exit_code == 0, out.output
+    result = json.loads((tmp_path / "ev" / "result.json").read_text())
+    assert result["meta"]["calculator"] is True
+    assert "calculator: True" in (tmp_path / "ev" / "report.md").read_text()
+    refused = CliRunner().invoke(app, ["eval", "tiny-random-llama", "--data", str(data), "--format", "pal",
+                                       "--calculator", "--out", str(tmp_path / "ev2")])
+    assert refused.exit_code == 2 and "calculator=True is for cot/answer students" in refused.output
