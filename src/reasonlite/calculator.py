@@ -56,6 +56,13 @@ def render(value: Fraction, money: bool) -> str:
     return format_number(value, max_decimals=4)
 
 
+def _computed(match: re.Match) -> tuple[str, Fraction] | None:
+    """(expression, exact value) of a matched expression (group 1); None when it has no value."""
+    expr = _balanced(match.group(1).strip())
+    value = evaluate_text(expr) if expr else None
+    return (expr, value) if value is not None else None
+
+
 def calculate(text: str) -> str | None:
     """The text the calculator inserts after `text`, or None when `text` does not end in "EXPRESSION =".
 
@@ -64,12 +71,10 @@ def calculate(text: str) -> str | None:
     if not text.endswith("="):
         return None
     match = _EXPR_AT_END.search(text[-MAX_TAIL:])
-    if match is None:
+    computed = _computed(match) if match else None
+    if computed is None:
         return None
-    expr = _balanced(match.group(1).strip())
-    value = evaluate_text(expr) if expr else None
-    if value is None:
-        return None
+    expr, value = computed
     spaced = bool(match.group(2))  # "a * b =" is followed by " value", "a*b=" by "value"
     return (" " if spaced else "") + render(value, money="$" in expr)
 
@@ -79,10 +84,10 @@ def recompute(text: str) -> str:
     which are not decoded token by token; the rest of a scripted text cannot react to a corrected result."""
     out, pos = [], 0
     for match in _EQUATION.finditer(text):
-        expr = _balanced(match.group(1).strip())
-        value = evaluate_text(expr) if expr else None
-        if value is None:
+        computed = _computed(match)
+        if computed is None:
             continue
+        expr, value = computed
         start, end = match.span(2)
         result = render(value, money="$" in expr)
         written_money = match.group(2).startswith("$")
@@ -190,12 +195,8 @@ def compress_rationale(rationale: str, answer: str) -> str | None:
     from reasonlite.formats import answer_sentence
 
     body = re.split(r"(?i)the answer is", rationale)[0]
-    equations = []
-    for match in _EQUATION.finditer(body):
-        expr = _balanced(match.group(1).strip())
-        value = evaluate_text(expr) if expr else None
-        if value is not None:
-            equations.append([_strip_units(expr), render(value, money=False)])
+    computed = [c for c in map(_computed, _EQUATION.finditer(body)) if c is not None]
+    equations = [(_strip_units(expr), render(value, money=False)) for expr, value in computed]
     if not equations:
         return None
     number = re.compile(r"(?<![\d.])\d+(?:\.\d+)?(?![\d.%])")  # a result used as an operand (not "25%")
