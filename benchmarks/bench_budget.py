@@ -139,18 +139,8 @@ def run(quick: bool = False, student: str | None = None, budget_student: str | N
     reductions = [h["token_reduction_vs_plain_%"] for h in (headline["cap_only"], headline["budget_trained"]) if h]
     headline["target_met"] = bool(reductions and max(reductions) >= 50)
 
-    table = Table(title=f"Trace-budget controller, CoT SmolLM2 students, retail-math test ({len(examples)} questions)")
-    for col in rows[0]:
-        table.add_column(col, justify="left" if col in ("student", "setting") else "right")
-    for r in rows:
-        table.add_row(*[str(r.get(c, "")) for c in rows[0]])
-    console.print(table)
-    sc_table = Table(title=f"Self-consistency, cot student with calculator ({len(sc_examples)} questions, no cap)")
-    for col in sc_rows[1]:
-        sc_table.add_column(col, justify="left" if col in ("student", "setting") else "right")
-    for r in sc_rows:
-        sc_table.add_row(*[str(r.get(c, "")) for c in sc_rows[1]])
-    console.print(sc_table)
+    _print_table(f"Trace-budget controller, CoT SmolLM2 students, retail-math test ({len(examples)} questions)", rows)
+    _print_table(f"Self-consistency, cot student with calculator ({len(sc_examples)} questions, no cap)", sc_rows)
     console.print(f"headline: {headline}")
     result = {"quick": quick, "students": {"cot": str(cot_dir), "cot+budget": str(budget_dir)},
             "student_build_s": round(build_s, 1), "questions": len(examples),
@@ -161,6 +151,16 @@ def run(quick: bool = False, student: str | None = None, budget_student: str | N
     out.write_text(json.dumps(result, indent=2))
     console.print(f"wrote {out}")
     return result
+
+
+def _print_table(title: str, rows: list[dict]) -> None:
+    columns = list(dict.fromkeys(c for r in rows for c in r))  # every row's keys, in first-seen order
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("student", "setting") else "right")
+    for r in rows:
+        table.add_row(*[str(r.get(c, "")) for c in columns])
+    console.print(table)
 
 
 def _arg(args: list[str], flag: str) -> str | None:

@@ -202,6 +202,7 @@ def compress_rationale(rationale: str, answer: str) -> str | None:
     number = re.compile(r"(?<![\d.])\d+(?:\.\d+)?(?![\d.%])")  # a result used as an operand (not "25%")
     inline: dict[str, str] = {}  # result text -> expression to put in its place (used once later)
     kept: list[str] = []
+    final_value: Fraction | None = None  # value of the last kept equation
     for i, (expr, result) in enumerate(equations):
         expr = number.sub(lambda m: inline.pop(m.group(0), m.group(0)), expr)
         later = [number.findall(e) for e, _ in equations[i + 1:]]
@@ -209,8 +210,8 @@ def compress_rationale(rationale: str, answer: str) -> str | None:
         if uses == 1 and i < len(equations) - 1:
             inline[result] = _wrapped(expr)
         else:
-            kept.append(f"{expr}={render(evaluate_text(expr) or Fraction(0), money=False)}")
-    final_value = evaluate_text(kept[-1].split("=")[0])
+            final_value = evaluate_text(expr)
+            kept.append(f"{expr}={render(final_value or Fraction(0), money=False)}")
     if final_value is None or not answers_match(render(final_value, money=False), answer):
         return None
     return ". ".join(kept) + ". " + answer_sentence(answer)
