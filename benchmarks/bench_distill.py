@@ -117,7 +117,7 @@ def run(quick: bool = False, students: tuple[str, ...] = ("answer", "cot", "pal"
             result = TrainResult(train_dir / "model", m["steps"], m["total_train_seconds"], m["final_loss"])
             console.print(f"[dim]reusing the student exported in {train_dir}[/dim]")
         else:
-            result = train_student(cfg, traces_for(fmt), train_dir)
+            result = train_student(cfg, traces_for(fmt), train_dir, resume=True)  # a crashed run continues
         train_minutes = (time.perf_counter() - t0) / 60
         rows[name] = {"format": fmt, "steps": result.steps, "train_minutes": round(result.train_seconds / 60, 2),
                       "wall_minutes": round(train_minutes, 2), "final_loss": round(result.final_loss, 4),

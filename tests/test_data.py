@@ -103,3 +103,41 @@ def test_clear_errors_for_missing_file_unknown_mapping_and_all_bad(tmp_path):
     with pytest.raises(DataError, match="unsupported"):
         load_examples(tmp_path / "d.xlsx")
 
+
+
+# ---------------------------------------------------------------------------------------------- templates and mixes
+def test_mapping_template_builds_a_field_from_several_columns(tmp_path):
+    path = tmp_path / "svamp.jsonl"
+    path.write_text(json.dumps({"Body": "Ann has 3 apples.", "Question": "How many?", "Answer": 3.0}) + "\n")
+    [ex] = load_examples(path, mapping={"question": "{Body} {Question}", "answer": "Answer"})
+    assert ex.question == "Ann has 3 apples. How many?" and ex.answer == "3"
+    with pytest.raises(DataError, match=r"template '\{Body\} \{Missing\}' names column 'Missing'"):
+        load_examples(path, mapping={"question": "{Body} {Missing}", "answer": "Answer"}, on_bad="fail")
+
+
+def test_eval_data_file_honours_the_field_mapping(tmp_path):
+    from reasonlite.evaluate import load_eval_data
+
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps({"Body": f"Bo has {i} pens.", "Q": "How many?", "Answer": i}) + "\n"
+                            for i in range(3)))
+    examples = load_eval_data(str(path), field_mapping={"question": "{Body} {Q}", "answer": "Answer"})
+    assert [e.question for e in examples] == [f"Bo has {i} pens. How many?" for i in range(3)]
+    with pytest.raises(DataError, match="column 'question' is missing"):
+        load_eval_data(str(path))
+
+
+def test_data_mix_trains_on_weighted_sources_and_reports_each_split():
+    from reasonlite.config import DataConfig
+    from reasonlite.data.splits import load_splits
+
+    cfg = DataConfig(source="retail_math", n_train=40, n_test=5,
+                     mix=[{"source": "retail_math", "name": "other", "weight": 0.5, "n_test": 3}])
+    splits = load_splits(cfg)
+    assert len(splits["train"]) == 40 + 20
+    assert len(splits["test"]) == 5 and len(splits["other:test"]) == 3
+    eval_only = load_splits(DataConfig(source="retail_math", n_train=40, n_test=5,
+                                       mix=[{"source": "retail_math", "name": "guard", "weight": 0.0}]))
+    assert len(eval_only["train"]) == 40 and "guard:test" in eval_only
+    with pytest.raises(ValueError, match="two sources are named 'x'"):
+        load_splits(DataConfig(mix=[{"source": "retail_math", "name": "x"}, {"source": "retail_math", "name": "x"}]))

@@ -21,10 +21,38 @@ NATALIA_Q = ("Natalia sold clips to 48 of her friends in April, and then she sol
 
 
 def test_annotations_become_a_chained_program():
-    program, status = solution_to_program(NATALIA, "72", NATALIA_Q)
+    program, status = solution_to_program(NATALIA, "72", NATALIA_Q, named=False)
     assert status == "ok"
     assert program == "def solution():\n    v1 = 48 / 2\n    v2 = 48 + v1\n    return v2\n"
     assert execute(program).value == 72
+
+
+def test_named_programs_bind_each_given_to_a_name_from_the_question():
+    program, status = solution_to_program(NATALIA, "72", NATALIA_Q)
+    assert status == "ok"
+    assert program == ("def solution():\n    friends_april = 48\n    clips = friends_april / 2\n"
+                       "    answer = friends_april + clips\n    return answer\n")
+    assert execute(program).value == 72
+
+
+def test_named_programs_name_money_per_unit_and_keep_unstated_constants():
+    question = "Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of babysitting. How much?"
+    solution = ("Weng earns 12/60 = $<<12/60=0.2>>0.2 per minute.\n"
+                "Working 50 minutes, she earned 0.2 x 50 = $<<0.2*50=10>>10.\n#### 10")
+    program, status = solution_to_program(solution, "10", question)
+    assert status == "ok"
+    lines = program.splitlines()
+    assert lines[1:3] == ["    dollars_per_hour = 12", "    minutes_babysitting = 50"]
+    assert "dollars_per_hour / 60" in program  # 60 is not in the question: it stays a literal
+    assert lines[-2] == "    answer = dollars_per_minute * minutes_babysitting"
+    assert execute(program).value == 10
+
+
+def test_named_programs_drop_side_steps_after_the_answer():
+    program, status = solution_to_program("a <<2*3=6>> b <<6+1=7>>\n#### 6", "6", "2 boxes with 3 pens each")
+    assert status == "ok"
+    assert program == ("def solution():\n    boxes = 2\n    pens = 3\n    answer = boxes * pens\n"
+                       "    return answer\n")
 
 
 def test_rationale_drops_annotations_and_ends_with_the_answer():
@@ -41,7 +69,7 @@ def test_broken_chains_get_no_program_and_say_why():
     assert solution_to_program("a <<2*3=6>> b\n#### 7", "7") == (None, "answer_not_in_chain")
     assert solution_to_program("a <<2x3=6>> b\n#### 6", "6") == (None, "bad_expression")
     # the answer may come from an earlier step when the last annotation is a side computation
-    program, status = solution_to_program("a <<2*3=6>> b <<6+1=7>>\n#### 6", "6")
+    program, status = solution_to_program("a <<2*3=6>> b <<6+1=7>>\n#### 6", "6", named=False)
     assert status == "ok" and program.rstrip().endswith("return v1")
 
 
@@ -74,7 +102,8 @@ def test_train_programs_execute_to_the_gold_answer_in_the_sandbox():
 def test_unannotated_last_step_is_recovered_only_when_it_holds():
     solution = ("She sells 3 crafts: 3 * 12 = $<<3*12=36>>36\nShe gets $36 + $7 = $<<36+7=43>>43\n"
                 "She deposits $18, leaving her with $43 - $18 = $25\n#### 25")
-    program, status = solution_to_program(solution, "25", "3 crafts for 12 dollars each, 7 dollars tip, 18 deposit")
+    program, status = solution_to_program(solution, "25", "3 crafts for 12 dollars each, 7 dollars tip, 18 deposit",
+                                          named=False)
     assert status == "ok"
     assert program.splitlines()[-2:] == ["    v3 = v2 - 18", "    return v3"]
     assert solution_to_program(solution, "25", plain_equations=False) == (None, "answer_not_in_chain")

@@ -1,29 +1,64 @@
-"""The seeded retail-math generator: determinism, gold signals that agree, and leak-free splits."""
+"""The seeded retail-math generator: determinism, gold signals that agree, structures and phrasings, distractors, and
+leak-free transfer splits."""
+
+import random
+import re
 
 import pytest
 
 from reasonlite.answers import answers_match, extract_answer
+from reasonlite.config import DataConfig
 from reasonlite.data import TEMPLATES, generate_retail_math, retail_math_splits
-from reasonlite.data.retail_math import DEFAULT_HELDOUT_TEMPLATES
+from reasonlite.data.retail_math import (
+    DEFAULT_HELDOUT_FAMILIES,
+    FAMILIES,
+    FAMILY_SPECS,
+    PHRASINGS,
+    REWORDED_PHRASINGS,
+    STRUCTURES,
+    TRAIN_PHRASINGS,
+    _draw,
+)
+from reasonlite.data.splits import load_splits
 from reasonlite.sandbox import execute_many
 
+EVAL_SPLITS = ("test", "test_heldout_families", "test_reworded")
+QUESTION_FIRST = (3, 4, 5)
 
-def test_at_least_ten_templates_and_each_is_generated():
-    assert len(TEMPLATES) >= 10
-    examples = generate_retail_math(3 * len(TEMPLATES), seed=0)
-    assert {e.metadata["template"] for e in examples} == set(TEMPLATES)
+
+@pytest.fixture(scope="module")
+def splits():
+    return retail_math_splits(n_train=200, n_test=60, seed=1, n_test_reworded=50)
+
+
+def test_families_are_generated_in_turn():
+    assert TEMPLATES == FAMILIES and len(FAMILIES) >= 6
+    examples = generate_retail_math(3 * len(FAMILIES), seed=0)
+    assert {e.metadata["family"] for e in examples} == set(FAMILIES)
+    assert all(e.metadata["template"] == e.metadata["family"] for e in examples)
+
+
+def test_at_least_sixty_structures_of_two_to_four_operations():
+    assert len(STRUCTURES) == len(set(STRUCTURES)) >= 60
+    for family, spec in FAMILY_SPECS.items():
+        assert spec.structures, family
+        assert all(2 <= len(ops) <= 4 for ops in spec.structures), family
+    examples = generate_retail_math(400, seed=5)
+    assert {e.metadata["structure"] for e in examples} <= set(STRUCTURES)
+    assert len({e.metadata["structure"] for e in examples}) >= 60
 
 
 def test_same_seed_same_problems_and_different_seeds_differ():
-    a = generate_retail_math(40, seed=7)
-    b = generate_retail_math(40, seed=7)
-    c = generate_retail_math(40, seed=8)
+    a = generate_retail_math(40, seed=7, distractors=0.5)
+    b = generate_retail_math(40, seed=7, distractors=0.5)
+    c = generate_retail_math(40, seed=8, distractors=0.5)
     assert [e.model_dump() for e in a] == [e.model_dump() for e in b]
     assert sum(x.question != y.question for x, y in zip(a, c, strict=True)) >= 38
+    assert retail_math_splits(20, 5, seed=3) == retail_math_splits(20, 5, seed=3)
 
 
-def test_gold_programs_cot_and_answers_agree_for_every_template():
-    examples = generate_retail_math(20 * len(TEMPLATES), seed=3)
+def test_gold_programs_cot_and_answers_agree_for_every_structure_and_phrasing():
+    examples = generate_retail_math(600, seed=3, phrasings=PHRASINGS, distractors=0.3)
     results = execute_many([e.program for e in examples])
     for e, r in zip(examples, results, strict=True):
         assert r.ok, (e.metadata, r.message, e.program)
@@ -31,30 +66,98 @@ def test_gold_programs_cot_and_answers_agree_for_every_template():
         assert extract_answer(e.rationale) == e.answer
         assert e.rationale.endswith(f"The answer is {e.answer}.")
         assert e.program.startswith("def solution():") and e.program.rstrip().endswith("return answer")
-        assert 2 <= e.metadata["steps"] <= 5
+        assert 2 <= len(e.metadata["ops"]) <= 4 and e.metadata["steps"] >= 2
         assert e.domain == "retail"
         # clean answers: whole numbers or at most two decimals (cents)
         assert float(e.answer) > 0 and len(e.answer.partition(".")[2]) <= 2
     assert len({e.question for e in examples}) == len(examples)
+    assert {e.metadata["phrasing"] for e in examples} == set(PHRASINGS)
+    assert any(e.metadata["distractors"] for e in examples)
 
 
-def test_splits_hold_out_templates_and_never_share_questions():
-    splits = retail_math_splits(n_train=150, n_test=60, seed=1)
-    train, test, heldout = splits["train"], splits["test"], splits["test_heldout_templates"]
-    assert (len(train), len(test), len(heldout)) == (150, 60, 60)
-    train_templates = {e.metadata["template"] for e in train}
-    assert train_templates.isdisjoint(DEFAULT_HELDOUT_TEMPLATES)
-    assert {e.metadata["template"] for e in test} <= train_templates
-    assert {e.metadata["template"] for e in heldout} == set(DEFAULT_HELDOUT_TEMPLATES)
-    train_questions = {e.question for e in train}
-    assert not train_questions & {e.question for e in test}
-    assert not train_questions & {e.question for e in heldout}
-    assert len({e.id for e in train + test + heldout}) == 270
+def test_every_family_has_five_or_more_phrasings_of_one_draw():
+    assert len(TRAIN_PHRASINGS) >= 5 and set(TRAIN_PHRASINGS).isdisjoint(REWORDED_PHRASINGS)
+    for family, spec in FAMILY_SPECS.items():
+        for ops in spec.structures[:: max(len(spec.structures) // 3, 1)]:
+            drawn = [_draw(family, ops, p, random.Random(f"{family}:{ops}")) for p in PHRASINGS]
+            assert len({d.question for d in drawn}) == len(PHRASINGS) >= 5, (family, ops)
+            assert len({d.solution.program() for d in drawn}) == 1  # the phrasing changes only the words
+            assert len({d.solution.answer() for d in drawn}) == 1
 
 
-def test_custom_heldout_templates_and_bad_names():
-    splits = retail_math_splits(30, 10, seed=2, heldout_templates=["split_stock"])
-    assert all(e.metadata["template"] != "split_stock" for e in splits["train"])
-    assert {e.metadata["template"] for e in splits["test_heldout_templates"]} == {"split_stock"}
+def test_distractors_add_sentences_but_never_change_the_problem():
+    plain = generate_retail_math(80, seed=4, phrasings=PHRASINGS)
+    noisy = generate_retail_math(80, seed=4, phrasings=PHRASINGS, distractors=1.0)
+    assert all(e.metadata["distractors"] == 0 for e in plain)
+    assert all(e.metadata["distractors"] in (1, 2) for e in noisy)
+    for p, n in zip(plain, noisy, strict=True):
+        assert (p.answer, p.program, p.rationale) == (n.answer, n.program, n.rationale)
+        assert len(n.question) > len(p.question)
+        sentences = re.split(r"(?<=[.?]) ", p.question)
+        assert all(s in n.question for s in sentences)
+        end = 0 if p.metadata["phrasing"] in QUESTION_FIRST else -1  # the question sentence stays where it was
+        assert re.split(r"(?<=[.?]) ", n.question)[end] == sentences[end]
+
+
+def test_splits_sizes_and_metadata(splits):
+    assert [len(splits[name]) for name in ("train", *EVAL_SPLITS)] == [200, 60, 60, 50]
+    assert splits["test_heldout_templates"] is splits["test_heldout_families"]  # the old name still works
+    all_examples = [e for name in ("train", *EVAL_SPLITS) for e in splits[name]]
+    assert len({e.id for e in all_examples}) == len(all_examples)
+    for e in all_examples:
+        assert {"family", "structure", "phrasing", "distractors"} <= set(e.metadata)
+
+
+def test_heldout_families_are_never_trained_on(splits):
+    train_families = {e.metadata["family"] for e in splits["train"]}
+    assert train_families == set(FAMILIES) - set(DEFAULT_HELDOUT_FAMILIES)
+    assert {e.metadata["family"] for e in splits["test_heldout_families"]} == set(DEFAULT_HELDOUT_FAMILIES)
+    # transfer is possible: every operation of a held-out family is used by some training family
+    train_ops = {op for e in splits["train"] for op in e.metadata["ops"]}
+    assert {op for e in splits["test_heldout_families"] for op in e.metadata["ops"]} <= train_ops
+
+
+def test_test_split_uses_trained_structures_and_phrasings(splits):
+    train_structures = {e.metadata["structure"] for e in splits["train"]}
+    assert {e.metadata["structure"] for e in splits["test"]} <= train_structures
+    assert {e.metadata["phrasing"] for e in splits["test"] + splits["train"]} <= set(TRAIN_PHRASINGS)
+
+
+def test_reworded_split_uses_phrasings_never_trained_on(splits):
+    reworded, train = splits["test_reworded"], splits["train"]
+    assert {e.metadata["phrasing"] for e in reworded} == set(REWORDED_PHRASINGS)
+    assert {e.metadata["phrasing"] for e in train}.isdisjoint(REWORDED_PHRASINGS)
+    assert {e.metadata["family"] for e in reworded} <= {e.metadata["family"] for e in train}
+    # the sentences are new too, not only the clause order
+    train_sentences = {s for e in train for s in e.question.split(". ")}
+    new = [sum(s not in train_sentences for s in e.question.split(". ")) for e in reworded]
+    assert all(k >= 1 for k in new)
+
+
+def test_no_eval_question_equals_a_train_question(splits):
+    train_questions = {e.question for e in splits["train"]}
+    for name in EVAL_SPLITS:
+        assert not train_questions & {e.question for e in splits[name]}, name
+    # the test split stays disjoint however large train grows: a hash reserves its questions
+    bigger = retail_math_splits(n_train=1500, n_test=60, seed=1, n_test_heldout=1, n_test_reworded=1)
+    assert [e.question for e in bigger["test"]] == [e.question for e in splits["test"]]
+    assert not {e.question for e in bigger["train"]} & {e.question for e in splits["test"]}
+
+
+def test_custom_heldout_families_config_aliases_and_bad_names():
+    s = retail_math_splits(30, 10, seed=2, heldout_families=["checkout"], n_test_reworded=4)
+    assert all(e.metadata["family"] != "checkout" for e in s["train"] + s["test"] + s["test_reworded"])
+    assert {e.metadata["family"] for e in s["test_heldout_families"]} == {"checkout"}
+    old = retail_math_splits(30, 10, seed=2, heldout_templates=["checkout"], n_test_reworded=4)
+    assert old["test_heldout_templates"] == s["test_heldout_families"]
     with pytest.raises(ValueError, match="unknown"):
         generate_retail_math(3, templates=["no_such_template"])
+    with pytest.raises(ValueError, match="every family"):
+        retail_math_splits(3, 3, heldout_families=FAMILIES)
+
+    cfg = DataConfig(n_train=12, n_test=4, n_test_heldout_templates=3, heldout_templates=["checkout"],
+                     n_test_reworded=2, distractors=1.0)
+    assert (cfg.n_test_heldout_families, cfg.heldout_families) == (3, ["checkout"])
+    loaded = load_splits(cfg)
+    assert [len(loaded[k]) for k in ("train", *EVAL_SPLITS)] == [12, 4, 3, 2]
+    assert all(e.metadata["distractors"] >= 1 for e in loaded["train"])

@@ -210,7 +210,6 @@ BENIGN_CASES: list[tuple[str, str, object]] = [
     ),
     ("ifexp_bool", _fn("return True if 3 > 2 and not False else False"), True),
     ("none_result", _fn("x = 1"), None),
-    ("list_result_as_str", _fn("return [1, 2]"), "[1, 2]"),
     (
         "methods",
         _fn(
@@ -415,3 +414,11 @@ def test_exec_result_is_frozen():
     result = ExecResult(True, 1)
     with pytest.raises(dataclasses.FrozenInstanceError):
         result.ok = False  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("code", [_fn("return [1, 2, 3]"), _fn("return (1, 2)"), _fn("return {'a': 1}"),
+                                  _fn("return {1, 2}"), "answer = [1, 2]"])
+def test_container_result_is_not_an_answer(sb, code):
+    result = sb.run(code, entry="solution" if "def solution" in code else None)
+    assert not result.ok and result.error == "runtime"
+    assert "not a single answer" in result.message

@@ -2,28 +2,54 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 
 import typer
 from rich.console import Console
 
-from reasonlite.config import ConfigError, ReasonLiteConfig, dump_config, load_config, parse_override
+from reasonlite.cli_boundary import OneLineErrorsGroup, version_callback
+from reasonlite.config import ReasonLiteConfig, dump_config, load_config, parse_override
 
+# Errors: one line on stderr and exit 2 usage/config, 3 data/model not found, 4 runtime (reasonlite.cli_boundary).
 app = typer.Typer(help="ReasonLite: distil reasoning into small language models.", no_args_is_help=True,
-                  pretty_exceptions_enable=False)
+                  pretty_exceptions_enable=False, cls=OneLineErrorsGroup)
 config_app = typer.Typer(help="Inspect the config surface.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+verifier_app = typer.Typer(help="Train a verifier that picks the best of k sampled programs.", no_args_is_help=True)
+app.add_typer(verifier_app, name="verifier")
 console = Console()
 
 SetOption = typer.Option(None, "--set", "-s", help="override a knob: section.field=value (repeatable)")
 
 
+class Stage(str, Enum):
+    traces = "traces"
+    train = "train"
+    eval = "eval"
+
+
+class Select(str, Enum):
+    greedy = "greedy"
+    vote = "vote"
+    verifier = "verifier"
+
+
+class Pick(str, Enum):
+    accuracy = "accuracy"
+    tokens = "tokens"
+    knee = "knee"
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=version_callback("reasonlite"), is_eager=True,
+                                       help="print the version and exit"),
+          debug: bool = typer.Option(False, "--debug", help="show tracebacks instead of one-line errors")) -> None:
+    """ReasonLite: distil reasoning into small language models."""
+
+
 def _load(config: Path | None, overrides: list[str] | None) -> ReasonLiteConfig:
-    try:
-        return load_config(config, dict(parse_override(o) for o in overrides or []))
-    except ConfigError as e:
-        console.print(f"[red]{e}[/red]")
-        raise typer.Exit(2) from None
+    return load_config(config, dict(parse_override(o) for o in overrides or []))  # ConfigError: exit 2, one line
 
 
 def _run_dir(cfg: ReasonLiteConfig) -> Path:
@@ -48,30 +74,46 @@ def config_schema() -> None:
 def traces(config: Path | None = typer.Argument(None), out: Path | None = typer.Option(None, help="trace-set folder"),
            set: list[str] | None = SetOption) -> None:
     """Ask the teacher, verify, vote and write a trace-set folder."""
+    from reasonlite.data.loaders import DataError
+    from reasonlite.pipeline import run_stage
     from reasonlite.teachers import TeacherError
     from reasonlite.traces import build_trace_set
 
+    def build(folder: Path) -> None:
+        if not build_trace_set(cfg, folder).traces:  # written for inspection, but nothing to train on is an error
+            raise DataError(f"{folder}: the trace set is empty (no trace passed verification/selection); check the "
+                            "teacher (teacher.*) or loosen traces.self_consistency.min_agreement")
+
     cfg = _load(config, set)
     try:
-        build_trace_set(cfg, out or _run_dir(cfg) / "traces")
+        if out is not None:
+            build(out)
+        else:  # the stage folder of this config's hash, linked from the run folder (never written through a link)
+            run_stage(cfg, "traces", build)
     except TeacherError as e:  # unreachable teacher, wrong key, unknown model: the message names the knob
-        console.print(f"[red]teacher error:[/red] {e}\n(completions received so far are kept in the cache)",
-                      highlight=False)
-        raise typer.Exit(1) from None
+        raise TeacherError(f"teacher error: {e} (completions received so far are kept in the cache)") from e
 
 
 @app.command()
 def train(config: Path | None = typer.Argument(None), traces_dir: Path | None = typer.Option(None, "--traces"),
           out: Path | None = typer.Option(None, help="training output folder"),
-          resume: bool = typer.Option(False, help="continue from the last checkpoint"),
+          resume: bool = typer.Option(False, help="continue from the newest complete checkpoint"),
+          fresh: bool = typer.Option(False, help="delete earlier checkpoints and start over"),
           adapter_only: bool = typer.Option(False, help="export the LoRA adapter instead of a merged model"),
           set: list[str] | None = SetOption) -> None:
     """Train the student on a trace set (SFT, then the optional contrastive stage) and export it."""
+    from reasonlite.pipeline import run_stage, traces_for
     from reasonlite.train import train_student
 
     cfg = _load(config, set)
-    train_student(cfg, traces_dir or _run_dir(cfg) / "traces", out or _run_dir(cfg) / "train", resume=resume,
-                  adapter_only=adapter_only)
+    if resume and fresh:
+        raise typer.BadParameter("--resume and --fresh exclude each other; pick one", param_hint="--fresh")
+    source = traces_dir or traces_for(cfg)
+    if out is not None:
+        train_student(cfg, source, out, resume=resume, fresh=fresh, adapter_only=adapter_only)
+    else:  # the stage folder of this config's hash: a changed knob never writes into another config's cached stage
+        run_stage(cfg, "train", lambda folder: train_student(cfg, source, folder, resume=resume, fresh=fresh,
+                                                              adapter_only=adapter_only), force=fresh)
 
 
 @app.command("eval")
@@ -80,22 +122,42 @@ def eval_cmd(target: str = typer.Argument(..., help="a config YAML (evaluates it
              fmt: str | None = typer.Option(None, "--format",
                                                help="student format (default: the model's reasonlite.json, else cot)"),
              budgets: str | None = typer.Option(None, help="comma-separated inference caps, e.g. 32,64,128"),
-             n: int = typer.Option(1, help="self-consistency samples"),
-             limit: int | None = typer.Option(None, help="evaluate at most N questions"),
+             n: int = typer.Option(1, min=1, max=64, help="self-consistency samples"),
+             limit: int | None = typer.Option(None, min=1, help="evaluate at most N questions"),
              out: Path | None = typer.Option(None, help="report folder"),
              calculator: bool = typer.Option(False, "--calculator",
                                              help="cot: compute each 'EXPRESSION =' and force the exact result"),
+             select: Select | None = typer.Option(None, help="answer among the n samples by: greedy, vote, verifier "
+                                                            "(default eval.select)"),
+             verifier: Path | None = typer.Option(None, help="verifier folder for --select verifier "
+                                                             "(default eval.verifier_path)"),
              set: list[str] | None = SetOption) -> None:
     """Evaluate a student: accuracy, tokens, latency, exec errors; JSON + Markdown report + PNG."""
     from reasonlite.evaluate import eval_command
 
-    overrides = [*(set or []), *(["eval.calculator=true"] if calculator else [])]
-    try:
-        eval_command(target=target, data=data, fmt=fmt, budgets=budgets, n=n, limit=limit, out=out,
-                     overrides=overrides)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        console.print(f"[red]{e}[/red]")
-        raise typer.Exit(2) from None
+    overrides = [*(set or []), *(["eval.calculator=true"] if calculator else []),
+                 *([f"eval.select={select.value}"] if select else []),
+                 *([f"eval.verifier_path={verifier}"] if verifier else [])]
+    eval_command(target=target, data=data, fmt=fmt, budgets=budgets, n=n, limit=limit, out=out, overrides=overrides)
+
+
+@verifier_app.command("train")
+def verifier_train(config: Path | None = typer.Argument(None),
+                   student: Path | None = typer.Option(None, help="student folder (default: the run's train/model)"),
+                   out: Path | None = typer.Option(None, help="verifier folder (default: the run's verifier/)"),
+                   set: list[str] | None = SetOption) -> None:
+    """Sample k programs per training question, label them by execution, train the scorer (resumable)."""
+    from reasonlite.verifier import train_verifier_command
+
+    cfg = _load(config, set)
+    student_ref = student or _run_dir(cfg) / "train" / "model"
+    if student is None and not Path(student_ref).exists():
+        raise FileNotFoundError(f"{student_ref}: no trained student; run `reasonlite train {config or 'CONFIG'}` "
+                                "first or pass --student DIR")
+    out = out or _run_dir(cfg) / "verifier"
+    train_verifier_command(cfg, student_ref, out)
+    console.print(f"use it: reasonlite eval {config or 'CONFIG'} --select verifier --verifier {out} --n "
+                  f"{cfg.verifier.k}")
 
 
 @app.command()
@@ -103,34 +165,34 @@ def compare(runs: list[Path] = typer.Argument(..., help="eval result folders or 
     """Print eval results side by side."""
     from reasonlite.evaluate import compare_runs
 
-    try:
-        compare_runs(runs)
-    except (ValueError, FileNotFoundError) as e:
-        console.print(f"[red]{e}[/red]")
-        raise typer.Exit(2) from None
+    compare_runs(runs)
 
 
 @app.command()
-def run(config: Path | None = typer.Argument(None), force: list[str] | None = typer.Option(None, help="rerun a stage: traces|train|eval"),
+def run(config: Path | None = typer.Argument(None),
+        force: list[Stage] | None = typer.Option(None, help="rerun a stage (and the ones after it)"),
         set: list[str] | None = SetOption) -> None:
     """traces -> train -> eval -> export in one run folder; unchanged stages are reused."""
-    from reasonlite.pipeline import run_pipeline
+    from reasonlite.pipeline import print_outputs, print_summary, run_pipeline
 
     cfg = _load(config, set)
-    run_pipeline(cfg, force=tuple(force or ()))
+    result = run_pipeline(cfg, force=tuple(f.value for f in force or ()))
+    print_summary(result)
+    print_outputs(result)
 
 
 @app.command()
 def tune(config: Path | None = typer.Argument(None), space: Path = typer.Option(..., help="search space YAML"),
-         trials: int = typer.Option(10, help="trials for this worker"),
-         storage: str | None = typer.Option(None, help="Optuna storage URL (default SQLite in the run folder)"),
-         pick: str | None = typer.Option(None, help="accuracy|tokens|knee"),
+         trials: int = typer.Option(10, min=0, help="trials for this worker (0: only rewrite the reports)"),
+         storage: str | None = typer.Option(None, help="Optuna storage URL: sqlite:///path.db or "
+                                                       "postgresql://user@host/db (default SQLite in the run folder)"),
+         pick: Pick | None = typer.Option(None, help="which Pareto point becomes best.yaml (default tune.pick)"),
          set: list[str] | None = SetOption) -> None:
     """Optuna search over dotted config paths; writes the Pareto front and best.yaml."""
     from reasonlite.tune import tune_command
 
     cfg = _load(config, set)
-    tune_command(cfg, space=space, trials=trials, storage=storage, pick=pick)
+    tune_command(cfg, space=space, trials=trials, storage=storage, pick=pick.value if pick else None)
 
 
 @app.command()

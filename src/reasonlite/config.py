@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 RationaleStyle = Literal["cot", "pal", "step_by_step"]
 StudentFormat = Literal["answer", "cot", "pal", "step_by_step"]
+SynthesisOp = Literal["rephrase", "new_numbers", "new_story", "extra_step", "irrelevant_context"]
 
 
 class Section(BaseModel):
@@ -24,17 +25,34 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class MixSource(Section):
+    source: str = Field(description="'retail_math', 'gsm8k', or a .jsonl/.csv path mixed into the training set")
+    name: str | None = Field(None, description="prefix of this source's eval splits ('<name>:test'); default: the source's name")
+    path: str | None = Field(None, description="GSM8K folder when source is 'gsm8k'")
+    weight: float = Field(1.0, ge=0, description="training questions taken = weight * data.n_train; 0 = evaluated only (a forgetting guard)")
+    n_test: int | None = Field(None, ge=1, description="questions per eval split of this source (None = data.n_test)")
+    field_mapping: dict[str, str] | None = Field(None, description="our field -> source column (or '{col} {col}' template) for a file source")
+
+    @property
+    def label(self) -> str:
+        return self.name or (self.source if self.source in ("retail_math", "gsm8k") else Path(self.source).stem)
+
+
 class DataConfig(Section):
     source: str = Field("retail_math", description="'retail_math' (built-in generator), 'gsm8k', or a .jsonl/.csv/HF-datasets path")
     path: str | None = Field(None, description="GSM8K folder or train file when source is 'gsm8k' (default ../shared/data/gsm8k)")
     n_train: int = Field(400, ge=1, description="training questions to take (generated or the first N loaded)")
     n_test: int = Field(100, ge=1, description="held-out questions with the training templates (or the first N of the test file)")
-    n_test_heldout_templates: int = Field(100, ge=0, description="retail_math only: questions from templates never seen in training")
-    heldout_templates: list[str] | None = Field(None, description="retail_math templates held out of training (None = the generator's default two)")
+    # retail_math only; the *_templates names of the first generator are still accepted (examples/, old runs)
+    n_test_heldout_families: int = Field(100, ge=0, validation_alias=AliasChoices("n_test_heldout_families", "n_test_heldout_templates"), description="retail_math: questions from story families never trained on (split test_heldout_families, alias test_heldout_templates)")
+    heldout_families: list[str] | None = Field(None, validation_alias=AliasChoices("heldout_families", "heldout_templates"), description="retail_math families held out of training (None = the generator's default: food_bank, fundraiser)")
+    n_test_reworded: int = Field(100, ge=0, description="retail_math: questions of trained structures in phrasings never trained on (split test_reworded)")
+    distractors: float = Field(0.0, ge=0, le=1, description="retail_math: probability that a question gets 1-2 irrelevant sentences (GSM-IC style); answers never change")
     test_path: str | None = Field(None, description="explicit eval file (.jsonl/.csv); overrides the source's test split")
     field_mapping: dict[str, str] | None = Field(None, description="our field -> source column, e.g. {question: prompt, answer: label}")
     on_bad_rows: Literal["skip", "fail"] = Field("skip", description="bad input rows: skip them with a count, or fail naming file:line")
     seed: int = Field(0, description="seed for generation and shuffling")
+    mix: list[MixSource] = Field([], description="more sources mixed into the training set, each with a weight; their eval splits are named '<name>:<split>'")
 
 
 class TeacherConfig(Section):
@@ -70,6 +88,30 @@ class SelfConsistencyConfig(Section):
     pseudo_label: bool = Field(True, description="without gold answers, use the majority vote as the label")
 
 
+class SynthesizeConfig(Section):
+    """TinyGSM-style synthesis: an hf/openai teacher writes new problems with programs (traces/synthesize.py)."""
+
+    enabled: bool = Field(False, description="ask the teacher for new problems with programs, written from verified seed problems, and train on the verified ones (needs an hf/openai teacher and traces.style pal)")
+    per_seed: int = Field(4, ge=1, le=64, description="new problems asked for per seed problem (the ops take turns)")
+    ops: list[SynthesisOp] = Field(["rephrase", "new_numbers", "new_story", "extra_step", "irrelevant_context"], description="synthesis operations: rephrase, new_numbers, new_story, extra_step, irrelevant_context")
+    max_seeds: int | None = Field(100, ge=1, description="seed problems: the first N training examples whose gold program runs to the gold answer; None = all")
+    dedup_threshold: float = Field(0.8, gt=0, le=1, description="drop a new problem whose word-trigram Jaccard with its seed or an earlier kept problem is at least this")
+    contamination_ngram: int = Field(13, ge=3, description="drop a new problem sharing a word n-gram of this length with any eval question")
+
+    @field_validator("ops")
+    @classmethod
+    def _distinct_ops(cls, v: list[str]) -> list[str]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError("traces.synthesize.ops must be a non-empty list of distinct ops, e.g. [rephrase, new_numbers]")
+        return v
+
+
+class AugmentConfig(Section):
+    k: int = Field(0, ge=0, le=64, description="program-aided augmentation: verified variants per correct PAL trace (givens redrawn, re-executed); 0 = off")
+    distractors: float = Field(0.0, ge=0, le=1, description="share of variants that get one irrelevant sentence (GSM-IC style)")
+    contamination_ngram: int = Field(13, ge=4, le=50, description="a variant sharing a word n-gram of this length with any eval question is dropped")
+
+
 class TracesConfig(Section):
     style: RationaleStyle = Field("pal", description="rationale style the teacher is asked for: cot, pal (solution() program) or step_by_step")
     few_shot: int = Field(2, ge=0, le=16, description="few-shot exemplars in the teacher prompt")
@@ -77,6 +119,8 @@ class TracesConfig(Section):
     verify: bool = Field(True, description="execute programs / compare answers with gold and keep only correct traces")
     self_consistency: SelfConsistencyConfig = Field(default_factory=SelfConsistencyConfig, description="voting over k samples")
     counterfactual_negatives: bool = Field(True, description="make a rejected trace by perturbing a correct program when the teacher produced no wrong one")
+    synthesize: SynthesizeConfig = Field(default_factory=SynthesizeConfig, description="teacher synthesis of new problems (TinyGSM recipe)")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig, description="program-aided augmentation of verified programs (no teacher)")
 
 
 class BudgetConfig(Section):
@@ -118,6 +162,9 @@ class TrainConfig(Section):
     save_steps: int = Field(50, ge=1, description="checkpoint every N steps (resume continues from the last one)")
     step_by_step_alpha: float = Field(0.5, ge=0, le=1, description="step_by_step loss = alpha*label + (1-alpha)*rationale")
     epochs_cap: int = Field(20, ge=1, description="upper bound on passes over the data when max_steps would exceed it")
+    packing: bool = Field(False, description="padding-free: pack each batch's examples into rows of up to max_length tokens, no cross-example attention")
+    group_by_length: bool = Field(False, description="draw batches of similar length (HF LengthGroupedSampler) to cut padding; changes the data order")
+    num_threads: int | None = Field(None, ge=1, description="torch CPU threads for training (None = torch's default)")
 
 
 class ContrastiveConfig(Section):
@@ -140,6 +187,34 @@ class EvalConfig(Section):
     calculator: bool = Field(False, description="cot/answer students: compute every 'EXPRESSION =' the student writes and force the exact result")
     batch_size: int = Field(16, ge=1, description="questions generated together")
     compare_base: bool = Field(True, description="also evaluate the untrained base student prompted the same way")
+    select: Literal["greedy", "vote", "verifier"] = Field("vote", description="which of the n samples answers: greedy (one greedy sample, n 1), vote (majority; n 1 is the greedy answer), verifier (top score of eval.verifier_path)")
+    verifier_path: str | None = Field(None, description="folder written by `reasonlite verifier train` (needed when eval.select is verifier)")
+
+    @model_validator(mode="after")
+    def _select_needs(self) -> EvalConfig:
+        if self.select == "verifier" and not self.verifier_path:
+            raise ValueError("eval.verifier_path is required when eval.select is 'verifier': train one with "
+                             "`reasonlite verifier train CONFIG` and set eval.verifier_path to its folder")
+        if self.select == "greedy" and self.n > 1:
+            raise ValueError(f"eval.select 'greedy' answers with one greedy sample but eval.n is {self.n}: set "
+                             "eval.n: 1, or eval.select: vote / verifier to use the n samples")
+        return self
+
+
+class VerifierConfig(Section):
+    k: int = Field(8, ge=2, le=64, description="programs sampled from the student per training question")
+    n_questions: int = Field(200, ge=1, description="training questions to sample (the first N of the train split)")
+    temperature: float = Field(0.7, gt=0, le=2, description="sampling temperature of the k training samples")
+    max_new_tokens: int = Field(256, ge=1, description="generation cap per sampled program")
+    model: str | None = Field(None, description="scorer backbone (alias/folder); None = the student it verifies")
+    steps: int = Field(200, ge=1, description="scorer optimizer steps (class-balanced batches)")
+    learning_rate: float = Field(5e-4, gt=0, lt=1, description="scorer learning rate (LoRA + value head)")
+    batch_size: int = Field(8, ge=2, description="scorer batch size: half correct, half incorrect samples")
+    lora_r: int = Field(8, ge=1, le=512, description="scorer LoRA rank (attention projections)")
+    lora_alpha: int = Field(16, ge=1, description="scorer LoRA alpha (scale = alpha / r)")
+    max_length: int = Field(512, ge=16, description="max tokens of question + program fed to the scorer (left-truncated)")
+    save_steps: int = Field(50, ge=1, description="scorer checkpoint every N steps (a rerun resumes from it)")
+    seed: int = Field(0, description="seed for sampling, head init and batch order")
 
 
 class TuneConfig(Section):
@@ -149,6 +224,7 @@ class TuneConfig(Section):
     study_name: str = Field("reasonlite", description="Optuna study name (workers sharing a storage join it)")
     cost_per_1k_tokens: float = Field(0.0, ge=0, description="serving cost per 1k generated tokens, for the cost objective")
     pick: Literal["accuracy", "tokens", "knee"] = Field("knee", description="which Pareto point becomes best.yaml")
+    seed: int | None = Field(None, description="sampler seed (with the study's trial count, so a resumed study draws new points); None = a fresh draw per process")
 
 
 class ReasonLiteConfig(Section):
@@ -164,6 +240,7 @@ class ReasonLiteConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     contrastive: ContrastiveConfig = Field(default_factory=ContrastiveConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    verifier: VerifierConfig = Field(default_factory=VerifierConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
 
     @model_validator(mode="after")
@@ -183,6 +260,18 @@ class ReasonLiteConfig(Section):
                 "budget.compress trains a short form of each rationale next to the full one, told apart only by the "
                 "stated budget: it needs student.format: cot and budget.condition_training: true"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _synthesis_needs_llm_teacher(self) -> ReasonLiteConfig:
+        if not self.traces.synthesize.enabled:
+            return self
+        if self.teacher.kind == "dataset":
+            raise ValueError("traces.synthesize.enabled needs a teacher that writes new problems, but teacher.kind is "
+                             "'dataset': set teacher.kind: openai or hf (with teacher.model), or traces.synthesize.enabled: false")
+        if self.traces.style != "pal":
+            raise ValueError(f"traces.synthesize.enabled trains on the teacher's programs, but traces.style is "
+                             f"'{self.traces.style}': set traces.style: pal, or traces.synthesize.enabled: false")
         return self
 
 
@@ -205,9 +294,29 @@ def format_validation_error(err: ValidationError, source: str = "config") -> str
         path = ".".join(str(p) for p in e["loc"]) or "(root)"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown field; check the spelling (`reasonlite config show` lists every field)"
+            hint = _did_you_mean(e["loc"])
+            msg = (f"unknown field; did you mean `{hint}`?" if hint else
+                   "unknown field; check the spelling (`reasonlite config show` lists every field)")
         lines.append(f"  {path}: {msg} (got {e.get('input')!r})" if e["type"] != "extra_forbidden" else f"  {path}: {msg}")
     return "\n".join(lines)
+
+
+def _did_you_mean(loc: tuple) -> str | None:
+    """The field of the section at `loc[:-1]` closest to the unknown `loc[-1]` (`train.lr` -> `learning_rate`)."""
+    import difflib
+
+    model: Any = ReasonLiteConfig
+    for key in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(key)
+        model = getattr(field, "annotation", None) if field else None
+        if not isinstance(model, type) or not issubclass(model, BaseModel):
+            return None
+    names = list(model.model_fields)
+    typo = str(loc[-1]).lower()
+    initials = [n for n in names if "".join(w[0] for w in n.split("_") if w) == typo]
+    close = initials or difflib.get_close_matches(typo, names, n=1, cutoff=0.6) or [
+        n for n in names if len(typo) >= 3 and (n.startswith(typo) or typo in n)]
+    return close[0] if close else None
 
 
 def set_dotted(data: dict, dotted: str, value: Any) -> None:
@@ -267,7 +376,13 @@ def dump_config(cfg: ReasonLiteConfig) -> str:
 
 # Knobs added after stage folders already existed: they enter a hash only when set away from their default, so that
 # upgrading reasonlite does not orphan every cached trace set and trained student (a retrain can cost GPU hours).
-LATE_KNOBS: dict[str, Any] = {"budget.compress": False, "eval.calculator": False}
+LATE_KNOBS: dict[str, Any] = {"data.mix": [],
+                             "traces.synthesize": SynthesizeConfig().model_dump(mode="json"),
+                             "traces.augment": AugmentConfig().model_dump(mode="json"),
+                             "budget.compress": False, "eval.calculator": False, "train.packing": False,
+                             "train.group_by_length": False, "train.num_threads": None,
+                             "eval.select": "vote", "eval.verifier_path": None,
+                             "verifier": VerifierConfig().model_dump(mode="json"), "tune.seed": None}
 
 
 def _drop_late_defaults(picked: dict) -> None:

@@ -127,12 +127,23 @@ def _breakdown(records: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
 def evaluate(student, examples: Sequence[Example], budgets: Sequence[int | None] | None = None, n: int = 1,
              temperature: float = 0.7, early_exit: bool = True, max_new_tokens: int = 256,
              batch_size: int | None = None, seed: int | None = 0, data_name: str = "",
-             progress: bool = True) -> EvalResult:
-    """Solve every example at every budget (None = no cap) and measure accuracy against generated tokens."""
+             progress: bool = True, select: str = "vote", verifier: Any = None) -> EvalResult:
+    """Solve every example at every budget (None = no cap) and measure accuracy against generated tokens.
+
+    `select` picks the answer among the n samples: vote (majority; n=1 is greedy), greedy (n must be 1) or verifier
+    (`verifier`, a `reasonlite.verifier.Verifier`, scores all n samples; the metrics then also hold first-sample,
+    vote, verifier and oracle pass@n accuracy, all judged on the same n samples per question)."""
     from reasonlite.answers import answers_match
 
     if not examples:
         raise ValueError("the eval set is empty: check --data / --limit, or the config's eval.splits and data section")
+    if select not in ("greedy", "vote", "verifier"):
+        raise ValueError(f"select '{select}' is not one of greedy, vote, verifier (eval.select / --select)")
+    if select == "greedy" and n > 1:
+        raise ValueError(f"select 'greedy' answers with one greedy sample but n is {n}: pass n=1, or select vote")
+    if select == "verifier" and (verifier is None or n < 2):
+        raise ValueError("select 'verifier' picks among n >= 2 samples with a trained verifier: pass n >= 2 "
+                         "(eval.n / --n) and the verifier folder (eval.verifier_path / --verifier)")
     settings = list(dict.fromkeys(budgets)) if budgets else [None]
     size = batch_size or getattr(student, "batch_size", 16)
     points: list[EvalPoint] = []
@@ -146,12 +157,20 @@ def evaluate(student, examples: Sequence[Example], budgets: Sequence[int | None]
             t0 = time.perf_counter()
             for start in range(0, len(examples), size):
                 chunk = list(examples[start: start + size])
-                # one seed per chunk keeps sampled runs reproducible whatever the batch boundaries elsewhere
-                solutions = student.solve_batch([e.question for e in chunk], budget=budget, n=n,
+                outcomes: list[dict] = [{} for _ in chunk]
+                if select == "verifier":
+                    from reasonlite.verifier import solve_with_verifier
+
+                    solutions, outcomes = solve_with_verifier(
+                        student, verifier, [e.question for e in chunk], [e.answer for e in chunk], n=n,
+                        temperature=temperature, budget=budget, max_new_tokens=max_new_tokens,
+                        seed=None if seed is None else seed + start)
+                else:  # one seed per chunk keeps sampled runs reproducible whatever the batch boundaries elsewhere
+                    solutions = student.solve_batch([e.question for e in chunk], budget=budget, n=n,
                                                 temperature=temperature, max_new_tokens=max_new_tokens,
                                                 early_exit=early_exit, seed=None if seed is None else seed + start,
                                                 batch_size=size)
-                for example, sol in zip(chunk, solutions):
+                for example, sol, outcome in zip(chunk, solutions, outcomes):
                     records.append({
                         "id": example.id, "domain": example.domain, "template": example.metadata.get("template"),
                         "split": example.metadata.get("split"), "gold": example.answer, "pred": sol.answer,
@@ -159,14 +178,20 @@ def evaluate(student, examples: Sequence[Example], budgets: Sequence[int | None]
                         "status": sol.status, "forced": sol.forced, "samples": sol.samples,
                         "agreement": sol.agreement, "reasoning_tokens": sol.reasoning_tokens,
                         "answer_tokens": sol.answer_tokens, "latency_s": sol.latency_s, "error": sol.error,
-                        "text": sol.text,
+                        "text": sol.text, **outcome,
                     })
                 bar.advance(task, len(chunk))
             wall = time.perf_counter() - t0
-            points.append(EvalPoint(budget, n, _summarise(records, wall), _breakdown(records), records))
+            metrics = _summarise(records, wall)
+            if select == "verifier":
+                from reasonlite.verifier import selection_metrics
+
+                metrics.update(selection_metrics(records))
+            points.append(EvalPoint(budget, n, metrics, _breakdown(records), records))
     return EvalResult(model=str(getattr(student, "name", "student")), format=str(getattr(student, "fmt", "?")),
                       data=data_name, n=n, points=points,
-                      meta={"temperature": temperature if n > 1 else 0.0, "early_exit": early_exit,
+                      meta={"temperature": temperature if n > 1 else 0.0, "early_exit": early_exit, "select": select,
+                            "verifier": str(verifier.path) if getattr(verifier, "path", None) else None,
                             "max_new_tokens": max_new_tokens, "seed": seed, "questions": len(examples),
                             "calculator": bool(getattr(student, "calculator", False)),
                             "budget_conditioned": bool(getattr(student, "budget_conditioned", False))})
@@ -185,6 +210,7 @@ SUMMARY_COLUMNS = [  # (metric, header, format)
 ]
 
 
+SELECTION_COLUMNS = ("first_accuracy", "vote_accuracy", "verifier_accuracy", "oracle_accuracy")  # select: verifier
 CONSOLE_COLUMNS = ("accuracy", "mean_tokens", "p95_tokens", "seconds_per_question", "tokens_per_s", "exec_error_rate",
                    "forced_rate")  # the terminal is narrow: the full set lives in report.md
 
@@ -203,9 +229,16 @@ def render_markdown(result: EvalResult) -> str:
     parts = [f"# Eval: {result.model}", "",
              (f"- format: `{result.format}`, data: `{result.data or '?'}`, questions: {result.meta.get('questions')}, "
              f"n: {result.n}, max_new_tokens: {result.meta.get('max_new_tokens')}, "
-             f"calculator: {result.meta.get('calculator', False)}"), "", "## Summary", ""]
+             f"calculator: {result.meta.get('calculator', False)}, select: {result.meta.get('select', 'vote')}"), "",
+             "## Summary", ""]
     rows = [[p.label] + [fmt.format(p.metrics[key]) for key, _, fmt in SUMMARY_COLUMNS] for p in result.points]
     parts += [_md_table(["setting"] + [h for _, h, _ in SUMMARY_COLUMNS], rows), ""]
+    selection = [k for k in SELECTION_COLUMNS if k in result.points[0].metrics]
+    if selection:
+        parts += [f"## Selection at equal samples (n={result.n} per question)", "",
+                  _md_table(["setting"] + [k.removesuffix("_accuracy") for k in selection],
+                            [[p.label] + [f"{p.metrics.get(k, 0.0):.1%}" for k in selection] for p in result.points]),
+                  "", "first = the first sample alone, oracle = pass@n (any sample correct).", ""]
     for dim in BREAKDOWNS:
         values = sorted({v for p in result.points for v in p.breakdown.get(dim, {})})
         if not values:
@@ -305,8 +338,10 @@ def _tag_split(examples: Sequence[Example], split: str) -> list[Example]:
     return [e.model_copy(update={"metadata": {**e.metadata, "split": split}}) for e in examples]
 
 
-def load_eval_data(data: str, limit: int | None = None, seed: int = 0) -> list[Example]:
-    """Eval examples for `--data`: retail_math (both held-out splits), gsm8k (the test file), or a JSONL/CSV path.
+def load_eval_data(data: str, limit: int | None = None, seed: int = 0,
+                   field_mapping: dict[str, str] | None = None) -> list[Example]:
+    """Eval examples for `--data`: retail_math (both held-out splits), gsm8k (the test file), or a JSONL/CSV path
+    read with `field_mapping` (the config's `data.field_mapping`).
 
     `limit` applies per split.
     """
@@ -333,7 +368,7 @@ def load_eval_data(data: str, limit: int | None = None, seed: int = 0) -> list[E
         return load_gsm8k(path, split="test")[:limit]
     from reasonlite.data.loaders import load_examples
 
-    return load_examples(path)[:limit]
+    return load_examples(path, mapping=field_mapping)[:limit]
 
 
 def _parse_budgets(text: str | Sequence[int | None] | None) -> list[int | None] | None:
@@ -372,7 +407,9 @@ def eval_command(target: str, data: str | None = None, fmt: str | None = None, b
             raise FileNotFoundError(f"{model_ref}: no exported model for run '{cfg.name}'; run "
                                     f"`reasonlite train {target}` (or `reasonlite run {target}`) first")
         fmt = fmt or read_student_meta(model_ref).get("format") or cfg.student.format
-        out = out or run_dir / "eval"
+        # runs/<name>/eval links to the cached eval stage of `reasonlite run`: an ad-hoc eval (other budgets, limit,
+        # data) must not write through that link into the stage folder, so it gets its own folder beside it.
+        out = out or run_dir / ("eval-cli" if (run_dir / "eval").is_symlink() else "eval")
     else:
         model_ref = target
         out = out or Path(cfg.runs_dir) / f"eval-{_slug(target)}"
@@ -382,7 +419,8 @@ def eval_command(target: str, data: str | None = None, fmt: str | None = None, b
     n = n if n != 1 else cfg.eval.n
     limit = limit or cfg.eval.limit
     if data:
-        examples, data_name = load_eval_data(data, limit, seed=cfg.data.seed), data
+        examples, data_name = load_eval_data(data, limit, seed=cfg.data.seed,
+                                             field_mapping=cfg.data.field_mapping), data
     elif is_config:
         from reasonlite.data.splits import load_splits
 
@@ -397,9 +435,18 @@ def eval_command(target: str, data: str | None = None, fmt: str | None = None, b
         examples, data_name = load_eval_data("retail_math", limit, seed=cfg.data.seed), "retail_math"
     student = Student(model_ref, fmt=fmt or None, forcing=cfg.budget.forcing, answer_tokens=cfg.budget.answer_tokens,
                       batch_size=cfg.eval.batch_size, calculator=cfg.eval.calculator)
+    verifier = None
+    if cfg.eval.select == "verifier":
+        from reasonlite.verifier import Verifier
+
+        verifier = Verifier.load(cfg.eval.verifier_path, batch_size=cfg.eval.batch_size)
     result = evaluate(student, examples, budgets=budget_list, n=n, temperature=cfg.eval.temperature,
-                      early_exit=cfg.eval.early_exit, max_new_tokens=cfg.eval.max_new_tokens, data_name=data_name)
+                      early_exit=cfg.eval.early_exit, max_new_tokens=cfg.eval.max_new_tokens, data_name=data_name,
+                      select=cfg.eval.select, verifier=verifier)
     paths = write_report(result, out)
     console.print(summary_table(result))
+    if verifier is not None:
+        console.print("at equal samples: " + ", ".join(
+            f"{k.removesuffix('_accuracy')} {result.points[0].metrics[k]:.1%}" for k in SELECTION_COLUMNS))
     console.print(f"report: {paths['md']}  plot: {paths['png']}  json: {paths['json']}")
     return result

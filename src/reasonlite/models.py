@@ -25,6 +25,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 class ModelNotFound(ValueError):
     """Raised for a reference that is neither an alias, a HF folder nor a GGUF file."""
 
+    exit_code = 3  # the CLIs' "data/model not found" (reasonlite.cli_boundary)
+
 
 def cache_dir() -> Path:
     """Where converted models live: $REASONLITE_CACHE_DIR, else ~/.cache/reasonlite."""

@@ -42,31 +42,58 @@ def _done_marker(folder: Path) -> Path:
 
 def _link(run_dir: Path, name: str, target: Path) -> None:
     link = run_dir / name
-    if link.is_symlink() or link.is_file():
-        link.unlink()
-    elif link.is_dir():
+    if not link.is_symlink() and link.is_dir():
         shutil.rmtree(link)
-    # Relative links keep a runs/ folder valid when it is moved or copied as a whole.
-    link.symlink_to(os.path.relpath(target.resolve(), run_dir.resolve()), target_is_directory=True)
+    # Relative links keep a runs/ folder valid when it is moved or copied as a whole; the new link is made beside
+    # and renamed over the old one, so `runs/<name>/<stage>` always points at a whole stage folder.
+    tmp = run_dir / f".{name}.link-tmp"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(os.path.relpath(target.resolve(), run_dir.resolve()), target_is_directory=True)
+    os.replace(tmp, link)
 
 
-def _stage(cfg: ReasonLiteConfig, name: str, force: tuple[str, ...], result: PipelineResult, fn) -> Path:
-    stages_root = Path(cfg.runs_dir) / "_stages"
-    folder = stages_root / f"{name}-{stage_hash(cfg, name)}"
-    if _done_marker(folder).exists() and name not in force:
-        result.stages[name] = "reused"
+def stage_folder(cfg: ReasonLiteConfig, name: str) -> Path:
+    """`<runs_dir>/_stages/<stage>-<hash>`: the only place a stage of this config is ever written."""
+    return Path(cfg.runs_dir) / "_stages" / f"{name}-{stage_hash(cfg, name)}"
+
+
+def run_stage(cfg: ReasonLiteConfig, name: str, fn, force: bool = False) -> tuple[Path, str]:
+    """Run `fn(folder)` in this config's own stage folder unless it is complete (or `force`), then link
+    `runs/<name>/<stage>` to it. A complete folder is immutable: other configs get other folders, so a command with
+    a changed knob can never write through the run folder's link into a stage another config cached."""
+    folder = stage_folder(cfg, name)
+    marker = _done_marker(folder)
+    if marker.exists() and not force:
+        status = "reused"
         console.print(f"[green]✓ {name}[/green]: reusing {folder} (config unchanged for this stage)")
     else:
         # A folder without its marker is a crashed attempt: the stage itself resumes from what it kept
-        # (teacher cache, training checkpoints), so it is not deleted.
+        # (teacher cache, training checkpoints), so it is not deleted. A forced rerun first drops the marker, so a
+        # kill during the rerun never leaves a half-rewritten folder marked complete.
+        marker.unlink(missing_ok=True)
         folder.mkdir(parents=True, exist_ok=True)
         console.rule(f"[bold]{name}")
         t0 = time.perf_counter()
         fn(folder)
-        _done_marker(folder).write_text(json.dumps({"seconds": time.perf_counter() - t0, "finished": time.time()}))
-        result.stages[name] = "ran"
+        tmp = marker.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"seconds": time.perf_counter() - t0, "finished": time.time()}))
+        os.replace(tmp, marker)
+        status = "ran"
+    run_dir = Path(cfg.runs_dir) / cfg.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _link(run_dir, name, folder)
+    return folder, status
+
+
+def traces_for(cfg: ReasonLiteConfig) -> Path:
+    """The trace set `reasonlite train` reads: this config's own complete traces stage, else the run's link."""
+    own = stage_folder(cfg, "traces")
+    return own if _done_marker(own).exists() else Path(cfg.runs_dir) / cfg.name / "traces"
+
+
+def _stage(cfg: ReasonLiteConfig, name: str, force: tuple[str, ...], result: PipelineResult, fn) -> Path:
+    folder, result.stages[name] = run_stage(cfg, name, fn, force=name in force)
     result.stage_dirs[name] = folder
-    _link(result.run_dir, name, folder)
     return folder
 
 
@@ -92,12 +119,20 @@ def _eval_stage(cfg: ReasonLiteConfig, model_dir: Path, out: Path) -> dict:
                           calculator=cfg.eval.calculator, name=target_name)
         # The base model only gets the run's own budget setting: the extra budgets are about the student.
         target_budgets = budgets if target_name == "student" else budgets[:1]
+        verifier, select = None, cfg.eval.select
+        if select == "verifier":  # trained on the student's samples: the base model answers by vote instead
+            from reasonlite.verifier import Verifier
+
+            verifier = Verifier.load(cfg.eval.verifier_path, batch_size=cfg.eval.batch_size) \
+                if target_name == "student" else None
+            select = "verifier" if verifier is not None else "vote"
         for split in cfg.eval.splits:
             examples = splits[split][: cfg.eval.limit] if cfg.eval.limit else splits[split]
             result = evaluate(student, examples, budgets=target_budgets, n=cfg.eval.n,
                               temperature=cfg.eval.temperature, early_exit=cfg.eval.early_exit,
                               max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
-                              seed=cfg.train.seed, data_name=f"{cfg.data.source}:{split}")
+                              seed=cfg.train.seed, data_name=f"{cfg.data.source}:{split}", select=select,
+                              verifier=verifier)
             write_report(result, out / f"{target_name}-{split}")
             summary["splits"].setdefault(split, {})[target_name] = result.points[0].metrics
             if target_name == "student" and len(result.points) > 1:
@@ -140,7 +175,10 @@ def run_pipeline(cfg: ReasonLiteConfig, force: tuple[str, ...] = ()) -> Pipeline
     from reasonlite.train import train_student
 
     traces_dir = _stage(cfg, "traces", force, result, lambda out: build_trace_set(cfg, out))
-    train_dir = _stage(cfg, "train", force, result, lambda out: train_student(cfg, traces_dir, out, resume=True))
+    # resume: a crashed attempt continues from its newest complete checkpoint; a forced rerun starts over.
+    train_dir = _stage(cfg, "train", force, result,
+                       lambda out: train_student(cfg, traces_dir, out, resume="train" not in force,
+                                                 fresh="train" in force))
     eval_dir = _stage(cfg, "eval", force, result, lambda out: _eval_stage(cfg, train_dir / "model", out))
     result.metrics = json.loads((eval_dir / "summary.json").read_text())
 
@@ -167,7 +205,7 @@ def train_once(cfg: ReasonLiteConfig, cache_root: str | Path) -> tuple[Path, flo
     from reasonlite.train import train_student
 
     build_trace_set(cfg, folder / "traces")
-    result = train_student(cfg, folder / "traces", folder / "train")
+    result = train_student(cfg, folder / "traces", folder / "train", resume=True)
     return Path(result.export_dir), result.train_seconds
 
 
@@ -214,6 +252,12 @@ def print_summary(result: PipelineResult) -> None:
     console.print(table)
 
 
+def print_outputs(result: PipelineResult) -> None:
+    console.print(f"Report:         {result.run_dir / 'eval' / 'report.md'}")
+    console.print(f"Exported model: {result.run_dir / 'train' / 'model'}")
+    console.print(f"Serve it:       slm-fusion serve {result.run_dir / 'serve.yaml'} --port 8000")
+
+
 def run_demo(overrides: list[str] | None = None) -> PipelineResult:
     cfg = build_config(DEMO_DEFAULTS, dict(parse_override(o) for o in overrides or []), source="demo defaults")
     console.print("[bold]ReasonLite quickstart[/bold]: retail-math, dataset teacher (gold programs), "
@@ -222,7 +266,5 @@ def run_demo(overrides: list[str] | None = None) -> PipelineResult:
     result = run_pipeline(cfg)
     print_summary(result)
     console.print(f"Finished in {(time.perf_counter() - t0) / 60:.1f} min.")
-    console.print(f"Report:         {result.run_dir / 'eval' / 'report.md'}")
-    console.print(f"Exported model: {result.run_dir / 'train' / 'model'}")
-    console.print(f"Serve it:       slm-fusion serve {result.run_dir / 'serve.yaml'} --port 8000")
+    print_outputs(result)
     return result

@@ -522,6 +522,10 @@ def _to_payload(value: Any) -> dict[str, Any]:
         if not math.isfinite(value):
             return {"ok": False, "error": "runtime", "message": f"result is not a finite number ({value})"}
         return {"ok": True, "value": float(value)}
+    if isinstance(value, (list, tuple, dict, set, frozenset, range)):
+        # Answers are scalars (a number, a string, a bool): `[1, 2, 3]` is not an answer to a math question.
+        return {"ok": False, "error": "runtime",
+                "message": f"result is a {type(value).__name__}, not a single answer; return one number"}
     text = value if isinstance(value, str) else str(value)
     if len(text) > MAX_RESULT_STR_CHARS:
         return {"ok": False, "error": "runtime", "message": f"result too long ({len(text)} chars)"}

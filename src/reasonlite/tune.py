@@ -12,12 +12,19 @@ Search space YAML:
       student.lora_r: {type: int, low: 4, high: 32, log: true}
     trials: 20   # optional total cap across all workers
 `also` copies the sampled value to other paths that must agree with it (style and format).
+
+Honest counts: each process seeds its sampler from the study name and a fresh draw (or, reproducibly, from `tune.seed`
+and the study's trial count), so a resumed study proposes new points instead of replaying the first ones; reports
+count distinct evaluated configs; a study remembers the hash of its base config and refuses to continue under
+another one (its trials would describe a config that best.yaml no longer is).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import secrets
 import time
 import traceback
 from pathlib import Path
@@ -28,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from reasonlite.config import ConfigError, ReasonLiteConfig, build_config, get_dotted
+from reasonlite.config import ConfigError, ReasonLiteConfig, _did_you_mean, build_config, get_dotted
 
 console = Console()
 
@@ -56,15 +63,18 @@ def load_space(path: Path, base: ReasonLiteConfig) -> SearchSpace:
     try:
         space = SearchSpace.model_validate(yaml.safe_load(Path(path).read_text()) or {})
     except ValidationError as e:
-        raise ConfigError(f"invalid search space {path}: {e}") from None
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
+        raise ConfigError(f"invalid search space {path}: {problems}") from None
     dumped = base.model_dump()
     for name, spec in space.params.items():
         for dotted in (name, *spec.also):
             try:
                 get_dotted(dumped, dotted)
-            except (KeyError, AttributeError):
-                raise ConfigError(f"search space {path}: '{dotted}' is not a config field "
-                                  "(use dotted paths shown by `reasonlite config show`)") from None
+            except (KeyError, AttributeError, TypeError):
+                hint = _did_you_mean(tuple(dotted.split(".")))
+                fix = f"did you mean `{dotted.rsplit('.', 1)[0] + '.' if '.' in dotted else ''}{hint}`?" if hint else \
+                    "use dotted paths shown by `reasonlite config show`"
+                raise ConfigError(f"search space {path}: '{dotted}' is not a config field ({fix})") from None
         if spec.type == "categorical" and not spec.choices:
             raise ConfigError(f"search space {path}: {name} is categorical and needs `choices`")
         if spec.type in ("int", "float") and (spec.low is None or spec.high is None or spec.low > spec.high):
@@ -98,32 +108,77 @@ def study_dir(cfg: ReasonLiteConfig) -> Path:
     return Path(cfg.runs_dir) / f"tune-{cfg.tune.study_name}"
 
 
+STORAGE_SCHEMES = ("sqlite", "postgresql", "mysql")
+PICKS = ("accuracy", "tokens", "knee")
+
+
+def check_storage_url(url: str) -> None:
+    """Refuse a storage URL Optuna cannot open before sqlalchemy turns it into a traceback."""
+    scheme = url.split("://", 1)[0].split("+", 1)[0] if "://" in url else ""
+    if scheme not in STORAGE_SCHEMES:
+        raise ConfigError(f"--storage {url}: unsupported URL scheme {scheme or '(none)'!r}; use "
+                          "sqlite:///path/study.db or postgresql://user@host:5432/dbname")
+
+
+def base_config_hash(cfg: ReasonLiteConfig) -> str:
+    """Hash of the config a study searches around (its name, folder and tune section aside)."""
+    data = cfg.model_dump(mode="json")
+    for key in ("name", "runs_dir", "tune"):
+        data.pop(key, None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def sampler_seed(cfg: ReasonLiteConfig, n_trials: int, shared: bool) -> int:
+    """tune.seed set: derived from it, the study and its trial count (reproducible, yet new points on resume; a
+    shared remote study also mixes in the pid so workers started together differ). Unset: a fresh draw."""
+    if cfg.tune.seed is None:
+        blob = f"{cfg.tune.study_name}:{secrets.randbits(64)}"
+    else:
+        blob = f"{cfg.tune.study_name}:{cfg.tune.seed}:{n_trials}:{os.getpid() if shared else ''}"
+    return int(hashlib.sha256(blob.encode()).hexdigest()[:8], 16)
+
+
 def open_study(cfg: ReasonLiteConfig, storage: str | None = None):
     import optuna
 
     folder = study_dir(cfg)
-    folder.mkdir(parents=True, exist_ok=True)
     url = storage or cfg.tune.storage or f"sqlite:///{(folder / 'study.db').resolve()}"
+    check_storage_url(url)
+    folder.mkdir(parents=True, exist_ok=True)
     heartbeat = int(os.environ.get("REASONLITE_TUNE_HEARTBEAT_S", "30"))
     rdb = _rdb_storage(url, heartbeat)
     directions = ["maximize" if o == "accuracy" else "minimize" for o in cfg.tune.objectives]
-    # Workers sharing a remote study each get their own sampler seed, or two workers started together would
-    # propose the same first parameters; the embedded SQLite study keeps the config's seed (reproducible).
-    seed = cfg.train.seed if url.startswith("sqlite") else cfg.train.seed + os.getpid()
     for attempt in range(5):
         try:
-            return optuna.create_study(study_name=cfg.tune.study_name, storage=rdb, directions=directions,
-                                       sampler=_sampler(cfg.tune.sampler, seed), load_if_exists=True)
+            study = optuna.create_study(study_name=cfg.tune.study_name, storage=rdb, directions=directions,
+                                        load_if_exists=True)
+            break
         except optuna.exceptions.DuplicatedStudyError:  # another worker created it between check and insert
             time.sleep(0.5 * (attempt + 1))
-    raise RuntimeError(f"tune: could not create or load study '{cfg.tune.study_name}' in {url}")
+    else:
+        raise RuntimeError(f"tune: could not create or load study '{cfg.tune.study_name}' in {url}")
+    want = base_config_hash(cfg)
+    have = study.user_attrs.get("base_config_hash")
+    if have is None:
+        study.set_user_attr("base_config_hash", want)
+    elif have != want:
+        raise ConfigError(f"tune.study_name '{cfg.tune.study_name}' in {url} was started from a different base "
+                          f"config (hash {have}, this one {want}); restore that config, or start a new study with "
+                          f"--set tune.study_name={cfg.tune.study_name}-2")
+    seed = sampler_seed(cfg, len(study.get_trials(deepcopy=False)), shared=not url.startswith("sqlite"))
+    study.sampler = _sampler(cfg.tune.sampler, seed)
+    return study
 
 
 def _rdb_storage(url: str, heartbeat: int):
     """RDBStorage with heartbeats; retried because workers started together race on creating the tables."""
-    import optuna
-    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+    import warnings
 
+    import optuna
+    from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, OperationalError, ProgrammingError
+
+    # heartbeats have been "experimental" since Optuna 2.8; the warning is noise on every tune run
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     for attempt in range(6):
         try:
             return optuna.storages.RDBStorage(
@@ -138,6 +193,9 @@ def _rdb_storage(url: str, heartbeat: int):
         except OperationalError as exc:
             raise RuntimeError(f"--storage {url}: cannot connect ({exc.orig}); check host, port, user and that "
                                "the database exists") from exc
+        except (ArgumentError, NoSuchModuleError, ImportError) as exc:
+            raise ConfigError(f"--storage {url}: not a usable database URL ({exc}); use sqlite:///path/study.db "
+                              "or postgresql://user@host:5432/dbname") from None
     raise last
 
 
@@ -157,13 +215,17 @@ def _objective_values(cfg: ReasonLiteConfig, metrics: dict) -> list[float]:
     return values
 
 
-def make_objective(base: ReasonLiteConfig, space: SearchSpace):
+def make_objective(base: ReasonLiteConfig, space: SearchSpace, total: int | None = None):
     from reasonlite.pipeline import run_pipeline
 
     base_data = base.model_dump(mode="json")
+    started = [0]
 
     def objective(trial) -> list[float]:
         overrides = suggest(trial, space)
+        started[0] += 1
+        console.print(f"[bold]trial {started[0]}/{total or '?'}[/bold] (study trial #{trial.number}) "
+                      f"{json.dumps(trial.params)}", highlight=False)
         overrides["name"] = f"tune-{base.tune.study_name}/trial-{trial.number:04d}"
         trial.set_user_attr("overrides", overrides)
         try:
@@ -222,9 +284,11 @@ def write_outputs(cfg: ReasonLiteConfig, study, pick: str) -> dict:
     objectives = list(cfg.tune.objectives)
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    distinct = len({json.dumps(t.params, sort_keys=True) for t in done})  # a re-proposed config is one config
     front = study.best_trials if done else []
     lines = [f"# Tuning study `{cfg.tune.study_name}`", "",
-             f"{len(done)} complete, {len(failed)} failed trials. Objectives: {', '.join(objectives)}.", "",
+             (f"{distinct} distinct configs evaluated ({len(done)} complete trials), {len(failed)} failed trials. "
+              f"Objectives: {', '.join(objectives)}."), "",
              "## Pareto front", "", "| trial | " + " | ".join(objectives) + " | params |",
              "|---|" + "---|" * len(objectives) + "---|"]
     for t in sorted(front, key=lambda t: t.values[0], reverse=True):
@@ -248,7 +312,8 @@ def write_outputs(cfg: ReasonLiteConfig, study, pick: str) -> dict:
         plt.close(fig)
 
     chosen = pick_trial(study, objectives, pick) if front else None
-    summary = {"complete": len(done), "failed": len(failed), "pareto": [t.number for t in front],
+    summary = {"complete": distinct, "complete_trials": len(done), "failed": len(failed),
+               "pareto": [t.number for t in front],
                "picked": chosen.number if chosen else None, "pick": pick}
     if chosen is not None:
         best = build_config(cfg.model_dump(mode="json"),
@@ -275,12 +340,18 @@ def run_study(cfg: ReasonLiteConfig, space: SearchSpace, trials: int, storage: s
         done = len([t for t in study.trials if t.state == TrialState.COMPLETE])
         trials = min(trials, max(space.trials - done, 0))
     if trials:
-        study.optimize(make_objective(cfg, space), n_trials=trials, callbacks=callbacks, catch=(Exception,),
+        study.optimize(make_objective(cfg, space, trials), n_trials=trials, callbacks=callbacks, catch=(Exception,),
                        gc_after_trial=True)
     return study
 
 
 def tune_command(cfg: ReasonLiteConfig, space: Path, trials: int, storage: str | None, pick: str | None) -> dict:
+    if trials < 0:
+        raise ConfigError(f"--trials {trials}: must be >= 0 (0 only rewrites the reports)")
+    if pick is not None and pick not in PICKS:
+        raise ConfigError(f"--pick {pick}: use one of {', '.join(PICKS)}")
+    if storage is not None:
+        check_storage_url(storage)
     parsed = load_space(space, cfg)
     study = run_study(cfg, parsed, trials, storage)
     summary = write_outputs(cfg, study, pick or cfg.tune.pick)
@@ -293,6 +364,7 @@ def tune_command(cfg: ReasonLiteConfig, space: Path, trials: int, storage: str |
         table.add_row(str(t.number), *[f"{v:.4g}" for v in t.values], json.dumps(t.params))
     console.print(table)
     folder = study_dir(cfg)
-    console.print(f"{summary['complete']} complete, {summary['failed']} failed. Report: {folder / 'pareto.md'}, "
+    console.print(f"{summary['complete']} distinct configs evaluated ({summary['complete_trials']} complete "
+                  f"trials), {summary['failed']} failed. Report: {folder / 'pareto.md'}, "
                   f"plot: {folder / 'pareto.png'}, best: {summary.get('best_yaml')}")
     return summary

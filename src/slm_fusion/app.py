@@ -44,6 +44,7 @@ from slm_fusion.backends.base import Backend, Generation, GenerationRequest, Tok
 from slm_fusion.config import EmbeddingsConfig, FusionConfig, ModelBase
 from slm_fusion.errors import (
     AuthenticationFailed,
+    ClientDisconnected,
     FusionError,
     GatewayTimeout,
     InvalidRequest,
@@ -64,6 +65,7 @@ ROUTE_LABELS = frozenset(
     {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/health", "/metrics"}
 )
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+DISCONNECT_WATCH_AFTER_S = 0.05  # a client that leaves a request running longer than this cancels it
 REASONING_EXTRAS = ("reasoning_budget", "pal", "vote")
 
 
@@ -76,7 +78,11 @@ def _model_json(model: Any, headers: dict[str, str] | None = None) -> Response:
 
 
 def _error_response(err: FusionError) -> Response:
-    return _json(err.to_dict(), err.status, err.headers)
+    try:
+        return _json(err.to_dict(), err.status, err.headers)
+    except TypeError:  # a message that quotes the client's own invalid text (a lone surrogate): escape it
+        return Response(json.dumps(err.to_dict()), status_code=err.status, media_type="application/json",
+                        headers=err.headers)
 
 
 # ------------------------------------------------------------------------------------------------ model handles
@@ -199,6 +205,7 @@ class Gateway:
         self.reasoning = reasoning if reasoning is not None else _default_reasoning(config)
         self.embedder = Embedder(config.embeddings) if config.embeddings else None
         self.created = int(time.time())
+        self.dropped_logged: set[tuple[str, str]] = set()  # (model, field) already logged as ignored
 
     async def start(self) -> None:
         for handle in self.handles.values():
@@ -230,6 +237,9 @@ class Gateway:
             return handle, None
         router = self.routers.get(name)
         if router is None:
+            if self.embedder is not None and name == self.embedder.config.name:
+                raise InvalidRequest(f"'{name}' is an embedding model: call /v1/embeddings with it, or pick a chat "
+                                     f"model from {self.model_names()}", param="model", code="model_not_chat")
             raise ModelNotFound(name, self.model_names())
         # Routers from slm_fusion.routing also look at request headers (rules on `x-...` values).
         decision = router.route(request, headers) if getattr(router, "wants_headers", False) else router.route(request)
@@ -287,12 +297,16 @@ class Gateway:
         return health is None or health.available()
 
     async def generate_on(
-        self, handle: ModelHandle, body: Any, gen: GenerationRequest | None = None, **overrides: Any
+        self, handle: ModelHandle, body: Any, gen: GenerationRequest | None = None, *,
+        sent: dict[str, Any] | None = None, **overrides: Any,
     ) -> list[Generation]:
-        """One generation on `handle` within its own timeout; a timeout counts as a failure of the replica used."""
-        gen = gen or self.generation_request(handle, body)
+        """One generation on `handle` within its own timeout; a timeout counts as a failure of the replica used.
+        `sent`: the client's fields as sent (for an upstream), when `gen` is built here."""
+        gen = gen or self.generation_request(handle, body, sent)
         for key, value in overrides.items():
             setattr(gen, key, value)
+        if overrides and gen.sent is not None:  # what the router asks for is also what the upstream is sent
+            gen.sent = P.override_fields(gen.sent, **overrides)
         timeout = handle.timeout(self.config.server.request_timeout_s)
         used: list[Backend] = []
         try:
@@ -315,7 +329,7 @@ class Gateway:
         if hasattr(decision, "execute"):
             async def call(model: str, **overrides: Any) -> list[Generation]:
                 async def attempt(m: str) -> list[Generation]:
-                    return await self.generate_on(self.handles[m], body, **overrides)
+                    return await self.generate_on(self.handles[m], body, sent=gen.sent, **overrides)
 
                 return (await with_fallbacks(self.fallback_chain(model), attempt, self._available))[1]
 
@@ -324,7 +338,7 @@ class Gateway:
 
         async def attempt(m: str) -> list[Generation]:
             h = self.handles[m]
-            return await self.generate_on(h, body, gen if h is handle else None)
+            return await self.generate_on(h, body, gen if h is handle else None, sent=gen.sent)
 
         model, gens, tried = await with_fallbacks(self.fallback_chain(handle.name), attempt, self._available)
         return self.handles[model], gens, _note_fallback(decision, handle.name, model, tried, RouteDecision)
@@ -346,7 +360,7 @@ class Gateway:
 
         async def attempt(m: str) -> tuple:
             h = self.handles[m]
-            g = gen if h is handle else self.generation_request(h, body)
+            g = gen if h is handle else self.generation_request(h, body, gen.sent)
             timeout = h.timeout(self.config.server.request_timeout_s)
             deadline = loop.time() + timeout
             stack = contextlib.AsyncExitStack()
@@ -376,11 +390,16 @@ class Gateway:
 
     # ------------------------------------------------------------------ request translation
     def generation_request(
-        self, handle: ModelHandle, body: P.ChatCompletionRequest | P.CompletionRequest
+        self, handle: ModelHandle, body: P.ChatCompletionRequest | P.CompletionRequest,
+        sent: dict[str, Any] | None = None,
     ) -> GenerationRequest:
+        """`body` → the engine's request. `sent`: the client's fields exactly as sent (`P.sent_fields`), carried
+        for OpenAI-compatible upstreams (and for fallbacks to them)."""
         cfg = handle.config
         limit = body.token_limit()
-        param = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
+        param = body.token_limit_param()
+        if limit is not None and limit > P.MAX_INT:
+            raise InvalidRequest(f"{param} must be at most {P.MAX_INT}", param=param)
         if limit is not None and cfg.max_output_tokens and limit > cfg.max_output_tokens:
             raise InvalidRequest(
                 f"{param}={limit} is above this model's limit of {cfg.max_output_tokens}", param=param
@@ -395,11 +414,15 @@ class Gateway:
         for name in ("presence_penalty", "frequency_penalty", "user"):
             if (value := getattr(body, name)) is not None:
                 extra[name] = value
+        upstream = cfg.backend == "openai"
+        if not upstream:
+            self._check_local(handle, body, extra)
         common: dict[str, Any] = {
             "max_tokens": max_tokens,
             "temperature": 1.0 if body.temperature is None else body.temperature,
             "top_p": 1.0 if body.top_p is None else body.top_p,
             "n": body.n, "stop": stop, "seed": body.seed, "extra": extra,
+            "sent": sent if sent is not None else P.sent_fields(body),
         }
         if isinstance(body, P.ChatCompletionRequest):
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
@@ -412,6 +435,41 @@ class Gateway:
         if body.suffix:
             raise InvalidRequest("`suffix` (fill-in-the-middle) is not supported", param="suffix")
         return GenerationRequest(prompt=prompt, **common)
+
+    def _check_local(self, handle: ModelHandle, body: Any, extra: dict[str, Any]) -> None:
+        """What a local text model cannot do is refused with a 400 that says so, never silently ignored."""
+        name = f"model '{handle.name}' ({handle.config.backend})"
+        if kind := body.images():
+            raise InvalidRequest(f"{name} reads text only: remove the `{kind}` content parts or pick a model served "
+                                 "by an upstream that accepts them", param="messages")
+        if extra.get("tools") and extra.get("tool_choice") != "none":
+            raise InvalidRequest(f"{name} does not support function calling (`tools`) yet; drop `tools` or pick a "
+                                 "model served by an OpenAI-compatible upstream", param="tools")
+        fmt = extra.get("response_format")
+        if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
+            raise InvalidRequest(f"{name} does not enforce `response_format` {fmt.get('type')!r} yet; drop it or pick "
+                                 "a model served by an OpenAI-compatible upstream", param="response_format")
+        texts = [m.text() for m in body.messages] if isinstance(body, P.ChatCompletionRequest) else body.prompt
+        for text in ([texts] if isinstance(texts, str) else texts):
+            if not text.isascii():
+                try:
+                    text.encode()
+                except UnicodeEncodeError:
+                    raise InvalidRequest("the request holds text that is not valid Unicode (a lone surrogate such as "
+                                         "\\ud800); send well-formed UTF-16 pairs",
+                                         param="messages" if isinstance(body, P.ChatCompletionRequest) else "prompt"
+                                         ) from None
+        dropped = [k for k in extra if k not in LOCAL_FIELDS and (handle.name, k) not in self.dropped_logged]
+        for key in dropped:
+            self.dropped_logged.add((handle.name, key))
+            log.warning("model '%s' (%s) ignores the request field `%s` (logged once)", handle.name,
+                        handle.config.backend, key)
+
+
+# Request fields a local backend (transformers, llama.cpp) reads or that change nothing there; others are
+# logged (once per model and field) as dropped.
+LOCAL_FIELDS = frozenset({"presence_penalty", "frequency_penalty", "user", "stream_options", "parallel_tool_calls",
+                          "tool_choice", "metadata", "store", "service_tier"})
 
 
 def _default_routers(config: FusionConfig) -> dict[str, Any]:
@@ -704,12 +762,21 @@ def create_app(
 
 
 def _model_cards(gw: Gateway) -> list[P.ModelCard]:
-    cards = [P.ModelCard(id=n, created=gw.created, backend=h.config.backend) for n, h in gw.handles.items()]
+    cards = [P.ModelCard(id=n, created=gw.created, backend=h.config.backend, max_output_tokens=h.config.max_output_tokens,
+                         default_max_tokens=_default_cap(h.config)) for n, h in gw.handles.items()]
     cards += [P.ModelCard(id=n, created=gw.created, kind="virtual") for n in gw.routers if n not in gw.handles]
     if gw.embedder:
         cards.append(P.ModelCard(id=gw.embedder.config.name, created=gw.created, backend="sentence-transformers",
                                  kind="embedding"))
     return cards
+
+
+def _default_cap(cfg: ModelBase) -> int | None:
+    """The output cap a request without max_tokens gets: local models always have one; an upstream decides for
+    itself unless `default_max_tokens` is configured for it."""
+    if cfg.backend == "openai" and "default_max_tokens" not in cfg.model_fields_set:
+        return None
+    return min(cfg.default_max_tokens, cfg.max_output_tokens or cfg.default_max_tokens)
 
 
 # ------------------------------------------------------------------------------------------- completion endpoints
@@ -718,11 +785,17 @@ def _model_cards(gw: Gateway) -> list[P.ModelCard]:
 async def _complete(gw: Gateway, body: Any, request: Request, *, chat: bool) -> Response:
     handle, decision = await gw.resolve_target(body, request.headers)
     request.scope["fusion.model"] = handle.name
-    gen = gw.generation_request(handle, body)
+    if body.n > 1 and hasattr(decision, "execute"):
+        raise InvalidRequest(f"'{body.model}' answers with one choice (its router runs a plan over several models); "
+                             "send n=1 or call a model directly", param="n")
+    # FastAPI parsed the body with Starlette's `request.json()`, which keeps the parsed object: the fields exactly
+    # as sent, without a second parse or a dump of the validated model.
+    gen = gw.generation_request(handle, body, P.sent_fields(body, getattr(request, "_json", None)))
     timeout = handle.timeout(gw.config.server.request_timeout_s)
     if body.stream:
         return await _stream(gw, handle, gen, body, chat, timeout, decision, request)
-    handle, gens, decision = await gw.generate_routed(handle, decision, body, gen)
+    async with _cancel_on_disconnect(request):
+        handle, gens, decision = await gw.generate_routed(handle, decision, body, gen)
     request.scope["fusion.model"] = handle.name
     headers = _route_headers(gw, handle, body, decision)
     request.scope["fusion.route"] = headers.get("x-slm-fusion-route", "")
@@ -740,15 +813,16 @@ async def _complete(gw: Gateway, body: Any, request: Request, *, chat: bool) -> 
     if chat:
         resp: Any = P.ChatCompletionResponse(
             id=f"chatcmpl-{uuid.uuid4().hex}", model=body.model, usage=usage, system_fingerprint=fingerprint,
-            choices=[P.ChatChoice(index=i, message=P.AssistantMessage(content=g.text), finish_reason=g.finish_reason)
-                     for i, g in enumerate(gens)],
+            choices=[P.ChatChoice(index=i, message=P.AssistantMessage(
+                content=None if g.tool_calls and not g.text else g.text, tool_calls=g.tool_calls),
+                finish_reason=g.finish_reason, logprobs=g.logprobs) for i, g in enumerate(gens)],
         )
     else:
         prefix = gen.prompt if body.echo else ""
         resp = P.CompletionResponse(
             id=f"cmpl-{uuid.uuid4().hex}", model=body.model, usage=usage, system_fingerprint=fingerprint,
-            choices=[P.CompletionChoice(index=i, text=prefix + g.text, finish_reason=g.finish_reason)
-                     for i, g in enumerate(gens)],
+            choices=[P.CompletionChoice(index=i, text=prefix + g.text, finish_reason=g.finish_reason,
+                                        logprobs=g.logprobs) for i, g in enumerate(gens)],
         )
     # Routing extras (e.g. output fusion's `slm_fusion: {agreement, votes}`) ride along as extra response fields.
     extra = {k: v for k, v in (getattr(decision, "extra", None) or {}).items() if not k.startswith("_")}
@@ -770,7 +844,8 @@ async def _stream(
     """SSE stream. The first token is awaited before answering, so failures up to then get a real status code
     (or the next model of `routing.fallbacks` is tried)."""
     start = time.perf_counter()
-    handle, stack, chunks, first, deadline, decision = await gw.open_stream(handle, decision, body, gen)
+    async with _cancel_on_disconnect(request):  # until the first chunk; then the response watches for itself
+        handle, stack, chunks, first, deadline, decision = await gw.open_stream(handle, decision, body, gen)
     request.scope["fusion.model"] = handle.name
     headers = _route_headers(gw, handle, body, decision)
     request.scope["fusion.route"] = headers.get("x-slm-fusion-route", "")
@@ -789,11 +864,12 @@ async def _stream(
                                        system_fingerprint=fingerprint)
         return b"data: " + obj.__pydantic_serializer__.to_json(obj) + b"\n\n"
 
-    def choice(index: int, text: str | None, finish: str | None, role: bool = False) -> Any:
+    def choice(index: int, text: str | None, finish: str | None, role: bool = False, tool_calls: Any = None,
+               logprobs: Any = None) -> Any:
         if chat:
-            return P.ChatChunkChoice(index=index, delta=P.ChoiceDelta(role="assistant" if role else None,
-                                                                      content=text), finish_reason=finish)
-        return P.CompletionChoice(index=index, text=text or "", finish_reason=finish)
+            delta = P.ChoiceDelta(role="assistant" if role else None, content=text, tool_calls=tool_calls)
+            return P.ChatChunkChoice(index=index, delta=delta, finish_reason=finish, logprobs=logprobs)
+        return P.CompletionChoice(index=index, text=text or "", finish_reason=finish, logprobs=logprobs)
 
     async def events() -> AsyncIterator[bytes]:
         nonlocal ttft_seen
@@ -810,12 +886,14 @@ async def _stream(
             while chunk is not None:
                 if chunk.usage is not None:
                     usage = chunk.usage
-                if chunk.text or chunk.finish_reason:
-                    if not ttft_seen and chunk.text:
+                if chunk.text or chunk.finish_reason or chunk.tool_calls or chunk.logprobs:
+                    if not ttft_seen and (chunk.text or chunk.tool_calls):
                         ttft_seen = True
                         gw.metrics.ttft.labels(handle.name).observe(time.perf_counter() - start)
                     counted += 1
-                    yield frame([choice(chunk.index, chunk.text, chunk.finish_reason)])
+                    text = None if chunk.tool_calls and not chunk.text else chunk.text
+                    yield frame([choice(chunk.index, text, chunk.finish_reason, tool_calls=chunk.tool_calls,
+                                        logprobs=chunk.logprobs)])
                 async with asyncio.timeout_at(deadline):
                     chunk = await anext(chunks, None)
             prompt_tokens, completion_tokens = usage or (0, counted)
@@ -845,6 +923,37 @@ async def _stream(
             await stack.aclose()
 
     return _SSEResponse(events(), cleanup, headers={**SSE_HEADERS, **headers})
+
+
+@contextlib.asynccontextmanager
+async def _cancel_on_disconnect(request: Request) -> AsyncIterator[None]:
+    """Cancel the block when the client disconnects: its queue slot, local generation or upstream call end there,
+    and no fallback is tried for a client that is gone (ClientDisconnected, logged as 499)."""
+    task = asyncio.current_task()
+    gone = asyncio.Event()
+    watcher: list[asyncio.Task] = []
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        gone.set()
+        task.cancel()
+
+    # Most answers come back faster than a client gives up: start listening only after a short while, which
+    # keeps a task per request off the hot path.
+    timer = asyncio.get_running_loop().call_later(DISCONNECT_WATCH_AFTER_S,
+                                                  lambda: watcher.append(asyncio.create_task(watch())))
+    try:
+        yield
+    except asyncio.CancelledError:
+        if not gone.is_set():
+            raise
+        task.uncancel()
+        raise ClientDisconnected("the client closed the connection before the answer was ready") from None
+    finally:
+        timer.cancel()
+        for w in watcher:
+            w.cancel()
 
 
 class _SSEResponse(StreamingResponse):

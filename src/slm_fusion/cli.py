@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -10,24 +11,88 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(help="SLM-Fusion: serve, route and merge small language models.", no_args_is_help=True)
+from reasonlite.cli_boundary import OneLineErrorsGroup, version_callback
+
+# Errors: one line on stderr and exit 2 usage/config, 3 data/model not found, 4 runtime (reasonlite.cli_boundary).
+app = typer.Typer(help="SLM-Fusion: serve, route and merge small language models.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, cls=OneLineErrorsGroup)
 console = Console()
 
 
-def _load(config: Path):
-    from slm_fusion.config import ConfigError, load_fusion_config
+class LogLevel(str, Enum):
+    debug = "debug"
+    info = "info"
+    warning = "warning"
+    error = "error"
 
-    try:
-        return load_fusion_config(config)
-    except ConfigError as e:
-        console.print(f"[red]{e}[/red]")
-        raise typer.Exit(code=2) from None
+
+class PortInUse(OSError):
+    """The gateway's port is taken: found before any model is loaded."""
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=version_callback("slm-fusion"), is_eager=True,
+                                                help="Print the version and exit.")] = False,
+          debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")] = False
+          ) -> None:
+    """SLM-Fusion: serve, route and merge small language models."""
+
+
+def _load(config: Path):
+    from slm_fusion.config import load_fusion_config
+
+    return load_fusion_config(config)  # ConfigError: one line, exit 2
+
+
+def model_file_problems(cfg) -> list[str]:
+    """What is missing on disk for each local model (a folder without config/weights, a missing .gguf)."""
+    from reasonlite.models import KNOWN_MODELS
+    from slm_fusion.backends.llamacpp import GGUF_ALIASES
+
+    problems = []
+    for i, m in enumerate(cfg.models):
+        where = f"models[{i}].model ({m.name})"
+        if m.backend == "llamacpp":
+            if m.model not in GGUF_ALIASES and not Path(m.model).expanduser().is_file():
+                problems.append(f"{where}: GGUF file {m.model} does not exist; give a .gguf path (relative to the "
+                                f"YAML) or one of {sorted(GGUF_ALIASES)}")
+        elif m.backend == "transformers" and m.model not in KNOWN_MODELS:
+            path = Path(m.model).expanduser()
+            if path.is_file() and path.suffix == ".gguf":
+                continue
+            if not path.is_dir():
+                problems.append(f"{where}: {m.model} is neither a model folder nor a built-in alias "
+                                f"({', '.join(KNOWN_MODELS)})")
+                continue
+            weights = [p for pattern in ("*.safetensors", "*.bin", "*.safetensors.index.json")
+                       for p in path.glob(pattern)]
+            if not ((path / "config.json").exists() or (path / "adapter_config.json").exists()):
+                problems.append(f"{where}: {path} has no config.json (or adapter_config.json); not a HF model folder")
+            elif not weights:
+                problems.append(f"{where}: {path} has no weight files (*.safetensors / *.bin); copy the weights")
+    return problems
+
+
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a TIME_WAIT port is free
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise PortInUse(f"--port {port}: cannot listen on {host}:{port} ({e.strerror}); stop the process "
+                            "using it or pick another --port") from None
 
 
 @app.command()
 def check(config: Annotated[Path, typer.Argument(help="Gateway YAML config.")]) -> None:
     """Validate a gateway config without loading any model; print the models table."""
     cfg = _load(config)
+    problems = model_file_problems(cfg)
+    if problems:  # exit 3: data/model not found
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise FileNotFoundError(f"{config}: {problems[0]}{more}")
     table = Table(title=f"{config} — {len(cfg.models)} model(s)")
     for col in ("name", "backend", "model", "concurrency", "queue", "timeout_s", "replicas"):
         table.add_column(col)
@@ -52,10 +117,10 @@ def check(config: Annotated[Path, typer.Argument(help="Gateway YAML config.")]) 
 def serve(
     config: Annotated[Path, typer.Argument(help="Gateway YAML config.")],
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
-    log_level: Annotated[str, typer.Option(help="debug | info | warning | error")] = "info",
-    graceful_timeout: Annotated[float, typer.Option(help="Seconds in-flight requests get to finish on shutdown.")] = 30.0,
-    keep_alive: Annotated[int, typer.Option(help="Idle keep-alive seconds; above clients' pool expiry (httpx: 5).")] = 75,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port (1-65535).")] = 8000,
+    log_level: Annotated[LogLevel, typer.Option(help="Log level.")] = LogLevel.info,
+    graceful_timeout: Annotated[float, typer.Option(min=0, help="Seconds in-flight requests get to finish on shutdown.")] = 30.0,
+    keep_alive: Annotated[int, typer.Option(min=1, help="Idle keep-alive seconds; above clients' pool expiry (httpx: 5).")] = 75,
 ) -> None:
     """Serve the OpenAI-compatible gateway (Ctrl-C stops it after in-flight requests finish)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -65,6 +130,11 @@ def serve(
     from slm_fusion.app import configure_logging, create_app
 
     cfg = _load(config)
+    problems = model_file_problems(cfg)
+    if problems:
+        raise FileNotFoundError(f"{config}: {problems[0]}")
+    _check_port_free(host, port)  # before loading any model: a taken port is found in a second, not minutes
+    log_level = log_level.value
     configure_logging(log_level)
     uvicorn.run(create_app(cfg), host=host, port=port, log_level=log_level, access_log=False,
                 timeout_graceful_shutdown=graceful_timeout, timeout_keep_alive=keep_alive)

@@ -44,10 +44,23 @@ class ReasoningDefaults(_Strict):
     student_prompt: bool = Field(
         False, description="Rewrite the last user message into the prompt reasonlite trained the student on."
     )
+    select: Literal["vote", "verifier"] = Field(
+        "vote", description="Which sample answers: the majority (vote), or the top score of verifier_path (samples too)."
+    )
+    verifier_path: str | None = Field(
+        None, description="Folder written by `reasonlite verifier train`; required when select is verifier."
+    )
+
+    @model_validator(mode="after")
+    def _verifier_needs_path(self) -> ReasoningDefaults:
+        if self.select == "verifier" and not self.verifier_path:
+            raise ValueError("reasoning.verifier_path is required when reasoning.select is 'verifier': point it at "
+                             "the folder `reasonlite verifier train` wrote")
+        return self
 
     def active(self) -> bool:
         return self.reasoning_budget is not None or self.pal or self.vote or self.format == "pal" \
-            or self.student_prompt
+            or self.student_prompt or self.select == "verifier"
 
 
 class ModelBase(_Strict):
@@ -169,6 +182,20 @@ class ConfigError(ValueError):
     """A config file that cannot be used; the message names the file, the field and what to change."""
 
 
+def _resolve_model_paths(raw: dict, base: Path) -> None:
+    """Relative model paths mean relative to the YAML file (as in every config that names files), not to the
+    directory the server happens to be started from. Aliases and hub-style names are left alone."""
+    for m in raw.get("models") or []:
+        if not isinstance(m, dict) or m.get("backend") not in ("transformers", "llamacpp"):
+            continue
+        ref = m.get("model")
+        if not isinstance(ref, str) or not ref or Path(ref).expanduser().is_absolute() or ref.startswith("~"):
+            continue
+        candidate = base / ref
+        if candidate.exists() or ref.startswith(("./", "../")) or ref.endswith(".gguf"):
+            m["model"] = str(candidate.resolve())
+
+
 def load_fusion_config(path: str | Path) -> FusionConfig:
     path = Path(path)
     try:
@@ -179,6 +206,7 @@ def load_fusion_config(path: str | Path) -> FusionConfig:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping with `models:` and optional `server:`")
+    _resolve_model_paths(raw, path.resolve().parent)
     try:
         return FusionConfig.model_validate(raw)
     except ValidationError as e:

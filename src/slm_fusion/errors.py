@@ -94,6 +94,26 @@ class QueueFull(FusionError):
         )
 
 
+class ClientDisconnected(FusionError):
+    """The client left before its answer was ready: the work was cancelled (nginx's 499, only ever logged)."""
+
+    status = 499
+    type = "invalid_request_error"
+    code = "client_closed_request"
+
+
+class UpstreamRateLimited(FusionError):
+    """The upstream answered 429: passed on with the upstream's own Retry-After, marked as the upstream's."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "upstream_rate_limited"
+
+    def __init__(self, model: str, message: str, retry_after: str | None) -> None:
+        headers = {"Retry-After": retry_after} if retry_after and retry_after.isascii() and retry_after.strip() else {}
+        super().__init__(f"the upstream of model '{model}' is rate limiting: {message}", headers=headers)
+
+
 class UpstreamError(FusionError):
     status = 502
     type = "upstream_error"

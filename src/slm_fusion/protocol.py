@@ -10,7 +10,8 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 # --------------------------------------------------------------------------------------------------- requests
 
@@ -20,26 +21,43 @@ StopField = Annotated[
 ]
 
 
-class TextContentPart(BaseModel):
+class ContentPart(BaseModel):
+    """One part of a message's content: `text`, or another kind (`image_url`, `input_audio`, `file`) kept as sent
+    for OpenAI-compatible upstreams; local text models refuse the non-text kinds."""
+
     model_config = ConfigDict(extra="allow")
-    type: Literal["text"]
-    text: str
+    type: str = Field(..., min_length=1)
+    text: str | None = None
+
+    @model_validator(mode="after")
+    def _text_has_text(self) -> ContentPart:
+        if self.type == "text" and self.text is None:
+            raise ValueError("a `text` content part needs a `text` string")
+        return self
 
 
 class ChatMessage(BaseModel):
-    """One message of the conversation. Content may be a string or a list of text parts."""
+    """One message of the conversation. Content may be a string or a list of content parts."""
 
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextContentPart] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = Field(None, description="An assistant's earlier function calls.")
+    tool_call_id: str | None = Field(None, description="A `tool` message: the call it answers.")
 
     def text(self) -> str:
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "".join(part.text or "" for part in self.content)
+
+    def non_text_part(self) -> str | None:
+        """The type of the first content part that is not text (e.g. `image_url`), or None."""
+        if isinstance(self.content, list):
+            return next((part.type for part in self.content if part.type != "text"), None)
+        return None
 
 
 class StreamOptions(BaseModel):
@@ -55,6 +73,10 @@ class ReasoningExtras(BaseModel):
     )
     pal: bool | None = Field(None, description="Program-aided: the model writes a program that is executed.")
     vote: bool | None = Field(None, description="Self-consistency: sample `n` answers and return the majority.")
+
+
+# Larger integers cannot be forwarded (JSON encoders stop at 64 bits) and mean nothing as token counts.
+MAX_INT = 2**63 - 1
 
 
 class SamplingFields(BaseModel):
@@ -85,6 +107,13 @@ class ChatCompletionRequest(SamplingFields, ReasoningExtras):
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    def token_limit_param(self) -> str:
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+
+    def images(self) -> str | None:
+        """The first non-text content part type in the conversation (refused by local text models)."""
+        return next((kind for m in self.messages if (kind := m.non_text_part()) is not None), None)
+
 
 class CompletionRequest(SamplingFields, ReasoningExtras):
     model_config = ConfigDict(extra="allow")
@@ -95,6 +124,36 @@ class CompletionRequest(SamplingFields, ReasoningExtras):
 
     def token_limit(self) -> int | None:
         return self.max_tokens
+
+    def token_limit_param(self) -> str:
+        return "max_tokens"
+
+    def images(self) -> str | None:
+        return None
+
+
+# The gateway's own request fields: read here, never forwarded to an upstream.
+GATEWAY_FIELDS = frozenset({"model", "reasoning_budget", "pal", "vote"})
+
+
+def sent_fields(request: ChatCompletionRequest | CompletionRequest, raw: Any = None) -> dict[str, Any]:
+    """The request exactly as the client sent it, less `model` and the gateway's own extras: what an
+    OpenAI-compatible upstream is sent. `raw` is the parsed JSON object the request was validated from (numbers,
+    unknown fields and message parts untouched); without it the validated request stands in (no defaults)."""
+    if not isinstance(raw, dict):
+        raw = request.model_dump(exclude_unset=True)
+    return {k: v for k, v in raw.items() if k not in GATEWAY_FIELDS}
+
+
+def override_fields(fields: dict[str, Any], **overrides: Any) -> dict[str, Any]:
+    """`fields` with sampling parameters replaced (a router asking for `n`/`temperature`); `max_tokens` keeps the
+    client's spelling (`max_completion_tokens` stays that name)."""
+    out = dict(fields)
+    for key, value in overrides.items():
+        if key == "max_tokens" and "max_completion_tokens" in out:
+            key = "max_completion_tokens"
+        out[key] = value
+    return out
 
 
 class EmbeddingRequest(BaseModel):
@@ -128,13 +187,21 @@ class Usage(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_no_tools(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("tool_calls") is None:
+            data.pop("tool_calls", None)
+        return data
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -150,6 +217,7 @@ class ChatCompletionResponse(BaseModel):
 class ChoiceDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # fragments: index, then id/type/function name/arguments
 
     @model_serializer(mode="wrap")
     def _omit_none(self, handler: Any) -> dict[str, Any]:
@@ -161,7 +229,7 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: ChoiceDelta
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -178,7 +246,7 @@ class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -199,6 +267,8 @@ class ModelCard(BaseModel):
     # Our own additions, ignored by OpenAI clients: which backend serves it, or that it is routed.
     backend: str | None = None
     kind: Literal["model", "virtual", "embedding"] = "model"
+    default_max_tokens: int | None = Field(None, description="Output cap used when a request sends no max_tokens.")
+    max_output_tokens: int | None = Field(None, description="Largest max_tokens accepted (400 above it).")
 
 
 class ModelList(BaseModel):
@@ -238,3 +308,101 @@ class ErrorResponse(BaseModel):
 class HealthResponse(BaseModel):
     status: Literal["ok", "degraded", "starting"]
     models: dict[str, Any]
+
+
+# --------------------------------------------------------------------------- talking to an OpenAI-compatible upstream
+
+
+class UpstreamShapeError(ValueError):
+    """An upstream answered 200 with JSON that is not an OpenAI completion or chunk."""
+
+
+def upstream_body(model: str, req: Any, stream: bool) -> dict[str, Any]:
+    """The JSON body for an upstream: the client's fields exactly as sent (`req.sent`), or, for a request the
+    gateway made itself, its sampling fields. `model` becomes the upstream's model name."""
+    if req.sent is not None:
+        body = dict(req.sent)
+    else:
+        body = {"max_tokens": req.max_tokens, "temperature": req.temperature, **req.extra}
+        if req.n != 1:
+            body["n"] = req.n
+        if req.top_p != 1.0:
+            body["top_p"] = req.top_p
+        if req.stop:
+            body["stop"] = req.stop
+        if req.seed is not None:
+            body["seed"] = req.seed
+        if req.messages is not None:
+            body["messages"] = req.messages
+        else:
+            body["prompt"] = req.prompt
+    body["model"] = model
+    if stream:
+        body["stream"] = True
+    else:  # a streaming client's request run whole (a routing plan, a reasoning strategy)
+        body.pop("stream", None)
+        body.pop("stream_options", None)
+    return body
+
+
+def completion_choices(data: Any, chat: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """An upstream completion → ([{text, content_null, finish_reason, tool_calls, logprobs}], usage)."""
+    if not isinstance(data, dict) or not isinstance(choices := data.get("choices"), list):
+        raise UpstreamShapeError("upstream returned a response that is not an OpenAI completion (no `choices` list)")
+    out = []
+    for c in choices:
+        if not isinstance(c, dict):
+            raise UpstreamShapeError("upstream returned a choice that is not an object")
+        if chat:
+            message = c.get("message")
+            if not isinstance(message, dict):
+                raise UpstreamShapeError("upstream returned a chat choice without a `message` object")
+            content, tool_calls = message.get("content"), message.get("tool_calls")
+        else:
+            content, tool_calls = c.get("text"), None
+        if content is not None and not isinstance(content, str):
+            raise UpstreamShapeError("upstream returned content that is not a string")
+        out.append({"text": content or "", "finish_reason": c.get("finish_reason") or "stop",
+                    "tool_calls": tool_calls or None, "logprobs": c.get("logprobs")})
+    usage = data.get("usage")
+    return out, usage if isinstance(usage, dict) else {}
+
+
+def chunk_choices(obj: Any, chat: bool) -> tuple[list[tuple], dict[str, Any] | None]:
+    """One upstream stream chunk → ([(index, text, finish_reason, tool_calls, logprobs)], usage or None).
+    Raises UpstreamShapeError for a chunk of the wrong shape, and for an in-band `error` (its message)."""
+    if not isinstance(obj, dict):
+        raise UpstreamShapeError("upstream sent a stream chunk that is not a JSON object")
+    if "error" in obj:
+        err = obj["error"]
+        raise UpstreamShapeError(f"upstream error: {err.get('message', err) if isinstance(err, dict) else err}")
+    choices, usage = obj.get("choices"), obj.get("usage")
+    if not isinstance(choices, list) or (usage is not None and not isinstance(usage, dict)):
+        raise UpstreamShapeError("upstream sent a stream chunk that is not an OpenAI chunk (no `choices` list)")
+    out = []
+    for c in choices:
+        if not isinstance(c, dict):
+            raise UpstreamShapeError("upstream sent a stream choice that is not an object")
+        if chat:
+            delta = c.get("delta")
+            if not isinstance(delta, dict):
+                raise UpstreamShapeError("upstream sent a stream choice without a `delta` object")
+            text, tool_calls = delta.get("content"), delta.get("tool_calls")
+        else:
+            text, tool_calls = c.get("text"), None
+        index = c.get("index", 0)
+        if (text is not None and not isinstance(text, str)) or not isinstance(index, int):
+            raise UpstreamShapeError("upstream sent a stream choice whose content or index has the wrong type")
+        out.append((index, text or "", c.get("finish_reason"), tool_calls or None, c.get("logprobs")))
+    return out, usage
+
+
+def upstream_error_message(content: bytes) -> str:
+    """The message of an upstream's error body (OpenAI shape), else its first 200 characters."""
+    try:
+        message = orjson.loads(content)["error"]["message"]
+        if isinstance(message, str):
+            return message
+    except Exception:  # noqa: BLE001, S110 — any non-OpenAI error body is reported by its text
+        pass
+    return content[:200].decode("utf-8", "replace")

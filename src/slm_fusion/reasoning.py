@@ -9,6 +9,8 @@ Per request (the SDK's `extra_body`), overriding the model's `reasoning:` defaul
                         content is its result; the program is returned in `choices[i].slm_fusion.program`;
   vote: true            self-consistency: `n` samples (the model's `samples` when n is 1) vote on the extracted or
                         executed answer; ONE choice comes back, with `slm_fusion.agreement` and `slm_fusion.votes`.
+                        With the model's `select: verifier` (and `verifier_path`), reasonlite's trained verifier
+                        scores the samples instead and the top one answers (`slm_fusion.verifier_score`).
 Usage counts every generated token (all samples, the forced answers) and splits them in
 `usage.completion_tokens_details` into `reasoning_tokens` and `answer_tokens`.
 
@@ -42,12 +44,14 @@ class _Plan:
     samples: int
     temperature: float
     answer_tokens: int
+    select: str = "vote"  # vote | verifier: how the one answer is picked among the samples
 
 
 class ReasoningLayer:
     def __init__(self, config: FusionConfig | None = None) -> None:
         self.config = config
         self._student_meta: dict[str, dict] = {}
+        self._verifiers: dict[str, Any] = {}  # verifier_path -> reasonlite.verifier.Verifier, loaded once
 
     # -- the seam ---------------------------------------------------------------------------------------------------
 
@@ -68,6 +72,8 @@ class ReasoningLayer:
                                  param="reasoning_budget")
         if plan.vote:
             samples, prompt_tokens = await self._sample(backend, gen, messages, plan, plan.samples)
+            if plan.select == "verifier":
+                return [await self._verified(samples, prompt_tokens, gen, defaults.verifier_path)]
             return [self._voted(samples, prompt_tokens)]
         samples, prompt_tokens = await self._sample(backend, gen, messages, plan, gen.n)
         return [self._single(s, prompt_tokens) for s in samples]
@@ -82,13 +88,13 @@ class ReasoningLayer:
         fmt = "pal" if (pal if pal is not None else (d.pal or d.format == "pal")) else \
             ("cot" if d.format == "pal" else d.format)
         vote = getattr(request, "vote", None)
-        vote = d.vote if vote is None else bool(vote)
+        vote = (d.vote or d.select == "verifier") if vote is None else bool(vote)
         samples = gen.n if gen.n > 1 else d.samples
         asked_temperature = getattr(request, "temperature", None)
         temperature = gen.temperature if not vote or asked_temperature is not None else d.vote_temperature
         if budget is not None and budget + d.answer_tokens > gen.max_tokens:
             budget = max(1, gen.max_tokens - d.answer_tokens)  # max_tokens stays the hard ceiling per sample
-        return _Plan(fmt, budget, vote, samples, temperature, d.answer_tokens)
+        return _Plan(fmt, budget, vote, samples, temperature, d.answer_tokens, d.select)
 
     def _messages(self, gen: GenerationRequest, plan: _Plan, d: ReasoningDefaults,
                   model_cfg: ModelBase) -> list[dict] | None:
@@ -166,18 +172,34 @@ class ReasoningLayer:
                           reasoning={k: v for k, v in info.items() if v is not None}, exec_error=s.error,
                           forced_without_answer=s.forced and s.answer is None)
 
-    def _voted(self, samples: list[Sample], prompt_tokens: int) -> Generation:
+    async def _verified(self, samples: list[Sample], prompt_tokens: int, gen: GenerationRequest,
+                        verifier_path: str) -> Generation:
+        """The sample reasonlite's verifier scores highest answers (`reasonlite.verifier.select_index`)."""
+        from reasonlite.verifier import Verifier, select_index
+
+        if verifier_path not in self._verifiers:  # loaded on first use, once per folder
+            self._verifiers[verifier_path] = await asyncio.to_thread(Verifier.load, verifier_path)
+        verifier = self._verifiers[verifier_path]
+        question = next((m["content"] for m in reversed(gen.messages or []) if m["role"] == "user"), gen.prompt or "")
+        scores = await asyncio.to_thread(verifier.score_samples, question, samples)
+        index = select_index(samples, "verifier", scores)
+        g = self._voted(samples, prompt_tokens, shown_index=index)
+        g.reasoning.update(select="verifier", verifier_score=round(scores[index], 4))
+        return g
+
+    def _voted(self, samples: list[Sample], prompt_tokens: int, shown_index: int | None = None) -> Generation:
         vote = majority_vote([s.answer for s in samples])
         shown = next((s for s in samples if s.answer is not None and normalize_answer(s.answer) == vote.answer),
-                     samples[0])
+                     samples[0]) if shown_index is None else samples[shown_index]
+        picked = vote.answer if shown_index is None else (normalize_answer(shown.answer) if shown.answer else None)
         g = self._single(shown, prompt_tokens)
         reasoning = sum(s.reasoning_tokens for s in samples)
         answer = sum(s.answer_tokens for s in samples)
         g.completion_tokens = reasoning + answer
-        g.agreement = vote.agreement
-        g.reasoning.update(answer=vote.answer, agreement=round(vote.agreement, 4), votes=vote.counts,
+        g.agreement = vote.agreement if shown_index is None else vote.counts.get(picked, 0) / len(samples)
+        g.reasoning.update(answer=picked, agreement=round(g.agreement, 4), votes=vote.counts,
                            samples=len(samples), reasoning_tokens=reasoning, answer_tokens=answer)
-        if vote.answer is None:
+        if picked is None:
             g.reasoning.pop("answer", None)
         return g
 

@@ -34,6 +34,8 @@ SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".arrow")
 class DataError(ValueError):
     """A data file or row cannot be turned into `Example`s; the message names where, which field, and the fix."""
 
+    exit_code = 3  # the CLIs' "data/model not found" (reasonlite.cli_boundary)
+
 
 class BadRow(BaseModel):
     location: str = Field(description="'file:line' (text files) or 'file:row N' (parquet/arrow/datasets folders)")
@@ -168,6 +170,20 @@ def _text(value: Any) -> str | None:
 
 def _row_to_example(row: dict, mapping: dict[str, str], index: int, stem: str, require_numeric_answer: bool,
                     domain: str | None) -> Example:
+    templates = {f: t for f, t in mapping.items() if "{" in t}
+    if templates:  # a field built from several columns: {"question": "{Body} {Question}"}
+        row, mapping = dict(row), dict(mapping)
+        for field, template in templates.items():
+            try:
+                row[f"<{field}>"] = template.format_map(row)
+            except KeyError as exc:
+                raise _RowProblem(field, f"template {template!r} names column {exc.args[0]!r}, which the row lacks",
+                                  f"use one of the columns {list(row)}") from None
+            except (ValueError, IndexError) as exc:
+                raise _RowProblem(field, f"template {template!r} is not a valid format string ({exc})",
+                                  "write columns in braces, e.g. '{Body} {Question}'") from None
+            mapping[field] = f"<{field}>"
+
     def column(field: str) -> str:
         return mapping.get(field, field)
 

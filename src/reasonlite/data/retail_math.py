@@ -1,30 +1,49 @@
-"""Seeded multi-step retail word problems (inventory, pricing, discounts, tax, units, returns...).
+"""Seeded compositional retail word problems that can measure transfer.
 
-Each template draws numbers, writes the question, and records its solution as named steps
-(``variable = expression`` plus one sentence of arithmetic). The same steps produce all three gold signals, so they
-cannot disagree: the PAL program (readable variable names, ``return answer``), the chain of thought (ending
-"The answer is X.") and the exact answer (computed with fractions). Draws whose intermediate values are not clean
-(whole units, whole cents) are rejected and redrawn, so answers are integers or 2-decimal money.
+A problem is a story *family* (a store's inventory, a checkout, a wholesale order, a food bank...) plus a chain of
+2-4 *operations* (sell per day x days, a delivery of boxes, returns, split among branches, price x quantity, a %
+discount, % tax, a coupon, shipping, tiered prices, unit conversion, change due...). The family and its operation
+sequence are the problem's *structure*; every family lists the structures it allows. Numbers and nouns are drawn per
+question; a *phrasing* (0-6) picks the wording of every sentence and the clause order, independently of the numbers,
+so one draw can be written seven ways with the same answer. Optional irrelevant sentences (GSM-IC style distractors)
+are added from a separate random stream and never enter the solution.
 
-Splits: ``train`` and ``test`` share templates but never a question; ``test_heldout_templates`` uses only templates
-kept out of training, to measure transfer to unseen problem shapes.
+Each operation records its solution as named steps (``variable = expression`` plus one sentence of arithmetic). The
+same steps produce all three gold signals, so they cannot disagree: the PAL program (givens as named variables,
+``return answer``), the chain of thought (ending "The answer is X.") and the exact answer (fractions). Draws whose
+values are not clean (whole units, whole cents) are redrawn.
+
+Splits (``retail_math_splits``):
+  ``train``                 training families, training phrasings (0-4);
+  ``test``                  the same structures and phrasings, never a train question (a hash of the question
+                            reserves it for test, whatever ``n_train`` is);
+  ``test_heldout_families`` families never trained on: new story contexts that recombine trained operations;
+  ``test_reworded``         training structures in the phrasings never trained on (5-6: new wordings, the question
+                            first or the facts reordered).
+``test_heldout_templates`` is kept as an alias of ``test_heldout_families``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 from fractions import Fraction
 
 from reasonlite.answers import eval_arithmetic, format_number
 from reasonlite.data.example import Example
 
-__all__ = ["DEFAULT_HELDOUT_TEMPLATES", "TEMPLATES", "generate_retail_math", "retail_math_splits"]
+__all__ = [
+    "DEFAULT_HELDOUT_FAMILIES", "DEFAULT_HELDOUT_TEMPLATES", "FAMILIES", "PHRASINGS", "REWORDED_PHRASINGS",
+    "STRUCTURES", "TEMPLATES", "TRAIN_PHRASINGS", "generate_retail_math", "retail_math_splits",
+]
 
 STORES = [
     "Maple Street Market", "Corner Grocer", "Harbor Hardware", "Bright Books", "Sunny Side Deli", "Green Leaf Garden",
-    "Pixel Electronics", "Oak & Iron Outfitters", "Blue Door Bakery", "Northside Pharmacy", "Riverbend Pet Supply",
-    "Summit Sports", "Old Town Toys", "Lakeside Florist", "Cedar Office Supply", "Golden Spoon Kitchenware",
+    "Pixel Electronics", "Oak & Iron Outfitters", "Northside Pharmacy", "Riverbend Pet Supply", "Summit Sports",
+    "Old Town Toys", "Lakeside Florist", "Cedar Office Supply", "Golden Spoon Kitchenware",
 ]
 # (plural, singular, container)
 COUNT_ITEMS = [
@@ -32,15 +51,40 @@ COUNT_ITEMS = [
     ("tennis balls", "tennis ball", "crate"), ("pens", "pen", "box"), ("candles", "candle", "box"),
     ("water bottles", "water bottle", "pallet"), ("bags of dog food", "bag of dog food", "pallet"),
     ("jars of honey", "jar of honey", "crate"), ("toy cars", "toy car", "carton"), ("batteries", "battery", "box"),
-    ("flower pots", "flower pot", "crate"), ("coffee mugs", "coffee mug", "case"), ("socks", "pair of socks", "box"),
+    ("flower pots", "flower pot", "crate"), ("coffee mugs", "coffee mug", "case"), ("pairs of socks", "pair of socks", "box"),
 ]
-# (bulk good, small pack noun, bulk unit, small unit, factor)
+# (bulk good, small pack noun, bulk unit, small unit, factor, pack sizes)
 BULK_GOODS = [
-    ("coffee beans", "bag", "kilogram", "grams", 1000), ("rice", "bag", "kilogram", "grams", 1000),
-    ("flour", "sack", "kilogram", "grams", 1000), ("mixed nuts", "pouch", "kilogram", "grams", 1000),
-    ("olive oil", "bottle", "liter", "milliliters", 1000), ("orange juice", "carton", "liter", "milliliters", 1000),
-    ("ribbon", "spool", "meter", "centimeters", 100), ("garden hose", "coil", "meter", "centimeters", 100),
+    ("coffee beans", "bag", "kilogram", "grams", 1000, (100, 125, 200, 250, 500)),
+    ("rice", "bag", "kilogram", "grams", 1000, (200, 250, 500)),
+    ("flour", "sack", "kilogram", "grams", 1000, (250, 500)),
+    ("mixed nuts", "pouch", "kilogram", "grams", 1000, (100, 125, 200, 250)),
+    ("olive oil", "bottle", "liter", "milliliters", 1000, (250, 500)),
+    ("orange juice", "carton", "liter", "milliliters", 1000, (200, 250, 500)),
+    ("ribbon", "spool", "meter", "centimeters", 100, (20, 25, 50)),
+    ("garden hose", "coil", "meter", "centimeters", 100, (20, 25, 50)),
 ]
+BAKERIES = ["Blue Door Bakery", "Sunrise Bakehouse", "Crumb & Co.", "Golden Crust Bakery", "Little Oven Cafe"]
+BAKED_GOODS = [("muffins", "muffin", "tray"), ("croissants", "croissant", "tray"), ("bagels", "bagel", "basket"),
+               ("cookies", "cookie", "tray"), ("rolls", "roll", "basket"), ("scones", "scone", "tray")]
+WHOLESALERS = ["Metro Wholesale", "Valley Supply Co.", "Prime Depot", "Allied Distributors", "Keystone Trade Supply"]
+BUYERS = ["a customer", "a teacher", "a shopper", "a parent", "a regular customer"]
+BULK_BUYERS = [("a school", "classrooms", "classroom"), ("a hotel", "floors", "floor"),
+               ("an office", "departments", "department"), ("a summer camp", "cabins", "cabin")]
+# held-out contexts: nouns that never appear in a training family
+FOOD_BANKS = ["Eastside Food Bank", "Hope Community Pantry", "Riverside Food Shelf", "Unity Food Bank"]
+PANTRY_ITEMS = [("cans of beans", "can of beans", "crate"), ("boxes of cereal", "box of cereal", "carton"),
+                ("jars of peanut butter", "jar of peanut butter", "case"), ("bags of pasta", "bag of pasta", "sack")]
+CLUBS = ["the Lincoln School band", "the Maple Grove scout troop", "the Westfield soccer club", "the Oakdale drama club"]
+FUNDRAISER_GOODS = [("cupcakes", "cupcake", "tray"), ("candy bars", "candy bar", "box"),
+                    ("brownies", "brownie", "tray"), ("lemon bars", "lemon bar", "tray")]
+
+N_VARIANTS = 4  # wordings per sentence: 0-2 are used by training phrasings, 3 only by the reworded ones
+PHRASINGS: list[int] = list(range(7))
+TRAIN_PHRASINGS: list[int] = [0, 1, 2, 3, 4]  # wording p % 3; the question comes first in 3 and 4
+REWORDED_PHRASINGS: list[int] = [5, 6]  # wording 3, count changes reversed; 5 asks first, 6 states the start after them
+_QUESTION_FIRST = (3, 4, 5)
+_COMMUTING = {"sell_days", "delivery", "returns", "damaged"}  # count changes whose order does not matter
 
 
 class _Redraw(Exception):
@@ -50,37 +94,46 @@ class _Redraw(Exception):
 class _Solution:
     """Records givens and steps; every value is exact and checked for cleanliness as it is computed."""
 
-    def __init__(self) -> None:
+    def __init__(self, words: dict[str, str]) -> None:
+        self.words = words
         self.values: dict[str, Fraction] = {}
         self.money: set[str] = set()
         self.givens: list[str] = []
         self.steps: list[tuple[str, str, str]] = []  # (variable, expression, sentence)
-        self.question = ""
 
-    def given(self, name: str, value: Fraction | float | str, money: bool = False) -> str:
-        self.values[name] = Fraction(value)
+    def mark(self) -> tuple[dict[str, Fraction], set[str], int, int]:
+        return dict(self.values), set(self.money), len(self.givens), len(self.steps)
+
+    def reset(self, mark: tuple[dict[str, Fraction], set[str], int, int]) -> None:
+        values, money, n_givens, n_steps = mark
+        self.values, self.money = dict(values), set(money)
+        del self.givens[n_givens:], self.steps[n_steps:]
+
+    def given(self, name: str, value: Fraction | int | str, money: bool = False) -> str:
+        value = Fraction(value)
+        if value <= 0:
+            raise _Redraw(f"given {name} = {value}")
+        self.values[name] = value
         self.givens.append(name)
         if money:
             self.money.add(name)
         return self.show(name)
 
-    def step(self, name: str, expr: str, sentence: str, money: bool = False) -> None:
+    def step(self, name: str, expr: str, sentence: str, money: bool = False, **refs: str) -> None:
+        """``refs`` name the variables behind placeholders such as ``{prev}``; ``{out}`` is the new value."""
         value = eval_arithmetic(expr, self.values)
         clean = (value * 100).denominator == 1 if money else value.denominator == 1
-        if not clean or value < 0 or (name == "answer" and value == 0):
+        if not clean or value <= 0:
             raise _Redraw(f"{name} = {value}")
-        if any(self.values[g] < 0 for g in self.givens):
-            raise _Redraw("a given quantity came out negative")
         self.values[name] = value
         if money:
             self.money.add(name)
-        self.steps.append((name, expr, sentence.format(**{k: self.show(k) for k in self.values})))
+        shown = {k: self.show(k) for k in self.values}
+        shown.update({alias: self.show(var) for alias, var in refs.items()}, out=self.show(name))
+        self.steps.append((name, expr, _cap(sentence.format(**self.words, **shown))))
 
     def show(self, name: str) -> str:
-        value = self.values[name]
-        if name in self.money:
-            return f"${value.numerator // value.denominator}" if value.denominator == 1 else f"${float(value):.2f}"
-        return format_number(value)
+        return _show(self.values[name], name in self.money)
 
     def program(self) -> str:
         lines = [f"    {name} = {format_number(self.values[name])}" for name in self.givens]
@@ -97,324 +150,513 @@ class _Solution:
         return format_number(self.values["answer"])
 
 
+def _show(value: Fraction, money: bool) -> str:
+    if money:
+        return f"${value.numerator // value.denominator}" if value.denominator == 1 else f"${float(value):.2f}"
+    return format_number(value)
+
+
+def _plural(noun: str) -> str:
+    return noun + ("es" if noun.endswith(("s", "x", "ch", "sh")) else "s")
+
+
+def _cap(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
 def _money(rng: random.Random, low: float, high: float, step: str = "0.25") -> Fraction:
     """A price between low and high dollars in multiples of ``step`` (quarters keep percentages clean)."""
     unit = Fraction(step)
     return unit * rng.randint(int(Fraction(low) / unit), int(Fraction(high) / unit))
 
 
+def _clean_choice(rng: random.Random, options: list[int], ok: Callable[[int], bool]) -> int:
+    """A random option among those that keep the arithmetic clean (redraw when none does)."""
+    good = [o for o in options if ok(o)]
+    if not good:
+        raise _Redraw("no clean option")
+    return rng.choice(good)
+
+
+def _cents(value: Fraction) -> bool:
+    return (value * 100).denominator == 1
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# Templates: each draws numbers into `s` and returns the question text.
+# Operations. Each draws its givens into `s`, records its steps from the running value `cur` into `out`, and returns
+# the N_VARIANTS wordings of its fact sentence (numbers already written in; the family's nouns filled in later).
 # ---------------------------------------------------------------------------------------------------------------
-
-def _restock_inventory(rng: random.Random, s: _Solution) -> str:
-    store, (items, _, box) = rng.choice(STORES), rng.choice(COUNT_ITEMS)
-    start = s.given("starting_stock", rng.randint(8, 40) * 10)
-    daily = s.given("sold_per_day", rng.randint(5, 30))
-    days = s.given("days", rng.randint(3, 7))
-    boxes = s.given("boxes_delivered", rng.randint(2, 9))
-    per_box = s.given("units_per_box", rng.choice([12, 20, 24, 25, 36, 48]))
-    s.step("units_sold", "sold_per_day * days",
-           "The store sells {sold_per_day} * {days} = {units_sold} " + items + ".")
-    s.step("units_left", "starting_stock - units_sold",
-           "That leaves {starting_stock} - {units_sold} = {units_left} " + items + ".")
-    s.step("units_delivered", "boxes_delivered * units_per_box",
-           "The delivery brings {boxes_delivered} * {units_per_box} = {units_delivered} " + items + ".")
-    s.step("answer", "units_left + units_delivered", "Now there are {units_left} + {units_delivered} = {answer}.")
-    return (f"{store} had {start} {items} in stock. It sold {daily} {items} each day for {days} days. Then a delivery "
-            f"of {boxes} {box}s arrived, each holding {per_box} {items}. How many {items} does {store} have now?")
+Op = Callable[[random.Random, _Solution, str, str], list[str]]
 
 
-def _discount_then_tax(rng: random.Random, s: _Solution) -> str:
-    store, (items, item, _) = rng.choice(STORES), rng.choice(COUNT_ITEMS)
-    price = s.given("price_each", _money(rng, 2, 40), money=True)
-    qty = s.given("quantity", rng.randint(2, 12))
-    pct = s.given("discount_percent", rng.choice([10, 15, 20, 25, 30, 40, 50]))
-    tax = s.given("tax_percent", rng.choice([4, 5, 6, 8, 10]))
-    s.step("subtotal", "quantity * price_each", "The {quantity} " + items + " cost {quantity} * {price_each} = "
-           "{subtotal}.", money=True)
-    s.step("discount", "subtotal * discount_percent / 100",
-           "The discount is {subtotal} * {discount_percent}% = {discount}.", money=True)
-    s.step("discounted_total", "subtotal - discount", "After the discount: {subtotal} - {discount} = "
-           "{discounted_total}.", money=True)
-    s.step("tax", "discounted_total * tax_percent / 100",
-           "Tax is {discounted_total} * {tax_percent}% = {tax}.", money=True)
-    s.step("answer", "discounted_total + tax", "The total is {discounted_total} + {tax} = {answer}.", money=True)
-    return (f"At {store}, one {item} costs {price}. A customer buys {qty} {items} during a {pct}%-off sale. Sales tax "
-            f"of {tax}% is added after the discount. How many dollars does the customer pay in total?")
+def _sell_days(rng: random.Random, s: _Solution, cur: str, out: str) -> list[str]:
+    period = s.words["period"]
+    n = s.given(f"sold_per_{period}", rng.randint(3, 25))
+    d = s.given(f"{period}s", rng.randint(2, 7))
+    s.step("units_sold", f"sold_per_{period} * {period}s", "{place} {sells} {a} * {b} = {out} {items}.",
+           a=f"sold_per_{period}", b=f"{period}s")
+    s.step(out, f"{cur} - units_sold", "That leaves {prev} - {units_sold} = {out} {items}.", prev=cur)
+    return [f"{{place}} {{sells}} {n} {{items}} each {period} for {d} {period}s.",
+            f"For the next {d} {period}s, {{place}} {{sells}} {n} {{items}} per {period}.",
+            f"Over {d} {period}s, {n} {{items}} are {{sold}} every {period}.",
+            f"{n} {{items}} went out each {period}, and this went on for {d} {period}s."]
 
 
-def _unit_conversion_packs(rng: random.Random, s: _Solution) -> str:
-    store = rng.choice(STORES)
-    good, pack, big, small, factor = rng.choice(BULK_GOODS)
-    amount = s.given("bulk_amount", rng.randint(3, 30))
-    s.given(f"{small}_per_{big}", factor)
-    size = s.given("pack_size", rng.choice([100, 125, 200, 250, 500]) if factor == 1000 else rng.choice([20, 25, 50]))
-    price = s.given("pack_price", _money(rng, 1, 12, "0.5"), money=True)
-    s.step(f"total_{small}", f"bulk_amount * {small}_per_{big}",
-           "{bulk_amount} " + big + "s is {bulk_amount} * {" + f"{small}_per_{big}" + "} = {total_" + small + "} "
-           + small + ".")
-    s.step("packs", f"total_{small} / pack_size",
-           "That fills {total_" + small + "} / {pack_size} = {packs} " + pack + "s.")
-    s.step("answer", "packs * pack_price", "Selling them brings in {packs} * {pack_price} = {answer}.", money=True)
-    return (f"{store} buys {amount} {big}s of {good} and repacks it into {pack}s of {size} {small} each. Each {pack} "
-            f"sells for {price}. If every {pack} is sold, how many dollars does the store take in?")
+def _delivery(rng: random.Random, s: _Solution, cur: str, out: str) -> list[str]:
+    box = s.words["container"]
+    boxes = _plural(box)
+    b = s.given(f"{boxes}_delivered", rng.randint(2, 9))
+    k = s.given(f"units_per_{box}", rng.choice([6, 10, 12, 20, 24, 25]))
+    s.step("units_delivered", f"{boxes}_delivered * units_per_{box}",
+           "The delivery brings {a} * {b} = {out} {items}.", a=f"{boxes}_delivered", b=f"units_per_{box}")
+    s.step(out, f"{cur} + units_delivered", "Now there are {prev} + {units_delivered} = {out} {items}.", prev=cur)
+    return [f"Then a delivery of {b} {boxes} arrived, each holding {k} {{items}}.",
+            f"{{place}} received {b} {boxes} with {k} {{items}} in each.",
+            f"A shipment came in: {b} {boxes} of {k} {{items}} apiece.",
+            f"Each of the {b} {boxes} unloaded later held {k} {{items}}."]
 
 
-def _split_stock(rng: random.Random, s: _Solution) -> str:
-    store, (items, _, _) = rng.choice(STORES), rng.choice(COUNT_ITEMS)
-    branches = rng.randint(3, 8)
-    per_branch = rng.randint(10, 60)  # drawn first so the split comes out whole
-    reserved = s.given("reserved_online", rng.randint(2, 20) * 5)
-    total = s.given("total_units", per_branch * branches + s.values["reserved_online"])
-    s.given("branches", branches)
-    s.step("units_to_share", "total_units - reserved_online",
-           "After the online reserve, {total_units} - {reserved_online} = {units_to_share} " + items + " remain.")
-    s.step("answer", "units_to_share / branches", "Each branch gets {units_to_share} / {branches} = {answer}.")
-    return (f"{store} received {total} {items}. It keeps {reserved} for online orders and splits the rest equally "
-            f"among its {branches} branches. How many {items} does each branch get?")
+def _returns(rng: random.Random, s: _Solution, cur: str, out: str) -> list[str]:
+    r = s.given("units_returned", rng.randint(2, 15))
+    s.step(out, f"{cur} + units_returned", "With the returns, {prev} + {units_returned} = {out} {items}.", prev=cur)
+    return [f"Customers returned {r} {{items}}, which went back into stock.",
+            f"{r} {{items}} were returned and put back on the shelf.",
+            f"Later, {r} returned {{items}} were added back.",
+            f"Back into stock went {r} {{items}} that shoppers had returned."]
 
 
-def _bulk_pricing(rng: random.Random, s: _Solution) -> str:
-    store, (items, item, _) = rng.choice(STORES), rng.choice(COUNT_ITEMS)
-    first = s.given("first_tier_units", rng.choice([10, 20, 25, 50]))
-    full = s.given("full_price", _money(rng, 1, 9), money=True)
-    cheap = s.given("bulk_price", s.values["full_price"] - _money(rng, 0.25, 1), money=True)
-    qty = s.given("units_bought", s.values["first_tier_units"] + rng.randint(5, 80))
-    s.step("extra_units", "units_bought - first_tier_units",
-           "Beyond the first {first_tier_units}, there are {units_bought} - {first_tier_units} = {extra_units} "
-           "more " + items + ".")
-    s.step("first_tier_cost", "first_tier_units * full_price",
-           "The first {first_tier_units} cost {first_tier_units} * {full_price} = {first_tier_cost}.", money=True)
-    s.step("extra_cost", "extra_units * bulk_price",
-           "The rest cost {extra_units} * {bulk_price} = {extra_cost}.", money=True)
-    s.step("answer", "first_tier_cost + extra_cost",
-           "Altogether {first_tier_cost} + {extra_cost} = {answer}.", money=True)
-    return (f"{store} sells {items} for {full} each for the first {first}, and {cheap} each for every {item} after "
-            f"that. A school orders {qty} {items}. How many dollars does the order cost?")
+def _damaged(rng: random.Random, s: _Solution, cur: str, out: str) -> list[str]:
+    name = f"units_{s.words['damaged']}"
+    r = s.given(name, rng.randint(2, 20))
+    s.step(out, f"{cur} - {name}", "Removing the {damaged} ones leaves {prev} - {r} = {out} {items}.", prev=cur, r=name)
+    return [f"{r} {{items}} were found {{damaged}} and thrown away.",
+            f"{{place}} threw out {r} {{damaged}} {{items}}.",
+            f"Of those, {r} {{items}} turned out to be {{damaged}} and were removed.",
+            f"{r} {{items}} had to be discarded as {{damaged}}."]
 
 
-def _profit_margin(rng: random.Random, s: _Solution) -> str:
-    store, (items, item, _) = rng.choice(STORES), rng.choice(COUNT_ITEMS)
-    cost = s.given("unit_cost", _money(rng, 2, 30, "0.5"), money=True)
-    markup = s.given("markup_percent", rng.choice([20, 25, 30, 40, 50, 60, 100]))
-    units = s.given("units_sold", rng.randint(10, 120))
-    s.step("markup_per_unit", "unit_cost * markup_percent / 100",
-           "The markup is {unit_cost} * {markup_percent}% = {markup_per_unit} per " + item + ".", money=True)
-    s.step("selling_price", "unit_cost + markup_per_unit",
-           "So each sells for {unit_cost} + {markup_per_unit} = {selling_price}.", money=True)
-    s.step("revenue", "selling_price * units_sold",
-           "Revenue is {selling_price} * {units_sold} = {revenue}.", money=True)
-    s.step("total_cost", "unit_cost * units_sold", "Cost is {unit_cost} * {units_sold} = {total_cost}.", money=True)
-    s.step("answer", "revenue - total_cost", "Profit is {revenue} - {total_cost} = {answer}.", money=True)
-    return (f"{store} buys {items} for {cost} each and prices them with a {markup}% markup. It sells {units} {items}. "
-            f"How many dollars of profit does it make on them?")
+def _split(rng: random.Random, s: _Solution, cur: str, out: str) -> list[str]:
+    name = s.words["recipients"]
+    b = s.given(name, _clean_choice(rng, list(range(2, 9)), lambda k: s.values[cur] % k == 0))
+    s.step(out, f"{cur} / {name}", "Each {recipient} gets {prev} / {b} = {out} {items}.", prev=cur, b=name)
+    return [f"The {{items}} are then shared equally among {b} {{recipients}}.",
+            f"Next, {{place}} splits them evenly between {b} {{recipients}}.",
+            f"After that, all of them are divided equally among {b} {{recipients}}.",
+            f"Equal shares of what remains go to each of {b} {{recipients}}."]
 
 
-def _returns_refund(rng: random.Random, s: _Solution) -> str:
-    store, (items, _, _) = rng.choice(STORES), rng.choice(COUNT_ITEMS)
-    price = s.given("price_each", _money(rng, 3, 50, "0.5"), money=True)
-    sold = s.given("units_sold", rng.randint(20, 150))
-    returned = s.given("units_returned", rng.randint(2, 15))
-    fee = s.given("restocking_fee", _money(rng, 0.5, 3, "0.5"), money=True)
-    s.step("revenue", "units_sold * price_each", "Sales bring in {units_sold} * {price_each} = {revenue}.", money=True)
-    s.step("refund_each", "price_each - restocking_fee",
-           "Each return refunds {price_each} - {restocking_fee} = {refund_each}.", money=True)
-    s.step("refunds", "units_returned * refund_each",
-           "Refunds total {units_returned} * {refund_each} = {refunds}.", money=True)
-    s.step("answer", "revenue - refunds", "The store keeps {revenue} - {refunds} = {answer}.", money=True)
-    return (f"{store} sold {sold} {items} at {price} each. Later {returned} of them were returned; the store refunds "
-            f"the price minus a {fee} restocking fee per item. How many dollars does the store keep?")
+def _price_qty(rng: random.Random, s: _Solution, cur: str, out: str) -> list[str]:
+    p = s.given("price_each", _money(rng, 0.5, 15), money=True)
+    s.step(out, f"{cur} * price_each", "At {price_each} each, {prev} {items} come to {prev} * {price_each} = {out}.",
+           money=True, prev=cur)
+    return [f"Each {{item}} costs {p}.", f"The price is {p} per {{item}}.", f"They are priced at {p} each.",
+            f"One {{item}} goes for {p}."]
 
 
-def _successive_discounts(rng: random.Random, s: _Solution) -> str:
-    store, (_, item, _) = rng.choice(STORES), rng.choice(COUNT_ITEMS)
-    price = s.given("original_price", _money(rng, 10, 200, "1"), money=True)
-    first = s.given("first_discount_percent", rng.choice([10, 20, 25, 50]))
-    second = s.given("second_discount_percent", rng.choice([10, 20, 25, 50]))
-    s.step("first_discount", "original_price * first_discount_percent / 100",
-           "The first discount is {original_price} * {first_discount_percent}% = {first_discount}.", money=True)
-    s.step("after_first", "original_price - first_discount",
-           "The price drops to {original_price} - {first_discount} = {after_first}.", money=True)
-    s.step("second_discount", "after_first * second_discount_percent / 100",
-           "The second discount is {after_first} * {second_discount_percent}% = {second_discount}.", money=True)
-    s.step("answer", "after_first - second_discount",
-           "The final price is {after_first} - {second_discount} = {answer}.", money=True)
-    return (f"A premium {item} at {store} is priced at {price}. It is marked {first}% off, and at the register "
-            f"another {second}% is taken off the reduced price. What is the final price in dollars?")
-
-
-def _shelf_restock_cases(rng: random.Random, s: _Solution) -> str:
-    store, (items, _, box) = rng.choice(STORES), rng.choice(COUNT_ITEMS)
-    case = rng.choice([6, 8, 10, 12, 24])
-    on_shelf = s.given("on_shelf", rng.randint(3, 40))
-    capacity = s.given("shelf_capacity", s.values["on_shelf"] + case * rng.randint(2, 12))
-    s.given("units_per_case", case)
-    cost = s.given("case_cost", _money(rng, 5, 60, "0.5"), money=True)
-    s.step("empty_spaces", "shelf_capacity - on_shelf",
-           "The shelf has room for {shelf_capacity} - {on_shelf} = {empty_spaces} more " + items + ".")
-    s.step("cases_needed", "empty_spaces / units_per_case",
-           "That takes {empty_spaces} / {units_per_case} = {cases_needed} " + box + "s.")
-    s.step("answer", "cases_needed * case_cost", "They cost {cases_needed} * {case_cost} = {answer}.", money=True)
-    return (f"A shelf at {store} holds {capacity} {items} and currently has {on_shelf}. {items.capitalize()} come in "
-            f"{box}s of {case} that cost {cost} per {box}. How many dollars does it cost to fill the shelf exactly?")
-
-
-def _unit_price_savings(rng: random.Random, s: _Solution) -> str:
-    store, (items, item, _) = rng.choice(STORES), rng.choice(COUNT_ITEMS)
-    small_n = s.given("small_pack_count", rng.choice([2, 4, 5]))
-    big_n = s.given("big_pack_count", s.values["small_pack_count"] * rng.choice([3, 4, 5, 6]))
-    small_p = s.given("small_pack_price", _money(rng, 2, 15, "0.5"), money=True)
-    big_p = s.given("big_pack_price", s.values["small_pack_price"] * s.values["big_pack_count"]
-                    / s.values["small_pack_count"] - _money(rng, 1, 6, "0.5"), money=True)
-    needed = s.given("units_needed", s.values["big_pack_count"] * rng.randint(1, 4))
-    s.step("small_unit_price", "small_pack_price / small_pack_count",
-           "The small pack costs {small_pack_price} / {small_pack_count} = {small_unit_price} per " + item + ".",
+def _bulk_tier(rng: random.Random, s: _Solution, cur: str, out: str) -> list[str]:
+    t = s.given("first_tier_units", _clean_choice(rng, [10, 20, 25, 50], lambda k: k < s.values[cur]))
+    f = s.given("full_price", _money(rng, 1, 9), money=True)
+    c = s.given("bulk_price", s.values["full_price"] - _money(rng, 0.25, 1), money=True)
+    s.step("extra_units", f"{cur} - first_tier_units",
+           "Beyond the first {first_tier_units}, there are {prev} - {first_tier_units} = {out} more {items}.", prev=cur)
+    s.step("extra_cost", "extra_units * bulk_price", "They cost {extra_units} * {bulk_price} = {out}.", money=True)
+    s.step(out, "first_tier_units * full_price + extra_cost",
+           "With the first {first_tier_units} at {full_price}: {first_tier_units} * {full_price} + {extra_cost} = {out}.",
            money=True)
-    s.step("big_unit_price", "big_pack_price / big_pack_count",
-           "The big pack costs {big_pack_price} / {big_pack_count} = {big_unit_price} per " + item + ".", money=True)
-    s.step("saving_per_unit", "small_unit_price - big_unit_price",
-           "Each " + item + " saves {small_unit_price} - {big_unit_price} = {saving_per_unit}.", money=True)
-    s.step("answer", "saving_per_unit * units_needed",
-           "For {units_needed} " + items + " that is {saving_per_unit} * {units_needed} = {answer}.", money=True)
-    return (f"{store} sells {items} in packs of {small_n} for {small_p} or packs of {big_n} for {big_p}. How many "
-            f"dollars are saved by buying {needed} {items} in big packs instead of small packs?")
+    return [f"The first {t} {{items}} cost {f} each, and every {{item}} after that costs {c}.",
+            f"Pricing is tiered: {f} each for the first {t}, then {c} each beyond that.",
+            f"{{items}} cost {f} apiece up to {t}, and only {c} apiece for the rest.",
+            f"Beyond the first {t} {{items}}, which are {f} each, the price drops to {c} each."]
 
 
-def _weekly_sales_average(rng: random.Random, s: _Solution) -> str:
-    store, (items, _, _) = rng.choice(STORES), rng.choice(COUNT_ITEMS)
-    days = ["monday", "tuesday", "wednesday", "thursday", "friday"][: rng.randint(3, 5)]
-    for day in days:
-        s.given(f"{day}_sales", rng.randint(10, 90))
-    names = [f"{day}_sales" for day in days]
-    s.given("days", len(days))
-    s.step("total_sales", " + ".join(names),
-           "Total sales are " + " + ".join("{" + n + "}" for n in names) + " = {total_sales}.")
-    s.step("answer", "total_sales / days", "The daily average is {total_sales} / {days} = {answer}.")
-    listing = ", ".join(f"{s.show(n)} on {d.capitalize()}" for n, d in zip(names, days))
-    return f"{store} sold {items} as follows: {listing}. On average, how many {items} did it sell per day?"
+def _unit_conversion(rng: random.Random, s: _Solution, cur: str, out: str) -> list[str]:
+    w = s.words
+    small, big, pack, packs = w["small"], w["big"], w["pack"], w["packs"]
+    s.given(f"{small}_per_{big}", int(w["factor"]))
+    size = s.given(f"{small}_per_{pack}", rng.choice([int(x) for x in w["pack_sizes"].split(",")]))
+    s.step(f"total_{small}", f"{cur} * {small}_per_{big}", "{prev} {big}s is {prev} * {f} = {out} {small}.",
+           prev=cur, f=f"{small}_per_{big}")
+    s.step(out, f"total_{small} / {small}_per_{pack}", "That fills {t} / {size} = {out} {packs}.",
+           t=f"total_{small}", size=f"{small}_per_{pack}")
+    return [f"It repacks everything into {packs} of {size} {small} each.",
+            f"The {{good}} is divided into {packs} holding {size} {small} apiece.",
+            f"Each {pack} it fills holds {size} {small}.",
+            f"{size} {small} go into every {pack} it fills."]
 
 
-def _change_due(rng: random.Random, s: _Solution) -> str:
-    store = rng.choice(STORES)
-    (items_a, _, _), (items_b, _, _) = rng.sample(COUNT_ITEMS, 2)
-    qa = s.given("quantity_a", rng.randint(2, 6))
-    pa = s.given("price_a", _money(rng, 1, 9), money=True)
-    qb = s.given("quantity_b", rng.randint(2, 5))
-    pb = s.given("price_b", _money(rng, 1, 12), money=True)
-    paid = s.given("amount_paid", rng.choice([50, 100]), money=True)
-    s.step("cost_a", "quantity_a * price_a", "The " + items_a + " cost {quantity_a} * {price_a} = {cost_a}.",
-           money=True)
-    s.step("cost_b", "quantity_b * price_b", "The " + items_b + " cost {quantity_b} * {price_b} = {cost_b}.",
-           money=True)
-    s.step("total_cost", "cost_a + cost_b", "Together that is {cost_a} + {cost_b} = {total_cost}.", money=True)
-    s.step("answer", "amount_paid - total_cost", "The change is {amount_paid} - {total_cost} = {answer}.", money=True)
-    return (f"At {store}, a customer buys {qa} {items_a} at {pa} each and {qb} {items_b} at {pb} each, paying with a "
-            f"{paid} bill. How many dollars of change should the customer get?")
+def _discount(rng: random.Random, s: _Solution, cur: str, out: str) -> list[str]:
+    pct = s.given("discount_percent", _clean_choice(rng, [10, 15, 20, 25, 30, 40, 50],
+                                                    lambda p: _cents(s.values[cur] * p / 100)))
+    s.step("discount", f"{cur} * discount_percent / 100", "The discount is {prev} * {discount_percent}% = {out}.",
+           money=True, prev=cur)
+    s.step(out, f"{cur} - discount", "After the discount: {prev} - {discount} = {out}.", money=True, prev=cur)
+    return [f"A {pct}% discount is applied to the total.", f"The total is then reduced by {pct}%.",
+            f"There is a {pct}%-off sale on the whole amount.", f"On top of that, the amount is cut by {pct} percent."]
 
 
-def _reorder_quantity(rng: random.Random, s: _Solution) -> str:
-    store, (items, _, box) = rng.choice(STORES), rng.choice(COUNT_ITEMS)
-    per_box = rng.choice([6, 10, 12, 20, 24])
-    weeks = s.given("weeks", rng.randint(2, 6))
-    weekly = s.given("weekly_demand", rng.randint(4, 30) * 5)
-    boxes = rng.randint(2, 15)  # drawn first so the shortfall is a whole number of boxes
-    stock = s.given("current_stock", s.values["weeks"] * s.values["weekly_demand"] - boxes * per_box)
-    s.given("units_per_box", per_box)
-    s.step("demand", "weekly_demand * weeks", "Demand is {weekly_demand} * {weeks} = {demand} " + items + ".")
-    s.step("shortfall", "demand - current_stock", "The shortfall is {demand} - {current_stock} = {shortfall}.")
-    s.step("answer", "shortfall / units_per_box", "That is {shortfall} / {units_per_box} = {answer} " + box + "s.")
-    return (f"{store} expects to sell {weekly} {items} per week for the next {weeks} weeks and has {stock} in stock. "
-            f"{items.capitalize()} are ordered in {box}s of {per_box}. How many {box}s must it order to meet demand "
-            "exactly?")
+def _coupon(rng: random.Random, s: _Solution, cur: str, out: str) -> list[str]:
+    c = s.given("coupon_value", rng.randint(1, 10), money=True)
+    s.step(out, f"{cur} - coupon_value", "The coupon brings it to {prev} - {coupon_value} = {out}.", money=True,
+           prev=cur)
+    return [f"A {c} coupon is then used.", f"Then {c} comes off with a coupon.", f"After that, a coupon saves {c}.",
+            f"A coupon worth {c} is redeemed next."]
 
 
-_TEMPLATE_FUNCS: dict[str, Callable[[random.Random, _Solution], str]] = {
-    "restock_inventory": _restock_inventory,
-    "discount_then_tax": _discount_then_tax,
-    "unit_conversion_packs": _unit_conversion_packs,
-    "split_stock": _split_stock,
-    "bulk_pricing": _bulk_pricing,
-    "profit_margin": _profit_margin,
-    "returns_refund": _returns_refund,
-    "successive_discounts": _successive_discounts,
-    "shelf_restock_cases": _shelf_restock_cases,
-    "unit_price_savings": _unit_price_savings,
-    "weekly_sales_average": _weekly_sales_average,
-    "change_due": _change_due,
-    "reorder_quantity": _reorder_quantity,
+def _tax(rng: random.Random, s: _Solution, cur: str, out: str) -> list[str]:
+    t = s.given("tax_percent", _clean_choice(rng, [4, 5, 6, 8, 10, 12, 15, 20],
+                                             lambda p: _cents(s.values[cur] * p / 100)))
+    s.step("tax", f"{cur} * tax_percent / 100", "Tax is {prev} * {tax_percent}% = {out}.", money=True, prev=cur)
+    s.step(out, f"{cur} + tax", "With tax: {prev} + {tax} = {out}.", money=True, prev=cur)
+    return [f"Sales tax of {t}% is added.", f"Then {t}% tax is charged on that amount.",
+            f"A {t}% sales tax applies to what is left.", f"Tax at {t} percent is added next."]
+
+
+def _shipping(rng: random.Random, s: _Solution, cur: str, out: str) -> list[str]:
+    f = s.given("shipping_fee", _money(rng, 5, 30, "0.5"), money=True)
+    s.step(out, f"{cur} + shipping_fee", "Adding shipping: {prev} + {shipping_fee} = {out}.", money=True, prev=cur)
+    return [f"A shipping fee of {f} is added.", f"Delivery then costs an extra {f}.",
+            f"The supplier also charges {f} for shipping.", f"Shipping adds {f} more."]
+
+
+def _change_due(rng: random.Random, s: _Solution, cur: str, out: str) -> list[str]:
+    bills = [b for b in (20, 50, 100, 200, 500, 1000) if b > s.values[cur]][:2]
+    if not bills:
+        raise _Redraw("total too large for a bill")
+    b = s.given("amount_paid", rng.choice(bills), money=True)
+    s.step(out, f"amount_paid - {cur}", "The change is {amount_paid} - {prev} = {out}.", money=True, prev=cur)
+    return [f"{{buyer}} pays with a {b} bill.", f"{{buyer}} hands over {b}.", f"Payment is made with {b} in cash.",
+            f"{b} in cash is handed to the cashier."]
+
+
+def _split_cost(rng: random.Random, s: _Solution, cur: str, out: str) -> list[str]:
+    name = s.words["recipients"]
+    n = s.given(name, _clean_choice(rng, list(range(2, 9)), lambda k: _cents(s.values[cur] / k)))
+    s.step(out, f"{cur} / {name}", "Each {recipient}'s share is {prev} / {n} = {out}.", money=True, prev=cur, n=name)
+    return [f"The amount is split equally among {n} {{recipients}}.",
+            f"{n} {{recipients}} then share the amount equally.",
+            f"Each of {n} {{recipients}} pays an equal share of it.",
+            f"The money is then divided evenly across {n} {{recipients}}."]
+
+
+OPS: dict[str, Op] = {
+    "sell_days": _sell_days, "delivery": _delivery, "returns": _returns, "damaged": _damaged, "split": _split,
+    "price_qty": _price_qty, "bulk_tier": _bulk_tier, "unit_conversion": _unit_conversion, "discount": _discount,
+    "coupon": _coupon, "tax": _tax, "shipping": _shipping, "change_due": _change_due, "split_cost": _split_cost,
 }
-TEMPLATES: list[str] = list(_TEMPLATE_FUNCS)
-DEFAULT_HELDOUT_TEMPLATES: list[str] = ["unit_price_savings", "returns_refund"]
+# steps each operation writes; a cap on their sum keeps question + program near the first generator's length
+# (students are trained with train.max_length around 256-384 tokens)
+_STEPS = {"sell_days": 2, "delivery": 2, "returns": 1, "damaged": 1, "split": 1, "price_qty": 1, "bulk_tier": 3,
+          "unit_conversion": 2, "discount": 2, "coupon": 1, "tax": 2, "shipping": 1, "change_due": 1, "split_cost": 1}
+_MAX_STEPS = 5
+# name of each operation's result when it is not the last one (the last one is `answer`)
+_RESULT = {"sell_days": "units_after_sales", "delivery": "units_after_delivery", "returns": "units_after_returns",
+           "damaged": "units_after_removal", "split": "units_each", "price_qty": "subtotal", "bulk_tier": "order_cost",
+           "unit_conversion": "packs_filled", "discount": "after_discount", "coupon": "after_coupon",
+           "tax": "total_with_tax", "shipping": "total_with_shipping", "change_due": "change",
+           "split_cost": "share_each"}
+
+# ---------------------------------------------------------------------------------------------------------------
+# Starts (the first given) and questions, N_VARIANTS wordings each.
+# ---------------------------------------------------------------------------------------------------------------
+_INTROS = {
+    "stock": ["{place} had {n} {items}.", "At the start, {place} had {n} {items}.", "There were {n} {items} at {place}.",
+              "{place} began with {n} {items} on hand."],
+    "purchase": ["{buyer} buys {n} {items} at {place}.", "At {place}, {buyer} picks up {n} {items}.",
+                 "{buyer} orders {n} {items} from {place}.", "{n} {items} are bought by {buyer} at {place}."],
+    "bulk": ["{place} buys {n} {big}s of {good}.", "A shipment of {n} {big}s of {good} reaches {place}.",
+             "{place} orders {n} {big}s of {good}.", "{n} {big}s of {good} were bought by {place}."],
+}
+_QUESTIONS = {
+    "count_left": ["How many {items} does {place} have now?", "How many {items} are left at the end?",
+                   "What is the final number of {items}?", "Find how many {items} {place} ends up with."],
+    "count_each": ["How many {items} does each {recipient} get?", "How many {items} go to each {recipient}?",
+                   "What is one {recipient}'s share of {items}, as a count?",
+                   "Work out the number of {items} per {recipient}."],
+    "money_total": ["How many dollars is the final amount?", "What is the total, in dollars?",
+                    "How much money is that in all, in dollars?", "Give the final amount in dollars."],
+    "money_change": ["How many dollars of change are due?", "How much change comes back, in dollars?",
+                     "What is the change in dollars?", "Find the change owed, in dollars."],
+    "money_each": ["How many dollars is each {recipient}'s share?", "How much does one {recipient} get, in dollars?",
+                   "What is the share per {recipient} in dollars?", "Find each {recipient}'s part, in dollars."],
+}
+_QUESTION_AFTER = {"split": "count_each", "change_due": "money_change", "split_cost": "money_each",
+                   "price_qty": "money_total", "bulk_tier": "money_total", "discount": "money_total",
+                   "coupon": "money_total", "tax": "money_total", "shipping": "money_total"}
+_DISTRACTORS = ["{other} sold {k} {items} last week.", "{k} people work or volunteer at {place}.",
+                "{place} is open {h} hours a day.", "The parking lot nearby has {k} spaces.",
+                "A regular visitor comes by {h} times a month.", "{place} has been around for {h} years.",
+                "Another shop down the road has {k} {items}.", "The manager's phone number ends in {k}."]
+
+
+def _combos(ops: list[str]) -> list[tuple[str, ...]]:
+    """Every subset of ``ops``, each kept in the given order."""
+    return [c for r in range(len(ops) + 1) for c in itertools.combinations(ops, r)]
+
+
+def _chains(*groups: list[tuple[str, ...]]) -> tuple[tuple[str, ...], ...]:
+    """Concatenations of one choice per group with 2-4 operations and at most _MAX_STEPS steps in all."""
+    chains = (sum(parts, ()) for parts in itertools.product(*groups))
+    return tuple(c for c in chains if 2 <= len(c) <= 4 and sum(_STEPS[op] for op in c) <= _MAX_STEPS)
+
+
+@dataclass(frozen=True)
+class _Family:
+    start: str  # key of _INTROS
+    start_given: str  # variable name of the first given ("{big}" is filled in)
+    start_range: tuple[int, int, int]  # randint low, high and a multiplier
+    words: Callable[[random.Random], dict[str, str]]
+    structures: tuple[tuple[str, ...], ...]
+
+
+def _store_words(rng: random.Random) -> dict[str, str]:
+    items, item, box = rng.choice(COUNT_ITEMS)
+    return {"place": rng.choice(STORES), "items": items, "item": item, "container": box, "sells": "sells",
+            "sold": "sold", "period": "day", "damaged": "damaged", "recipients": "branches", "recipient": "branch",
+            "buyer": rng.choice(BUYERS)}
+
+
+def _wholesale_words(rng: random.Random) -> dict[str, str]:
+    buyer, recipients, recipient = rng.choice(BULK_BUYERS)
+    return {**_store_words(rng), "place": rng.choice(WHOLESALERS), "buyer": buyer, "recipients": recipients,
+            "recipient": recipient}
+
+
+def _repack_words(rng: random.Random) -> dict[str, str]:
+    good, pack, big, small, factor, sizes = rng.choice(BULK_GOODS)
+    return {**_store_words(rng), "good": good, "pack": pack, "big": big, "small": small, "factor": str(factor),
+            "pack_sizes": ",".join(map(str, sizes)), "packs": _plural(pack), "items": f"{_plural(pack)} of {good}",
+            "item": f"{pack} of {good}"}
+
+
+def _bakery_words(rng: random.Random) -> dict[str, str]:
+    items, item, box = rng.choice(BAKED_GOODS)
+    return {**_store_words(rng), "place": rng.choice(BAKERIES), "items": items, "item": item, "container": box,
+            "period": "hour", "damaged": "burnt"}
+
+
+def _food_bank_words(rng: random.Random) -> dict[str, str]:
+    items, item, box = rng.choice(PANTRY_ITEMS)
+    recipients, recipient = rng.choice([("shelters", "shelter"), ("churches", "church"), ("schools", "school")])
+    return {"place": rng.choice(FOOD_BANKS), "items": items, "item": item, "container": box, "sells": "hands out",
+            "sold": "handed out", "period": "day", "damaged": "expired", "recipients": recipients,
+            "recipient": recipient, "buyer": "a volunteer"}
+
+
+def _fundraiser_words(rng: random.Random) -> dict[str, str]:
+    items, item, box = rng.choice(FUNDRAISER_GOODS)
+    recipients, recipient = rng.choice([("teams", "team"), ("classes", "class"), ("trips", "trip")])
+    return {"place": rng.choice(CLUBS), "items": items, "item": item, "container": box, "sells": "sells",
+            "sold": "sold", "period": "day", "damaged": "squashed", "recipients": recipients,
+            "recipient": recipient, "buyer": "a parent"}
+
+
+_NOTHING: list[tuple[str, ...]] = [()]
+FAMILY_SPECS: dict[str, _Family] = {
+    "store_inventory": _Family("stock", "starting_stock", (10, 60, 10), _store_words, _chains(
+        _combos(["sell_days", "delivery", "returns", "damaged"]), _NOTHING + [("split",)])),
+    "checkout": _Family("purchase", "quantity", (2, 12, 1), _store_words, _chains(
+        [("price_qty",)], _combos(["discount", "coupon", "tax"]), _NOTHING + [("change_due",)])),
+    "wholesale_order": _Family("purchase", "quantity", (30, 200, 1), _wholesale_words, _chains(
+        [("bulk_tier",)], _combos(["discount", "tax", "shipping"]), _NOTHING + [("split_cost",)])),
+    "repack_bulk": _Family("bulk", "{big}s_bought", (3, 30, 1), _repack_words, _chains(
+        [("unit_conversion",)], _combos(["damaged", "split"]), _NOTHING + [("price_qty",), ("price_qty", "discount")])),
+    "bakery_shift": _Family("stock", "starting_stock", (40, 240, 1), _bakery_words, _chains(
+        _combos(["delivery", "sell_days", "damaged"]), _NOTHING + [("price_qty",), ("price_qty", "discount")])),
+    # held out by default: new story contexts that recombine operations the training families use
+    "food_bank": _Family("stock", "starting_stock", (10, 60, 10), _food_bank_words, _chains(
+        _combos(["delivery", "sell_days", "damaged"]), _NOTHING + [("split",)])),
+    "fundraiser": _Family("stock", "starting_stock", (30, 150, 1), _fundraiser_words, _chains(
+        _combos(["delivery", "damaged"]), [("price_qty",)], _combos(["discount"]), _NOTHING + [("split_cost",)])),
+}
+FAMILIES: list[str] = list(FAMILY_SPECS)
+DEFAULT_HELDOUT_FAMILIES: list[str] = ["food_bank", "fundraiser"]
+STRUCTURES: list[str] = [f"{f}:{'+'.join(ops)}" for f, spec in FAMILY_SPECS.items() for ops in spec.structures]
+TEMPLATES = FAMILIES  # the old name: a template is now a family
+DEFAULT_HELDOUT_TEMPLATES = DEFAULT_HELDOUT_FAMILIES
 _MAX_DRAWS = 200
+_OP_TRIES = 20
+_TEST_BUCKETS = 8  # one question in 8 (by hash) is reserved for `test`, so train can never contain it
 
 
-def _check_templates(templates: list[str] | None) -> list[str]:
-    chosen = list(TEMPLATES if templates is None else templates)
-    unknown = [t for t in chosen if t not in _TEMPLATE_FUNCS]
-    if unknown or not chosen:
-        raise ValueError(f"unknown or empty retail-math templates {unknown or chosen}; choose from {TEMPLATES}")
-    return chosen
+@dataclass
+class _Problem:
+    solution: _Solution
+    base_question: str  # without distractors
+    question: str
+    distractors: int
 
 
-def _draw(template: str, rng: random.Random) -> _Solution:
+def _render(spec: _Family, ops: tuple[str, ...], phrasing: int, intro: str, facts: list[tuple[str, list[str]]],
+            words: dict[str, str]) -> list[str]:
+    """Sentences of the question (the question sentence last or first), for one phrasing."""
+    variant = phrasing % 3 if phrasing in TRAIN_PHRASINGS else 3
+    sentences = [(op, variants[variant]) for op, variants in facts]
+    if phrasing in REWORDED_PHRASINGS:  # reverse each run of count changes whose order does not matter
+        out: list[tuple[str, str]] = []
+        for commuting, run in itertools.groupby(sentences, key=lambda x: x[0] in _COMMUTING):
+            group = list(run)
+            out.extend(reversed(group) if commuting else group)
+        sentences = out
+    body = [_INTROS[spec.start][variant].format(**words, n=intro)] + [text.format(**words) for _, text in sentences]
+    if phrasing == 6:  # the starting amount is stated after the count changes (their order does not matter)
+        run = next((k for k, op in enumerate(ops) if op not in _COMMUTING), len(ops))
+        body = body[1: run + 1] + body[:1] + body[run + 1:]
+    question = _QUESTIONS[_QUESTION_AFTER.get(ops[-1], "count_left")][variant].format(**words)
+    first = phrasing in _QUESTION_FIRST
+    return [_cap(x) for x in ([question] + body if first else body + [question])]
+
+
+def _draw(family: str, ops: tuple[str, ...], phrasing: int, rng: random.Random,
+          distractor_rng: random.Random | None = None, distractors: float = 0.0) -> _Problem:
+    """One problem; the numbers and nouns depend on ``rng`` only, never on the phrasing or the distractors."""
+    spec = FAMILY_SPECS[family]
     for _ in range(_MAX_DRAWS):
-        s = _Solution()
+        words = spec.words(rng)
+        s = _Solution(words)
+        low, high, mult = spec.start_range
         try:
-            question = _TEMPLATE_FUNCS[template](rng, s)
+            cur = spec.start_given.format(**words)
+            intro = s.given(cur, rng.randint(low, high) * mult)
+            facts = []
+            for k, op in enumerate(ops):
+                out = "answer" if k == len(ops) - 1 else _RESULT[op]
+                for _ in range(_OP_TRIES):
+                    mark = s.mark()
+                    try:
+                        facts.append((op, OPS[op](rng, s, cur, out)))
+                        break
+                    except _Redraw:
+                        s.reset(mark)
+                else:
+                    raise _Redraw(f"{op} found no clean numbers")
+                cur = out
         except _Redraw:
             continue
-        s.question = question
-        return s
-    raise RuntimeError(f"template {template!r} found no clean numbers in {_MAX_DRAWS} draws; widen its ranges")
+        sentences = _render(spec, ops, phrasing, intro, facts, words)
+        base = " ".join(sentences)
+        n_distractors = 0
+        if distractor_rng is not None and distractors > 0 and distractor_rng.random() < distractors:
+            n_distractors = distractor_rng.choice([1, 1, 2])
+            facts_at = range(1, len(sentences)) if phrasing in _QUESTION_FIRST else range(len(sentences) - 1)
+            for text in distractor_rng.sample(_DISTRACTORS, n_distractors):
+                other = distractor_rng.choice([p for p in STORES + BAKERIES if p != words["place"]])
+                line = _cap(text.format(**words, other=other, k=distractor_rng.randint(2, 90),
+                                        h=distractor_rng.randint(3, 12)))
+                sentences.insert(distractor_rng.randint(facts_at.start, facts_at.stop), line)
+        return _Problem(s, base, " ".join(sentences), n_distractors)
+    raise RuntimeError(f"structure {family}:{'+'.join(ops)} found no clean numbers in {_MAX_DRAWS} draws; "
+                       "widen its ranges")
 
 
-def _generate(n: int, rng: random.Random, templates: list[str], prefix: str, avoid: set[str]) -> list[Example]:
+def _reserved_for_test(question: str) -> bool:
+    return int(hashlib.sha256(question.encode()).hexdigest()[:8], 16) % _TEST_BUCKETS == 0
+
+
+Picker = Callable[[int, random.Random], tuple[str, tuple[str, ...], int]]
+
+
+def _generate(n: int, rng: random.Random, pick: Picker, prefix: str, avoid: set[str], distractors: float = 0.0,
+              test_bucket: bool | None = None) -> list[Example]:
+    """``n`` distinct problems; ``test_bucket`` True/False keeps only questions reserved / not reserved for test."""
     examples: list[Example] = []
     seen = set(avoid)
+    distractor_rng = random.Random(f"{prefix}:distractors")
     for i in range(n):
-        template = templates[i % len(templates)]  # round-robin keeps templates balanced in any n
-        for _ in range(_MAX_DRAWS):
-            s = _draw(template, rng)
-            if s.question not in seen:
-                break
+        family, ops, phrasing = pick(i, rng)
+        for _ in range(_MAX_DRAWS * (_TEST_BUCKETS if test_bucket else 1)):
+            # one distractor stream per question, so adding distractors never changes the problem itself
+            p = _draw(family, ops, phrasing, rng, random.Random(distractor_rng.random()), distractors)
+            if p.base_question in seen:
+                continue
+            if test_bucket is not None and _reserved_for_test(p.base_question) != test_bucket:
+                continue
+            break
         else:
-            raise RuntimeError(f"template {template!r} keeps repeating questions; ask for fewer examples")
-        seen.add(s.question)
+            raise RuntimeError(f"structure {family}:{'+'.join(ops)} keeps repeating questions; ask for fewer examples")
+        seen.add(p.base_question)
+        s = p.solution
         examples.append(Example(
-            id=f"{prefix}-{i}",
-            question=s.question,
-            answer=s.answer(),
-            rationale=s.rationale(),
-            program=s.program(),
+            id=f"{prefix}-{i}", question=p.question, answer=s.answer(), rationale=s.rationale(), program=s.program(),
             domain="retail",
-            metadata={"template": template, "steps": len(s.steps), "source": "retail_math"},
+            metadata={"template": family, "family": family, "structure": f"{family}:{'+'.join(ops)}",
+                      "ops": list(ops), "phrasing": phrasing, "distractors": p.distractors, "steps": len(s.steps),
+                      "source": "retail_math"},
         ))
     return examples
 
 
-def generate_retail_math(n: int, seed: int = 0, templates: list[str] | None = None) -> list[Example]:
-    """``n`` distinct retail word problems with gold program, rationale and answer; same seed, same list."""
+def _check_families(families: list[str] | None, what: str = "families") -> list[str]:
+    chosen = list(FAMILIES if families is None else families)
+    unknown = [f for f in chosen if f not in FAMILY_SPECS]
+    if unknown or not chosen:
+        raise ValueError(f"unknown or empty retail-math {what} {unknown or chosen}; choose from {FAMILIES}")
+    return chosen
+
+
+def _structure_cycle(families: list[str], phrasings: list[int], rng: random.Random) -> Picker:
+    """Round-robin over the families' structures in a seeded order (every structure shows up once n >= their
+    number); a random phrasing each time."""
+    structures = [(f, ops) for f in families for ops in FAMILY_SPECS[f].structures]
+    rng.shuffle(structures)
+
+    def pick(i: int, r: random.Random) -> tuple[str, tuple[str, ...], int]:
+        family, ops = structures[i % len(structures)]
+        return family, ops, r.choice(phrasings)
+
+    return pick
+
+
+def generate_retail_math(n: int, seed: int = 0, templates: list[str] | None = None, *,
+                         families: list[str] | None = None, phrasings: list[int] | None = None,
+                         distractors: float = 0.0) -> list[Example]:
+    """``n`` distinct retail word problems with gold program, rationale and answer; same seed, same list.
+
+    Families take turns (``templates`` is the old name of ``families``); each question gets a random structure of
+    its family and a random phrasing (default: the training phrasings). ``distractors`` is the probability that a
+    question carries 1-2 irrelevant sentences.
+    """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    return _generate(n, random.Random(f"retail-math:{seed}"), _check_templates(templates), f"retail-{seed}", set())
+    chosen = _check_families(families if families is not None else templates)
+    allowed = TRAIN_PHRASINGS if phrasings is None else phrasings
+    if not allowed or any(p not in PHRASINGS for p in allowed):
+        raise ValueError(f"phrasings {allowed} must be a non-empty subset of {PHRASINGS}")
+
+    def pick(i: int, r: random.Random) -> tuple[str, tuple[str, ...], int]:
+        family = chosen[i % len(chosen)]
+        return family, r.choice(FAMILY_SPECS[family].structures), r.choice(allowed)
+
+    return _generate(n, random.Random(f"retail-math:{seed}"), pick, f"retail-{seed}", set(), distractors)
 
 
-def retail_math_splits(n_train: int, n_test: int, seed: int = 0, heldout_templates: list[str] | None = None,
-                       n_test_heldout: int | None = None) -> dict[str, list[Example]]:
-    """Train / test (same templates, new questions) / test_heldout_templates (templates never trained on).
-
-    ``n_test_heldout`` sizes the held-out-template split (default: ``n_test``).
+def retail_math_splits(n_train: int, n_test: int, seed: int = 0, heldout_families: list[str] | None = None,
+                       n_test_heldout: int | None = None, n_test_reworded: int | None = None,
+                       distractors: float = 0.0, heldout_templates: list[str] | None = None,
+                       ) -> dict[str, list[Example]]:
+    """train / test / test_heldout_families / test_reworded (see the module docstring); no eval question is a train
+    question. ``n_test_heldout`` and ``n_test_reworded`` default to ``n_test``; ``heldout_templates`` is the old
+    name of ``heldout_families``. ``test_heldout_templates`` is the same list as ``test_heldout_families``.
     """
-    heldout = _check_templates(DEFAULT_HELDOUT_TEMPLATES if heldout_templates is None else heldout_templates)
-    seen_templates = [t for t in TEMPLATES if t not in heldout]
-    if not seen_templates:
-        raise ValueError("heldout_templates holds every template; leave at least one for training")
-    train = _generate(n_train, random.Random(f"retail-math:{seed}:train"), seen_templates, f"retail-{seed}-train",
-                      set())
-    test = _generate(n_test, random.Random(f"retail-math:{seed}:test"), seen_templates, f"retail-{seed}-test",
-                     {e.question for e in train})
-    n_heldout = n_test if n_test_heldout is None else n_test_heldout
-    heldout_test = _generate(n_heldout, random.Random(f"retail-math:{seed}:heldout"), heldout,
-                             f"retail-{seed}-heldout", set())
-    return {"train": train, "test": test, "test_heldout_templates": heldout_test}
+    if heldout_families is None:
+        heldout_families = heldout_templates
+    heldout = _check_families(DEFAULT_HELDOUT_FAMILIES if heldout_families is None else heldout_families,
+                              "heldout_families")
+    trained = [f for f in FAMILIES if f not in heldout]
+    if not trained:
+        raise ValueError("heldout_families holds every family; leave at least one for training")
+
+    def split(name: str, n: int, families: list[str], phrasings: list[int], avoid: set[str],
+              test_bucket: bool | None) -> list[Example]:
+        rng = random.Random(f"retail-math:{seed}:{name}")
+        return _generate(n, rng, _structure_cycle(families, phrasings, rng), f"retail-{seed}-{name}", avoid,
+                         distractors, test_bucket)
+
+    train = split("train", n_train, trained, TRAIN_PHRASINGS, set(), False)
+    train_questions = {e.question for e in train}
+    test = split("test", n_test, trained, TRAIN_PHRASINGS, train_questions, True)
+    heldout_test = split("heldout", n_test if n_test_heldout is None else n_test_heldout, heldout, TRAIN_PHRASINGS,
+                         train_questions, None)
+    reworded = split("reworded", n_test if n_test_reworded is None else n_test_reworded, trained,
+                     REWORDED_PHRASINGS, train_questions, None)
+    return {"train": train, "test": test, "test_heldout_families": heldout_test, "test_reworded": reworded,
+            "test_heldout_templates": heldout_test}

@@ -1,5 +1,6 @@
 """The splits a config's `data` section stands for: train, test (same distribution) and, for retail-math,
-test_heldout_templates (problem shapes never seen in training)."""
+test_heldout_families (story families never trained on; alias test_heldout_templates) and test_reworded (trained
+structures in phrasings never trained on)."""
 
 from __future__ import annotations
 
@@ -46,12 +47,14 @@ def _file_splits(cfg: DataConfig) -> dict[str, list[Example]]:
 
 
 def load_splits(cfg: DataConfig) -> dict[str, list[Example]]:
-    """train/test(/test_heldout_templates) for the configured source; `test_path` replaces the test split."""
+    """train/test(/test_heldout_families/test_reworded) for the configured source; `test_path` replaces the test
+    split."""
     if cfg.source == "retail_math":
         from reasonlite.data.retail_math import retail_math_splits
 
-        splits = retail_math_splits(cfg.n_train, cfg.n_test, seed=cfg.seed, heldout_templates=cfg.heldout_templates,
-                                    n_test_heldout=cfg.n_test_heldout_templates)
+        splits = retail_math_splits(cfg.n_train, cfg.n_test, seed=cfg.seed, heldout_families=cfg.heldout_families,
+                                    n_test_heldout=cfg.n_test_heldout_families, n_test_reworded=cfg.n_test_reworded,
+                                    distractors=cfg.distractors)
     elif cfg.source == "gsm8k":
         splits = _gsm8k_splits(cfg)
     elif Path(cfg.source).suffix in (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".arrow") or Path(cfg.source).is_dir():
@@ -63,6 +66,28 @@ def load_splits(cfg: DataConfig) -> dict[str, list[Example]]:
 
         splits = {"train": splits["train"], "test": load_examples(cfg.test_path, mapping=cfg.field_mapping,
                                                                   on_bad=cfg.on_bad_rows)[: cfg.n_test]}
+    if cfg.mix:
+        splits = _with_mix(cfg, splits)
     if not splits["train"]:
         raise ValueError(f"data.source '{cfg.source}' gave no training examples; check data.n_train and the file")
     return splits
+
+
+def _with_mix(cfg: DataConfig, splits: dict[str, list[Example]]) -> dict[str, list[Example]]:
+    """Add each `data.mix` source: round(weight * n_train) of its training questions join the training set (shuffled
+    in with `data.seed`), and its eval splits are added as '<name>:<split>' so each source is reported on its own."""
+    out = dict(splits)
+    train = list(splits["train"])
+    for mix in cfg.mix:
+        n_train = round(mix.weight * cfg.n_train)
+        sub = cfg.model_copy(update={"source": mix.source, "path": mix.path, "mix": [], "test_path": None,
+                                     "n_train": max(n_train, 1), "n_test": mix.n_test or cfg.n_test,
+                                     "field_mapping": mix.field_mapping})
+        if mix.label in {m.label for m in cfg.mix if m is not mix}:
+            raise ValueError(f"data.mix: two sources are named '{mix.label}'; give one a `name:`")
+        mixed = load_splits(sub)
+        train += mixed["train"][:n_train]
+        out.update({f"{mix.label}:{name}": rows for name, rows in mixed.items() if name != "train"})
+    random.Random(f"mix:{cfg.seed}").shuffle(train)
+    out["train"] = train
+    return out

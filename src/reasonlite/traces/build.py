@@ -34,6 +34,7 @@ from reasonlite.teachers import CompletionCache, TeacherPrompt, complete_cached,
 from reasonlite.traces.pairs import Pair, make_pairs
 from reasonlite.traces.prompts import pick_exemplars, teacher_messages
 from reasonlite.traces.self_consistency import select, vote_and_grade
+from reasonlite.traces.synthesize import add_synthesized_traces
 from reasonlite.traces.verify import Trace, execute_programs, parse_trace
 
 TRACES_SECTIONS = ("data", "teacher", "traces", "budget", "student.model")
@@ -70,7 +71,9 @@ class TraceSet:
 def _read_jsonl(path: Path, model):
     if not path.exists():
         return []
-    return [model.model_validate_json(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    # split on "\n" only: str.splitlines() also breaks at U+2028 / U+0085, which JSON strings carry unescaped
+    # (GSM8K questions have them)
+    return [model.model_validate_json(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
 
 
 def load_train_examples(cfg: ReasonLiteConfig) -> list:
@@ -164,14 +167,41 @@ def build_trace_set(cfg: ReasonLiteConfig, out_dir: str | Path, show_progress: b
         if vote.passed:
             selected += select(group, sc.selection, verify=tc.verify)
 
+    # synthesis (traces.synthesize): teacher-written new problems join the selection as their verified programs
+    selected, synthesis = add_synthesized_traces(cfg, examples, selected, tokenizer)
+    # augmentation (traces.augment): verified variants of each correct program, numbers redrawn, no teacher
+    augmentation = _augment(cfg, selected, tokenizer)
+
     final = apply_budget(selected, cfg.budget.max_trace_tokens, cfg.budget.data_policy, tokenizer)
     pairs = make_pairs(traces, final, counterfactual=tc.counterfactual_negatives, seed=cfg.data.seed)
 
     manifest = _manifest(cfg, teacher, examples, traces, votes, selected, final, pairs, cache_stats,
                          time.time() - started)
+    manifest["synthesis"] = synthesis
+    if augmentation is not None:
+        manifest["augmentation"] = augmentation
     _write_folder(out_dir, traces, final, pairs, manifest)
     _print_summary(console, out_dir, manifest)
     return TraceSet(path=out_dir, traces=final, pairs=pairs, manifest=manifest, _all=traces)
+
+
+def _augment(cfg: ReasonLiteConfig, selected: list[Trace], tokenizer) -> dict | None:
+    """Append `traces.augment.k` verified variants per correct PAL trace to `selected`; the report, or None if off."""
+    aug = cfg.traces.augment
+    if not aug.k:
+        return None
+    if cfg.traces.style != "pal":
+        raise ValueError("traces.augment.k needs programs to re-execute: set traces.style: pal (or traces.augment.k: 0)")
+    from reasonlite.data.splits import load_splits
+    from reasonlite.traces.augment import augment_traces
+
+    eval_questions = [e.question for name, split in load_splits(cfg.data).items() if name != "train" for e in split]
+    made, report = augment_traces(selected, aug.k, seed=cfg.data.seed, eval_questions=eval_questions,
+                                  distractors=aug.distractors, contamination_ngram=aug.contamination_ngram)
+    for t, n in zip(made, count_tokens_many([t.reasoning for t in made], tokenizer)):
+        t.tokens = n
+    selected += made
+    return report
 
 
 def _manifest(cfg, teacher, examples, traces, votes, selected, final, pairs, cache_stats, seconds) -> dict:

@@ -3,7 +3,8 @@
     from reasonlite.train import train_student
     result = train_student(cfg, "runs/x/traces", "runs/x/train")   # exported model in result.export_dir
 
-Output folder: `checkpoints/` (every train.save_steps; `resume=True` continues from the last), `metrics.json`,
+Output folder: `checkpoints/` (every train.save_steps; `resume=True` continues from the newest complete one, `fresh=True`
+deletes them; with neither, existing checkpoints are an error rather than silently lost), `metrics.json`,
 `loss.png`, `model/` (the exported student, see `train.export`). Every check on the input (empty trace set, a format
 the traces cannot feed, max_length too short, unknown LoRA modules) runs before the first optimizer step.
 """
@@ -32,24 +33,31 @@ class TrainResult:
     metrics: dict = field(default_factory=dict)
 
 
-def _check_resume(cfg: ReasonLiteConfig, out: Path, resume: bool) -> None:
-    """Checkpoints may only be resumed by the config that wrote them; a fresh run clears stale ones."""
+def _check_resume(cfg: ReasonLiteConfig, out: Path, resume: bool, fresh: bool = False, write: bool = True) -> None:
+    """Checkpoints may only be resumed by the config that wrote them; only `fresh` deletes them. `write=False` only
+    checks (before the model is loaded, so a refusal costs nothing)."""
     ckpt_dir = out / "checkpoints"
     state_path = out / STATE_FILE
     want = stage_hash(cfg, "train")
-    if resume and ckpt_dir.exists() and state_path.exists():
+    has_checkpoints = ckpt_dir.is_dir() and any(p.name.startswith("checkpoint-") for p in ckpt_dir.iterdir())
+    if fresh:
+        if ckpt_dir.exists() and write:
+            shutil.rmtree(ckpt_dir)  # starting over: old checkpoints would otherwise be mixed with the new ones
+    elif resume and ckpt_dir.exists() and state_path.exists():
         have = json.loads(state_path.read_text()).get("train_hash")
         if have != want:
             raise TrainError(f"--resume: the checkpoints in {ckpt_dir} were written by a different training config "
-                             f"(train hash {have} != {want}); drop --resume to start over, or restore the config")
-    elif not resume and ckpt_dir.exists():
-        shutil.rmtree(ckpt_dir)  # starting over: old checkpoints would otherwise be mixed with the new ones
-    out.mkdir(parents=True, exist_ok=True)
-    state_path.write_text(json.dumps({"train_hash": want}))
+                             f"(train hash {have} != {want}); use --fresh to start over, or restore the config")
+    elif not resume and has_checkpoints:
+        raise TrainError(f"{ckpt_dir} holds checkpoints of an earlier run; pass --resume to continue from the newest "
+                         "complete one, or --fresh to delete them and start over")
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
+        state_path.write_text(json.dumps({"train_hash": want}))
 
 
 def train_student(cfg: ReasonLiteConfig, trace_dir: str | Path, out_dir: str | Path, resume: bool = False,
-                  adapter_only: bool = False) -> TrainResult:
+                  adapter_only: bool = False, fresh: bool = False) -> TrainResult:
     """Train `cfg.student` on the trace set in `trace_dir`, write checkpoints/metrics/plot and export to out/model."""
     from transformers import set_seed
 
@@ -64,6 +72,7 @@ def train_student(cfg: ReasonLiteConfig, trace_dir: str | Path, out_dir: str | P
     if adapter_only and not cfg.student.lora:
         raise TrainError("--adapter-only needs a LoRA student: set student.lora: true or export merged weights")
     trace_set = load_trace_set(trace_dir)
+    _check_resume(cfg, out, resume, fresh, write=False)
     model, tokenizer = load_model(cfg.student.model)
     examples, report = trace_examples(cfg, list(trace_set.traces), tokenizer)
     dataset = build_dataset(cfg, examples, tokenizer)
@@ -71,7 +80,7 @@ def train_student(cfg: ReasonLiteConfig, trace_dir: str | Path, out_dir: str | P
         pair_rows(cfg, list(trace_set.pairs), tokenizer)  # fail now, not after SFT, when no pair is usable
     set_seed(cfg.train.seed)
     model = prepare_model(cfg, model)
-    _check_resume(cfg, out, resume)
+    _check_resume(cfg, out, resume, fresh)
     dropped = f", dropped {report.dropped}" if report.dropped else ""
     console.print(f"training {cfg.student.model} ({cfg.student.format}, {'LoRA' if cfg.student.lora else 'full'}) "
                   f"on {report.used}/{report.traces} traces -> {len(dataset)} rows{dropped}")

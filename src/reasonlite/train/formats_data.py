@@ -36,8 +36,10 @@ def load_trace_set(trace_dir: str | Path) -> TraceSet:
     """The trace set in `trace_dir` (`.traces`, `.pairs`, `.manifest`, `.path`), or a TrainError saying how to get one."""
     folder = Path(trace_dir)
     if not (folder / "traces.jsonl").exists() or not (folder / "manifest.json").exists():
-        raise TrainError(f"no trace set at {folder} (traces.jsonl / manifest.json missing): run `reasonlite traces "
+        err = TrainError(f"no trace set at {folder} (traces.jsonl / manifest.json missing): run `reasonlite traces "
                          "CONFIG` first or pass --traces pointing at a trace-set folder")
+        err.exit_code = 3  # data not found (reasonlite.cli_boundary)
+        raise err
     return TraceSet.load(folder)
 
 

@@ -30,7 +30,11 @@ class GenerationRequest:
     n: int = 1
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)  # unknown request fields, forwarded by the openai backend
+    extra: dict[str, Any] = field(default_factory=dict)  # unknown request fields (local backends read a few)
+    # The client's request exactly as sent (no defaults filled in, unknown fields kept, messages with their
+    # `name`/`tool_calls`/`tool_call_id`/image parts): an OpenAI-compatible upstream is sent this, not the fields
+    # above. None for requests the gateway makes itself (the reasoning layer's continuations).
+    sent: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if (self.messages is None) == (self.prompt is None):
@@ -48,6 +52,9 @@ class Generation:
     agreement: float | None = None  # self-consistency agreement ratio
     exec_error: str | None = None  # the PAL program failed in the sandbox
     forced_without_answer: bool = False  # budget forcing still produced no answer
+    # Returned unchanged from OpenAI-compatible upstreams.
+    tool_calls: list[dict[str, Any]] | None = None
+    logprobs: dict[str, Any] | None = None
 
 
 @dataclass
@@ -62,6 +69,8 @@ class TokenChunk:
     text: str
     finish_reason: str | None = None
     usage: tuple[int, int] | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # streamed function-call fragments, passed on as received
+    logprobs: dict[str, Any] | None = None
 
 
 @runtime_checkable

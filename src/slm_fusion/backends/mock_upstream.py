@@ -5,13 +5,21 @@ proxy's own. The requested `model` picks a behaviour, which lets tests exercise 
   * `fail-500`  → HTTP 500 with an OpenAI error body;
   * `slow`      → waits `mock_delay_s` seconds (request field, default 5) before answering;
   * `reset`     → (streaming) sends two chunks, then drops the connection without finishing the response;
+  * `cut`       → (non-streaming) starts a 200 response, sends half of it, then drops the connection;
+  * `rate-429`  → HTTP 429 with `Retry-After: 7`;
+  * `bad-shape` → HTTP 200 with JSON that is not an OpenAI completion (streaming: a chunk with `choices: "x"`);
+  * `leak`      → HTTP 500 whose message quotes the upstream's own URL;
+  * `tools`     → a `get_weather` function call (`tool_calls`; streamed as id/name then argument fragments);
   * anything else → the fixed answer (`n` choices, usage, SSE streaming with `[DONE]`).
+`logprobs: true` in a request adds per-token logprobs to the answer. The last request bodies are kept in
+`received` (tests check what the gateway forwarded).
 Run standalone: `python -m slm_fusion.backends.mock_upstream --port 9000`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from typing import Any
 
@@ -20,11 +28,18 @@ import orjson
 ANSWER = "Hello from the mock upstream. The answer is 5."
 WORDS = [w + " " for w in ANSWER.split(" ")]
 WORDS[-1] = WORDS[-1].rstrip()
+TOOL_CALL = {"id": "call_mock1", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "c"}'}}
+
+
+def _logprobs(words: list[str]) -> dict:
+    return {"content": [{"token": w, "logprob": -0.5, "bytes": list(w.encode()), "top_logprobs": []} for w in words]}
 
 
 class MockUpstream:
     def __init__(self) -> None:
         self.requests = 0  # seen by tests to check that the gateway really forwarded
+        self.received: collections.deque[dict] = collections.deque(maxlen=32)  # the last request bodies
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -51,43 +66,80 @@ class MockUpstream:
                 break
         self.requests += 1
         req = orjson.loads(body)
+        self.received.append(req)
         model = req.get("model", "mock")
         chat = path.endswith("/chat/completions")
         if model == "fail-500":
             await _send_json(send, 500, {"error": {"message": "mock upstream exploded", "type": "server_error"}})
             return
+        if model == "leak":
+            host = dict(scope["headers"]).get(b"host", b"").decode()
+            await _send_json(send, 500, {"error": {"message": f"cannot reach http://{host}/v1/internal",
+                                                   "type": "server_error"}})
+            return
+        if model == "rate-429":
+            await _send_json(send, 429, {"error": {"message": "slow down", "type": "rate_limit_error"}},
+                             [(b"retry-after", b"7")])
+            return
+        if model == "cut":
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"application/json"), (b"content-length", b"400")]})
+            await send({"type": "http.response.body", "body": b'{"id": "chatcmpl-mock", "choices": [', "more_body": True})
+            raise ConnectionResetError("mock upstream drops the connection after reading the request")
+        if model == "bad-shape" and not req.get("stream"):
+            await _send_json(send, 200, {"id": "x", "choices": 5})
+            return
         if model == "slow":
             await asyncio.sleep(float(req.get("mock_delay_s", 5.0)))
         n = int(req.get("n") or 1)
         if req.get("stream"):
-            await self._stream(send, req, chat, n, reset=model == "reset")
+            await self._stream(send, req, chat, n, model)
             return
         usage = {"prompt_tokens": 7, "completion_tokens": len(WORDS) * n, "total_tokens": 7 + len(WORDS) * n}
-        if chat:
+        logprobs = _logprobs(WORDS) if req.get("logprobs") else None
+        if chat and model == "tools":
+            message = {"role": "assistant", "content": None, "tool_calls": [TOOL_CALL]}
+            choices = [{"index": i, "message": message, "finish_reason": "tool_calls", "logprobs": None}
+                       for i in range(n)]
+            out = {"id": "chatcmpl-mock", "object": "chat.completion", "created": int(time.time()), "model": model,
+                   "choices": choices, "usage": usage}
+        elif chat:
             choices = [{"index": i, "message": {"role": "assistant", "content": ANSWER}, "finish_reason": "stop",
-                        "logprobs": None} for i in range(n)]
+                        "logprobs": logprobs} for i in range(n)]
             out = {"id": "chatcmpl-mock", "object": "chat.completion", "created": int(time.time()), "model": model,
                    "choices": choices, "usage": usage}
         else:
-            choices = [{"index": i, "text": ANSWER, "finish_reason": "stop", "logprobs": None} for i in range(n)]
+            choices = [{"index": i, "text": ANSWER, "finish_reason": "stop", "logprobs": logprobs} for i in range(n)]
             out = {"id": "cmpl-mock", "object": "text_completion", "created": int(time.time()), "model": model,
                    "choices": choices, "usage": usage}
         await _send_json(send, 200, out)
 
-    async def _stream(self, send: Any, req: dict, chat: bool, n: int, reset: bool) -> None:
+    async def _stream(self, send: Any, req: dict, chat: bool, n: int, model: str) -> None:
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]})
         created = int(time.time())
         obj = "chat.completion.chunk" if chat else "text_completion"
+        if chat and model == "tools":
+            await self._stream_tool_call(send, req, created)
+            return
+        logprobs = bool(req.get("logprobs"))
         for k, word in enumerate(WORDS):
-            if reset and k == 2:
+            if model == "reset" and k == 2:
                 raise ConnectionResetError("mock upstream drops the connection mid-stream")
+            if model == "bad-shape" and k == 2:
+                chunk = {"id": "mock", "object": obj, "created": created, "choices": "x"}
+                await send({"type": "http.response.body", "body": b"data: " + orjson.dumps(chunk) + b"\n\n",
+                            "more_body": True})
+                continue
             last = k == len(WORDS) - 1
             choices = [
                 {"index": i, "delta": {"content": word}, "finish_reason": "stop" if last else None} if chat
                 else {"index": i, "text": word, "finish_reason": "stop" if last else None}
                 for i in range(n)
             ]
+            if logprobs:
+                for c in choices:
+                    c["logprobs"] = _logprobs([word])
             chunk = {"id": "mock", "object": obj, "created": created, "model": req.get("model"), "choices": choices}
             await send({"type": "http.response.body", "body": b"data: " + orjson.dumps(chunk) + b"\n\n",
                         "more_body": True})
@@ -99,11 +151,27 @@ class MockUpstream:
                         "more_body": True})
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
 
+    async def _stream_tool_call(self, send: Any, req: dict, created: int) -> None:
+        """OpenAI's shape: the first fragment carries index, id, type and name; later ones argument pieces."""
+        fn = TOOL_CALL["function"]
+        args = fn["arguments"]
+        deltas = [{"role": "assistant", "content": None, "tool_calls": [
+            {"index": 0, "id": TOOL_CALL["id"], "type": "function", "function": {"name": fn["name"], "arguments": ""}}]}]
+        deltas += [{"tool_calls": [{"index": 0, "function": {"arguments": args[i:i + 8]}}]}
+                   for i in range(0, len(args), 8)]
+        for k, delta in enumerate(deltas + [{}]):
+            chunk = {"id": "mock", "object": "chat.completion.chunk", "created": created, "model": req.get("model"),
+                     "choices": [{"index": 0, "delta": delta, "finish_reason": "tool_calls" if k == len(deltas) else None}]}
+            await send({"type": "http.response.body", "body": b"data: " + orjson.dumps(chunk) + b"\n\n",
+                        "more_body": True})
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
 
-async def _send_json(send: Any, status: int, data: Any) -> None:
+
+async def _send_json(send: Any, status: int, data: Any, headers: list | None = None) -> None:
     body = orjson.dumps(data)
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *(headers or ())]})
     await send({"type": "http.response.body", "body": body})
 
 

@@ -1,13 +1,17 @@
 """`openai` backend: an upstream OpenAI-compatible server behind one pooled `httpx.AsyncClient`.
 
-Streaming is passed through as it arrives (one upstream SSE line at a time, never buffered whole). Upstream
-failures become gateway errors: refused/reset connections and 5xx → 502, timeouts → 504, a reset in the middle of a
-stream → `UpstreamError` raised from the iterator (the app turns it into an error frame and `[DONE]`).
+The client's request is forwarded as it was sent (`GenerationRequest.sent`: no defaults added, unknown fields,
+tools and tool-call history kept); `tool_calls` and `logprobs` come back unchanged. Streaming is passed through as
+it arrives (one upstream SSE line at a time, never buffered whole). Upstream failures become gateway errors:
+refused/reset connections and 5xx → 502, timeouts → 504, 429 → 429 with the upstream's Retry-After, a reset or a
+wrong-shape chunk in the middle of a stream → `UpstreamError` raised from the iterator (the app turns it into an
+error frame and `[DONE]`). Client-facing messages never carry the upstream's URL.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import AsyncIterator
 from typing import Any
@@ -15,9 +19,12 @@ from typing import Any
 import httpx
 import orjson
 
+from slm_fusion import protocol as P
 from slm_fusion.backends.base import Generation, GenerationRequest, TokenChunk
 from slm_fusion.config import OpenAIModel
-from slm_fusion.errors import FusionError, GatewayTimeout, InvalidRequest, QueueFull, UpstreamError
+from slm_fusion.errors import FusionError, GatewayTimeout, InvalidRequest, UpstreamError, UpstreamRateLimited
+
+log = logging.getLogger("slm_fusion.upstream")
 
 
 class OpenAIBackend:
@@ -53,47 +60,42 @@ class OpenAIBackend:
     # ------------------------------------------------------------------------------------------ requests
 
     def _body(self, req: GenerationRequest, stream: bool) -> tuple[str, bytes]:
-        body: dict[str, Any] = dict(req.extra)
-        body.update(model=self.config.model, max_tokens=req.max_tokens, temperature=req.temperature, n=req.n)
-        if req.top_p != 1.0:
-            body["top_p"] = req.top_p
-        if req.stop:
-            body["stop"] = req.stop
-        if req.seed is not None:
-            body["seed"] = req.seed
-        if stream:
-            body["stream"] = True
-            body["stream_options"] = {"include_usage": True}
-        if req.messages is not None:
-            body["messages"] = req.messages
-            return "chat/completions", orjson.dumps(body)
-        body["prompt"] = req.prompt
-        return "completions", orjson.dumps(body)
+        body = P.upstream_body(self.config.model, req, stream)
+        if "max_tokens" not in body and "max_completion_tokens" not in body and self._default_cap is not None:
+            body["max_tokens"] = self._default_cap  # configured on purpose (`default_max_tokens`), never implied
+        try:
+            data = orjson.dumps(body)
+        except TypeError as e:  # orjson: lone surrogates, integers beyond 64 bits
+            raise InvalidRequest(f"the request cannot be forwarded as JSON: {e} (send valid Unicode text and "
+                                 "integers within 64 bits)") from None
+        return ("chat/completions" if "messages" in body else "completions"), data
+
+    @property
+    def _default_cap(self) -> int | None:
+        return self.config.default_max_tokens if "default_max_tokens" in self.config.model_fields_set else None
 
     async def generate(self, req: GenerationRequest) -> list[Generation]:
         path, body = self._body(req, stream=False)
         try:
             resp = await self._send(self.client.build_request("POST", path, content=body), stream=False)
         except httpx.HTTPError as e:
-            raise _map_transport_error(e, self.config.base_url) from None
+            raise self._transport_error(e) from None
         if resp.status_code != 200:
-            raise _map_status(resp.status_code, resp.content)
+            raise self._status_error(resp.status_code, resp.content, resp.headers)
         try:
-            data = orjson.loads(resp.content)
-            choices = data["choices"]
-            usage = data.get("usage") or {}
-        except (orjson.JSONDecodeError, KeyError, TypeError):
-            raise UpstreamError("upstream returned a response that is not an OpenAI completion") from None
-        chat = req.messages is not None
-        texts = [((c.get("message") or {}).get("content") if chat else c.get("text")) or "" for c in choices]
-        prompt_tokens = int(usage.get("prompt_tokens") or 0)
+            choices, usage = P.completion_choices(orjson.loads(resp.content), chat=req.messages is not None)
+        except (orjson.JSONDecodeError, P.UpstreamShapeError) as e:
+            message = str(e) if isinstance(e, P.UpstreamShapeError) else "upstream returned a body that is not JSON"
+            raise UpstreamError(message) from None
+        prompt_tokens = _int(usage.get("prompt_tokens"))
         total = usage.get("completion_tokens")
         # Upstream usage is one total for all choices; split it so the gateway's per-choice sum stays exact.
-        counts = _split(int(total), len(texts)) if total is not None else [self.count_tokens(t) for t in texts]
+        counts = (_split(_int(total), len(choices)) if total is not None
+                  else [self.count_tokens(c["text"]) for c in choices])
         return [
-            Generation(text=t, finish_reason=c.get("finish_reason") or "stop", prompt_tokens=prompt_tokens,
-                       completion_tokens=k)
-            for t, c, k in zip(texts, choices, counts, strict=True)
+            Generation(text=c["text"], finish_reason=c["finish_reason"], prompt_tokens=prompt_tokens,
+                       completion_tokens=k, tool_calls=c["tool_calls"], logprobs=c["logprobs"])
+            for c, k in zip(choices, counts, strict=True)
         ]
 
     async def stream(self, req: GenerationRequest) -> AsyncIterator[TokenChunk]:
@@ -104,7 +106,7 @@ class OpenAIBackend:
             resp = await self._send(self.client.build_request("POST", path, content=body), stream=True)
             async with contextlib.aclosing(resp):  # type: ignore[type-var]
                 if resp.status_code != 200:
-                    raise _map_status(resp.status_code, await resp.aread())
+                    raise self._status_error(resp.status_code, await resp.aread(), resp.headers)
                 async for line in resp.aiter_lines():
                     if not line.startswith("data:"):
                         continue  # blank separators, comments and `event:` lines
@@ -113,40 +115,60 @@ class OpenAIBackend:
                         done = True
                         break
                     try:
-                        obj = orjson.loads(payload)
+                        choices, usage = P.chunk_choices(orjson.loads(payload), chat)
                     except orjson.JSONDecodeError:
                         raise UpstreamError("upstream sent a stream line that is not JSON") from None
-                    if "error" in obj:
-                        err = obj["error"] if isinstance(obj["error"], dict) else {"message": str(obj["error"])}
-                        raise UpstreamError(f"upstream error: {err.get('message', err)}")
-                    for c in obj.get("choices") or ():
-                        text = ((c.get("delta") or {}).get("content") if chat else c.get("text")) or ""
-                        if text or c.get("finish_reason"):
-                            yield TokenChunk(index=c.get("index", 0), text=text, finish_reason=c.get("finish_reason"))
-                    if usage := obj.get("usage"):
-                        yield TokenChunk(
-                            index=0, text="",
-                            usage=(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)),
-                        )
+                    except P.UpstreamShapeError as e:
+                        raise UpstreamError(str(e)) from None
+                    for index, text, finish, tool_calls, logprobs in choices:
+                        if text or finish or tool_calls or logprobs:
+                            yield TokenChunk(index, text, finish, None, tool_calls, logprobs)
+                    if usage:
+                        yield TokenChunk(index=0, text="", usage=(_int(usage.get("prompt_tokens")),
+                                                                  _int(usage.get("completion_tokens"))))
         except httpx.HTTPError as e:
-            raise _map_transport_error(e, self.config.base_url) from None
+            raise self._transport_error(e) from None
         if not done:
-            raise UpstreamError("upstream closed the stream before [DONE]")
+            raise UpstreamError(f"the upstream of model '{self.config.name}' closed the stream before [DONE]")
 
     async def _send(self, request: httpx.Request, stream: bool) -> httpx.Response:
-        """Send, retrying once when a pooled keep-alive connection turns out to be closed by the upstream.
-
-        That race (the upstream drops an idle connection as we reuse it) fails before the upstream has read the
-        request, so one retry on a fresh connection is safe.
-        """
+        """Send, retrying once only when the request provably never reached the upstream (the connection could
+        not be opened). A failure after the request went out (a reset, a read error, a keep-alive connection
+        the upstream closed as we used it) is not retried: the upstream may already be doing the work, and a
+        POST sent twice is work done twice."""
         try:
             return await self.client.send(request, stream=stream)
         except httpx.TransportError as e:
-            cause = type(e.__cause__).__name__ if e.__cause__ is not None else ""
-            if not isinstance(e, httpx.RemoteProtocolError | httpx.ReadError | httpx.WriteError) and \
-                    cause != "ServerDisconnectedError":
+            if not _not_sent(e):
                 raise
             return await self.client.send(request, stream=stream)
+
+    # -------------------------------------------------------------------------------------------- errors
+
+    def _transport_error(self, e: httpx.HTTPError) -> FusionError:
+        """Client-facing errors name the model, never the upstream's URL (logged here instead)."""
+        timed_out = isinstance(e, httpx.TimeoutException)
+        cause = e.__cause__
+        if cause is not None and type(cause).__module__.startswith("aiohttp"):
+            # httpx-aiohttp maps every aiohttp connection error (refused, disconnected) to ConnectTimeout:
+            # judge by the original exception instead.
+            timed_out = isinstance(cause, TimeoutError)
+            e = cause  # type: ignore[assignment]
+        log.warning("upstream of model '%s' at %s failed: %s: %s", self.config.name, self.config.base_url,
+                    type(e).__name__, e)
+        if timed_out:
+            return GatewayTimeout(f"the upstream of model '{self.config.name}' timed out ({type(e).__name__})")
+        return UpstreamError(f"the upstream of model '{self.config.name}' failed: {type(e).__name__}")
+
+    def _status_error(self, status: int, content: bytes, headers: httpx.Headers) -> FusionError:
+        message = _scrub(P.upstream_error_message(content), self.config.base_url)
+        if status in (400, 413, 422):
+            return InvalidRequest(f"upstream rejected the request: {message}")
+        if status == 429:
+            return UpstreamRateLimited(self.config.name, message, headers.get("retry-after"))
+        if status in (408, 504):
+            return GatewayTimeout(f"upstream timed out (HTTP {status}): {message}")
+        return UpstreamError(f"upstream returned HTTP {status}: {message}")
 
     def count_tokens(self, text: str) -> int:
         # No tokenizer for a remote model: OpenAI's rule of thumb (about 4 characters per token).
@@ -180,29 +202,27 @@ def _split(total: int, parts: int) -> list[int]:
     return [base + (1 if i < rem else 0) for i in range(parts)]
 
 
-def _map_transport_error(e: httpx.HTTPError, url: str) -> FusionError:
-    timed_out = isinstance(e, httpx.TimeoutException)
-    if e.__cause__ is not None and type(e.__cause__).__module__.startswith("aiohttp"):
-        # httpx-aiohttp maps every aiohttp connection error (refused, disconnected) to ConnectTimeout:
-        # judge by the original exception instead.
-        timed_out = isinstance(e.__cause__, TimeoutError)
-        e = e.__cause__  # type: ignore[assignment]
-    if timed_out:
-        return GatewayTimeout(f"upstream {url} timed out ({type(e).__name__})")
-    return UpstreamError(f"upstream {url} failed: {type(e).__name__}: {e}")
-
-
-def _map_status(status: int, content: bytes) -> FusionError:
+def _int(value: Any) -> int:
     try:
-        message = orjson.loads(content)["error"]["message"]
-    except Exception:  # noqa: BLE001 — any non-OpenAI error body is reported by its status alone
-        message = content[:200].decode("utf-8", "replace")
-    if status in (400, 413, 422):
-        return InvalidRequest(f"upstream rejected the request: {message}")
-    if status == 429:
-        err = QueueFull("upstream")
-        err.message = f"upstream is rate limiting: {message}"
-        return err
-    if status in (408, 504):
-        return GatewayTimeout(f"upstream timed out (HTTP {status}): {message}")
-    return UpstreamError(f"upstream returned HTTP {status}: {message}")
+        return int(value or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _not_sent(e: httpx.TransportError) -> bool:
+    """True when the connection could not be opened, so the upstream never saw a byte of the request."""
+    cause = e.__cause__
+    if cause is not None and type(cause).__module__.startswith("aiohttp"):
+        import aiohttp
+
+        return isinstance(cause, aiohttp.ClientConnectorError)
+    return isinstance(e, httpx.ConnectError)
+
+
+def _scrub(message: str, base_url: str) -> str:
+    """Upstream error text may quote the upstream's own address: never pass that to clients."""
+    origin = httpx.URL(base_url)
+    for needle in (base_url.rstrip("/"), f"{origin.scheme}://{origin.host}", f"{origin.host}:{origin.port}"):
+        if needle and needle in message:
+            message = message.replace(needle, "<upstream>")
+    return message

@@ -63,6 +63,10 @@ def merge_lora(
     from slm_fusion.merging.lora import combine_adapters, merge_adapter
 
     try:
+        for adapter in adapters:  # a full model here would be "merged" into a plain copy, reported as success
+            if not (Path(adapter) / "adapter_config.json").exists():
+                raise MergeError(f"{adapter} is not a LoRA adapter (no adapter_config.json); merge-lora folds "
+                                 "adapters into their base, use `slm-fusion merge` to combine full models")
         parsed = [float(w) for w in weights.split(",")] if weights else None
         if len(adapters) == 1 and not as_adapter and method == "linear" and parsed is None:
             result = merge_adapter(adapters[0], out, base=base, dtype=dtype)

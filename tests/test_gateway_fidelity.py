@@ -1,0 +1,272 @@
+"""Issue 16: the gateway as a faithful OpenAI drop-in over an OpenAI-compatible upstream.
+
+Official `openai` client → uvicorn gateway on 127.0.0.1 → recording mock upstream: what the client sends arrives
+unchanged (no injected defaults, unknown fields, tools and tool-call history kept), `tool_calls` and `logprobs`
+come back unchanged (json and stream), and the failure paths (429, wrong-shape chunks, cut connections, client
+disconnects) neither leak internals nor duplicate work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import openai
+import orjson
+import pytest
+from gateway_helpers import TINY, free_port, serve, serve_gateway, upstream_model
+
+from slm_fusion.backends.mock_upstream import TOOL_CALL, MockUpstream
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Weather for a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["c", "f"]}},
+                   "required": ["city"], "additionalProperties": False}, "strict": True}}]
+HISTORY = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "name": "alice", "content": [
+        {"type": "text", "text": "What is in this image, and the weather in Paris?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo=", "detail": "low"}}]},
+    {"role": "assistant", "content": None, "tool_calls": [TOOL_CALL]},
+    {"role": "tool", "tool_call_id": "call_mock1", "content": '{"temp": 21}'},
+]
+
+
+@pytest.fixture(scope="module")
+def upstream():
+    mock = MockUpstream()
+    with serve(mock) as served:
+        served.mock = mock
+        yield served
+
+
+@pytest.fixture(scope="module", params=["aiohttp", "httpx"])
+def gateway(upstream, request):
+    t = {"transport": request.param}
+    u = upstream.url
+    models = [
+        upstream_model("up", u, **t),
+        upstream_model("up-tools", u, "tools", **t),
+        upstream_model("up-429", u, "rate-429", **t),
+        upstream_model("up-bad", u, "bad-shape", **t),
+        upstream_model("up-cut", u, "cut", **t),
+        upstream_model("up-leak", u, "leak", **t),
+        upstream_model("up-slow", u, "slow", timeout_s=0.6, **t),
+        upstream_model("up-capped", u, default_max_tokens=99, **t),
+        upstream_model("up-dead", f"http://127.0.0.1:{free_port()}", **t),
+    ]
+    config = {
+        "models": models, "server": {"access_log": False},
+        "embeddings": {"name": "minilm"},
+        "routing": {"fallbacks": {"up-slow": ["up"]}},
+        "virtual_models": {"careful": {"router": "cascade", "models": ["up", "up-tools"], "samples": 2}},
+    }
+    with serve_gateway(config) as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def client(gateway):
+    return openai.OpenAI(base_url=gateway.v1, api_key="unused", max_retries=0, timeout=20)
+
+
+def _last(upstream) -> dict:
+    return upstream.mock.received[-1]
+
+
+def _post(gateway, body: dict | bytes, path: str = "/chat/completions") -> httpx.Response:
+    content = body if isinstance(body, bytes) else orjson.dumps(body)
+    return httpx.post(gateway.v1 + path, content=content, headers={"content-type": "application/json"}, timeout=20)
+
+
+# ------------------------------------------------------------------------------------------ request fidelity
+
+
+def test_nothing_is_added_to_a_minimal_request(client, upstream):
+    client.chat.completions.create(model="up", messages=MESSAGES)
+    assert _last(upstream) == {"model": "mock", "messages": MESSAGES}
+    list(client.chat.completions.create(model="up", messages=MESSAGES, stream=True))
+    assert _last(upstream) == {"model": "mock", "messages": MESSAGES, "stream": True}
+    client.completions.create(model="up", prompt="x")
+    assert _last(upstream) == {"model": "mock", "prompt": "x"}
+
+
+
+def test_numbers_arrive_as_written(gateway, upstream):
+    _post(gateway, b'{"model": "up", "messages": [{"role": "user", "content": "hi"}], "temperature": 1, "top_p": 1}')
+    sent = _last(upstream)
+    assert type(sent["temperature"]) is int and type(sent["top_p"]) is int  # not re-typed to 1.0
+
+
+def test_every_field_the_client_sent_arrives_unchanged(client, upstream):
+    sent = {
+        "messages": HISTORY, "tools": TOOLS, "parallel_tool_calls": False,
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+        "max_completion_tokens": 50, "temperature": 0.3, "top_p": 0.9, "n": 1, "stop": ["\n\n"], "seed": 7,
+        "presence_penalty": 0.1, "frequency_penalty": 0.2, "logit_bias": {"42": -5}, "user": "u-1",
+        "logprobs": True, "top_logprobs": 2, "metadata": {"k": "v"}, "store": False,
+        "response_format": {"type": "json_schema", "json_schema": {
+            "name": "w", "strict": True, "schema": {"type": "object", "properties": {"t": {"type": "number"}}}}},
+    }
+    client.chat.completions.create(model="up", extra_body={"vendor_flag": {"deep": [1, 2]}}, **sent)
+    assert _last(upstream) == {"model": "mock", **sent, "vendor_flag": {"deep": [1, 2]}}
+    stream = client.chat.completions.create(model="up", stream=True, stream_options={"include_usage": True}, **sent)
+    list(stream)
+    assert _last(upstream) == {"model": "mock", **sent, "stream": True, "stream_options": {"include_usage": True}}
+
+
+def test_gateway_extras_are_not_forwarded_and_a_configured_cap_is(client, upstream):
+    client.chat.completions.create(model="up-capped", messages=MESSAGES)
+    assert _last(upstream) == {"model": "mock", "messages": MESSAGES, "max_tokens": 99}
+    client.chat.completions.create(model="up-capped", messages=MESSAGES, max_completion_tokens=5)
+    assert _last(upstream) == {"model": "mock", "messages": MESSAGES, "max_completion_tokens": 5}
+    cards = {c.id: c.model_extra for c in client.models.list().data}
+    assert cards["up-capped"]["default_max_tokens"] == 99 and cards["up"]["default_max_tokens"] is None
+
+
+# ----------------------------------------------------------------------------------------- response fidelity
+
+
+def test_tool_calls_come_back(client, upstream):
+    r = client.chat.completions.create(model="up-tools", messages=MESSAGES, tools=TOOLS)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    assert [c.model_dump() for c in choice.message.tool_calls] == [TOOL_CALL]
+    assert _last(upstream)["tools"] == TOOLS
+
+
+def test_streamed_tool_call_fragments_come_back(client):
+    chunks = list(client.chat.completions.create(model="up-tools", messages=MESSAGES, tools=TOOLS, stream=True))
+    calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or ())]
+    assert calls[0].id == TOOL_CALL["id"] and calls[0].function.name == "get_weather" and calls[0].index == 0
+    assert "".join(tc.function.arguments or "" for tc in calls) == TOOL_CALL["function"]["arguments"]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+
+
+def test_logprobs_come_back_unchanged(client):
+    r = client.chat.completions.create(model="up", messages=MESSAGES, logprobs=True, top_logprobs=0)
+    tokens = [t.token for t in r.choices[0].logprobs.content]
+    assert "".join(tokens) == r.choices[0].message.content and r.choices[0].logprobs.content[0].logprob == -0.5
+    chunks = list(client.chat.completions.create(model="up", messages=MESSAGES, logprobs=True, stream=True))
+    streamed = [t.token for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert streamed == tokens
+    text = client.completions.create(model="up", prompt="x", logprobs=1)
+    assert text.choices[0].logprobs is not None
+
+
+# ------------------------------------------------------------------------------------------------ reliability
+
+
+def test_upstream_429_keeps_its_retry_after(gateway):
+    r = _post(gateway, {"model": "up-429", "messages": MESSAGES})
+    assert r.status_code == 429 and r.headers["retry-after"] == "7"
+    err = r.json()["error"]
+    assert err["code"] == "upstream_rate_limited" and "upstream" in err["message"] and "slow down" in err["message"]
+
+
+def test_wrong_shape_upstream_json_is_a_502_and_a_stream_ends_with_an_error_frame(gateway):
+    r = _post(gateway, {"model": "up-bad", "messages": MESSAGES})
+    assert r.status_code == 502 and r.json()["error"]["type"] == "upstream_error"
+    r = _post(gateway, {"model": "up-bad", "messages": MESSAGES, "stream": True})
+    frames = [f.removeprefix("data: ") for f in r.text.split("\n\n") if f]
+    assert r.status_code == 200 and frames[-1] == "[DONE]"
+    assert "not an OpenAI chunk" in orjson.loads(frames[-2])["error"]["message"]
+
+
+def test_a_request_that_reached_the_upstream_is_never_sent_twice(gateway, upstream):
+    seen = upstream.mock.requests
+    r = _post(gateway, {"model": "up-cut", "messages": MESSAGES})
+    assert r.status_code == 502
+    assert upstream.mock.requests == seen + 1
+
+
+def test_client_errors_never_show_upstream_urls(gateway, upstream):
+    port = upstream.url.rsplit(":", 1)[1]
+    for model in ("up-leak", "up-dead"):
+        r = _post(gateway, {"model": model, "messages": MESSAGES})
+        assert r.status_code == 502, r.text
+        assert "127.0.0.1" not in r.text and port not in r.text and "http://" not in r.text, r.text
+
+
+def test_integer_and_unicode_edge_cases_are_400(gateway):
+    for body in ({"model": "up", "messages": MESSAGES, "max_tokens": 2**70},
+                 {"model": "up", "messages": MESSAGES, "max_completion_tokens": 2**64},
+                 {"model": "up", "messages": MESSAGES, "vendor_int": 2**70}):
+        r = _post(gateway, json.dumps(body).encode())  # orjson itself refuses integers beyond 64 bits
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text
+    for raw in (b'{"model": "up", "messages": [{"role": "user", "content": "\\ud800"}]}',
+                b'{"model": "up", "messages": [{"role": "user", "content": "hi"}], "user": "\\udfff"}',
+                b'{"model": "up\\ud800", "messages": [{"role": "user", "content": "hi"}]}'):
+        r = _post(gateway, raw)
+        assert 400 <= r.status_code < 500 and "error" in r.json(), r.text
+
+
+def test_n_on_a_routing_plan_is_refused(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="careful", messages=MESSAGES, n=2)
+    assert e.value.body["param"] == "n"
+
+
+def test_embedding_model_on_chat_says_what_it_is(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="minilm", messages=MESSAGES)
+    assert "embedding model" in e.value.body["message"] and "/v1/embeddings" in e.value.body["message"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_client_disconnect_cancels_the_upstream_call_and_no_fallback_runs(gateway, upstream, stream):
+    """`up-slow` times out after 0.6 s and then falls back to `up`: a client that left at 0.3 s must not set that
+    off, and its slot is free at once."""
+    body = {"model": "up-slow", "messages": MESSAGES, "mock_delay_s": 1.5, "stream": stream}
+
+    async def leave_early() -> None:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(0.3)) as c:
+            with pytest.raises(httpx.ReadTimeout):
+                await c.post(gateway.v1 + "/chat/completions", json=body)
+
+    seen = upstream.mock.requests
+    asyncio.run(leave_early())
+    health = gateway.app.state.gateway.handles["up-slow"]
+    deadline = time.monotonic() + 0.25
+    while health.admitted and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert health.admitted == 0  # the slot was freed at once, not at the 0.6 s timeout
+    time.sleep(0.6)  # past the timeout: a fallback, had one been started, would have reached `up` by now
+    assert upstream.mock.requests == seen + 1
+
+
+# --------------------------------------------------------------------------------------------- local models
+
+
+@pytest.fixture(scope="module")
+def local():
+    tiny = {**TINY, "max_batch_size": 1, "batch_wait_ms": 0, "max_concurrency": 1, "max_output_tokens": 4000}
+    with serve_gateway({"models": [tiny], "server": {"access_log": False}}) as served:
+        yield served
+
+
+def test_local_model_refuses_what_it_cannot_do(local):
+    for fields, param in (({"tools": TOOLS}, "tools"), ({"response_format": {"type": "json_object"}}, "response_format"),
+                          ({"messages": HISTORY[:2]}, "messages")):
+        r = _post(local, {"model": "tiny", "messages": MESSAGES, **fields})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_client_disconnect_frees_the_local_slot(local):
+    """One slot, one batch row: a dropped 4,000-token request must not hold up the next one. Measured by the
+    next request's own latency: it waits in the queue only if the dropped generation still runs."""
+    long = {"model": "tiny", "messages": MESSAGES, "max_tokens": 4000, "temperature": 0}
+
+    async def leave_early() -> None:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(0.5)) as c:
+            with pytest.raises(httpx.ReadTimeout):
+                await c.post(local.v1 + "/chat/completions", json=long)
+
+    asyncio.run(leave_early())
+    start = time.monotonic()
+    r = _post(local, {"model": "tiny", "messages": MESSAGES, "max_tokens": 1})
+    assert r.status_code == 200
+    assert time.monotonic() - start < 1.0
