@@ -34,75 +34,104 @@ console = Console()
 STUDENT = "smollm2-135m-instruct"
 RETAIL_SPLITS = ("test_heldout_families", "test_reworded", "test")
 
-FULL = {"gsm8k_test": 500, "retail_test": 100, "base_limit": 100, "vote_questions": 200, "k": 8,
-        "train": {"max_steps": 300, "batch_size": 8, "learning_rate": 2e-3, "max_length": 384, "warmup_ratio": 0.05,
-                  "save_steps": 25},
-        "lora_r": 16, "max_new_tokens": 220, "retail_weight": 0.15, "augment_k": 1, "distractors": 0.2,
-        "verifier": {"questions": 200, "k": 4}}
-QUICK = {"gsm8k_test": 6, "retail_test": 4, "base_limit": 3, "vote_questions": 3, "k": 2,
-         "train": {"max_steps": 2, "batch_size": 2, "learning_rate": 2e-3, "max_length": 320, "warmup_ratio": 0.0,
-                   "save_steps": 1000},
-         "lora_r": 8, "max_new_tokens": 64, "retail_weight": 0.15, "augment_k": 1, "distractors": 0.2,
-         "verifier": {"questions": 4, "k": 2}}
+RECIPE = "examples/gsm8k_pal.yaml"  # the measured student is exactly what `reasonlite run` of this file trains
+FULL = {"gsm8k_test": 500, "retail_test": 100, "base_limit": 50, "max_new_tokens": 256,
+        "select": {"questions": 60, "n": 8}, "verifier": {"k": 4, "n_questions": 100, "steps": 60}}
+QUICK = {"gsm8k_test": 6, "retail_test": 4, "base_limit": 3, "max_new_tokens": 64,
+         "select": {"questions": 3, "n": 2}, "verifier": {"k": 2, "n_questions": 4, "steps": 2},
+         "train": {"max_steps": 2, "batch_size": 2, "save_steps": 1000}, "n_train": 40}
 
 
-def config(settings: dict, mix_weight: float = 0.0, augment_k: int = 0, fmt: str = "pal", n_train: int = 7473):
-    """The GSM8K student's config; retail_math is always in data.mix (weight 0 = evaluated only)."""
-    from reasonlite.config import build_config
+def config(settings: dict, recipe: bool = True):
+    """The recipe's config (`recipe=False`: GSM8K programs only: no retail in training, no augmentation)."""
+    from reasonlite.config import load_config
 
-    return build_config({
-        "name": f"gsm8k-{fmt}",
-        "data": {"source": "gsm8k", "n_train": n_train, "n_test": settings["gsm8k_test"], "seed": 0,
-                 "mix": [{"source": "retail_math", "weight": mix_weight, "n_test": settings["retail_test"]}]},
-        "teacher": {"kind": "dataset"},
-        "traces": {"style": "pal" if fmt == "pal" else "cot", "few_shot": 0, "counterfactual_negatives": False,
-                   "augment": {"k": augment_k, "distractors": settings["distractors"] if augment_k else 0.0}},
-        "student": {"model": STUDENT, "format": fmt, "lora_r": settings["lora_r"],
-                    "lora_alpha": 2 * settings["lora_r"]},
-        "train": dict(settings["train"]),
-        "eval": {"max_new_tokens": settings["max_new_tokens"], "batch_size": 16},
-    })
-
-
-def train(cfg, root: Path, name: str) -> tuple[Path, float, dict]:
-    """(exported student, CPU train seconds, trace manifest); resumes from checkpoints, reuses a finished export."""
-    from reasonlite.traces import build_trace_set
-    from reasonlite.train import train_student
-
-    folder = root / name.replace(" ", "_").replace("+", "plus")
-    traces, out = folder / "traces", folder / "train"
-    if not (traces / "manifest.json").exists():
-        build_trace_set(cfg, traces, show_progress=True)
-    manifest = json.loads((traces / "manifest.json").read_text())
-    metrics = out / "metrics.json"
-    if (out / "model" / "config.json").exists() and metrics.exists():
-        console.print(f"[dim]reusing the student exported in {out}[/dim]")
-        return out / "model", json.loads(metrics.read_text())["total_train_seconds"], manifest
-    result = train_student(cfg, traces, out, resume=True)
-    return Path(result.export_dir), result.train_seconds, manifest
+    overrides = {"data.n_test": settings["gsm8k_test"], "eval.max_new_tokens": settings["max_new_tokens"],
+                 **{f"train.{k}": v for k, v in settings.get("train", {}).items()},
+                 **({"data.n_train": settings["n_train"]} if "n_train" in settings else {})}
+    cfg = load_config(Path(__file__).resolve().parents[1] / RECIPE, overrides)
+    mix = [m.model_copy(update={"n_test": settings["retail_test"], **({} if recipe else {"weight": 0.0})})
+           for m in cfg.data.mix]
+    cfg.data = cfg.data.model_copy(update={"mix": mix})
+    if not recipe:
+        cfg.traces.augment = cfg.traces.augment.model_copy(update={"k": 0})
+        cfg.name = "gsm8k-pal-only"
+    return cfg
 
 
-def evaluate_row(target, fmt: str, splits: dict, settings: dict, limit: int | None = None, n: int = 1,
-                 calculator: bool = False) -> dict:
+def train(cfg, root: Path) -> tuple[Path, float, dict]:
+    """(exported student, CPU train seconds, trace manifest) via `pipeline.train_once` (cached by the train hash;
+    a killed run resumes from its checkpoints)."""
+    from reasonlite.pipeline import train_once
+
+    model_dir, seconds = train_once(cfg, root)
+    manifest_path = model_dir.parents[1] / "traces" / "manifest.json"
+    return model_dir, seconds, json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+
+
+def _metrics(m: dict, n: int) -> dict:
+    keep = ("accuracy", "mean_tokens", "exec_error_rate", "first_accuracy", "vote_accuracy", "verifier_accuracy",
+            "oracle_accuracy")
+    return {**{k: round(m[k], 4) for k in keep if k in m}, "questions": n,
+            "eval_seconds": round(m["seconds_per_question"] * n, 1)}
+
+
+def evaluate_row(target, fmt: str, splits: dict, settings: dict, limit: int | None = None) -> dict:
     from reasonlite.evaluate import evaluate
     from reasonlite.infer import Student
 
-    student = Student(str(target), fmt=fmt, batch_size=16, calculator=calculator)
+    student = Student(str(target), fmt=fmt, batch_size=16, calculator=fmt == "cot")
     out = {}
     for split in ("test", *(f"retail_math:{s}" for s in RETAIL_SPLITS)):
         examples = splits[split][:limit] if limit else splits[split]
-        result = evaluate(student, examples, max_new_tokens=settings["max_new_tokens"], n=n, progress=True,
+        result = evaluate(student, examples, max_new_tokens=settings["max_new_tokens"], progress=True,
                           data_name=split)
-        m = result.points[0].metrics
-        out["gsm8k" if split == "test" else split.split(":", 1)[1]] = {
-            "accuracy": round(m["accuracy"], 4), "mean_tokens": round(m["mean_tokens"], 1), "questions": len(examples),
-            "exec_error_rate": round(m.get("exec_error_rate", 0.0), 4),
-            "eval_seconds": round(m["seconds_per_question"] * len(examples), 1)}
+        out["gsm8k" if split == "test" else split.split(":", 1)[1]] = _metrics(result.points[0].metrics,
+                                                                                 len(examples))
     del student
     return out
 
 
-def run(quick: bool = False, workdir: str | None = None, only: tuple[str, ...] | None = None) -> dict:
+def _run_eval(model_dir: Path) -> dict | None:
+    """The eval `reasonlite run` already did for this student (runs/<name>/eval/summary.json), as bench columns."""
+    summary = model_dir.parents[1] / "eval" / "summary.json"
+    if not summary.exists():
+        return None
+    per_split = json.loads(summary.read_text())["splits"]
+    out = {}
+    for split, per_model in per_split.items():
+        m = per_model["student"]
+        out["gsm8k" if split == "test" else split.split(":", 1)[1]] = {
+            **{k: round(m[k], 4) for k in ("accuracy", "mean_tokens", "exec_error_rate") if k in m},
+            "questions": m["total"], "eval_seconds": round(m["seconds_per_question"] * m["total"], 1)}
+    return out
+
+
+def selection_row(cfg, model_dir: Path, splits: dict, settings: dict, root: Path) -> dict:
+    """Train the verifier on the student's own samples, then one set of n samples per GSM8K test question judged
+    four ways: first sample, majority vote, verifier pick, oracle pass@n."""
+    from reasonlite.evaluate import evaluate
+    from reasonlite.infer import Student
+    from reasonlite.verifier import Verifier, train_verifier_command
+
+    cfg.verifier = cfg.verifier.model_copy(update=settings["verifier"])
+    t0 = time.perf_counter()
+    meta = train_verifier_command(cfg, model_dir, root / "verifier")
+    verifier_minutes = (time.perf_counter() - t0) / 60
+    student = Student(str(model_dir), fmt="pal", batch_size=16)
+    examples = splits["test"][: settings["select"]["questions"]]
+    result = evaluate(student, examples, n=settings["select"]["n"], temperature=0.7, select="verifier",
+                      verifier=Verifier.load(root / "verifier"), max_new_tokens=settings["max_new_tokens"],
+                      data_name="test")
+    return {"n": settings["select"]["n"], "verifier_minutes": round(verifier_minutes, 1),
+            "verifier_data": {k: meta.get(k) for k in ("samples", "positives", "final_loss")},
+            "gsm8k": _metrics(result.points[0].metrics, len(examples))}
+
+
+def run(quick: bool = False, workdir: str | None = None, only: tuple[str, ...] | None = None,
+        student: str | None = None) -> dict:
+    """`student`: the recipe's student already trained by `reasonlite run examples/gsm8k_pal.yaml` (its
+    runs/gsm8k-pal/train/model), instead of training it here."""
     import torch
 
     from reasonlite.data.splits import load_splits
@@ -112,7 +141,8 @@ def run(quick: bool = False, workdir: str | None = None, only: tuple[str, ...] |
     root.mkdir(parents=True, exist_ok=True)
     rows_path = root / "rows.json"
     rows: dict[str, dict] = json.loads(rows_path.read_text()) if rows_path.exists() else {}
-    splits = load_splits(config(settings).data)
+    recipe = config(settings)
+    splits = load_splits(recipe.data)
 
     def wanted(name: str) -> bool:
         return (only is None or name in only) and name not in rows
@@ -121,29 +151,39 @@ def run(quick: bool = False, workdir: str | None = None, only: tuple[str, ...] |
         rows[name] = row
         rows_path.write_text(json.dumps(rows, indent=2))  # each finished row survives a later crash
 
-    plan = [("pal gsm8k", config(settings)),
-            ("pal gsm8k + retail mix + augmentation",
-             config(settings, mix_weight=settings["retail_weight"], augment_k=settings["augment_k"]))]
+    main = "pal gsm8k + retail mix + augmentation"
+    plan = [("pal gsm8k", config(settings, recipe=False)), (main, recipe)]
     trained: dict[str, Path] = {}
     for name, cfg in plan:
-        if not wanted(name) and not (only and f"vote ({name})" in only):
+        if not (wanted(name) or (name == main and wanted("vote / verifier"))):
             continue
         console.rule(f"[bold]{name}")
-        model_dir, seconds, manifest = train(cfg, root, name)
+        if name == main and student:
+            model_dir, seconds, manifest = Path(student), None, {}
+            metrics = Path(student).parent / "metrics.json"
+            seconds = json.loads(metrics.read_text()).get("total_train_seconds") if metrics.exists() else None
+            manifest_path = Path(student).parents[1] / "traces" / "manifest.json"
+            manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+        else:
+            model_dir, seconds, manifest = train(cfg, root)
         trained[name] = model_dir
         if wanted(name):
-            save(name, {"format": "pal", "steps": cfg.train.max_steps, "train_minutes": round(seconds / 60, 2),
-                        "train_rows": manifest.get("counts", {}).get("final", manifest.get("final_traces")),
+            measured = _run_eval(Path(student)) if name == main and student else None
+            save(name, {"format": "pal", "steps": cfg.train.max_steps,
+                        "train_minutes": round(seconds / 60, 1) if seconds else None,
                         "augmentation": manifest.get("augmentation"),
-                        **evaluate_row(model_dir, "pal", splits, settings)})
-    for name, fmt in (("base pal", "pal"), ("base cot", "cot")):
+                        **(measured or evaluate_row(model_dir, "pal", splits, settings))})
+    if main in trained and wanted("vote / verifier"):
+        console.rule("[bold]vote / verifier")
+        save("vote / verifier", selection_row(recipe, trained[main], splits, settings, root))
+    for name, fmt in (("base pal", "pal"), ("base cot + calculator", "cot")):
         if wanted(name):
             console.rule(f"[bold]{name} (untuned)")
             save(name, {"format": fmt, "steps": 0, "train_minutes": 0.0,
                         **evaluate_row(STUDENT, fmt, splits, settings, limit=settings["base_limit"])})
     print_table(rows, quick)
-    return {"quick": quick, "student": STUDENT, "settings": settings, "cpu_threads": torch.get_num_threads(),
-            "results": rows}
+    return {"quick": quick, "student": STUDENT, "recipe": RECIPE, "settings": settings,
+            "cpu_threads": torch.get_num_threads(), "results": rows}
 
 
 def print_table(rows: dict, quick: bool = False) -> None:
@@ -156,7 +196,13 @@ def print_table(rows: dict, quick: bool = False) -> None:
         return f"{r[key]['accuracy']:.1%} ({r[key]['questions']})" if key in r else "–"
 
     for name, r in rows.items():
-        table.add_row(name, str(r.get("steps", "")), f"{r.get('train_minutes', 0):.1f}", cell(r, "gsm8k"),
+        if "n" in r:  # the selection row: one line per way of picking among the same n samples
+            g = r["gsm8k"]
+            for key in ("first_accuracy", "vote_accuracy", "verifier_accuracy", "oracle_accuracy"):
+                table.add_row(f"{key.removesuffix('_accuracy')} of n={r['n']}", "", "",
+                              f"{g.get(key, 0):.1%} ({g['questions']})", "–", "–", "–", f"{g['mean_tokens']:.0f}")
+            continue
+        table.add_row(name, str(r.get("steps", "")), f"{r.get('train_minutes') or 0:.1f}", cell(r, "gsm8k"),
                       cell(r, "test_heldout_families"), cell(r, "test_reworded"), cell(r, "test"),
                       f"{r['gsm8k']['mean_tokens']:.0f}" if "gsm8k" in r else "–")
     console.print(table)
@@ -170,7 +216,8 @@ if __name__ == "__main__":
             only = tuple(args[i + 1].split(","))
         if a == "--workdir":
             workdir = args[i + 1]
-    out = run(quick="--quick" in args, workdir=workdir, only=only)
+    student = args[args.index("--student") + 1] if "--student" in args else None
+    out = run(quick="--quick" in args, workdir=workdir, only=only, student=student)
     Path("bench-results").mkdir(exist_ok=True)
     Path("bench-results/generalise.json").write_text(json.dumps(out, indent=2))
     print(json.dumps(out, indent=2))

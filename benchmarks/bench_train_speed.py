@@ -145,7 +145,7 @@ def run(quick: bool = False, steps: int | None = None, batch: int | None = None,
     import torch
 
     from reasonlite.config import build_config
-    from reasonlite.models import load_model
+    from reasonlite.models import load_model, load_tokenizer
     from reasonlite.train.formats_data import build_dataset, tokenize_example, trace_examples
     from reasonlite.train.sft import prepare_model, run_sft
 
@@ -158,7 +158,7 @@ def run(quick: bool = False, steps: int | None = None, batch: int | None = None,
                       "warmup_ratio": 0.0, "save_steps": 100_000, "epochs_cap": 1, "num_threads": threads}}
     cfgs = {name: build_config({**base, "train": {**base["train"], **extra}}) for name, extra in VARIANTS.items()}
     first = next(iter(cfgs.values()))
-    _, tokenizer = load_model(STUDENT, device="cpu")
+    tokenizer = load_tokenizer(STUDENT)
     gsm8k = _pal_examples(steps * batch + N_EVAL)
     examples, _ = trace_examples(first, gsm8k[: steps * batch], tokenizer)
     dataset = build_dataset(first, examples, tokenizer)

@@ -6,7 +6,8 @@ from fractions import Fraction
 
 from reasonlite.data.gsm8k import solution_to_program
 from reasonlite.sandbox import execute
-from reasonlite.traces.augment import augment_traces, ngrams, program_givens, variants
+from reasonlite.traces.augment import augment_traces, program_givens, variants
+from reasonlite.traces.overlap import ngrams
 from reasonlite.traces.verify import Trace
 
 QUESTION = ("Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of babysitting. "

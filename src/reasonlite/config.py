@@ -46,7 +46,7 @@ class DataConfig(Section):
     # retail_math only; the *_templates names of the first generator are still accepted (examples/, old runs)
     n_test_heldout_families: int = Field(100, ge=0, validation_alias=AliasChoices("n_test_heldout_families", "n_test_heldout_templates"), description="retail_math: questions from story families never trained on (split test_heldout_families, alias test_heldout_templates)")
     heldout_families: list[str] | None = Field(None, validation_alias=AliasChoices("heldout_families", "heldout_templates"), description="retail_math families held out of training (None = the generator's default: food_bank, fundraiser)")
-    n_test_reworded: int = Field(100, ge=0, description="retail_math: questions of trained structures in phrasings never trained on (split test_reworded)")
+    n_test_reworded: int | None = Field(None, ge=0, description="retail_math: questions of trained structures in phrasings never trained on (split test_reworded); None = n_test")
     distractors: float = Field(0.0, ge=0, le=1, description="retail_math: probability that a question gets 1-2 irrelevant sentences (GSM-IC style); answers never change")
     test_path: str | None = Field(None, description="explicit eval file (.jsonl/.csv); overrides the source's test split")
     field_mapping: dict[str, str] | None = Field(None, description="our field -> source column, e.g. {question: prompt, answer: label}")
@@ -177,7 +177,7 @@ class ContrastiveConfig(Section):
 
 
 class EvalConfig(Section):
-    splits: list[str] = Field(["test", "test_heldout_templates"], description="which held-out splits of the data source to evaluate")
+    splits: list[str] = Field(["test", "test_heldout_families", "test_reworded"], description="which held-out splits of the data source to evaluate (a data.mix source's as '<name>:<split>')")
     limit: int | None = Field(None, ge=1, description="evaluate at most N questions per split")
     budgets: list[int] = Field([], description="extra inference caps to evaluate (one point per budget on the accuracy-vs-tokens plot)")
     n: int = Field(1, ge=1, le=64, description="self-consistency samples at inference (1 = greedy)")

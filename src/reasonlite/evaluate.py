@@ -338,6 +338,9 @@ def _tag_split(examples: Sequence[Example], split: str) -> list[Example]:
     return [e.model_copy(update={"metadata": {**e.metadata, "split": split}}) for e in examples]
 
 
+RETAIL_EVAL_SPLITS = ("test", "test_heldout_families", "test_reworded")
+
+
 def load_eval_data(data: str, limit: int | None = None, seed: int = 0,
                    field_mapping: dict[str, str] | None = None) -> list[Example]:
     """Eval examples for `--data`: retail_math (both held-out splits), gsm8k (the test file), or a JSONL/CSV path
@@ -350,9 +353,9 @@ def load_eval_data(data: str, limit: int | None = None, seed: int = 0,
 
     if data == "retail_math":
         n = limit or DataConfig().n_test
-        splits = load_splits(DataConfig(source="retail_math", n_train=1, n_test=n, n_test_heldout_templates=n,
-                                        seed=seed))
-        return [e for name in ("test", "test_heldout_templates") for e in _tag_split(splits[name][:limit], name)]
+        splits = load_splits(DataConfig(source="retail_math", n_train=1, n_test=n, n_test_heldout_families=n,
+                                        n_test_reworded=n, seed=seed))
+        return [e for name in RETAIL_EVAL_SPLITS for e in _tag_split(splits[name][:limit], name)]
     if data == "gsm8k" or data.startswith("gsm8k:"):
         from reasonlite.data.gsm8k import load_gsm8k
         from reasonlite.data.splits import default_gsm8k_dir

@@ -237,7 +237,7 @@ DEMO_DEFAULTS = {
     # The setting benchmarks/bench_distill.py measured at 100% on held-out questions of the training templates.
     "train": {"max_steps": 60, "learning_rate": 2e-3, "max_length": 320},
     "budget": {"inference_cap": 160},
-    "eval": {"splits": ["test", "test_heldout_templates"], "compare_base": True},
+    "eval": {"splits": ["test", "test_heldout_families", "test_reworded"], "compare_base": True},
 }
 
 

@@ -90,8 +90,7 @@ def _annotations_in_context(solution: str, plain_equations: bool = True) -> list
             for m in marked:
                 value = m.group(1).rpartition("=")[2].strip()
                 after = line[m.end():]
-                if after.startswith(value):
-                    after = after[len(value):]
+                after = after.removeprefix(value)
                 found.append((m.group(1), line[: m.start()], after))
             continue
         plain = line.replace("$", "").replace(",", "")
@@ -115,7 +114,7 @@ a an the of in on at to for from by with and or but so than then as is are was w
 they them their there his her him we us our you your i me my this that these those which who whom what when where
 how many much each every per total altogether all some any more most less if into out up down over about after before
 during while just only also has have had do does did will would can could should may might must not no yes
-""".split())
+""".split())  # noqa: SIM905 (a word list reads best as text)
 _WORD_RE = re.compile(r"[A-Za-z]+")
 _UNIT_WORDS = frozenset({"a", "an", "per", "each", "every"})
 

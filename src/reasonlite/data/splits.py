@@ -87,7 +87,12 @@ def _with_mix(cfg: DataConfig, splits: dict[str, list[Example]]) -> dict[str, li
             raise ValueError(f"data.mix: two sources are named '{mix.label}'; give one a `name:`")
         mixed = load_splits(sub)
         train += mixed["train"][:n_train]
-        out.update({f"{mix.label}:{name}": rows for name, rows in mixed.items() if name != "train"})
+        seen: list[list[Example]] = []
+        for name, rows in mixed.items():
+            if name == "train" or any(rows is s for s in seen):  # an alias of a split already added
+                continue
+            seen.append(rows)
+            out[f"{mix.label}:{name}"] = rows
     random.Random(f"mix:{cfg.seed}").shuffle(train)
     out["train"] = train
     return out

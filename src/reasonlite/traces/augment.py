@@ -23,8 +23,9 @@ from fractions import Fraction
 
 from reasonlite.answers import answers_match, eval_arithmetic, format_number, normalize_answer
 from reasonlite.data.gsm8k import question_quantities
+from reasonlite.traces.overlap import ngrams
 
-__all__ = ["augment_traces", "ngrams", "program_givens", "variants"]
+__all__ = ["augment_traces", "program_givens", "variants"]
 
 _NAMES = ["Ava", "Liam", "Noah", "Mia", "Omar", "Zoe", "Ivan", "Lena", "Ravi", "Sofia", "Kenji", "Amara"]
 _THINGS = ["stamps", "marbles", "books", "plants", "postcards", "coins", "puzzles", "stickers"]
@@ -36,12 +37,6 @@ _DISTRACTORS = [
     "{name} also spent {n} minutes reading that day.",
     "There are {n} {things} on a shelf nearby.",
 ]
-
-
-def ngrams(text: str, n: int) -> set[tuple[str, ...]]:
-    """Lower-cased word n-grams (the contamination unit; GPT-3's decontamination used 13-grams)."""
-    words = re.findall(r"[a-z0-9]+", text.lower())
-    return {tuple(words[i: i + n]) for i in range(len(words) - n + 1)}
 
 
 # ---------------------------------------------------------------------------------------------- program side

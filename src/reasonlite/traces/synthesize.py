@@ -31,6 +31,7 @@ from reasonlite.config import ReasonLiteConfig
 from reasonlite.data.example import Example
 from reasonlite.formats import extract_program
 from reasonlite.teachers import CompletionCache, TeacherPrompt, complete_cached, make_teacher
+from reasonlite.traces.overlap import jaccard, ngrams
 
 DEDUP_NGRAM = 3
 DROP_REASONS = ("teacher_error", "unparsed", "not_executable", "non_numeric", "list_answer", "eval_overlap",
@@ -139,18 +140,6 @@ def parse_synthesis(text: str) -> tuple[str, str] | None:
 # ------------------------------------------------------------------------------------------------------------------
 # Overlap: word n-grams (lowercase words and numbers; punctuation and "$" ignored)
 # ------------------------------------------------------------------------------------------------------------------
-
-def ngrams(text: str, n: int) -> set[tuple[str, ...]]:
-    """The text's word n-grams; a text shorter than n words is one gram (so an exact short copy still matches)."""
-    words = re.findall(r"[a-z]+|\d+(?:\.\d+)?", text.lower())
-    if len(words) < n:
-        return {tuple(words)} if words else set()
-    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
-
-
-def jaccard(a: set, b: set) -> float:
-    return len(a & b) / len(a | b) if a or b else 1.0
-
 
 class NearDuplicates:
     """The kept problems' trigram sets, indexed by trigram, so a new problem is compared only with those it shares
