@@ -148,7 +148,8 @@ def run(quick: bool = False, workdir: str | None = None, only: tuple[str, ...] |
         return (only is None or name in only) and name not in rows
 
     def save(name: str, row: dict) -> None:
-        rows[name] = row
+        # re-read first: two bench processes may fill one workdir's rows (e.g. --only per row, in parallel)
+        rows.update({**(json.loads(rows_path.read_text()) if rows_path.exists() else {}), name: row})
         rows_path.write_text(json.dumps(rows, indent=2))  # each finished row survives a later crash
 
     main = "pal gsm8k + retail mix + augmentation"
