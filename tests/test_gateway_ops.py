@@ -141,8 +141,12 @@ def test_graceful_shutdown_lets_in_flight_requests_finish(upstream):
         body = {"model": "slow", "messages": MESSAGES, "mock_delay_s": 1.0}
         t = threading.Thread(target=lambda: result.setdefault(
             "r", httpx.post(served.v1 + "/chat/completions", json=body, timeout=20)))
+        seen = upstream.app.requests
         t.start()
-        time.sleep(0.3)
+        deadline = time.monotonic() + 20
+        while upstream.app.requests == seen and time.monotonic() < deadline:  # in flight: the upstream has it
+            time.sleep(0.01)
+        assert upstream.app.requests > seen, "the request never reached the upstream"
         served.server.should_exit = True  # what SIGTERM does
         t.join(timeout=15)
     assert result["r"].status_code == 200
