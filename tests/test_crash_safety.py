@@ -29,7 +29,7 @@ from reasonlite.tune import open_study, sampler_seed
 # A `reasonlite` process whose checkpoint save pauses (after weights and optimizer, before the RNG state and
 # trainer_state.json) at step $PAUSE_AT_STEP, announcing it in $PAUSE_FLAG: the test kills it right there.
 CHILD = """
-import os, sys, time
+import os, signal, sys
 from pathlib import Path
 import transformers
 
@@ -38,7 +38,7 @@ original = transformers.Trainer._save_rng_state
 def paused(self, output_dir):
     if os.environ.get("PAUSE_AT_STEP") and self.state.global_step == int(os.environ["PAUSE_AT_STEP"]):
         Path(os.environ["PAUSE_FLAG"]).write_text(output_dir)
-        time.sleep(600)
+        signal.pause()  # held mid-save until the test's SIGKILL arrives
     return original(self, output_dir)
 
 transformers.Trainer._save_rng_state = paused
