@@ -6,7 +6,7 @@ from fractions import Fraction
 
 from reasonlite.data.gsm8k import solution_to_program
 from reasonlite.sandbox import execute
-from reasonlite.traces.augment import augment_traces, program_givens, variants
+from reasonlite.traces.augment import _distract, _write_number, augment_traces, program_givens, variants
 from reasonlite.traces.overlap import ngrams
 from reasonlite.traces.verify import Trace
 
@@ -71,6 +71,22 @@ def test_distractors_add_an_irrelevant_sentence_and_keep_the_answer():
         assert len(question.split(". ")) > len(SHOP_Q.split(". "))
         assert question.endswith("How many mugs does it have now?")
         assert execute(program).value == float(answer) or str(execute(program).value) == answer
+
+
+def test_a_distractor_goes_between_sentences_never_after_an_abbreviation():
+    question = ("A 5,300 sq. ft. house stands by a 8,100 sq. ft. house. Mr. Lee adds 2 rooms. "
+                "How much bigger is it now, in sq. ft.?")
+    for seed in range(20):
+        out = _distract(question, set(), random.Random(seed))
+        assert out.startswith("A 5,300 sq. ft. house stands by a 8,100 sq. ft. house. Mr. Lee adds 2 rooms. ")
+        assert out.endswith(" How much bigger is it now, in sq. ft.?")
+        assert len(out) > len(question) + 10
+
+
+def test_a_whole_redraw_of_a_decimal_given_is_written_whole_and_cents_stay_cents():
+    assert _write_number(Fraction(4), "4.5") == "4"
+    assert _write_number(Fraction(9, 2), "4.0") == "4.5"
+    assert _write_number(Fraction(2), "1.50") == "2.00"
 
 
 def test_augment_traces_verifies_by_execution_and_drops_eval_overlap():

@@ -189,6 +189,19 @@ def test_port_in_use_is_found_before_any_model_loads(files):
     _assert_one_line(result, 4, ["--port", str(port)])
 
 
+def test_library_deprecation_notices_are_quiet_unless_debug():
+    import warnings
+
+    from reasonlite.cli_boundary import quiet_library_warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        quiet_library_warnings()
+        warnings.warn("`gradient_checkpointing` is deprecated and will be removed in v6. Use x.", FutureWarning)
+        warnings.warn("our own FutureWarning stays", FutureWarning)
+    assert [str(w.message) for w in seen] == ["our own FutureWarning stays"]
+
+
 def test_debug_shows_the_traceback(files):
     result = _invoke(R, ["--debug", "config", "show", "--set", "train.lr=1"])
     assert result.exit_code != 0 and result.exception is not None
@@ -212,16 +225,24 @@ def test_gateway_paths_are_relative_to_the_yaml(tmp_path, monkeypatch):
 
     (tmp_path / "conf").mkdir()
     (tmp_path / "conf" / "m.gguf").write_bytes(b"GGUF")
-    (tmp_path / "conf" / "gw.yaml").write_text(yaml.safe_dump({"models": [
-        {"name": "a", "backend": "llamacpp", "model": "m.gguf"},
-        {"name": "b", "backend": "transformers", "model": "tiny-random-llama"}]}))
+    (tmp_path / "conf" / "verifier").mkdir()
+    (tmp_path / "conf" / "gw.yaml").write_text(yaml.safe_dump({
+        "models": [{"name": "a", "backend": "llamacpp", "model": "m.gguf"},
+                   {"name": "b", "backend": "transformers", "model": "tiny-random-llama",
+                    "reasoning": {"select": "verifier", "verifier_path": "verifier"}}],
+        "virtual_models": {"learned": {"router": "classifier", "path": "router.pkl"},
+                           "s": {"router": "semantic", "default": "a", "exemplars_file": "ex.jsonl"}}}))
     monkeypatch.chdir(tmp_path)
     cfg = load_fusion_config("conf/gw.yaml")
-    assert cfg.models[0].model == str((tmp_path / "conf" / "m.gguf").resolve())
+    conf = (tmp_path / "conf").resolve()
+    assert cfg.models[0].model == str(conf / "m.gguf")
     assert cfg.models[1].model == "tiny-random-llama"  # aliases untouched
+    assert cfg.models[1].reasoning.verifier_path == str(conf / "verifier")
+    assert cfg.virtual_models["learned"]["path"] == str(conf / "router.pkl")
+    assert cfg.virtual_models["s"]["exemplars_file"] == str(conf / "ex.jsonl")
 
 
 def test_merge_lora_refuses_a_full_model(files, tmp_path):
     result = _invoke(F, ["merge-lora", str(files / "weightless"), "--out", str(tmp_path / "out")])
-    assert result.exit_code == 1 and "not a LoRA adapter" in " ".join(result.output.split())  # rich wraps lines
+    _assert_one_line(result, 2, ["not a LoRA adapter", "weightless"])
     assert not (tmp_path / "out").exists()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -242,7 +243,10 @@ def test_kill_during_a_tune_trial_then_resume_counts_each_config_once(tmp_path):
                 break
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    time.sleep(3)  # past the heartbeat grace period (2 x 1 s): the dead trial is stale
+    # The dead trial's last heartbeat, moved an hour back (instead of waiting out the 2 x 1 s grace): it is stale.
+    with sqlite3.connect(db) as conn:
+        moved = conn.execute("UPDATE trial_heartbeats SET heartbeat = datetime(heartbeat, '-1 hour')").rowcount
+    assert moved == 1
     out = subprocess.run([*cmd, "--trials", "2"], env=env, capture_output=True, text=True, timeout=900, check=False)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "trial 1/2" in out.stdout and "trial 2/2" in out.stdout

@@ -234,7 +234,13 @@ def test_client_disconnect_cancels_the_upstream_call_and_no_fallback_runs(gatewa
     while health.admitted and time.monotonic() < deadline:
         time.sleep(0.01)
     assert health.admitted == 0  # the slot was freed at once, not at the 0.6 s timeout
-    time.sleep(0.6)  # past the timeout: a fallback, had one been started, would have reached `up` by now
+    # Wait for the request's handler to end (uvicorn tracks one task per request cycle): a handler that kept running
+    # would reach the 0.6 s timeout and start the fallback to `up` before ending, so once none is left, none can.
+    tasks = gateway.server.server_state.tasks
+    deadline = time.monotonic() + 10
+    while tasks and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not tasks
     assert upstream.mock.requests == seen + 1
 
 

@@ -382,7 +382,7 @@ def test_cli_merge_and_merge_lora(llamas, peft_setup, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"merge_method": "ties", "models": [{"model": str(llamas["a"])}]}))
     result = runner.invoke(app, ["merge", str(bad), str(tmp_path / "x")])
-    assert result.exit_code == 1 and "base_model" in result.output
+    assert result.exit_code == 2 and "base_model" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
 def test_refuses_to_overwrite_an_input(llamas, tmp_path):

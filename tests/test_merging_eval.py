@@ -59,4 +59,4 @@ def test_merge_eval_without_task_sets_says_how_to_add_one(specialist, tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text("{}")
     result = CliRunner().invoke(app, ["merge-eval", str(config), str(tmp_path / "m")])
-    assert result.exit_code == 1 and "eval: {data:" in result.output
+    assert result.exit_code == 2 and "eval: {data:" in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 import typer
 import typer.core
@@ -71,6 +72,26 @@ def debug_requested(args: list[str]) -> bool:
     return "--debug" in args or os.environ.get("REASONLITE_DEBUG", "") not in ("", "0")
 
 
+# Deprecation notices the libraries print about their own internals (PEFT reads transformers' old
+# `is_gradient_checkpointing`; Optuna marks stable options experimental): nothing a user can act on, so a normal run
+# does not show them. `--debug` shows everything.
+_LIBRARY_NOISE = (
+    (FutureWarning, r".*is deprecated and will be removed in v\d"),
+    (UserWarning, r".*(?:generation flags are not valid|was truncated|Setting `pad_token_id`).*"),
+)
+
+
+def quiet_library_warnings() -> None:
+    for category, message in _LIBRARY_NOISE:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    try:
+        import optuna
+
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    except ImportError:  # slm-fusion alone does not need optuna
+        pass
+
+
 class OneLineErrorsGroup(typer.core.TyperGroup):
     """A typer group whose `main` turns every error into one line on stderr and an exit code."""
 
@@ -78,6 +99,8 @@ class OneLineErrorsGroup(typer.core.TyperGroup):
         args = list(sys.argv[1:] if args is None else args)
         debug = debug_requested(args)
         args = [a for a in args if a != "--debug"]
+        if not debug:
+            quiet_library_warnings()
         try:
             # Non-standalone, typer returns a command's `raise typer.Exit(code)` as the return value.
             rv = super().main(args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False,

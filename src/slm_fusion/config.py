@@ -182,18 +182,38 @@ class ConfigError(ValueError):
     """A config file that cannot be used; the message names the file, the field and what to change."""
 
 
-def _resolve_model_paths(raw: dict, base: Path) -> None:
-    """Relative model paths mean relative to the YAML file (as in every config that names files), not to the
-    directory the server happens to be started from. Aliases and hub-style names are left alone."""
+def _relative_to(base: Path, ref: object, *, looks_like_file: bool = False) -> object:
+    """`ref` resolved against the YAML's folder when it is a relative path that exists there (or is written `./x`,
+    `../x`, or looks like a file); anything else (aliases, hub-style names, absolute paths) comes back unchanged."""
+    if not isinstance(ref, str) or not ref or ref.startswith("~") or Path(ref).is_absolute():
+        return ref
+    candidate = base / ref
+    if candidate.exists() or ref.startswith(("./", "../")) or looks_like_file:
+        return str(candidate.resolve())
+    return ref
+
+
+_ROUTER_FILE_KEYS = ("path", "exemplars_file")  # classifier router file; semantic router exemplars
+
+
+def _resolve_paths(raw: dict, base: Path) -> None:
+    """Relative paths mean relative to the YAML file (as in every config that names files), not to the
+    directory the server happens to be started from: model weights, router files, verifier folders."""
     for m in raw.get("models") or []:
-        if not isinstance(m, dict) or m.get("backend") not in ("transformers", "llamacpp"):
+        if not isinstance(m, dict):
             continue
-        ref = m.get("model")
-        if not isinstance(ref, str) or not ref or Path(ref).expanduser().is_absolute() or ref.startswith("~"):
-            continue
-        candidate = base / ref
-        if candidate.exists() or ref.startswith(("./", "../")) or ref.endswith(".gguf"):
-            m["model"] = str(candidate.resolve())
+        if m.get("backend") in ("transformers", "llamacpp"):
+            ref = m.get("model")
+            m["model"] = _relative_to(base, ref, looks_like_file=isinstance(ref, str) and ref.endswith(".gguf"))
+        if isinstance(m.get("reasoning"), dict) and "verifier_path" in m["reasoning"]:
+            m["reasoning"]["verifier_path"] = _relative_to(base, m["reasoning"]["verifier_path"])
+    for section in ("routers", "virtual_models"):
+        specs = raw.get(section) or {}
+        for spec in specs.values() if isinstance(specs, dict) else specs:
+            if isinstance(spec, dict):
+                for key in _ROUTER_FILE_KEYS:
+                    if key in spec:
+                        spec[key] = _relative_to(base, spec[key], looks_like_file=True)
 
 
 def load_fusion_config(path: str | Path) -> FusionConfig:
@@ -206,7 +226,7 @@ def load_fusion_config(path: str | Path) -> FusionConfig:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping with `models:` and optional `server:`")
-    _resolve_model_paths(raw, path.resolve().parent)
+    _resolve_paths(raw, path.resolve().parent)
     try:
         return FusionConfig.model_validate(raw)
     except ValidationError as e:

@@ -285,8 +285,9 @@ def _gold_answer(solution: str) -> str | None:
     return normalize_answer(solution.rsplit("####", 1)[1].strip())
 
 
-def load_gsm8k(path: str | Path, split: str = "train") -> list[Example]:
-    """Read GSM8K jsonl (a file, or a folder holding ``{split}.jsonl``) into `Example`s with rationale and program."""
+def load_gsm8k(path: str | Path, split: str = "train", named: bool = True) -> list[Example]:
+    """Read GSM8K jsonl (a file, or a folder holding ``{split}.jsonl``) into `Example`s with rationale and program
+    (``named=False``: the ``v1, v2`` program form)."""
     path = Path(path)
     if path.is_dir():
         path = path / f"{split}.jsonl"
@@ -308,7 +309,7 @@ def load_gsm8k(path: str | Path, split: str = "train") -> list[Example]:
             if gold is None:
                 raise DataError(f"{path}:{line_no}: field 'answer' has no '#### <number>' line; "
                                 "use load_examples for files in another format")
-            program, status = solution_to_program(solution, gold, question)
+            program, status = solution_to_program(solution, gold, question, named=named)
             examples.append(Example(
                 id=f"gsm8k-{path.stem}-{len(examples)}",
                 question=question,

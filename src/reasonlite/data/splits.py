@@ -30,8 +30,9 @@ def _gsm8k_splits(cfg: DataConfig) -> dict[str, list[Example]]:
         if not (folder / name).exists():
             raise FileNotFoundError(f"data.path: {folder / name} is missing; point data.path at a folder with GSM8K "
                                     "train.jsonl and test.jsonl")
-    return {"train": load_gsm8k(folder / "train.jsonl")[: cfg.n_train],
-            "test": load_gsm8k(folder / "test.jsonl")[: cfg.n_test]}
+    named = cfg.program_names
+    return {"train": load_gsm8k(folder / "train.jsonl", named=named)[: cfg.n_train],
+            "test": load_gsm8k(folder / "test.jsonl", named=named)[: cfg.n_test]}
 
 
 def _file_splits(cfg: DataConfig) -> dict[str, list[Example]]:

@@ -115,6 +115,8 @@ def _write_number(value: Fraction, like: str) -> str:
     """`value` written the way the question wrote the original ("1.50" -> "2.25", "1,000" -> "2,500")."""
     if "." in like:
         decimals = len(like.split(".", 1)[1])
+        if value.denominator == 1 and decimals != 2:
+            return f"{int(value):,}" if "," in like else str(int(value))  # "4.5 hours" redrawn to 4 -> "4 hours"
         if (value * 10**decimals).denominator != 1:
             decimals = 2
         return f"{float(value):.{decimals}f}"
@@ -136,14 +138,23 @@ def _clean(original: dict[str, Fraction], new: dict[str, Fraction]) -> bool:
     return True
 
 
+# A sentence ends at . ? ! before a capital, unless the word before the stop is an abbreviation ("sq. ft.", "Mr.") or
+# an initial: the distractor must go between sentences, never inside "in sq. ft.?". A regex is enough here
+# (no sentence splitter among the dependencies, and GSM8K questions are plain prose).
+_SENTENCE_END = re.compile(r"(?<=[.?!])\s+(?=[A-Z\"'])")
+_ABBREVIATION = re.compile(r"\b(?:[A-Za-z]|sq|ft|in|yd|mi|oz|lbs?|hrs?|mins?|Mrs?|Ms|Dr|St|Jr|vs|etc|approx|[ap]\.m)\.$")
+
+
 def _distract(question: str, used: set[Fraction], rng: random.Random) -> str:
     """Insert one irrelevant sentence before the question's last sentence."""
     n = rng.choice([v for v in range(2, 60) if Fraction(v) not in used])
     sentence = rng.choice(_DISTRACTORS).format(name=rng.choice(_NAMES), n=n, things=rng.choice(_THINGS))
-    cut = max(question.rfind(". ", 0, len(question) - 1), question.rfind("? ", 0, len(question) - 1))
-    if cut < 0:
+    cuts = [m.start() for m in _SENTENCE_END.finditer(question)
+            if question[m.start() - 1] != "." or not _ABBREVIATION.search(question[: m.start()])]
+    if not cuts:
         return f"{sentence} {question}"
-    return f"{question[: cut + 1]} {sentence}{question[cut + 1:]}"
+    cut = cuts[-1]
+    return f"{question[:cut]} {sentence}{question[cut:]}"
 
 
 def variants(question: str, program: str, answer: str, k: int, rng: random.Random, distractors: float = 0.0,

@@ -34,17 +34,13 @@ def merge(
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
     """Merge models tensor by tensor as the YAML config says (linear, task_arithmetic, ties, dare_*, slerp)."""
-    from slm_fusion.merging.config import MergeConfigError, load_merge_config
-    from slm_fusion.merging.driver import MergeError, run_merge
+    from slm_fusion.merging.config import load_merge_config
+    from slm_fusion.merging.driver import run_merge
 
-    try:
-        cfg = load_merge_config(config)
-        if dtype:
-            cfg = cfg.model_validate({**cfg.model_dump(), "dtype": dtype})
-        report = run_merge(cfg, out_dir, show_progress=progress)
-    except (MergeConfigError, MergeError, ValueError) as err:
-        console.print(f"[red]merge failed:[/red] {err}")
-        raise typer.Exit(code=1) from None
+    cfg = load_merge_config(config)
+    if dtype:
+        cfg = cfg.model_validate({**cfg.model_dump(), "dtype": dtype})
+    report = run_merge(cfg, out_dir, show_progress=progress)
     _print_report(report)
 
 
@@ -62,28 +58,24 @@ def merge_lora(
     from slm_fusion.merging.driver import MergeError, MergeReport
     from slm_fusion.merging.lora import combine_adapters, merge_adapter
 
-    try:
-        for adapter in adapters:  # a full model here would be "merged" into a plain copy, reported as success
-            if not (Path(adapter) / "adapter_config.json").exists():
-                raise MergeError(f"{adapter} is not a LoRA adapter (no adapter_config.json); merge-lora folds "
-                                 "adapters into their base, use `slm-fusion merge` to combine full models")
-        parsed = [float(w) for w in weights.split(",")] if weights else None
-        if len(adapters) == 1 and not as_adapter and method == "linear" and parsed is None:
-            result = merge_adapter(adapters[0], out, base=base, dtype=dtype)
-        else:
-            result = combine_adapters(
-                adapters,
-                out,
-                weights=parsed,
-                method=method,
-                density=density,
-                base=base,
-                output="adapter" if as_adapter else "model",
-                dtype=dtype,
-            )
-    except (MergeError, ValueError) as err:
-        console.print(f"[red]merge-lora failed:[/red] {err}")
-        raise typer.Exit(code=1) from None
+    for adapter in adapters:  # a full model here would be "merged" into a plain copy, reported as success
+        if not (Path(adapter) / "adapter_config.json").exists():
+            raise MergeError(f"{adapter} is not a LoRA adapter (no adapter_config.json); merge-lora folds "
+                             "adapters into their base, use `slm-fusion merge` to combine full models")
+    parsed = [float(w) for w in weights.split(",")] if weights else None
+    if len(adapters) == 1 and not as_adapter and method == "linear" and parsed is None:
+        result = merge_adapter(adapters[0], out, base=base, dtype=dtype)
+    else:
+        result = combine_adapters(
+            adapters,
+            out,
+            weights=parsed,
+            method=method,
+            density=density,
+            base=base,
+            output="adapter" if as_adapter else "model",
+            dtype=dtype,
+        )
     if isinstance(result, MergeReport):
         _print_report(result)
     else:
@@ -99,14 +91,10 @@ def merge_eval(
     batch_size: Annotated[int, typer.Option(help="questions generated together")] = 16,
 ) -> None:
     """Score the merged model and each specialist on each specialist's task set: one table."""
-    from slm_fusion.merging.config import MergeConfigError, load_merge_config
+    from slm_fusion.merging.config import load_merge_config
     from slm_fusion.merging.evaluate import merge_eval as run
 
-    try:
-        run(load_merge_config(config), merged, out_dir=out, limit=limit, with_base=base, batch_size=batch_size)
-    except (MergeConfigError, FileNotFoundError, ValueError) as err:
-        console.print(f"[red]merge-eval failed:[/red] {err}")
-        raise typer.Exit(code=1) from None
+    run(load_merge_config(config), merged, out_dir=out, limit=limit, with_base=base, batch_size=batch_size)
 
 
 def register(app: typer.Typer) -> None:

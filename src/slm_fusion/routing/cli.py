@@ -24,17 +24,13 @@ def train(
         help="One LR + out-of-fold calibration instead of a 3-fold ensemble: ~3x cheaper decisions.")] = False,
 ) -> None:
     """Train a `classifier` router (embeddings + logistic regression) and save it with its embedding model id."""
-    from slm_fusion.routing.base import RoutingConfigError, load_labelled
+    from slm_fusion.routing.base import load_labelled
     from slm_fusion.routing.classifier import train_classifier
 
-    try:
-        rows = load_labelled(data)
-        with console.status(f"embedding {len(rows)} prompts and fitting"):
-            bundle = train_classifier(rows, out, embedding=embedding, calibrate=calibrate,
-                                      single_fit=single_fit)
-    except (RoutingConfigError, ValueError) as e:
-        console.print(f"[red]{e}[/red]")
-        raise typer.Exit(code=2) from None
+    rows = load_labelled(data)
+    with console.status(f"embedding {len(rows)} prompts and fitting"):
+        bundle = train_classifier(rows, out, embedding=embedding, calibrate=calibrate,
+                                  single_fit=single_fit)
     table = Table(title=f"router classifier → {out}")
     table.add_column("model")
     table.add_column("rows", justify="right")
@@ -55,15 +51,9 @@ def route_eval(
         help="Rows with a gold answer used for each cascade (each costs real generations).")] = 20,
 ) -> None:
     """Routing accuracy, confusion matrix, decision latency; quality vs cost curve for cascades."""
-    from slm_fusion.config import ConfigError
-    from slm_fusion.routing.base import RoutingConfigError
     from slm_fusion.routing.evaluate import cascade_table, run_route_eval
 
-    try:
-        result = run_route_eval(config, data, out, only=only, max_answerable=max_answerable)
-    except (ConfigError, RoutingConfigError) as e:
-        console.print(f"[red]{e}[/red]")
-        raise typer.Exit(code=2) from None
+    result = run_route_eval(config, data, out, only=only, max_answerable=max_answerable)
     table = Table(title=f"routing on {result['n_rows']} prompts")
     for col in ("virtual model", "router", "accuracy", "p50 ms", "p99 ms"):
         table.add_column(col)
@@ -79,16 +69,11 @@ def route_eval(
 def check_routing(cfg) -> None:
     """Build every router (exemplars, classifier files, models named) so errors show now; embeddings stay unloaded."""
     from slm_fusion.routing import build_routers, routing_settings
-    from slm_fusion.routing.base import RoutingConfigError
 
     if not (cfg.routers or cfg.virtual_models or cfg.routing):
         return
-    try:
-        virtual = build_routers(cfg, load_models=False)
-        settings = routing_settings(cfg)
-    except RoutingConfigError as e:
-        console.print(f"[red]{e}[/red]")
-        raise typer.Exit(code=2) from None
+    virtual = build_routers(cfg, load_models=False)
+    settings = routing_settings(cfg)
     table = Table(title="virtual models")
     for col in ("name", "router", "kind", "can route to"):
         table.add_column(col)
