@@ -106,13 +106,15 @@ def test_validation_errors_name_the_param(gateway):
     assert_openai_error(httpx.get(gateway.url + "/v1/nowhere", headers={"Authorization": f"Bearer {KEY}"}), 404)
 
 
-def test_reasoning_extras_without_reasoning_layer_are_refused(gateway):
-    body = {"model": "up", "messages": MESSAGES, "reasoning_budget": 64}
-    r = post(gateway, body)
-    if gateway.app.state.gateway.reasoning is None:
-        assert_openai_error(r, 400, param="reasoning_budget")
-    else:  # once slm_fusion.reasoning exists the request is served
-        assert r.status_code == 200
+def test_reasoning_budget_on_an_upstream_model_caps_what_the_upstream_is_asked_for(gateway, upstream):
+    r = post(gateway, {"model": "up", "messages": MESSAGES, "reasoning_budget": 64, "max_tokens": 200})
+    assert r.status_code == 200, r.text
+    sent = upstream.app.received[-1]
+    assert "reasoning_budget" not in sent  # a gateway extra: served here, never forwarded
+    asked = sent.get("max_tokens") or sent.get("max_completion_tokens")
+    assert asked is not None and 64 <= asked < 200  # the budget (+ the answer's own tokens), below the client's 200
+    assert_openai_error(post(gateway, {"model": "up", "messages": MESSAGES, "reasoning_budget": 1}), 400,
+                        param="reasoning_budget")  # below the forced answer cue: refused, not silently raised
 
 
 def test_full_queue_answers_429_with_retry_after(gateway):

@@ -147,18 +147,25 @@ def test_stream_falls_back_before_first_byte(client, upstream):
     assert text == "The answer is 42."
 
 
-def test_replica_cooldown_then_recovery(client, upstream):
-    failed = upstream.hits["fail-500"]
-    r, h = _ask(client, "pair", "hi")  # replica 0 fails, replica 1 answers; replica 0 cools down for 1 s
-    assert r.choices[0].message.content == "The answer is 5." and "path=pair>pair" in h["x-slm-fusion-route"]
-    assert upstream.hits["fail-500"] == failed + 1
-    for _ in range(3):  # while it cools, every request goes straight to the healthy replica
-        r, h = _ask(client, "pair", "hi")
-        assert r.choices[0].message.content == "The answer is 5." and "x-slm-fusion-route" not in h
-    assert upstream.hits["fail-500"] == failed + 1
-    time.sleep(1.2)  # cooldown over: the failing replica is tried again
-    _ask(client, "pair", "hi")
-    assert upstream.hits["fail-500"] == failed + 2
+def test_replica_cooldown_then_recovery(client, gateway, upstream):
+    health = gateway.app.state.gateway.handles["pair"].health
+    now = [time.monotonic()]
+    health.clock = lambda: now[0]  # the deployment's own clock, moved by the test instead of slept through
+    try:
+        failed = upstream.hits["fail-500"]
+        r, h = _ask(client, "pair", "hi")  # replica 0 fails, replica 1 answers; replica 0 cools down for 1 s
+        assert r.choices[0].message.content == "The answer is 5." and "path=pair>pair" in h["x-slm-fusion-route"]
+        assert upstream.hits["fail-500"] == failed + 1
+        now[0] += 0.9
+        for _ in range(3):  # while it cools, every request goes straight to the healthy replica
+            r, h = _ask(client, "pair", "hi")
+            assert r.choices[0].message.content == "The answer is 5." and "x-slm-fusion-route" not in h
+        assert upstream.hits["fail-500"] == failed + 1
+        now[0] += 0.2  # cooldown over: the failing replica is tried again
+        _ask(client, "pair", "hi")
+        assert upstream.hits["fail-500"] == failed + 2
+    finally:
+        health.clock = time.monotonic
 
 
 def test_unknown_virtual_model_is_404(client):

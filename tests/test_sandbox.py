@@ -324,10 +324,15 @@ def test_worker_killed_while_idle_is_replaced():
         before = box.worker_pids()
         for pid in before:
             os.kill(pid, signal.SIGKILL)
-        time.sleep(0.2)
         assert box.run_many([BENIGN] * 4) == [ExecResult(True, 42, None, "")] * 4
         after = box.worker_pids()
         assert len(after) == 2 and not set(after) & set(before)
+
+
+def _cpu_ticks(pid: int) -> int:
+    """User + system CPU time of `pid` in clock ticks (/proc/PID/stat fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
 
 
 def test_worker_killed_mid_batch_jobs_are_retried():
@@ -335,10 +340,20 @@ def test_worker_killed_mid_batch_jobs_are_retried():
     with Sandbox(workers=2, cpu_seconds=2.0, wall_timeout=10.0) as box:
         assert box.run(BENIGN).ok
         victim = box.worker_pids()[0]
-        killer = threading.Timer(0.15, os.kill, args=(victim, signal.SIGKILL))
+        killed_busy: list[bool] = []
+
+        def kill_once_busy() -> None:  # SIGKILL once the victim has spent 50 ms of CPU on the batch: mid-job
+            start = _cpu_ticks(victim)
+            while _cpu_ticks(victim) < start + 5:
+                time.sleep(0.002)
+            os.kill(victim, signal.SIGKILL)
+            killed_busy.append(True)
+
+        killer = threading.Thread(target=kill_once_busy, daemon=True)
         killer.start()
         results = box.run_many([busy] * 40)
-        killer.join()
+        killer.join(timeout=30)
+        assert killed_busy == [True]
         assert all(r == ExecResult(True, sum(range(300000)), None, "") for r in results)
         assert victim not in box.worker_pids()
 
@@ -398,8 +413,7 @@ def test_closed_sandbox_refuses_work_and_constructor_validates():
     box.close()  # idempotent
     with pytest.raises(RuntimeError, match="closed"):
         box.run(BENIGN)
-    time.sleep(0.1)
-    for pid in pids:
+    for pid in pids:  # close() reaps its workers: none is left, not even as a zombie
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
     with pytest.raises(ValueError, match="workers"):

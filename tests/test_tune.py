@@ -4,6 +4,7 @@ sharing one study on a real PostgreSQL server."""
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -107,7 +108,9 @@ def test_resume_after_kill(tmp_path):
         assert proc.poll() is None, proc.stdout.read()
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    time.sleep(5)  # past the heartbeat grace period: the dead worker's trial is stale
+    # The dead worker's last heartbeat, moved an hour back (instead of waiting out the grace period): it is stale.
+    with sqlite3.connect(tmp_path / "runs" / "tune-killed" / "study.db") as conn:
+        assert conn.execute("UPDATE trial_heartbeats SET heartbeat = datetime(heartbeat, '-1 hour')").rowcount == 1
     out = subprocess.run([sys.executable, "-m", "reasonlite.cli", "tune", str(cfg_path), "--space", str(space_path),
                           "--trials", "5"], check=False, env={**os.environ, "REASONLITE_TUNE_HEARTBEAT_S": "2"},
                          capture_output=True, text=True, timeout=600)

@@ -377,7 +377,7 @@ def dump_config(cfg: ReasonLiteConfig) -> str:
 
 # Knobs added after stage folders already existed: they enter a hash only when set away from their default, so that
 # upgrading reasonlite does not orphan every cached trace set and trained student (a retrain can cost GPU hours).
-LATE_KNOBS: dict[str, Any] = {"data.mix": [],
+LATE_KNOBS: dict[str, Any] = {"data.mix": [], "data.program_names": True,
                              "traces.synthesize": SynthesizeConfig().model_dump(mode="json"),
                              "traces.augment": AugmentConfig().model_dump(mode="json"),
                              "budget.compress": False, "eval.calculator": False, "train.packing": False,

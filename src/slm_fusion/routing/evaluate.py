@@ -205,9 +205,11 @@ def evaluate_router(router: Any, rows: list[LabelledPrompt], warmup: int = 3) ->
         t0 = time.perf_counter()
         decision = router.route(request)
         latencies.append((time.perf_counter() - t0) * 1000)
-        # With a `labels:` map several classes may share a model: score the class the router recognised.
-        predicted.append(decision.label or decision.model)
-    gold = [r.model for r in rows]
+        predicted.append(decision.model)  # always a configured model name, whichever way the router decided
+    # Scored in model space, as served: a gold class label (`math`) counts as the model its `labels:` map names,
+    # so a default decision (no label) and a recognised class meet on the same names.
+    to_model = getattr(getattr(router, "cfg", None), "labels", None) or {}
+    gold = [to_model.get(r.model, r.model) for r in rows]
     labels = sorted(set(gold) | set(predicted))
     confusion = {g: {p: 0 for p in labels} for g in labels}
     for g, p in zip(gold, predicted, strict=True):
