@@ -130,3 +130,26 @@ def test_student_prompt_asks_in_the_students_training_prompt(scripted):
         {"role": "system", "content": "You are helpful."}, {"role": "user", "content": "How many pens?"}])
     sent = resp.choices[0].message.content  # the upstream echoes the last message it received
     assert sent == build_messages("How many pens?", "cot")[0]["content"]
+
+
+def test_a_budget_conditioned_student_is_told_the_same_bucket_by_the_gateway_and_by_reasonlite(tmp_path):
+    """Regression: the gateway stated the raw reasoning_budget (50) to a student trained on buckets 32/64."""
+    import json
+
+    from reasonlite.infer import Student
+    from reasonlite.models import resolve_model_dir
+    from slm_fusion.backends.base import GenerationRequest
+    from slm_fusion.reasoning import ReasoningLayer, _Plan
+
+    for f in resolve_model_dir("tiny-random-llama").iterdir():
+        (tmp_path / f.name).symlink_to(f)
+    (tmp_path / "reasonlite.json").write_text(json.dumps({"format": "pal", "budget_conditioned": True,
+                                                          "budget_buckets": [32, 64]}))
+    model_cfg = FusionConfig.model_validate({"models": [{**TINY, "model": str(tmp_path),
+                                                         "reasoning": {"student_prompt": True}}]}).models[0]
+    gen = GenerationRequest(messages=[{"role": "user", "content": "Q?"}])
+    for budget, told in ((50, 32), (64, 64), (500, 64), (10, 32)):
+        plan = _Plan(fmt="pal", budget=budget, vote=False, samples=1, temperature=0.0, answer_tokens=16)
+        messages = ReasoningLayer()._messages(gen, plan, model_cfg.reasoning, model_cfg)
+        assert f"Use at most {told} tokens." in messages[-1]["content"]
+        assert f"Use at most {told} tokens." in Student(str(tmp_path)).prompt("Q?", budget=budget)

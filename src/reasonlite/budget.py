@@ -53,6 +53,18 @@ def token_stats(lengths: Sequence[int]) -> dict:
             "p95": round(float(np.percentile(a, 95)), 2), "max": int(a.max())}
 
 
+def stated_budget(budget: int | None, conditioned: bool, buckets: Sequence[int] | None) -> int | None:
+    """The budget a student is told in its prompt (the one rule for `reasonlite eval` and the gateway): none unless it
+    was trained budget-conditioned; then the largest training bucket that fits the budget (the smallest when none
+    fits), since it never saw any other number."""
+    if budget is None or not conditioned:
+        return None
+    if not buckets:
+        return budget
+    fitting = [b for b in buckets if b <= budget]
+    return max(fitting) if fitting else min(buckets)
+
+
 def budget_bucket(n_tokens: int, buckets: Sequence[int]) -> int:
     """The smallest bucket >= n_tokens; the largest bucket when n_tokens exceeds them all."""
     for b in buckets:

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from reasonlite.budget import stated_budget
 from reasonlite.formats import ANSWER_CUE, Format, build_messages
 
 Status = Literal["ok", "budget_forced", "exec_error", "no_answer"]
@@ -329,14 +330,6 @@ def read_student_meta(folder: str | os.PathLike) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def _snap_budget(budget: int, buckets: Sequence[int] | None) -> int:
-    """A budget-conditioned student only saw its training buckets: state the largest bucket that fits the budget."""
-    if not buckets:
-        return budget
-    fitting = [b for b in buckets if b <= budget]
-    return max(fitting) if fitting else min(buckets)
-
-
 class Student:
     """A distilled student behind one call: `Student("runs/x/train/model").solve("question") -> Solution`.
 
@@ -397,7 +390,7 @@ class Student:
 
     def prompt(self, question: str, budget: int | None = None) -> str:
         """The exact text the student sees (the chat template applied to `formats.build_messages`)."""
-        stated = _snap_budget(budget, self.budget_buckets) if (budget is not None and self.budget_conditioned) else None
+        stated = stated_budget(budget, self.budget_conditioned, self.budget_buckets)
         messages = build_messages(question, self.fmt, budget=stated)
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 

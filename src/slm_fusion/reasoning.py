@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from reasonlite.answers import normalize_answer
+from reasonlite.budget import stated_budget
 from reasonlite.formats import ANSWER_CUE, build_messages
 from reasonlite.infer import Sample, answer_end, answer_start, extract_answers, force_answer, read_student_meta
 from reasonlite.vote import majority_vote
@@ -109,7 +110,8 @@ class ReasoningLayer:
         if question is None:
             raise InvalidRequest("this model answers a question: send at least one user message", param="messages")
         fmt = meta.get("format") or plan.fmt
-        budget = plan.budget if meta.get("budget_conditioned") else None
+        budget = stated_budget(plan.budget, bool(meta.get("budget_conditioned")),
+                               meta.get("budget_buckets") or meta.get("buckets"))
         return build_messages(question, fmt, budget=budget)
 
     # -- sampling with budget forcing -----------------------------------------------------------------------------
