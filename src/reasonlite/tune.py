@@ -242,14 +242,6 @@ def make_objective(base: ReasonLiteConfig, space: SearchSpace, total: int | None
     return objective
 
 
-def pareto_rows(study) -> list[dict]:
-    rows = []
-    for t in study.best_trials:
-        rows.append({"trial": t.number, **dict(zip(study.metric_names or [], t.values)),
-                     "values": t.values, "params": t.params, "run_dir": t.user_attrs.get("run_dir")})
-    return sorted(rows, key=lambda r: r["values"][0], reverse=True)
-
-
 def pick_trial(study, objectives: list[str], pick: str):
     """accuracy: most accurate; tokens: fewest tokens; knee: the Pareto point farthest from the line joining the
     two extremes (normalised), i.e. the best trade-off."""

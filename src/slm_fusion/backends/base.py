@@ -115,22 +115,6 @@ def make_backend(config: ModelBase) -> Backend:
     return backend_class(config.backend)(config)  # type: ignore[attr-defined]
 
 
-async def stream_from_generate(backend: Backend, req: GenerationRequest) -> AsyncIterator[TokenChunk]:
-    """Fallback stream for work that is only available whole (e.g. a reasoning strategy): one chunk per choice."""
-    gens = await backend.generate(req)
-    for i, g in enumerate(gens):
-        yield TokenChunk(index=i, text=g.text, finish_reason=g.finish_reason)
-    yield TokenChunk(
-        index=0, text="", usage=(gens[0].prompt_tokens if gens else 0, sum(g.completion_tokens for g in gens))
-    )
-
-
-def apply_stop(text: str, stop: list[str]) -> tuple[str, bool]:
-    """Cut `text` at the first stop sequence; returns (text, stopped)."""
-    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
-
-
 class ThreadBridge:
     """Deliver items from a worker thread into an asyncio.Queue owned by an event loop."""
 
