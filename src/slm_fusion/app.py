@@ -23,7 +23,6 @@ import asyncio
 import base64
 import contextlib
 import hmac
-import importlib
 import inspect
 import json
 import logging
@@ -40,6 +39,7 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from slm_fusion import protocol as P
+from slm_fusion import routing
 from slm_fusion.backends.base import Backend, Generation, GenerationRequest, TokenChunk, make_backend
 from slm_fusion.config import EmbeddingsConfig, FusionConfig, ModelBase
 from slm_fusion.errors import (
@@ -56,6 +56,7 @@ from slm_fusion.errors import (
     error_body,
 )
 from slm_fusion.metrics import GatewayMetrics
+from slm_fusion.reasoning import make_reasoning_layer
 
 log = logging.getLogger("slm_fusion")
 access_log = logging.getLogger("slm_fusion.access")
@@ -133,7 +134,7 @@ class ModelHandle:
                 try:
                     yield self.backends[i]
                 except BaseException as e:
-                    if self.health is not None and _is_retryable(e):
+                    if self.health is not None and routing.is_retryable(e):
                         self.health.failure(i)
                     raise
                 else:
@@ -475,11 +476,7 @@ LOCAL_FIELDS = frozenset({"presence_penalty", "frequency_penalty", "user", "stre
 def _default_routers(config: FusionConfig) -> dict[str, Any]:
     if not config.virtual_models:
         return {}
-    try:
-        build_routers = importlib.import_module("slm_fusion.routing").build_routers
-    except (ImportError, AttributeError) as e:
-        raise RuntimeError(f"`virtual_models` needs slm_fusion.routing.build_routers: {e}") from e
-    return build_routers(config)
+    return routing.build_routers(config)
 
 
 def _note_fallback(decision: Any, asked: str, used: str, tried: list[str], decision_cls: type) -> Any:
@@ -519,29 +516,14 @@ def _route_headers(gw: Gateway, handle: ModelHandle, body: Any, decision: Any) -
 
 def _routing_settings(config: FusionConfig, handles: dict[str, ModelHandle]) -> Any | None:
     """`routing:` (fallbacks, allowed_fails, cooldown_s) from slm_fusion.routing; gives each model replica health."""
-    try:
-        routing = importlib.import_module("slm_fusion.routing")
-    except ImportError:
-        return None
     settings = routing.routing_settings(config)
     for handle in handles.values():
         handle.health = routing.DeploymentHealth(len(handle.backends), settings.allowed_fails, settings.cooldown_s)
     return settings
 
 
-def _is_retryable(exc: BaseException) -> bool:
-    """An error another replica or a fallback model may not have (5xx, 429, timeouts), not a bad request."""
-    if isinstance(exc, TimeoutError | ConnectionError):
-        return True
-    return isinstance(exc, FusionError) and (exc.status >= 500 or exc.status == 429)
-
-
 def _default_reasoning(config: FusionConfig) -> Any | None:
-    try:
-        make = importlib.import_module("slm_fusion.reasoning").make_reasoning_layer
-    except (ImportError, AttributeError):
-        return None
-    return make(config)
+    return make_reasoning_layer(config)
 
 
 # ------------------------------------------------------------------------------------------------- middleware
