@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import typing
 
 import httpx
 import openai
 import orjson
+import pydantic
 import pytest
 from gateway_helpers import TINY, free_port, serve, serve_gateway, upstream_model
 
@@ -255,10 +257,41 @@ def local():
 
 
 def test_local_model_refuses_what_it_cannot_do(local):
-    for fields, param in (({"tools": TOOLS}, "tools"), ({"response_format": {"type": "json_object"}}, "response_format"),
-                          ({"messages": HISTORY[:2]}, "messages")):
+    for fields, param in (({"tools": TOOLS}, "tools"), ({"messages": HISTORY[:2]}, "messages"),
+                          ({"response_format": {"type": "json_schema"}}, "response_format"),
+                          ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+                              "type": "frobnicate"}}}}, "response_format"),
+                          ({"response_format": {"type": "xml"}}, "response_format")):
         r = _post(local, {"model": "tiny", "messages": MESSAGES, **fields})
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+class Pick(pydantic.BaseModel):
+    ok: bool
+    pick: typing.Literal["yes", "no"]
+    count: int = pydantic.Field(ge=0, le=9)
+
+
+def test_local_model_enforces_response_format(local):
+    """A random model writes valid JSON only if the schema is enforced while decoding: parsed by the official SDK."""
+    client = openai.OpenAI(base_url=local.v1, api_key="unused", max_retries=0, timeout=60)
+    for temperature in (0, 1):
+        done = client.chat.completions.parse(model="tiny", messages=MESSAGES, response_format=Pick, max_tokens=64,
+                                             temperature=temperature, seed=3)
+        choice = done.choices[0]
+        assert choice.finish_reason == "stop" and isinstance(choice.message.parsed, Pick), choice.message.content
+        assert 0 < done.usage.completion_tokens <= 64  # ended by the grammar, not by max_tokens
+    r = client.chat.completions.create(model="tiny", messages=MESSAGES, response_format={"type": "json_object"},
+                                       max_tokens=200, temperature=1, seed=1)
+    if r.choices[0].finish_reason == "stop":  # an open object may run past max_tokens; a finished one is JSON
+        assert isinstance(json.loads(r.choices[0].message.content), dict)
+    else:
+        assert r.choices[0].message.content.startswith("{")
+    stream = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=64, stream=True,
+                                            response_format={"type": "json_schema", "json_schema": {
+                                                "name": "pick", "schema": Pick.model_json_schema()}})
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert Pick.model_validate_json(text)
 
 
 def test_client_disconnect_frees_the_local_slot(local):

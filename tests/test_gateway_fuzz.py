@@ -63,7 +63,8 @@ CASES: list[tuple[str, bytes | dict]] = [
     ("chat", _chat(reasoning_budget=-1)), ("chat", _chat(reasoning_budget=BIG)), ("chat", _chat(vote="maybe")),
     # local models: what they cannot do
     ("chat", _chat(model="tiny", tools=[{"type": "function", "function": {"name": "f"}}])),
-    ("chat", _chat(model="tiny", response_format={"type": "json_object"})),
+    ("chat", _chat(model="tiny", response_format={"type": "json_schema"})),
+    ("chat", _chat(model="tiny", response_format={"type": "yaml"})), ("chat", _chat(model="tiny", response_format=3)),
     ("chat", _chat(model="tiny", messages=[{"role": "user", "content": "x" * 40_000}])),
     # unknown fields with surrogates travel to the upstream: refused before
     ("chat", _chat(user="\udfff")), ("chat", _chat(tools=[{"type": "function", "function": {"name": "\ud800"}}])),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import openai
@@ -48,3 +49,22 @@ def test_smollm2_llamacpp_answers_2_plus_3():
     with serve_gateway({"models": [model], "server": {"access_log": False}}) as served:
         answer = ask(served)
     assert "5" in answer, answer
+
+
+@pytest.mark.integration
+def test_smollm2_llamacpp_writes_the_json_schema_it_is_given():
+    pytest.importorskip("llama_cpp")
+    model = {"name": "smol", "backend": "llamacpp", "model": str(smollm2_gguf()), "n_threads": 2}
+    schema = {"type": "object", "properties": {"sum": {"type": "integer"}, "sure": {"type": "boolean"}},
+              "required": ["sum", "sure"], "additionalProperties": False}
+    with serve_gateway({"models": [model], "server": {"access_log": False}}) as served:
+        client = openai.OpenAI(base_url=served.v1, api_key="unused", max_retries=0, timeout=120)
+        r = client.chat.completions.create(
+            model="smol", messages=[{"role": "user", "content": "What is 2 + 3? Answer in JSON."}], max_tokens=40,
+            temperature=0, response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}})
+        with pytest.raises(openai.BadRequestError) as bad:
+            client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "x"}],
+                                           response_format={"type": "json_schema"})
+    answer = json.loads(r.choices[0].message.content)
+    assert set(answer) == {"sum", "sure"} and isinstance(answer["sum"], int) and isinstance(answer["sure"], bool)
+    assert bad.value.body["param"] == "response_format"

@@ -447,7 +447,8 @@ class Gateway:
             raise InvalidRequest(f"{name} does not support function calling (`tools`) yet; drop `tools` or pick a "
                                  "model served by an OpenAI-compatible upstream", param="tools")
         fmt = extra.get("response_format")
-        if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
+        enforced = getattr(handle.backends[0], "supports_response_format", False)  # transformers: backends/structured.py
+        if isinstance(fmt, dict) and fmt.get("type") not in (None, "text") and not enforced:
             raise InvalidRequest(f"{name} does not enforce `response_format` {fmt.get('type')!r} yet; drop it or pick "
                                  "a model served by an OpenAI-compatible upstream", param="response_format")
         texts = [m.text() for m in body.messages] if isinstance(body, P.ChatCompletionRequest) else body.prompt

@@ -10,12 +10,14 @@ thread under a lock.
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from slm_fusion.backends.base import Generation, GenerationRequest, ThreadBridge, TokenChunk
+from slm_fusion.backends.structured import json_schema_of
 from slm_fusion.config import LlamaCppModel
 from slm_fusion.errors import InvalidRequest, Unavailable, UpstreamError
 
@@ -23,12 +25,15 @@ _END = object()
 
 
 class LlamaCppBackend:
+    supports_response_format = True  # json_object / json_schema, as a llama.cpp grammar (GBNF) while decoding
+
     def __init__(self, config: LlamaCppModel) -> None:
         self.config = config
         self.llm = None
         self.chat_template: str | None = config.chat_template
         self._special: dict[str, str] = {}
         self._lock = threading.Lock()
+        self._grammars: dict[str, Any] = {}  # schema JSON -> compiled LlamaGrammar
 
     async def start(self) -> None:
         await asyncio.to_thread(self._load)
@@ -74,6 +79,7 @@ class LlamaCppBackend:
     def _prepare(self, req: GenerationRequest) -> tuple[str | list[int], int, int]:
         if self.llm is None:
             raise Unavailable(f"model '{self.config.name}' is not started")
+        self._grammar(req)  # a schema llama.cpp cannot compile is the client's 400, before any work is queued
         prompt: str | list[int] = self.format_chat(req.messages) if req.messages is not None else req.prompt
         prompt_tokens = len(self._tokenize(prompt))
         if prompt_tokens == 0:  # an empty prompt: start from BOS as OpenAI's completions do
@@ -86,10 +92,26 @@ class LlamaCppBackend:
             )
         return prompt, prompt_tokens, min(req.max_tokens, room)
 
+    def _grammar(self, req: GenerationRequest) -> Any:
+        """`response_format` as llama.cpp's own JSON-schema grammar (compiled once per schema)."""
+        schema = json_schema_of(req.extra.get("response_format"))
+        if schema is None:
+            return None
+        key = json.dumps(schema, sort_keys=True)
+        if key not in self._grammars:
+            from llama_cpp import LlamaGrammar
+
+            try:
+                self._grammars[key] = LlamaGrammar.from_json_schema(key, verbose=False)
+            except Exception as e:  # noqa: BLE001 - llama.cpp's converter raises plain Exceptions for bad schemas
+                raise InvalidRequest(f"response_format.json_schema.schema cannot be enforced by llama.cpp: {e}",
+                                     param="response_format") from None
+        return self._grammars[key]
+
     def _kwargs(self, req: GenerationRequest, max_tokens: int, choice: int) -> dict[str, Any]:
         temperature = req.temperature if req.temperature >= 1e-4 else 0.0  # near-zero: greedy, as transformers'
         kw: dict[str, Any] = {"max_tokens": max_tokens, "temperature": temperature, "top_p": req.top_p,
-                              "stop": req.stop or None}
+                              "stop": req.stop or None, "grammar": self._grammar(req)}
         if req.seed is not None:
             kw["seed"] = (req.seed + choice) % (1 << 32)  # llama.cpp seeds are uint32
         for name in ("presence_penalty", "frequency_penalty"):

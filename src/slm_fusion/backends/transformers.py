@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from slm_fusion.backends.base import Generation, GenerationRequest, ThreadBridge, TokenChunk
+from slm_fusion.backends.structured import Constraint, Grammars, grammar_for
 from slm_fusion.config import TransformersModel
 from slm_fusion.errors import InvalidRequest, Unavailable, UpstreamError
 
@@ -34,6 +35,7 @@ class _Job:
     bridge: ThreadBridge
     cancelled: bool = False
     completion_tokens: int = 0
+    grammar: str | None = None  # response_format as an llguidance grammar (backends/structured.py)
 
 
 @dataclass
@@ -46,9 +48,12 @@ class _Row:
     emitted: int = 0
     prefix_offset: int = 0
     read_offset: int = 0
+    constraint: Constraint | None = None
 
 
 class TransformersBackend:
+    supports_response_format = True  # json_object / json_schema, enforced while decoding (backends/structured.py)
+
     def __init__(self, config: TransformersModel) -> None:
         self.config = config
         self.model = None
@@ -62,6 +67,7 @@ class TransformersBackend:
         self._cache_kw = "past_key_values"
         self.batches_run = 0  # observability for tests/benchmarks: how many decode batches ran
         self.rows_run = 0
+        self.grammars: Grammars | None = None
 
     # ------------------------------------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -87,6 +93,8 @@ class TransformersBackend:
         self.eos_ids = {e for e in ([eos] if isinstance(eos, int) else list(eos or [])) if e is not None}
         if self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
+        width = self.model.get_output_embeddings().weight.shape[0]  # logits width (may exceed len(tokenizer))
+        self.grammars = Grammars(self._worker_tokenizer, width)
 
     async def aclose(self) -> None:
         if self._thread is not None:
@@ -123,7 +131,11 @@ class TransformersBackend:
                 f"the prompt is {len(prompt_ids)} tokens; model '{self.config.name}' has a context of "
                 f"{self.max_positions}. Shorten the messages.", param="messages" if req.messages else "prompt",
             )
-        job = _Job(req, prompt_ids, min(req.max_tokens, room), ThreadBridge(asyncio.get_running_loop()))
+        grammar = grammar_for(req.extra.get("response_format"))
+        if grammar is not None:
+            await asyncio.to_thread(self.grammars.check, grammar)
+        job = _Job(req, prompt_ids, min(req.max_tokens, room), ThreadBridge(asyncio.get_running_loop()),
+                   grammar=grammar)
         self._inbox.put(job)
         pending = req.n
         try:
@@ -199,7 +211,9 @@ class TransformersBackend:
 
         tok = self._worker_tokenizer
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else next(iter(self.eos_ids), 0)
-        rows = [_Row(job, i, _generator(job.req.seed, i)) for job in batch for i in range(job.req.n)]
+        rows = [_Row(job, i, _generator(job.req.seed, i),
+                     constraint=self.grammars.constraint(job.grammar) if job.grammar else None)
+                for job in batch for i in range(job.req.n)]
         self.batches_run += 1
         self.rows_run += len(rows)
         width = max(len(r.job.prompt_ids) for r in rows)
@@ -235,6 +249,9 @@ class TransformersBackend:
     def _sample(self, logits: Any, rows: list[_Row]) -> Any:
         import torch
 
+        for b, r in enumerate(rows):
+            if r.constraint is not None:
+                r.constraint.mask(logits[b])
         next_ids = logits.argmax(dim=-1)
         for b, r in enumerate(rows):
             temperature, top_p = r.job.req.temperature, r.job.req.top_p
@@ -262,6 +279,7 @@ class TransformersBackend:
             return True
         stops = job.req.stop
         finish = None
+        complete = r.constraint.accept(token) if r.constraint is not None else False
         if token in self.eos_ids:
             finish = "stop"
         else:
@@ -274,10 +292,12 @@ class TransformersBackend:
                 if hits:
                     r.text = r.text[:min(hits)]
                     finish = "stop"
+            if finish is None and complete:
+                finish = "stop"  # the grammar is complete: nothing more may follow
             if finish is None and len(r.ids) >= job.max_tokens:
                 finish = "length"
         if finish is not None:
-            if finish == "length" or token in self.eos_ids:
+            if finish == "length" or token in self.eos_ids or complete:
                 r.text += tok.decode(r.ids[r.prefix_offset:], skip_special_tokens=True)[
                     len(tok.decode(r.ids[r.prefix_offset:r.read_offset], skip_special_tokens=True)):]
             job.bridge.put(TokenChunk(index=r.choice, text=r.text[r.emitted:], finish_reason=finish))
