@@ -3,6 +3,7 @@
 Same student (SmolLM2-135M-Instruct, LoRA), same steps for every trained row, this CPU. Rows:
   base pal / base cot          the untouched model prompted for a program / for steps (the forgetting floor)
   pal gsm8k                    PAL on the verified GSM8K train programs, rewritten in the named style
+  pal gsm8k (v1 programs)      the same, in the old `v1 = 48 / 2` form (data.program_names: false): does naming help?
   + retail mix + augmentation  the same steps on GSM8K + retail_math (data.mix) + verified variants (traces.augment)
   vote / verifier (k)          the last student, k samples per question, picked by majority / by the verifier
 Columns: GSM8K test (greedy), retail held-out families (problem shapes never trained on), retail reworded (trained
@@ -42,8 +43,9 @@ QUICK = {"gsm8k_test": 6, "retail_test": 4, "base_limit": 3, "max_new_tokens": 6
          "train": {"max_steps": 2, "batch_size": 2, "save_steps": 1000}, "n_train": 40}
 
 
-def config(settings: dict, recipe: bool = True):
-    """The recipe's config (`recipe=False`: GSM8K programs only: no retail in training, no augmentation)."""
+def config(settings: dict, recipe: bool = True, program_names: bool = True):
+    """The recipe's config (`recipe=False`: GSM8K programs only: no retail in training, no augmentation;
+    `program_names=False`: the v1 program form)."""
     from reasonlite.config import load_config
 
     overrides = {"data.n_test": settings["gsm8k_test"], "eval.max_new_tokens": settings["max_new_tokens"],
@@ -52,10 +54,10 @@ def config(settings: dict, recipe: bool = True):
     cfg = load_config(Path(__file__).resolve().parents[1] / RECIPE, overrides)
     mix = [m.model_copy(update={"n_test": settings["retail_test"], **({} if recipe else {"weight": 0.0})})
            for m in cfg.data.mix]
-    cfg.data = cfg.data.model_copy(update={"mix": mix})
+    cfg.data = cfg.data.model_copy(update={"mix": mix, "program_names": program_names})
     if not recipe:
         cfg.traces.augment = cfg.traces.augment.model_copy(update={"k": 0})
-        cfg.name = "gsm8k-pal-only"
+        cfg.name = "gsm8k-pal-only" if program_names else "gsm8k-pal-only-v1"
     return cfg
 
 
@@ -153,7 +155,8 @@ def run(quick: bool = False, workdir: str | None = None, only: tuple[str, ...] |
         rows_path.write_text(json.dumps(rows, indent=2))  # each finished row survives a later crash
 
     main = "pal gsm8k + retail mix + augmentation"
-    plan = [("pal gsm8k", config(settings, recipe=False)), (main, recipe)]
+    plan = [("pal gsm8k", config(settings, recipe=False)),
+            ("pal gsm8k (v1 programs)", config(settings, recipe=False, program_names=False)), (main, recipe)]
     trained: dict[str, Path] = {}
     for name, cfg in plan:
         if not (wanted(name) or (name == main and wanted("vote / verifier"))):
