@@ -289,7 +289,7 @@ def test_local_model_enforces_response_format(local):
         assert r.choices[0].message.content.startswith("{")
     stream = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=64, stream=True,
                                             response_format={"type": "json_schema", "json_schema": {
-                                                "name": "pick", "schema": Pick.model_json_schema()}})
+                                                "name": "pick", "schema": {**Pick.model_json_schema(), "additionalProperties": False}}})
     text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert Pick.model_validate_json(text)
 

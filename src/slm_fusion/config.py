@@ -188,9 +188,11 @@ def _relative_to(base: Path, ref: object, *, looks_like_file: bool = False) -> o
     if not isinstance(ref, str) or not ref or ref.startswith("~") or Path(ref).is_absolute():
         return ref
     candidate = base / ref
-    if candidate.exists() or ref.startswith(("./", "../")) or looks_like_file:
+    if candidate.exists() or ref.startswith(("./", "../")):
         return str(candidate.resolve())
-    return ref
+    if looks_like_file and not Path(ref).exists():  # missing either way: the error names the YAML-relative path
+        return str(candidate.resolve())
+    return ref  # an alias, or a file that exists only relative to the current directory (older configs)
 
 
 _ROUTER_FILE_KEYS = ("path", "exemplars_file")  # classifier router file; semantic router exemplars

@@ -1,0 +1,226 @@
+"""The completion endpoints' work, written once for chat and text completions: a whole JSON answer, or an SSE
+stream whose first token is awaited before the 200 (so a failure up to then gets a real status or a fallback), and
+the client's disconnect cancelling the work."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+
+from slm_fusion import protocol as P
+from slm_fusion.backends.base import GenerationRequest
+from slm_fusion.deployments import ModelHandle
+from slm_fusion.errors import ClientDisconnected, FusionError, GatewayTimeout, InvalidRequest, error_body
+from slm_fusion.gateway import Gateway, route_headers
+
+log = logging.getLogger("slm_fusion")
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+DISCONNECT_WATCH_AFTER_S = 0.05  # a client that leaves a request running longer than this cancels it
+
+
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json", headers=headers)
+
+
+def model_response(model: Any, headers: dict[str, str] | None = None) -> Response:
+    return Response(model.model_dump_json(), media_type="application/json", headers=headers)
+
+
+async def complete(gw: Gateway, body: Any, request: Request, *, chat: bool) -> Response:
+    handle, decision = await gw.resolve_target(body, request.headers)
+    request.scope["fusion.model"] = handle.name
+    if body.n > 1 and hasattr(decision, "execute"):
+        raise InvalidRequest(f"'{body.model}' answers with one choice (its router runs a plan over several models); "
+                             "send n=1 or call a model directly", param="n")
+    # FastAPI parsed the body with Starlette's `request.json()`, which keeps the parsed object: the fields exactly
+    # as sent, without a second parse or a dump of the validated model.
+    gen = gw.generation_request(handle, body, P.sent_fields(body, getattr(request, "_json", None)))
+    timeout = handle.timeout(gw.config.server.request_timeout_s)
+    if body.stream:
+        return await _stream(gw, handle, gen, body, chat, timeout, decision, request)
+    async with _cancel_on_disconnect(request):
+        handle, gens, decision = await gw.generate_routed(handle, decision, body, gen)
+    request.scope["fusion.model"] = handle.name
+    headers = route_headers(gw, handle, body, decision)
+    request.scope["fusion.route"] = headers.get("x-slm-fusion-route", "")
+    prompt_tokens = gens[0].prompt_tokens if gens else 0
+    completion_tokens = sum(g.completion_tokens for g in gens)
+    gw.metrics.observe_tokens(handle.name, prompt_tokens, completion_tokens)
+    details = None
+    if any(g.reasoning is not None for g in gens):
+        from slm_fusion.reasoning import usage_details
+
+        details = usage_details(gens)
+    usage = P.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                    total_tokens=prompt_tokens + completion_tokens, completion_tokens_details=details)
+    fingerprint = f"fusion-{handle.config.backend}"
+    if chat:
+        resp: Any = P.ChatCompletionResponse(
+            id=f"chatcmpl-{uuid.uuid4().hex}", model=body.model, usage=usage, system_fingerprint=fingerprint,
+            choices=[P.ChatChoice(index=i, message=P.AssistantMessage(
+                content=None if g.tool_calls and not g.text else g.text, tool_calls=g.tool_calls),
+                finish_reason=g.finish_reason, logprobs=g.logprobs) for i, g in enumerate(gens)],
+        )
+    else:
+        prefix = gen.prompt if body.echo else ""
+        resp = P.CompletionResponse(
+            id=f"cmpl-{uuid.uuid4().hex}", model=body.model, usage=usage, system_fingerprint=fingerprint,
+            choices=[P.CompletionChoice(index=i, text=prefix + g.text, finish_reason=g.finish_reason,
+                                        logprobs=g.logprobs) for i, g in enumerate(gens)],
+        )
+    # Routing extras (e.g. output fusion's `slm_fusion: {agreement, votes}`) ride along as extra response fields.
+    extra = {k: v for k, v in (getattr(decision, "extra", None) or {}).items() if not k.startswith("_")}
+    if details is not None:  # the reasoning layer's per-choice result (answer, program, agreement, ...)
+        data = resp.model_dump(mode="json")
+        for choice, g in zip(data["choices"], gens):
+            if g.reasoning is not None:
+                choice["slm_fusion"] = g.reasoning
+        return json_response({**data, **extra}, headers=headers)
+    if extra:
+        return json_response({**resp.model_dump(mode="json"), **extra}, headers=headers)
+    return model_response(resp, headers)
+
+
+async def _stream(
+    gw: Gateway, handle: ModelHandle, gen: GenerationRequest, body: Any, chat: bool, timeout: float,
+    decision: Any, request: Request,
+) -> Response:
+    """SSE stream. The first token is awaited before answering, so failures up to then get a real status code
+    (or the next model of `routing.fallbacks` is tried)."""
+    start = time.perf_counter()
+    async with _cancel_on_disconnect(request):  # until the first chunk; then the response watches for itself
+        handle, stack, chunks, first, deadline, decision = await gw.open_stream(handle, decision, body, gen)
+    request.scope["fusion.model"] = handle.name
+    headers = route_headers(gw, handle, body, decision)
+    request.scope["fusion.route"] = headers.get("x-slm-fusion-route", "")
+    ttft_seen = False
+    created = int(time.time())
+    cid = f"chatcmpl-{uuid.uuid4().hex}" if chat else f"cmpl-{uuid.uuid4().hex}"
+    fingerprint = f"fusion-{handle.config.backend}"
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    def frame(choices: list, usage: P.Usage | None = None) -> bytes:
+        if chat:
+            obj: Any = P.ChatCompletionChunk(id=cid, created=created, model=body.model, choices=choices, usage=usage,
+                                             system_fingerprint=fingerprint)
+        else:
+            obj = P.CompletionResponse(id=cid, created=created, model=body.model, choices=choices, usage=usage,
+                                       system_fingerprint=fingerprint)
+        return b"data: " + obj.__pydantic_serializer__.to_json(obj) + b"\n\n"
+
+    def choice(index: int, text: str | None, finish: str | None, role: bool = False, tool_calls: Any = None,
+               logprobs: Any = None) -> Any:
+        if chat:
+            delta = P.ChoiceDelta(role="assistant" if role else None, content=text, tool_calls=tool_calls)
+            return P.ChatChunkChoice(index=index, delta=delta, finish_reason=finish, logprobs=logprobs)
+        return P.CompletionChoice(index=index, text=text or "", finish_reason=finish, logprobs=logprobs)
+
+    async def events() -> AsyncIterator[bytes]:
+        nonlocal ttft_seen
+        usage: tuple[int, int] | None = None
+        counted = 0
+        try:
+            if chat:
+                for i in range(gen.n):
+                    yield frame([choice(i, "", None, role=True)])
+            elif body.echo:
+                for i in range(gen.n):
+                    yield frame([choice(i, gen.prompt, None)])
+            chunk = first
+            while chunk is not None:
+                if chunk.usage is not None:
+                    usage = chunk.usage
+                if chunk.text or chunk.finish_reason or chunk.tool_calls or chunk.logprobs:
+                    if not ttft_seen and (chunk.text or chunk.tool_calls):
+                        ttft_seen = True
+                        gw.metrics.ttft.labels(handle.name).observe(time.perf_counter() - start)
+                    counted += 1
+                    text = None if chunk.tool_calls and not chunk.text else chunk.text
+                    yield frame([choice(chunk.index, text, chunk.finish_reason, tool_calls=chunk.tool_calls,
+                                        logprobs=chunk.logprobs)])
+                async with asyncio.timeout_at(deadline):
+                    chunk = await anext(chunks, None)
+            prompt_tokens, completion_tokens = usage or (0, counted)
+            gw.metrics.observe_tokens(handle.name, prompt_tokens, completion_tokens)
+            if include_usage:
+                yield frame([], P.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                                        total_tokens=prompt_tokens + completion_tokens))
+        except TimeoutError:
+            err = GatewayTimeout(f"model '{handle.name}' did not finish within {timeout}s (timeout_s)")
+            yield b"data: " + orjson.dumps(err.to_dict()) + b"\n\n"
+        except FusionError as err:
+            yield b"data: " + orjson.dumps(err.to_dict()) + b"\n\n"
+        except Exception as e:  # a stream that already said 200 can only report in-band
+            log.exception("stream failed")
+            yield b"data: " + orjson.dumps(error_body(f"internal error: {type(e).__name__}", "server_error")) + b"\n\n"
+        finally:
+            await cleanup()
+        yield b"data: [DONE]\n\n"
+
+    closed = False
+
+    async def cleanup() -> None:
+        nonlocal closed
+        if not closed:
+            closed = True
+            await chunks.aclose()
+            await stack.aclose()
+
+    return _SSEResponse(events(), cleanup, headers={**SSE_HEADERS, **headers})
+
+
+@contextlib.asynccontextmanager
+async def _cancel_on_disconnect(request: Request) -> AsyncIterator[None]:
+    """Cancel the block when the client disconnects: its queue slot, local generation or upstream call end there,
+    and no fallback is tried for a client that is gone (ClientDisconnected, logged as 499)."""
+    task = asyncio.current_task()
+    gone = asyncio.Event()
+    watcher: list[asyncio.Task] = []
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        gone.set()
+        task.cancel()
+
+    # Most answers come back faster than a client gives up: start listening only after a short while, which
+    # keeps a task per request off the hot path.
+    timer = asyncio.get_running_loop().call_later(DISCONNECT_WATCH_AFTER_S,
+                                                  lambda: watcher.append(asyncio.create_task(watch())))
+    try:
+        yield
+    except asyncio.CancelledError:
+        if not gone.is_set():
+            raise
+        task.uncancel()
+        raise ClientDisconnected("the client closed the connection before the answer was ready") from None
+    finally:
+        timer.cancel()
+        for w in watcher:
+            w.cancel()
+
+
+class _SSEResponse(StreamingResponse):
+    """A stream that always releases its queue slot, also when the client leaves before the first byte."""
+
+    def __init__(self, content: AsyncIterator[bytes], cleanup: Any, headers: dict[str, str]) -> None:
+        super().__init__(content, media_type="text/event-stream", headers=headers)
+        self._cleanup = cleanup
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with contextlib.suppress(Exception):
+                await self.body_iterator.aclose()  # type: ignore[attr-defined]
+            await self._cleanup()
