@@ -107,13 +107,15 @@ def _mock_upstream():
 
 
 @contextmanager
-def _our_gateway(config: dict, cpus: str | None = PROXY_CPU, name: str = "slm-fusion"):
+def _our_gateway(config: dict, cpus: str | None = PROXY_CPU, name: str = "slm-fusion", src: str | None = None):
+    """`src`: another checkout's `src/` folder (PYTHONPATH), to measure an older gateway in the same run."""
     port = _free_port()
     cfg = OUT / f"{name}.yaml"
     OUT.mkdir(parents=True, exist_ok=True)
     cfg.write_text(json.dumps(config))  # JSON is YAML
+    env = {"PYTHONPATH": src} if src else None
     with _process(name, [PY, "-m", "slm_fusion.cli", "serve", str(cfg), "--port", str(port), "--log-level",
-                         "warning"], f"http://127.0.0.1:{port}/health", cpus) as proc:
+                         "warning"], f"http://127.0.0.1:{port}/health", cpus, env=env) as proc:
         yield f"http://127.0.0.1:{port}", proc
 
 
@@ -223,6 +225,35 @@ def bench_proxy(quick: bool) -> dict:
                 "rps_ours_over_litellm": ours["c32_rps"] / max(ll["c32_rps"], 1e-9),
             }
     return results
+
+
+def bench_against(baseline_src: str, rounds: int = 3, seconds: float = 6) -> dict:
+    """This gateway vs the one in `baseline_src` (another checkout's src/), same mock upstream, same pinned core,
+    measured in alternation (baseline, ours, baseline, ours, ...) so machine noise falls on both alike."""
+    gw_config = {"server": {"access_log": False, "api_keys": [BENCH_KEY]},
+                 "models": [{"name": "mock", "backend": "openai", "model": "mock", "base_url": "", "max_concurrency": 256,
+                             "max_queue": 1024}]}
+    runs: dict[str, list[dict]] = {"baseline": [], "ours": []}
+    with _mock_upstream() as upstream:
+        gw_config["models"][0]["base_url"] = upstream + "/v1"
+        for i in range(rounds):
+            for name, src in (("baseline", baseline_src), ("ours", None)):
+                with _our_gateway(gw_config, name=f"ab-{name}", src=src) as (gw, _):
+                    console.print(f"[cyan]round {i + 1}/{rounds}: {name}[/cyan]")
+                    runs[name].append(_measure_target(gw, seconds))
+    out: dict = {"baseline_src": baseline_src, "rounds": rounds, "seconds": seconds, "runs": runs, "ratios": {}}
+    for kind in ("json", "stream"):
+        for metric in ("c1_p50_ms", "c1_p99_ms", "c32_rps"):
+            base = sorted(r[kind][metric] for r in runs["baseline"])[rounds // 2]
+            ours = sorted(r[kind][metric] for r in runs["ours"])[rounds // 2]
+            out["ratios"][f"{kind} {metric}"] = {"baseline": base, "ours": ours, "ours_over_baseline": ours / base}
+    t = Table(title=f"gateway vs {baseline_src} (median of {rounds} alternating rounds)")
+    for col in ("measure", "baseline", "ours", "ours / baseline"):
+        t.add_column(col)
+    for name, r in out["ratios"].items():
+        t.add_row(name, f"{r['baseline']:.2f}", f"{r['ours']:.2f}", f"{r['ours_over_baseline']:.3f}")
+    console.print(t)
+    return out
 
 
 # ------------------------------------------------------------------------------------- transformers batching
@@ -450,4 +481,9 @@ def run(quick: bool = False) -> dict:
 
 
 if __name__ == "__main__":
-    run(quick="--quick" in sys.argv)
+    if "--against" in sys.argv:  # python benchmarks/bench_gateway.py --against ../old-checkout/src
+        ab = bench_against(sys.argv[sys.argv.index("--against") + 1])
+        OUT.mkdir(parents=True, exist_ok=True)
+        (OUT / "against.json").write_text(json.dumps(ab, indent=2))
+    else:
+        run(quick="--quick" in sys.argv)

@@ -82,6 +82,9 @@ _LIBRARY_NOISE = (
 
 
 def quiet_library_warnings() -> None:
+    # transformers' tqdm bars ("Loading weights", "Writing model shards") under our own rich progress; read by
+    # huggingface_hub when transformers is first imported, which the commands do lazily, after this.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     for category, message in _LIBRARY_NOISE:
         warnings.filterwarnings("ignore", message=message, category=category)
     try:
