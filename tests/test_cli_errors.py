@@ -189,10 +189,13 @@ def test_port_in_use_is_found_before_any_model_loads(files):
     _assert_one_line(result, 4, ["--port", str(port)])
 
 
-def test_library_deprecation_notices_are_quiet_unless_debug():
+def test_library_deprecation_notices_are_quiet_unless_debug(monkeypatch):
+    import os
     import warnings
 
     from reasonlite.cli_boundary import quiet_library_warnings
+
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
 
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
@@ -200,6 +203,7 @@ def test_library_deprecation_notices_are_quiet_unless_debug():
         warnings.warn("`gradient_checkpointing` is deprecated and will be removed in v6. Use x.", FutureWarning)
         warnings.warn("our own FutureWarning stays", FutureWarning)
     assert [str(w.message) for w in seen] == ["our own FutureWarning stays"]
+    assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"  # no tqdm bars under our rich progress
 
 
 def test_debug_shows_the_traceback(files):
