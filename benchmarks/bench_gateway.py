@@ -309,6 +309,68 @@ def bench_batching(quick: bool) -> dict:
             "speedup": batched["tok_per_s"] / single["tok_per_s"]}
 
 
+# ------------------------------------------------------------------------------------- structured outputs
+
+ITEM_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["item", "quantity", "in_stock"],
+               "properties": {"item": {"type": "string", "maxLength": 24}, "quantity": {"type": "integer"},
+                              "in_stock": {"type": "boolean"}}}
+ITEM_PROMPTS = [f"Reply with JSON only, keys item, quantity, in_stock: we have {n} {thing} left in the store."
+                for n, thing in ((12, "apples"), (0, "pears"), (7, "lamps"), (30, "pens"), (3, "chairs"),
+                                 (1, "bikes"), (45, "cups"), (9, "books"))]
+
+
+def _valid_item(text: str) -> bool:
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return False
+    return (isinstance(obj, dict) and set(obj) == {"item", "quantity", "in_stock"} and isinstance(obj["item"], str)
+            and isinstance(obj["quantity"], int) and isinstance(obj["in_stock"], bool))
+
+
+async def _structured_run(constrained: bool, max_tokens: int, prompts: list[str]) -> dict:
+    from slm_fusion.app import create_app
+    from slm_fusion.config import FusionConfig
+
+    cfg = FusionConfig.model_validate({"server": {"access_log": False}, "models": [{
+        "name": "smol", "backend": "transformers", "model": "smollm2-135m-instruct", "max_batch_size": 8,
+        "batch_wait_ms": 10, "max_concurrency": 8, "torch_threads": 1}]})
+    app = create_app(cfg)
+    await app.state.gateway.start()
+    extra = {"response_format": {"type": "json_schema", "json_schema": {"name": "item", "schema": ITEM_SCHEMA}}}
+    try:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway", timeout=600) as client:
+            async def one(prompt: str) -> tuple[str, int]:
+                r = await client.post("/v1/chat/completions", json={
+                    "model": "smol", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+                    "temperature": 0, **(extra if constrained else {})})
+                r.raise_for_status()
+                return r.json()["choices"][0]["message"]["content"], r.json()["usage"]["completion_tokens"]
+
+            await one("Hi")  # warm-up (and the grammar's tokenizer, built once per model)
+            t0 = time.perf_counter()
+            out = await asyncio.gather(*(one(p) for p in prompts))
+            seconds = time.perf_counter() - t0
+    finally:
+        await app.state.gateway.aclose()
+    tokens = sum(n for _, n in out)
+    return {"valid": sum(_valid_item(t) for t, _ in out), "n": len(out), "tokens": tokens, "seconds": seconds,
+            "tok_per_s": tokens / seconds, "sample": out[0][0][:120]}
+
+
+def bench_structured(quick: bool) -> dict:
+    """SmolLM2 on the transformers backend, the same 8 JSON requests with and without `response_format`
+    (json_schema): replies that parse and match the schema, and decode tokens/s (the cost of the grammar mask)."""
+    prompts = ITEM_PROMPTS[:2] if quick else ITEM_PROMPTS
+    max_tokens = 24 if quick else 64
+    console.print("[cyan]structured outputs: SmolLM2, json_schema enforced vs asked for in the prompt only[/cyan]")
+    plain = asyncio.run(_structured_run(False, max_tokens, prompts))
+    constrained = asyncio.run(_structured_run(True, max_tokens, prompts))
+    return {"max_tokens": max_tokens, "prompt_only": plain, "enforced": constrained,
+            "tok_per_s_ratio": constrained["tok_per_s"] / plain["tok_per_s"]}
+
+
 # ---------------------------------------------------------------------------------------------- llama.cpp
 
 
@@ -450,6 +512,12 @@ def _report(r: dict) -> None:
         console.print(f"transformers SmolLM2, 8 concurrent requests x {b['max_tokens']} tokens: batched "
                       f"{b['batched']['tok_per_s']:.1f} tok/s vs one-at-a-time {b['one_at_a_time']['tok_per_s']:.1f} "
                       f"tok/s -> {b['speedup']:.2f}x (target >= 4)")
+    st = r.get("structured")
+    if st and "enforced" in st:
+        e, p = st["enforced"], st["prompt_only"]
+        console.print(f"structured outputs, SmolLM2 transformers, {e['n']} requests: replies matching the schema "
+                      f"{e['valid']}/{e['n']} enforced vs {p['valid']}/{p['n']} asked in the prompt only; decode "
+                      f"{e['tok_per_s']:.1f} vs {p['tok_per_s']:.1f} tok/s ({st['tok_per_s_ratio']:.2f}x)")
     lc = r.get("llamacpp")
     if lc and "raw" in lc:
         console.print(f"llama.cpp SmolLM2: raw {lc['raw']['tok_per_s']:.1f} tok/s; gateway json "
@@ -468,7 +536,7 @@ def run(quick: bool = False) -> dict:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     results: dict = {"quick": quick, "cpus": os.cpu_count()}
     for name, fn in (("proxy", bench_proxy), ("soak", bench_soak), ("batching", bench_batching),
-                     ("llamacpp", bench_llamacpp)):
+                     ("structured", bench_structured), ("llamacpp", bench_llamacpp)):
         try:
             results[name] = fn(quick)
         except Exception as e:  # noqa: BLE001 — one failing part must not hide the others' numbers
@@ -481,7 +549,12 @@ def run(quick: bool = False) -> dict:
 
 
 if __name__ == "__main__":
-    if "--against" in sys.argv:  # python benchmarks/bench_gateway.py --against ../old-checkout/src
+    if "--only-structured" in sys.argv:
+        st = bench_structured(quick="--quick" in sys.argv)
+        _report({"structured": st})
+        OUT.mkdir(parents=True, exist_ok=True)
+        (OUT / "structured.json").write_text(json.dumps(st, indent=2))
+    elif "--against" in sys.argv:  # python benchmarks/bench_gateway.py --against ../old-checkout/src
         ab = bench_against(sys.argv[sys.argv.index("--against") + 1])
         OUT.mkdir(parents=True, exist_ok=True)
         (OUT / "against.json").write_text(json.dumps(ab, indent=2))

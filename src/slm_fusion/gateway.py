@@ -305,7 +305,8 @@ class Gateway:
                                          "\\ud800); send well-formed UTF-16 pairs",
                                          param="messages" if isinstance(body, P.ChatCompletionRequest) else "prompt"
                                          ) from None
-        dropped = [k for k in extra if k not in LOCAL_FIELDS and (handle.name, k) not in self.dropped_logged]
+        read = LOCAL_FIELDS | ({"response_format"} if enforced else set())
+        dropped = [k for k in extra if k not in read and (handle.name, k) not in self.dropped_logged]
         for key in dropped:
             self.dropped_logged.add((handle.name, key))
             log.warning("model '%s' (%s) ignores the request field `%s` (logged once)", handle.name,
