@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from reasonlite.formats import build_messages
+from reasonlite.jsonl import JsonlError, iter_jsonl
 
 if TYPE_CHECKING:
     from reasonlite.config import VerifierConfig
@@ -91,12 +92,9 @@ def read_samples(path: Path) -> dict[str, dict]:
     if not path.exists():
         return {}
     rows: dict[str, dict] = {}
-    lines = path.read_text().splitlines()
     torn = False
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
+    for _, row in iter_jsonl(path, errors="yield"):
+        if isinstance(row, JsonlError):
             torn = True
             continue
         rows[row["id"]] = row

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import ast
 import builtins
-import json
 import keyword
 import re
 from fractions import Fraction
@@ -31,6 +30,7 @@ from pathlib import Path
 from reasonlite.answers import eval_arithmetic, format_number, normalize_answer
 from reasonlite.data.example import Example
 from reasonlite.data.loaders import DataError
+from reasonlite.jsonl import JsonlError, iter_jsonl
 
 __all__ = ["PROGRAM_STATUSES", "load_gsm8k", "solution_to_program", "solution_to_rationale"]
 
@@ -295,29 +295,27 @@ def load_gsm8k(path: str | Path, split: str = "train", named: bool = True) -> li
         raise DataError(f"GSM8K file not found: {path} (fix: point to the folder with train.jsonl/test.jsonl, "
                         "by default ../shared/data/gsm8k beside the repository)")
     examples = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                question, solution = row["question"], row["answer"]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise DataError(f"{path}:{line_no}: not a GSM8K row ({exc!r}); expected JSON with "
-                                "'question' and 'answer' fields") from exc
-            gold = _gold_answer(solution)
-            if gold is None:
-                raise DataError(f"{path}:{line_no}: field 'answer' has no '#### <number>' line; "
-                                "use load_examples for files in another format")
-            program, status = solution_to_program(solution, gold, question, named=named)
-            examples.append(Example(
-                id=f"gsm8k-{path.stem}-{len(examples)}",
-                question=question,
-                answer=gold,
-                rationale=solution_to_rationale(solution, gold),
-                program=program,
-                domain="math",
-                metadata={"source": "gsm8k", "split": path.stem, "line": line_no, "program_status": status,
-                          "steps": len(_annotations(solution))},
-            ))
+    for line_no, row in iter_jsonl(path, errors="yield"):
+        try:
+            if isinstance(row, JsonlError):
+                raise row
+            question, solution = row["question"], row["answer"]
+        except (JsonlError, KeyError, TypeError) as exc:  # not JSON, not an object, a field missing
+            raise DataError(f"{path}:{line_no}: not a GSM8K row ({exc}); expected JSON with "
+                            "'question' and 'answer' fields") from None
+        gold = _gold_answer(solution)
+        if gold is None:
+            raise DataError(f"{path}:{line_no}: field 'answer' has no '#### <number>' line; "
+                            "use load_examples for files in another format")
+        program, status = solution_to_program(solution, gold, question, named=named)
+        examples.append(Example(
+            id=f"gsm8k-{path.stem}-{len(examples)}",
+            question=question,
+            answer=gold,
+            rationale=solution_to_rationale(solution, gold),
+            program=program,
+            domain="math",
+            metadata={"source": "gsm8k", "split": path.stem, "line": line_no, "program_status": status,
+                      "steps": len(_annotations(solution))},
+        ))
     return examples

@@ -18,6 +18,7 @@ from rich.console import Console
 
 from reasonlite.answers import extract_answer, normalize_answer, to_number
 from reasonlite.data.example import EXAMPLE_FIELDS, Example
+from reasonlite.jsonl import JsonlError, iter_jsonl
 
 __all__ = [
     "SUPPORTED_SUFFIXES",
@@ -69,19 +70,13 @@ class _RowProblem(Exception):
 # ---------------------------------------------------------------------------------------------------------------
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict | _RowProblem]]:
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            loc = f"{path}:{line_no}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield loc, _RowProblem("<json>", f"invalid JSON ({exc.msg} at column {exc.colno})",
-                                       "write one JSON object per line")
-                continue
-            yield loc, row if isinstance(row, dict) else _RowProblem(
-                "<json>", f"expected a JSON object, got {type(row).__name__}", "write one JSON object per line")
+    for line_no, row in iter_jsonl(path, errors="yield"):
+        loc = f"{path}:{line_no}"
+        if isinstance(row, JsonlError):
+            yield loc, _RowProblem("<json>", f"invalid JSON ({row.reason})", "write one JSON object per line")
+            continue
+        yield loc, row if isinstance(row, dict) else _RowProblem(
+            "<json>", f"expected a JSON object, got {type(row).__name__}", "write one JSON object per line")
 
 
 def _json_rows(path: Path) -> Iterator[tuple[str, dict | _RowProblem]]:

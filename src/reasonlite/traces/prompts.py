@@ -11,13 +11,13 @@ shape. Built-in exemplars are retail-style word problems; `traces.few_shot_path`
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from reasonlite.answers import extract_answer, normalize_answer
 from reasonlite.formats import ANSWER_CUE, ensure_answer_sentence, extract_program
+from reasonlite.jsonl import JsonlError, iter_jsonl
 
 STYLES = ("cot", "pal", "step_by_step")
 
@@ -84,13 +84,11 @@ def load_exemplars(path: str | Path, style: str) -> list[Exemplar]:
                                 "or remove it to use the built-in ones")
     needed = "program" if style == "pal" else "rationale"
     out: list[Exemplar] = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"traces.few_shot_path {path}:{line_no}: invalid JSON ({e.msg}); one object per line") from None
+    for line_no, row in iter_jsonl(path, errors="yield"):
+        if isinstance(row, JsonlError):
+            raise ValueError(f"traces.few_shot_path {row}; one object per line")  # noqa: TRY004 - bad input file: exit 2
+        if not isinstance(row, dict):
+            raise ValueError(f"traces.few_shot_path {path}:{line_no}: expected a JSON object per line")  # noqa: TRY004
         missing = [f for f in ("question", "answer", needed) if not str(row.get(f) or "").strip()]
         if missing:
             raise ValueError(f"traces.few_shot_path {path}:{line_no}: missing {missing} (style '{style}' shows the "

@@ -15,6 +15,8 @@ from typing import Any, ClassVar, Protocol
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from reasonlite.jsonl import JsonlError, iter_jsonl
+
 
 class RoutingConfigError(ValueError):
     """A `routers:` / `virtual_models:` / `routing:` entry that cannot work; the message names the field and the fix."""
@@ -177,19 +179,16 @@ class LabelledPrompt:
 
 def load_labelled(path: str | Path) -> list[LabelledPrompt]:
     """Read a JSONL of `{"prompt": ..., "model": ..., "answer"?: ...}` rows (`text`/`question` accepted for prompt)."""
-    import json
 
     path = Path(path)
     if not path.exists():
         raise RoutingConfigError(f"{path}: labelled prompt file not found")
     rows: list[LabelledPrompt] = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise RoutingConfigError(f"{path}:{lineno}: not JSON ({e.msg})") from None
+    for lineno, obj in iter_jsonl(path, errors="yield"):
+        if isinstance(obj, JsonlError):
+            raise RoutingConfigError(str(obj))
+        if not isinstance(obj, dict):
+            raise RoutingConfigError(f"{path}:{lineno}: each row must be a JSON object with `prompt` and `model`")
         prompt = obj.get("prompt") or obj.get("text") or obj.get("question")
         model = obj.get("model") or obj.get("label")
         if not isinstance(prompt, str) or not prompt.strip() or not isinstance(model, str) or not model:

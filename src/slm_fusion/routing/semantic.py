@@ -17,13 +17,13 @@ routers:
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from reasonlite.jsonl import JsonlError, iter_jsonl
 from slm_fusion.routing.base import (
     RouteDecision,
     RouterBase,
@@ -39,14 +39,15 @@ from slm_fusion.routing.embeddings import DEFAULT_EMBEDDING, EMBEDDING_MODELS, g
 def _prompts_from_file(path) -> list[str]:
     if not path.exists():
         raise RoutingConfigError(f"{path}: exemplar file not found")
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
     if path.suffix == ".jsonl":
         out = []
-        for ln in lines:
-            obj = json.loads(ln)
+        for _, obj in iter_jsonl(path, errors="yield"):
+            if isinstance(obj, JsonlError):
+                raise RoutingConfigError(str(obj))
             out.append(obj.get("prompt") or obj.get("text") or obj.get("question") if isinstance(obj, dict) else obj)
         return [p for p in out if isinstance(p, str) and p.strip()]
-    return lines
+    with path.open(encoding="utf-8") as f:  # one prompt per line
+        return [ln.rstrip("\n") for ln in f if ln.strip()]
 
 
 @register("semantic")
