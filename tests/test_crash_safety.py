@@ -245,7 +245,8 @@ def test_kill_during_a_tune_trial_then_resume_counts_each_config_once(tmp_path):
     proc.wait()
     # The dead trial's last heartbeat, moved an hour back (instead of waiting out the 2 x 1 s grace): it is stale.
     with sqlite3.connect(db) as conn:
-        moved = conn.execute("UPDATE trial_heartbeats SET heartbeat = datetime(heartbeat, '-1 hour')").rowcount
+        moved = conn.execute("UPDATE trial_heartbeats SET heartbeat = datetime(heartbeat, '-1 hour') WHERE trial_id IN "
+                             "(SELECT trial_id FROM trials WHERE state = 'RUNNING')").rowcount
     assert moved == 1
     out = subprocess.run([*cmd, "--trials", "2"], env=env, capture_output=True, text=True, timeout=900, check=False)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
