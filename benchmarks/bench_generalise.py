@@ -2,9 +2,9 @@
 
 Same student (SmolLM2-135M-Instruct, LoRA), same steps for every trained row, this CPU. Rows:
   base pal / base cot          the untouched model prompted for a program / for steps (the forgetting floor)
-  pal gsm8k                    PAL on the verified GSM8K train programs, rewritten in the named style
-  pal gsm8k (v1 programs)      the same, in the old `v1 = 48 / 2` form (data.program_names: false): does naming help?
-  + retail mix + augmentation  the same steps on GSM8K + retail_math (data.mix) + verified variants (traces.augment)
+  pal gsm8k (recipe)           PAL on the verified GSM8K train programs in the `v1 = 48 / 2` form (the recipe)
+  pal gsm8k, named programs    the same, each given named from the question (data.program_names: true)
+  named + retail mix + augm.   named programs + retail_math (data.mix 0.15) + verified variants (traces.augment k 1)
   vote / verifier (k)          the last student, k samples per question, picked by majority / by the verifier
 Columns: GSM8K test (greedy), retail held-out families (problem shapes never trained on), retail reworded (trained
 shapes in phrasings never trained on), retail test (trained shapes), mean tokens, CPU train minutes.
@@ -43,21 +43,21 @@ QUICK = {"gsm8k_test": 6, "retail_test": 4, "base_limit": 3, "max_new_tokens": 6
          "train": {"max_steps": 2, "batch_size": 2, "save_steps": 1000}, "n_train": 40}
 
 
-def config(settings: dict, recipe: bool = True, program_names: bool = True):
-    """The recipe's config (`recipe=False`: GSM8K programs only: no retail in training, no augmentation;
-    `program_names=False`: the v1 program form)."""
+def config(settings: dict, named: bool = False, mix_and_augment: bool = False):
+    """The recipe's config (GSM8K programs only, v1 form); `named`: named programs; `mix_and_augment`: retail in
+    training (weight 0.15) and one augmented variant per program, a fifth with a distractor."""
     from reasonlite.config import load_config
 
     overrides = {"data.n_test": settings["gsm8k_test"], "eval.max_new_tokens": settings["max_new_tokens"],
                  **{f"train.{k}": v for k, v in settings.get("train", {}).items()},
                  **({"data.n_train": settings["n_train"]} if "n_train" in settings else {})}
     cfg = load_config(Path(__file__).resolve().parents[1] / RECIPE, overrides)
-    mix = [m.model_copy(update={"n_test": settings["retail_test"], **({} if recipe else {"weight": 0.0})})
+    mix = [m.model_copy(update={"n_test": settings["retail_test"], **({"weight": 0.15} if mix_and_augment else {})})
            for m in cfg.data.mix]
-    cfg.data = cfg.data.model_copy(update={"mix": mix, "program_names": program_names})
-    if not recipe:
-        cfg.traces.augment = cfg.traces.augment.model_copy(update={"k": 0})
-        cfg.name = "gsm8k-pal-only" if program_names else "gsm8k-pal-only-v1"
+    cfg.data = cfg.data.model_copy(update={"mix": mix, "program_names": named or cfg.data.program_names})
+    if mix_and_augment:
+        cfg.traces.augment = cfg.traces.augment.model_copy(update={"k": 1, "distractors": 0.2})
+    cfg.name = "gsm8k-pal" + ("-named" if named else "") + ("-mix-aug" if mix_and_augment else "")
     return cfg
 
 
@@ -154,9 +154,9 @@ def run(quick: bool = False, workdir: str | None = None, only: tuple[str, ...] |
         rows.update({**(json.loads(rows_path.read_text()) if rows_path.exists() else {}), name: row})
         rows_path.write_text(json.dumps(rows, indent=2))  # each finished row survives a later crash
 
-    main = "pal gsm8k + retail mix + augmentation"
-    plan = [("pal gsm8k", config(settings, recipe=False)),
-            ("pal gsm8k (v1 programs)", config(settings, recipe=False, program_names=False)), (main, recipe)]
+    main = "pal gsm8k (recipe)"
+    plan = [(main, recipe), ("pal gsm8k, named programs", config(settings, named=True)),
+            ("named + retail mix + augmentation", config(settings, named=True, mix_and_augment=True))]
     trained: dict[str, Path] = {}
     for name, cfg in plan:
         if not (wanted(name) or (name == main and wanted("vote / verifier"))):

@@ -52,7 +52,7 @@ class DataConfig(Section):
     field_mapping: dict[str, str] | None = Field(None, description="our field -> source column, e.g. {question: prompt, answer: label}")
     on_bad_rows: Literal["skip", "fail"] = Field("skip", description="bad input rows: skip them with a count, or fail naming file:line")
     seed: int = Field(0, description="seed for generation and shuffling")
-    program_names: bool = Field(True, description="gsm8k: name each given quantity and step from the question's words (friends_april = 48); False = the v1 = 48 / 2 form")
+    program_names: bool = Field(True, description="gsm8k: name each given quantity and step from the question's words (friends_april = 48); False = the v1 = 48 / 2 form (3x better on GSM8K with SmolLM2-135M: docs/benchmarks.md)")
     mix: list[MixSource] = Field([], description="more sources mixed into the training set, each with a weight; their eval splits are named '<name>:<split>'")
 
 
