@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from optuna_helpers import age_running_heartbeats
 
 from reasonlite.config import ConfigError, build_config, load_config
 from reasonlite.pipeline import run_stage, stage_folder
@@ -244,9 +244,7 @@ def test_kill_during_a_tune_trial_then_resume_counts_each_config_once(tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     # The dead trial's last heartbeat, moved an hour back (instead of waiting out the 2 x 1 s grace): it is stale.
-    with sqlite3.connect(db) as conn:
-        moved = conn.execute("UPDATE trial_heartbeats SET heartbeat = datetime(heartbeat, '-1 hour') WHERE trial_id IN "
-                             "(SELECT trial_id FROM trials WHERE state = 'RUNNING')").rowcount
+    moved = age_running_heartbeats(db)
     assert moved == 1
     out = subprocess.run([*cmd, "--trials", "2"], env=env, capture_output=True, text=True, timeout=900, check=False)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

@@ -238,11 +238,10 @@ def test_client_disconnect_cancels_the_upstream_call_and_no_fallback_runs(gatewa
     assert health.admitted == 0  # the slot was freed at once, not at the 0.6 s timeout
     # Wait for the request's handler to end (uvicorn tracks one task per request cycle): a handler that kept running
     # would reach the 0.6 s timeout and start the fallback to `up` before ending, so once none is left, none can.
-    tasks = gateway.server.server_state.tasks
-    deadline = time.monotonic() + 10
-    while tasks and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert not tasks
+    pending = list(gateway.server.server_state.tasks)
+    if pending:  # awaited on the server's own event loop
+        asyncio.run_coroutine_threadsafe(asyncio.wait(pending), pending[0].get_loop()).result(timeout=10)
+    assert all(t.done() for t in pending)
     assert upstream.mock.requests == seen + 1
 
 

@@ -4,7 +4,6 @@ sharing one study on a real PostgreSQL server."""
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from optuna_helpers import age_running_heartbeats
 
 from reasonlite.config import build_config, load_config
 from reasonlite.tune import load_space, open_study, run_study, tune_command
@@ -109,9 +109,7 @@ def test_resume_after_kill(tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     # The dead worker's last heartbeat, moved an hour back (instead of waiting out the grace period): it is stale.
-    with sqlite3.connect(tmp_path / "runs" / "tune-killed" / "study.db") as conn:
-        moved = conn.execute("UPDATE trial_heartbeats SET heartbeat = datetime(heartbeat, '-1 hour') WHERE trial_id IN "
-                             "(SELECT trial_id FROM trials WHERE state = 'RUNNING')").rowcount
+    moved = age_running_heartbeats(tmp_path / "runs" / "tune-killed" / "study.db")
     assert moved == 1  # the killed trial's (a completed trial keeps its last heartbeat row too)
     out = subprocess.run([sys.executable, "-m", "reasonlite.cli", "tune", str(cfg_path), "--space", str(space_path),
                           "--trials", "5"], check=False, env={**os.environ, "REASONLITE_TUNE_HEARTBEAT_S": "2"},

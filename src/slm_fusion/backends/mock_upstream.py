@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import threading
 import time
 from typing import Any
 
@@ -40,6 +41,12 @@ class MockUpstream:
     def __init__(self) -> None:
         self.requests = 0  # seen by tests to check that the gateway really forwarded
         self.received: collections.deque[dict] = collections.deque(maxlen=32)  # the last request bodies
+        self._arrived = threading.Condition()  # notified per request: tests wait for one to be in flight
+
+    def wait_for_requests(self, count: int, timeout: float) -> bool:
+        """Block (from another thread) until `count` requests have arrived in all; False on timeout."""
+        with self._arrived:
+            return self._arrived.wait_for(lambda: self.requests >= count, timeout)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -64,7 +71,9 @@ class MockUpstream:
             body += msg.get("body", b"")
             if not msg.get("more_body"):
                 break
-        self.requests += 1
+        with self._arrived:
+            self.requests += 1
+            self._arrived.notify_all()
         req = orjson.loads(body)
         self.received.append(req)
         model = req.get("model", "mock")
