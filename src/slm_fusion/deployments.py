@@ -107,7 +107,7 @@ class Embedder:
         return await asyncio.to_thread(self._encode, texts)
 
 
-def attach_health(config: FusionConfig, handles: dict[str, ModelHandle]) -> Any | None:
+def attach_health(config: FusionConfig, handles: dict[str, ModelHandle]) -> routing.RoutingSettings:
     """`routing:` (fallbacks, allowed_fails, cooldown_s) from slm_fusion.routing; gives each model replica health."""
     settings = routing.routing_settings(config)
     for handle in handles.values():

@@ -23,9 +23,6 @@ from slm_fusion.reasoning import make_reasoning_layer
 
 log = logging.getLogger("slm_fusion")
 
-REASONING_EXTRAS = ("reasoning_budget", "pal", "vote")
-
-
 class Gateway:
     """Everything a request needs, built from the config (no module-level state)."""
 
@@ -47,7 +44,7 @@ class Gateway:
             self.handles[m.name] = ModelHandle(m, replicas, self.metrics)
         self.routers = routers if routers is not None else _default_routers(config)
         self.routing = attach_health(config, self.handles)  # fallbacks and replica cooldowns
-        self.reasoning = reasoning if reasoning is not None else _default_reasoning(config)
+        self.reasoning = reasoning if reasoning is not None else make_reasoning_layer(config)
         self.embedder = Embedder(config.embeddings) if config.embeddings else None
         self.created = int(time.time())
         self.dropped_logged: set[tuple[str, str]] = set()  # (model, field) already logged as ignored
@@ -98,15 +95,7 @@ class Gateway:
 
     # ------------------------------------------------------------------ the seam for the reasoning layer
     def _reasoning_applies(self, handle: ModelHandle, request: Any) -> bool:
-        if self.reasoning is not None:
-            return bool(self.reasoning.applies(request, handle.config))
-        for field in REASONING_EXTRAS:
-            if getattr(request, field, None) not in (None, False):
-                raise InvalidRequest(
-                    f"`{field}` needs the reasoning layer (slm_fusion.reasoning), which this gateway does not have; "
-                    "drop the field", param=field,
-                )
-        return False
+        return bool(self.reasoning.applies(request, handle.config))
 
     async def execute(
         self, handle: ModelHandle, backend: Backend, gen: GenerationRequest, request: Any
@@ -134,7 +123,7 @@ class Gateway:
     def fallback_chain(self, name: str) -> list[str]:
         # Each extra replica is one more try of the same model (a failed replica is skipped while it cools down).
         retries = [name] * (len(self.handles[name].backends) - 1)
-        chain = self.routing.chain(name) if self.routing is not None else [name]
+        chain = self.routing.chain(name)
         return [chain[0], *retries, *chain[1:]]
 
     def _available(self, name: str) -> bool:
@@ -358,7 +347,3 @@ def route_headers(gw: Gateway, handle: ModelHandle, body: Any, decision: Any) ->
     headers.update(getattr(decision, "headers", None) or {})
     gw.metrics.routed.labels(body.model, str(getattr(decision, "router", "") or "router"), handle.name).inc()
     return headers
-
-
-def _default_reasoning(config: FusionConfig) -> Any | None:
-    return make_reasoning_layer(config)

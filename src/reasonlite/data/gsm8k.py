@@ -295,27 +295,28 @@ def load_gsm8k(path: str | Path, split: str = "train", named: bool = True) -> li
         raise DataError(f"GSM8K file not found: {path} (fix: point to the folder with train.jsonl/test.jsonl, "
                         "by default ../shared/data/gsm8k beside the repository)")
     examples = []
-    for line_no, row in iter_jsonl(path, errors="yield"):
-        try:
-            if isinstance(row, JsonlError):
-                raise row
-            question, solution = row["question"], row["answer"]
-        except (JsonlError, KeyError, TypeError) as exc:  # not JSON, not an object, a field missing
-            raise DataError(f"{path}:{line_no}: not a GSM8K row ({exc}); expected JSON with "
-                            "'question' and 'answer' fields") from None
-        gold = _gold_answer(solution)
-        if gold is None:
-            raise DataError(f"{path}:{line_no}: field 'answer' has no '#### <number>' line; "
-                            "use load_examples for files in another format")
-        program, status = solution_to_program(solution, gold, question, named=named)
-        examples.append(Example(
-            id=f"gsm8k-{path.stem}-{len(examples)}",
-            question=question,
-            answer=gold,
-            rationale=solution_to_rationale(solution, gold),
-            program=program,
-            domain="math",
-            metadata={"source": "gsm8k", "split": path.stem, "line": line_no, "program_status": status,
-                      "steps": len(_annotations(solution))},
-        ))
+    try:
+        for line_no, row in iter_jsonl(path):
+            try:
+                question, solution = row["question"], row["answer"]
+            except (KeyError, TypeError) as exc:  # not an object, or a field missing
+                raise DataError(f"{path}:{line_no}: not a GSM8K row ({exc!r}); expected JSON with "
+                                "'question' and 'answer' fields") from None
+            gold = _gold_answer(solution)
+            if gold is None:
+                raise DataError(f"{path}:{line_no}: field 'answer' has no '#### <number>' line; "
+                                "use load_examples for files in another format")
+            program, status = solution_to_program(solution, gold, question, named=named)
+            examples.append(Example(
+                id=f"gsm8k-{path.stem}-{len(examples)}",
+                question=question,
+                answer=gold,
+                rationale=solution_to_rationale(solution, gold),
+                program=program,
+                domain="math",
+                metadata={"source": "gsm8k", "split": path.stem, "line": line_no, "program_status": status,
+                          "steps": len(_annotations(solution))},
+            ))
+    except JsonlError as exc:
+        raise DataError(f"{exc}: not a GSM8K row; expected JSON with 'question' and 'answer' fields") from None
     return examples

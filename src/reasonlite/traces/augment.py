@@ -113,10 +113,8 @@ def _redraw(value: Fraction, percent: bool, rng: random.Random) -> Fraction | No
 
 def _write_number(value: Fraction, like: str) -> str:
     """`value` written the way the question wrote the original ("1.50" -> "2.25", "1,000" -> "2,500")."""
-    if "." in like:
-        decimals = len(like.split(".", 1)[1])
-        if value.denominator == 1 and decimals != 2:
-            return f"{int(value):,}" if "," in like else str(int(value))  # "4.5 hours" redrawn to 4 -> "4 hours"
+    decimals = len(like.split(".", 1)[1]) if "." in like else 0
+    if "." in like and not (value.denominator == 1 and decimals != 2):  # "4.5 hours" redrawn to 4: "4 hours"
         if (value * 10**decimals).denominator != 1:
             decimals = 2
         return f"{float(value):.{decimals}f}"
