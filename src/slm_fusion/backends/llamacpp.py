@@ -10,14 +10,14 @@ thread under a lock.
 from __future__ import annotations
 
 import asyncio
-import json
+import functools
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from slm_fusion.backends.base import Generation, GenerationRequest, ThreadBridge, TokenChunk
-from slm_fusion.backends.structured import json_schema_of
+from slm_fusion.backends.structured import schema_key
 from slm_fusion.config import LlamaCppModel
 from slm_fusion.errors import InvalidRequest, Unavailable, UpstreamError
 
@@ -33,7 +33,6 @@ class LlamaCppBackend:
         self.chat_template: str | None = config.chat_template
         self._special: dict[str, str] = {}
         self._lock = threading.Lock()
-        self._grammars: dict[str, Any] = {}  # schema JSON -> compiled LlamaGrammar
 
     async def start(self) -> None:
         await asyncio.to_thread(self._load)
@@ -76,10 +75,12 @@ class LlamaCppBackend:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=self.llm.metadata.get(
             "tokenizer.ggml.add_bos_token", "true") == "true", special=True)
 
-    def _prepare(self, req: GenerationRequest) -> tuple[str | list[int], int, int]:
+    def _prepare(self, req: GenerationRequest) -> tuple[str | list[int], int, int, Any]:
+        """(prompt, prompt tokens, max tokens, grammar or None), all checked before any work is queued."""
         if self.llm is None:
             raise Unavailable(f"model '{self.config.name}' is not started")
-        self._grammar(req)  # a schema llama.cpp cannot compile is the client's 400, before any work is queued
+        key = schema_key(req.extra.get("response_format"))
+        grammar = _grammar(key) if key is not None else None  # a schema llama.cpp cannot compile: the client's 400
         prompt: str | list[int] = self.format_chat(req.messages) if req.messages is not None else req.prompt
         prompt_tokens = len(self._tokenize(prompt))
         if prompt_tokens == 0:  # an empty prompt: start from BOS as OpenAI's completions do
@@ -90,28 +91,12 @@ class LlamaCppBackend:
                 f"the prompt is {prompt_tokens} tokens; model '{self.config.name}' has n_ctx={self.config.n_ctx}",
                 param="messages" if req.messages is not None else "prompt",
             )
-        return prompt, prompt_tokens, min(req.max_tokens, room)
+        return prompt, prompt_tokens, min(req.max_tokens, room), grammar
 
-    def _grammar(self, req: GenerationRequest) -> Any:
-        """`response_format` as llama.cpp's own JSON-schema grammar (compiled once per schema)."""
-        schema = json_schema_of(req.extra.get("response_format"))
-        if schema is None:
-            return None
-        key = json.dumps(schema, sort_keys=True)
-        if key not in self._grammars:
-            from llama_cpp import LlamaGrammar
-
-            try:
-                self._grammars[key] = LlamaGrammar.from_json_schema(key, verbose=False)
-            except Exception as e:  # noqa: BLE001 - llama.cpp's converter raises plain Exceptions for bad schemas
-                raise InvalidRequest(f"response_format.json_schema.schema cannot be enforced by llama.cpp: {e}",
-                                     param="response_format") from None
-        return self._grammars[key]
-
-    def _kwargs(self, req: GenerationRequest, max_tokens: int, choice: int) -> dict[str, Any]:
+    def _kwargs(self, req: GenerationRequest, max_tokens: int, choice: int, grammar: Any) -> dict[str, Any]:
         temperature = req.temperature if req.temperature >= 1e-4 else 0.0  # near-zero: greedy, as transformers'
         kw: dict[str, Any] = {"max_tokens": max_tokens, "temperature": temperature, "top_p": req.top_p,
-                              "stop": req.stop or None, "grammar": self._grammar(req)}
+                              "stop": req.stop or None, "grammar": grammar}
         if req.seed is not None:
             kw["seed"] = (req.seed + choice) % (1 << 32)  # llama.cpp seeds are uint32
         for name in ("presence_penalty", "frequency_penalty"):
@@ -120,13 +105,13 @@ class LlamaCppBackend:
         return kw
 
     async def generate(self, req: GenerationRequest) -> list[Generation]:
-        prompt, prompt_tokens, max_tokens = self._prepare(req)
+        prompt, prompt_tokens, max_tokens, grammar = self._prepare(req)
 
         def run() -> list[Generation]:
             out = []
             with self._lock:
                 for i in range(req.n):
-                    res = self.llm.create_completion(prompt=prompt, **self._kwargs(req, max_tokens, i))
+                    res = self.llm.create_completion(prompt=prompt, **self._kwargs(req, max_tokens, i, grammar))
                     choice = res["choices"][0]
                     out.append(Generation(text=choice["text"], finish_reason=choice["finish_reason"] or "stop",
                                           prompt_tokens=prompt_tokens,
@@ -139,7 +124,7 @@ class LlamaCppBackend:
             raise UpstreamError(f"llama.cpp failed for model '{self.config.name}': {e}") from e
 
     async def stream(self, req: GenerationRequest) -> AsyncIterator[TokenChunk]:
-        prompt, prompt_tokens, max_tokens = self._prepare(req)
+        prompt, prompt_tokens, max_tokens, grammar = self._prepare(req)
         bridge = ThreadBridge(asyncio.get_running_loop())
         cancelled = threading.Event()
 
@@ -149,7 +134,7 @@ class LlamaCppBackend:
                     for i in range(req.n):
                         texts = []
                         for part in self.llm.create_completion(prompt=prompt, stream=True,
-                                                               **self._kwargs(req, max_tokens, i)):
+                                                               **self._kwargs(req, max_tokens, i, grammar)):
                             if cancelled.is_set():
                                 return
                             c = part["choices"][0]
@@ -194,3 +179,15 @@ def gguf_path(model: str) -> Path:
             f"GGUF file {path} does not exist: give a .gguf path or one of {sorted(GGUF_ALIASES)}"
         )
     return path
+
+
+@functools.lru_cache(maxsize=256)  # one compile per schema; bounded, since any client can send new ones
+def _grammar(schema_json: str) -> Any:
+    """`response_format`'s schema as llama.cpp's own JSON-schema grammar (GBNF)."""
+    from llama_cpp import LlamaGrammar
+
+    try:
+        return LlamaGrammar.from_json_schema(schema_json, verbose=False)
+    except Exception as e:  # noqa: BLE001 - llama.cpp's converter raises plain Exceptions for bad schemas
+        raise InvalidRequest(f"response_format.json_schema.schema cannot be enforced by llama.cpp: {e}",
+                             param="response_format") from None

@@ -15,13 +15,14 @@ go to content, not to indentation a small model would happily fill.
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 from typing import Any
 
 from slm_fusion.errors import InvalidRequest
 
-__all__ = ["Constraint", "Grammars", "grammar_for", "json_schema_of"]
+__all__ = ["Constraint", "Grammars", "grammar_for", "json_schema_of", "schema_key"]
 
 _COMPACT = {"whitespace_flexible": False}
 
@@ -50,15 +51,24 @@ def json_schema_of(response_format: Any) -> dict | None:
                          param="response_format")
 
 
-def grammar_for(response_format: Any) -> str | None:
-    """The llguidance grammar for an OpenAI `response_format` (None: plain text)."""
+def schema_key(response_format: Any) -> str | None:
+    """The requested schema as canonical JSON (None: plain text): what compiled grammars are cached by."""
     schema = json_schema_of(response_format)
-    if schema is None:
-        return None
+    return None if schema is None else json.dumps(schema, sort_keys=True)
+
+
+def grammar_for(response_format: Any) -> str | None:
+    """The llguidance grammar for an OpenAI `response_format` (None: plain text); compiled once per schema."""
+    key = schema_key(response_format)
+    return None if key is None else _compiled(key)
+
+
+@functools.lru_cache(maxsize=256)  # clients repeat their schemas; bounded, since any client can send new ones
+def _compiled(schema_json: str) -> str:
     from llguidance import LLMatcher
 
     try:
-        return LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=_COMPACT)
+        return LLMatcher.grammar_from_json_schema(schema_json, defaults=_COMPACT)
     except (ValueError, TypeError) as e:
         raise InvalidRequest(f"response_format.json_schema.schema cannot be enforced: {e}",
                              param="response_format") from None
@@ -95,6 +105,7 @@ class Grammars:
         self._vocab_size = vocab_size
         self._ll: Any = None
         self._lock = threading.Lock()
+        self._checked: set[str] = set()
 
     def _tokenizer(self) -> Any:
         with self._lock:
@@ -105,12 +116,18 @@ class Grammars:
             return self._ll
 
     def check(self, grammar: str) -> None:
+        """A grammar this model's tokenizer cannot follow is the client's 400 (each grammar checked once)."""
+        if grammar in self._checked:
+            return
         from llguidance import LLMatcher
 
         error = LLMatcher.validate_grammar(grammar, self._tokenizer())
         if error:
             raise InvalidRequest(f"response_format cannot be enforced on this model: {error}",
                                  param="response_format")
+        if len(self._checked) >= 256:  # bounded like the compiled grammars
+            self._checked.clear()
+        self._checked.add(grammar)
 
     def constraint(self, grammar: str) -> Constraint:
         import llguidance.torch as lt
