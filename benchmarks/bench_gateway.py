@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import httpx
@@ -266,7 +266,10 @@ PROMPTS = [  # open-ended on purpose: every row runs to max_tokens, so the batch
 ]
 
 
-async def _batched_run(max_batch_size: int, max_tokens: int) -> dict:
+@asynccontextmanager
+async def _smol_gateway(max_batch_size: int):
+    """SmolLM2-135M on the transformers backend (one decode thread) behind an in-process gateway:
+    yields (gateway, client). Shared by the batching and structured-output measurements."""
     from slm_fusion.app import create_app
     from slm_fusion.config import FusionConfig
 
@@ -279,21 +282,27 @@ async def _batched_run(max_batch_size: int, max_tokens: int) -> dict:
     try:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gateway", timeout=600) as client:
-            async def one(prompt: str) -> int:
-                r = await client.post("/v1/chat/completions", json={
-                    "model": "smol", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-                    "temperature": 0})
-                r.raise_for_status()
-                return r.json()["usage"]["completion_tokens"]
-
-            await one("Hi")  # warm-up
-            backend = gw.handles["smol"].backends[0]
-            batches_before = backend.batches_run
-            start = time.perf_counter()
-            tokens = sum(await asyncio.gather(*(one(p) for p in PROMPTS)))
-            elapsed = time.perf_counter() - start
+            yield gw, client
     finally:
         await gw.aclose()
+
+
+async def _ask(client: httpx.AsyncClient, prompt: str, max_tokens: int, **extra) -> tuple[str, int]:
+    r = await client.post("/v1/chat/completions", json={
+        "model": "smol", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+        "temperature": 0, **extra})
+    r.raise_for_status()
+    return r.json()["choices"][0]["message"]["content"], r.json()["usage"]["completion_tokens"]
+
+
+async def _batched_run(max_batch_size: int, max_tokens: int) -> dict:
+    async with _smol_gateway(max_batch_size) as (gw, client):
+        await _ask(client, "Hi", max_tokens)  # warm-up
+        backend = gw.handles["smol"].backends[0]
+        batches_before = backend.batches_run
+        start = time.perf_counter()
+        tokens = sum(n for _, n in await asyncio.gather(*(_ask(client, p, max_tokens) for p in PROMPTS)))
+        elapsed = time.perf_counter() - start
     return {"tokens": tokens, "seconds": elapsed, "tok_per_s": tokens / elapsed,
             "decode_batches": backend.batches_run - batches_before}
 
@@ -329,31 +338,13 @@ def _valid_item(text: str) -> bool:
 
 
 async def _structured_run(constrained: bool, max_tokens: int, prompts: list[str]) -> dict:
-    from slm_fusion.app import create_app
-    from slm_fusion.config import FusionConfig
-
-    cfg = FusionConfig.model_validate({"server": {"access_log": False}, "models": [{
-        "name": "smol", "backend": "transformers", "model": "smollm2-135m-instruct", "max_batch_size": 8,
-        "batch_wait_ms": 10, "max_concurrency": 8, "torch_threads": 1}]})
-    app = create_app(cfg)
-    await app.state.gateway.start()
     extra = {"response_format": {"type": "json_schema", "json_schema": {"name": "item", "schema": ITEM_SCHEMA}}}
-    try:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://gateway", timeout=600) as client:
-            async def one(prompt: str) -> tuple[str, int]:
-                r = await client.post("/v1/chat/completions", json={
-                    "model": "smol", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-                    "temperature": 0, **(extra if constrained else {})})
-                r.raise_for_status()
-                return r.json()["choices"][0]["message"]["content"], r.json()["usage"]["completion_tokens"]
-
-            await one("Hi")  # warm-up (and the grammar's tokenizer, built once per model)
-            t0 = time.perf_counter()
-            out = await asyncio.gather(*(one(p) for p in prompts))
-            seconds = time.perf_counter() - t0
-    finally:
-        await app.state.gateway.aclose()
+    fields = extra if constrained else {}
+    async with _smol_gateway(8) as (_, client):
+        await _ask(client, "Hi", max_tokens, **fields)  # warm-up: also builds the grammar's tokenizer (once per model)
+        t0 = time.perf_counter()
+        out = await asyncio.gather(*(_ask(client, p, max_tokens, **fields) for p in prompts))
+        seconds = time.perf_counter() - t0
     tokens = sum(n for _, n in out)
     return {"valid": sum(_valid_item(t) for t, _ in out), "n": len(out), "tokens": tokens, "seconds": seconds,
             "tok_per_s": tokens / seconds, "sample": out[0][0][:120]}
