@@ -7,9 +7,12 @@ from pathlib import Path
 
 
 def age_running_heartbeats(db: Path) -> int:
-    """Move the last heartbeat of every RUNNING trial an hour back in the study DB (instead of sleeping past the
-    grace period), so the next worker fails them as stale. Returns how many were moved (a completed trial keeps its
-    last heartbeat row too, hence the RUNNING filter)."""
+    """Move every RUNNING trial an hour back in the study DB (instead of sleeping past the grace period): its last
+    heartbeat, and its start for a trial killed before its first beat, so the next worker fails them as stale.
+    Returns how many RUNNING trials there were (a completed trial keeps its last heartbeat row too, hence the RUNNING
+    filter)."""
+    running = "SELECT trial_id FROM trials WHERE state = 'RUNNING'"
     with sqlite3.connect(db) as conn:
-        return conn.execute("UPDATE trial_heartbeats SET heartbeat = datetime(heartbeat, '-1 hour') WHERE trial_id IN "
-                            "(SELECT trial_id FROM trials WHERE state = 'RUNNING')").rowcount
+        conn.execute(f"UPDATE trial_heartbeats SET heartbeat = datetime(heartbeat, '-1 hour') WHERE trial_id IN ({running})")
+        conn.execute(f"UPDATE trials SET datetime_start = datetime(datetime_start, '-1 hour') WHERE trial_id IN ({running})")
+        return len(conn.execute(running).fetchall())

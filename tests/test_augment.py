@@ -111,3 +111,20 @@ def test_augment_is_deterministic_per_seed():
     b, _ = augment_traces(seeds, 3, seed=7)
     c, _ = augment_traces(seeds, 3, seed=8)
     assert [t.question for t in a] == [t.question for t in b] != [t.question for t in c]
+
+
+def test_plain_programs_augment_in_place_keeping_their_layout():
+    """`v1 = 12 / 60` programs (data.program_names: false) state the question's numbers inline: the stated literals
+    are redrawn and written back where they were; unstated constants (60 minutes an hour) stay."""
+    program, status = solution_to_program(SOLUTION, "10", QUESTION, named=False)
+    assert status == "ok" and "v1 = 12 / 60" in program
+    made, _ = variants(QUESTION, program, "10", 3, random.Random(2))
+    assert len(made) == 3
+    for question, new_program, answer in made:
+        assert new_program.count("\n") == program.count("\n") and "/ 60" in new_program and "given_" not in new_program
+        rate, minutes = (Fraction(n) for n in (question.split("$")[1].split()[0], question.split("did ")[1].split()[0]))
+        assert f"v1 = {rate} / 60" in new_program and f"v1 * {minutes}" in new_program
+        assert Fraction(str(execute(new_program).value)) == Fraction(answer) == rate / 60 * minutes
+    clean, report = augment_traces([_trace(QUESTION, program, "10")], 2, seed=0)
+    assert report["variants"] == len(clean) == 2 and all(t.program.startswith("def solution():\n    v1 = ")
+                                                          for t in clean)

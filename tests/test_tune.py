@@ -15,7 +15,7 @@ import yaml
 from optuna_helpers import age_running_heartbeats
 
 from reasonlite.config import build_config, load_config
-from reasonlite.tune import load_space, open_study, run_study, tune_command
+from reasonlite.tune import fail_trials_dead_before_first_heartbeat, load_space, open_study, run_study, tune_command
 
 sys.path.insert(0, str(Path(__file__).parent))
 from pg_server import PostgresServer, find_pg_bin
@@ -79,6 +79,25 @@ def test_failed_trial_is_recorded_not_fatal(tmp_path):
     assert failed, "format cot with pal traces must fail (inconsistent config)"
     assert all("traces.style" in t.user_attrs["error"] for t in failed)
     assert states.get("pal") in (optuna.trial.TrialState.COMPLETE, None)
+
+
+def test_a_trial_killed_before_its_first_heartbeat_is_failed_and_retried(tmp_path, monkeypatch):
+    """`study.ask()` creates the trial RUNNING a moment before its heartbeat thread first beats; a worker killed in
+    between leaves a trial Optuna's own stale check never sees (it has no heartbeat row)."""
+    monkeypatch.setenv("REASONLITE_TUNE_HEARTBEAT_S", "2")
+    cfg_path, _ = _write(tmp_path, "unbeaten", SPACE)
+    cfg = load_config(cfg_path)
+    study = open_study(cfg)
+    dead = study.ask({"student.lora_r": optuna.distributions.IntDistribution(2, 8)})  # what a killed worker leaves
+    young = fail_trials_dead_before_first_heartbeat(study)
+    assert young == 0  # inside the grace period it may be a live worker about to beat: left alone
+    assert age_running_heartbeats(tmp_path / "runs" / "tune-unbeaten" / "study.db") == 1
+    assert fail_trials_dead_before_first_heartbeat(study) == 1
+    trials = study.get_trials(deepcopy=False)
+    assert trials[dead.number].state == optuna.trial.TrialState.FAIL
+    retry = [t for t in trials if t.state == optuna.trial.TrialState.WAITING]
+    assert len(retry) == 1 and retry[0].params == trials[dead.number].params  # the retry callback re-queued it
+    assert fail_trials_dead_before_first_heartbeat(study) == 0  # failed once, never twice
 
 
 def _worker(cfg_path: Path, space_path: Path, trials: int, storage: str | None = None, env_extra=None):

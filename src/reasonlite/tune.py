@@ -199,6 +199,40 @@ def _rdb_storage(url: str, heartbeat: int):
     raise last
 
 
+def fail_trials_dead_before_first_heartbeat(study) -> int:
+    """Fail (and so retry) RUNNING trials that never beat, once they are older than the grace period.
+
+    Optuna's stale check only looks at trials with a heartbeat row, and a trial gets its first one just after
+    `study.ask()` created it RUNNING: a worker killed in that window would leave a RUNNING trial that no later worker
+    ever fails or retries. Optuna has no public call for this, so the heartbeat table is read directly."""
+    from datetime import datetime, timedelta
+
+    import optuna
+    from sqlalchemy import text
+
+    storage = study._storage  # Optuna wraps the RDBStorage in a cache; the database is read behind it
+    rdb = getattr(storage, "_backend", storage)
+    if not isinstance(rdb, optuna.storages.RDBStorage) or rdb.heartbeat_interval is None:
+        return 0
+    grace = timedelta(seconds=rdb.grace_period or 2 * rdb.heartbeat_interval)
+    running = rdb.get_all_trials(study._study_id, deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    if not running:
+        return 0
+    with rdb.engine.connect() as conn:
+        beaten = {row[0] for row in conn.execute(text("SELECT trial_id FROM trial_heartbeats"))}
+    failed = 0
+    for trial in running:  # datetime_start is the creating worker's datetime.now(), like the comparison
+        if trial._trial_id in beaten or datetime.now() - trial.datetime_start <= grace:
+            continue
+        try:
+            if storage.set_trial_state_values(trial._trial_id, state=optuna.trial.TrialState.FAIL):
+                failed += 1
+                storage.get_heartbeat_stale_trial_callback()(study, storage.get_trial(trial._trial_id))
+        except optuna.exceptions.UpdateFinishedTrialError:  # another worker failed it first
+            pass
+    return failed
+
+
 def _objective_values(cfg: ReasonLiteConfig, metrics: dict) -> list[float]:
     """Objectives are read off the student's results on the first eval split."""
     split = next(iter(metrics["splits"].values()))
@@ -331,6 +365,7 @@ def run_study(cfg: ReasonLiteConfig, space: SearchSpace, trials: int, storage: s
         callbacks.append(MaxTrialsCallback(space.trials, states=(TrialState.COMPLETE,)))
         done = len([t for t in study.trials if t.state == TrialState.COMPLETE])
         trials = min(trials, max(space.trials - done, 0))
+    fail_trials_dead_before_first_heartbeat(study)
     if trials:
         study.optimize(make_objective(cfg, space, trials), n_trials=trials, callbacks=callbacks, catch=(Exception,),
                        gc_after_trial=True)

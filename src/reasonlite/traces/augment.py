@@ -1,7 +1,9 @@
 """Program-aided augmentation: new verified problems from a verified program, no teacher needed.
 
-A PAL program in the named style states each given quantity once (`friends_april = 48`) before its steps. For a
-program whose givens appear as numbers in its question:
+A PAL program in the named style states each given quantity once (`friends_april = 48`) before its steps; a plain
+one (`v1 = 48 / 2`) writes the question's numbers inline, and those literals are lifted into givens for the draw and
+written back inline after it, so both forms augment alike. For a program whose givens appear as numbers in its
+question:
 
     find the givens the question states -> redraw each (same kind: count, money, percent; same magnitude and
     granularity) -> recompute every step exactly -> keep only clean draws (no negative or fractional counts where
@@ -78,6 +80,13 @@ def _step_values(program: str, values: dict[str, Fraction]) -> dict[str, Fractio
     return env
 
 
+def _returned(program: str) -> str | None:
+    """The variable `solution()` returns (`answer` in the named style, the last `vN` in the plain one)."""
+    fn = next(n for n in ast.parse(program).body if isinstance(n, ast.FunctionDef))
+    ret = next((s for s in fn.body if isinstance(s, ast.Return)), None)
+    return ret.value.id if ret is not None and isinstance(ret.value, ast.Name) else None
+
+
 def _with_givens(program: str, new: dict[str, Fraction]) -> str:
     lines = []
     for line in program.splitlines():
@@ -86,6 +95,60 @@ def _with_givens(program: str, new: dict[str, Fraction]) -> str:
             line = f"{m.group(1)}{m.group(2)} = {format_number(new[m.group(2)])}"
         lines.append(line)
     return "\n".join(lines) + ("\n" if program.endswith("\n") else "")
+
+
+_LIFTED = "given_"  # prefix of the givens lifted out of a plain program's expressions
+
+
+def _number(node: ast.AST) -> Fraction | None:
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        return Fraction(repr(node.value))
+    return None
+
+
+def _inline_literals(program: str, stated: set[Fraction]) -> list[ast.Constant]:
+    """The number literals inside the steps' expressions that the question states (not `name = 48` givens)."""
+    fn = next(n for n in ast.parse(program).body if isinstance(n, ast.FunctionDef))
+    out = []
+    for stmt in fn.body:
+        if isinstance(stmt, ast.Assign) and _number(stmt.value) is None:
+            out += [n for n in ast.walk(stmt.value) if _number(n) in stated]
+    return out
+
+
+def _lift(program: str, stated: set[Fraction]) -> tuple[str, dict[str, Fraction]] | None:
+    """`v1 = 48 / 2` -> `given_0 = 48; v1 = given_0 / 2` (one given per distinct stated value), or None if the
+    steps hold no stated literal. The names map to the values they replaced."""
+    if not _inline_literals(program, stated):
+        return None
+    tree = ast.parse(program)
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef))
+    names: dict[Fraction, str] = {}
+
+    class Lift(ast.NodeTransformer):
+        def visit_Constant(self, node: ast.Constant) -> ast.AST:
+            value = _number(node)
+            if value not in stated:
+                return node
+            names.setdefault(value, f"{_LIFTED}{len(names)}")
+            return ast.copy_location(ast.Name(id=names[value], ctx=ast.Load()), node)
+
+    for stmt in fn.body:
+        if isinstance(stmt, ast.Assign) and _number(stmt.value) is None:
+            stmt.value = Lift().visit(stmt.value)
+    fn.body[:0] = [ast.parse(f"{name} = {format_number(value)}").body[0] for value, name in names.items()]
+    return ast.unparse(ast.fix_missing_locations(tree)) + "\n", {name: value for value, name in names.items()}
+
+
+def _inline(program: str, new: dict[Fraction, Fraction]) -> str:
+    """The plain program with its stated literals rewritten to their redrawn values, in place (the text keeps its
+    own layout: only the literals change)."""
+    lines = program.splitlines(keepends=True)
+    for node in sorted(_inline_literals(program, set(new)), key=lambda n: (n.lineno, n.col_offset), reverse=True):
+        line = lines[node.lineno - 1]
+        lines[node.lineno - 1] = (line[: node.col_offset] + format_number(new[_number(node)])
+                                  + line[node.end_col_offset:])
+    return "".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------- drawing numbers
@@ -161,14 +224,22 @@ def variants(question: str, program: str, answer: str, k: int, rng: random.Rando
     and a Counter of why draws were rejected."""
     why: Counter = Counter()
     givens = program_givens(program)
+    quantities = question_quantities(question)
+    stated = {q[0]: q for q in quantities}
+    lifted = None
+    if givens is not None and not any(value in stated for _, value in givens):
+        lifted = _lift(program, set(stated))
+    if lifted is not None:  # a plain program: draw on its lifted form, then write the new numbers back inline
+        made, why = variants(question, lifted[0], answer, k, rng, distractors, tries)
+        return [(q, _inline(program, {lifted[1][name]: value for name, value in program_givens(p)
+                                      if name in lifted[1]}), a) for q, p, a in made], why
     if not givens:
         why["no_givens"] += 1
         return [], why
-    quantities = question_quantities(question)
-    stated = {q[0]: q for q in quantities}
     drawable = [(name, value) for name, value in givens if value in stated]
+    returned = _returned(program)
     original = _step_values(program, dict(givens))
-    if not drawable or original is None or not answers_match(format_number(original.get("answer", Fraction(-1))),
+    if not drawable or original is None or not answers_match(format_number(original.get(returned, Fraction(-1))),
                                                              answer):
         why["not_redrawable"] += 1
         return [], why
@@ -205,7 +276,7 @@ def variants(question: str, program: str, answer: str, k: int, rng: random.Rando
             why["duplicate"] += 1
             continue
         seen.add(new_question)
-        out.append((new_question, _with_givens(program, new_givens), format_number(values["answer"])))
+        out.append((new_question, _with_givens(program, new_givens), format_number(values[returned])))
     return out, why
 
 
