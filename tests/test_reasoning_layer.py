@@ -153,3 +153,34 @@ def test_a_budget_conditioned_student_is_told_the_same_bucket_by_the_gateway_and
         messages = ReasoningLayer()._messages(gen, plan, model_cfg.reasoning, model_cfg)
         assert f"Use at most {told} tokens." in messages[-1]["content"]
         assert f"Use at most {told} tokens." in Student(str(tmp_path)).prompt("Q?", budget=budget)
+
+
+@pytest.mark.parametrize("fmt", ["pal", "cot"])
+def test_the_gateway_serves_a_student_exactly_as_reasonlite_eval_measures_it(tmp_path, fmt):
+    """One controller (reasonlite.controller): the same student, question and budget give the same text, answer and
+    token split through `Student.solve` (what `reasonlite eval` runs) and through the gateway's reasoning layer on the
+    transformers backend. tiny-random-llama never answers on its own, so every request is capped and forced."""
+    import json
+
+    from reasonlite.infer import Student
+    from reasonlite.models import resolve_model_dir
+
+    for f in resolve_model_dir("tiny-random-llama").iterdir():
+        (tmp_path / f.name).symlink_to(f)
+    (tmp_path / "reasonlite.json").write_text(json.dumps({"format": fmt}))
+    question, budget = "A shop has 12 pens and sells 5. How many are left?", 12
+    want = Student(str(tmp_path), answer_tokens=6).solve(question, budget=budget)
+    model = {**TINY, "name": "student", "model": str(tmp_path),
+             "reasoning": {"student_prompt": True, "format": fmt, "answer_tokens": 6}}
+    with serve_gateway({"models": [model]}) as served:
+        resp = _client(served).chat.completions.create(
+            model="student", messages=[{"role": "user", "content": question}], max_tokens=64, temperature=0,
+            extra_body={"reasoning_budget": budget})
+    got = resp.model_dump()["choices"][0]
+    assert want.forced and got["slm_fusion"]["forced"]
+    assert got["slm_fusion"].get("answer") == want.answer
+    assert (got["slm_fusion"].get("program"), want.program) == (want.program, got["slm_fusion"].get("program"))
+    assert got["message"]["content"] == (want.answer if want.program and want.answer else want.text)
+    assert got["slm_fusion"]["reasoning_tokens"] == want.reasoning_tokens == budget
+    if fmt == "pal":  # both stop the forced `return` line at its newline; cot: reasonlite stops at the period
+        assert got["slm_fusion"]["answer_tokens"] == want.answer_tokens

@@ -11,8 +11,10 @@ One question goes through five steps:
   5. vote     with n > 1 samples, a majority vote over the answers, sampled in rounds that stop once the leader
               cannot be overturned (adaptive consistency). The agreement ratio is the confidence a router uses.
 
-The raw generation step is one function (`GenerateFn`): `hf_generate` on a transformers model by default, or any
-callable with the same shape (tests feed scripted completions through the real forcing, execution and voting code).
+Steps 2-5 are `reasonlite.controller` (the one copy, also driven by SLM-Fusion's reasoning layer); this module
+answers its generation requests. The raw generation step is one function (`GenerateFn`): `hf_generate` on a
+transformers model by default, or any callable with the same shape (tests feed scripted completions through the real
+forcing, execution and voting code).
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from reasonlite import controller
 from reasonlite.budget import stated_budget
+from reasonlite.controller import Ask, Plan
 from reasonlite.formats import ANSWER_CUE, Format, build_messages
 
 Status = Literal["ok", "budget_forced", "exec_error", "no_answer"]
@@ -422,41 +426,22 @@ class Student:
     def _count(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False).input_ids) if text else 0
 
+    def _plan(self, cap: int, temperature: float, n: int = 1, early_exit: bool = False,
+              stop: Sequence[str] | None = None) -> Plan:
+        return Plan(fmt=self.fmt, cap=cap, n=n, temperature=temperature,
+                    round_size=self.round_size if early_exit else None, forcing=self.forcing,
+                    answer_tokens=self.answer_tokens, early_stop=self.early_stop, stop=tuple(stop or ()))
+
+    def _answer(self, prompts: list[str]) -> Callable[[Ask], list[Generated]]:
+        """The controller's generation requests, answered by this student's generate function."""
+        return lambda ask: self._generate([prompts[r] + prefix for r, prefix in zip(ask.rows, ask.prefixes)],
+                                          ask.max_tokens, ask.temperature, ask.detect)
+
     def sample(self, prompts: list[str], cap: int, temperature: float = 0.0,
                stop: Sequence[str] | None = None) -> list[Sample]:
         """Generate one completion per prompt under the reasoning cap, forcing an answer where the cap is hit."""
-        fmt = self.fmt
-
-        def detect(text: str) -> int | None:
-            # early_stop=False is the controller switched off: only stop strings and the end of turn stop a row
-            cuts = [answer_end(text, fmt) if self.early_stop else None]
-            cuts += [text.find(s) if s in text else None for s in stop or ()]
-            cuts = [c for c in cuts if c is not None]
-            return min(cuts) if cuts else None
-
-        first = self._generate(prompts, cap, temperature, detect)
-        samples: list[Sample] = []
-        to_force: list[int] = []
-        for i, gen in enumerate(first):
-            samples.append(Sample(gen.text, gen.tokens, 0, forced=False))
-            if gen.done:
-                start = answer_start(gen.text, fmt)
-                answer_tokens = min(self._count(gen.text[start:]), gen.tokens) if start is not None else 0
-                samples[-1].reasoning_tokens, samples[-1].answer_tokens = gen.tokens - answer_tokens, answer_tokens
-            elif self.forcing:
-                to_force.append(i)
-        if to_force:
-            # Budget forcing: re-batch only the capped rows as prompt + closed reasoning + cue.
-            prefixes = [force_answer(samples[i].text, fmt) for i in to_force]
-            second = self._generate([prompts[i] + p for i, p in zip(to_force, prefixes)], self.answer_tokens,
-                                    temperature, _line_end if fmt == "pal" else _sentence_end)
-            for i, prefix, gen in zip(to_force, prefixes, second):
-                samples[i] = Sample(prefix + gen.text, samples[i].reasoning_tokens, gen.tokens, forced=True)
-        self._extract(samples)
-        return samples
-
-    def _extract(self, samples: list[Sample]) -> None:
-        extract_answers(samples, self.fmt)
+        steps = controller.sample(self._plan(cap, temperature, stop=stop), list(range(len(prompts))), self._count)
+        return controller.run(steps, self._answer(prompts))
 
     # -- solving ------------------------------------------------------------------------------------------------------
 
@@ -486,35 +471,10 @@ class Student:
             per_question = self._sample_rounds([self.prompt(q, budget) for q in chunk], cap, n, temperature,
                                                early_exit, stop)
             latency = time.perf_counter() - t0
-            solutions.extend(self._vote(samples, latency) for samples in per_question)
+            solutions.extend(controller.vote(samples, latency) for samples in per_question)
         return solutions
 
     def _sample_rounds(self, prompts: list[str], cap: int, n: int, temperature: float, early_exit: bool,
                        stop: Sequence[str] | None) -> list[list[Sample]]:
-        from reasonlite.vote import majority_is_decided
-
-        drawn: list[list[Sample]] = [[] for _ in prompts]
-        open_rows = list(range(len(prompts)))
-        while open_rows:
-            # every open question draws the same round of samples, all generated as one batch
-            per_round = min(self.round_size if early_exit else n, n - len(drawn[open_rows[0]]))
-            rows = [q for q in open_rows for _ in range(per_round)]
-            for q, sample in zip(rows, self.sample([prompts[q] for q in rows], cap, temperature, stop)):
-                drawn[q].append(sample)
-            open_rows = [q for q in open_rows if len(drawn[q]) < n and not (
-                early_exit and majority_is_decided([s.answer for s in drawn[q]], n))]
-        return drawn
-
-    @staticmethod
-    def _vote(samples: list[Sample], latency: float) -> Solution:
-        from reasonlite.answers import normalize_answer
-        from reasonlite.vote import majority_vote
-
-        vote = majority_vote([s.answer for s in samples])
-        shown = next((s for s in samples if s.answer is not None and normalize_answer(s.answer) == vote.answer),
-                     samples[0])
-        return Solution(answer=vote.answer, status=shown.status, text=shown.text, program=shown.program,
-                        agreement=vote.agreement, samples=len(samples),
-                        reasoning_tokens=sum(s.reasoning_tokens for s in samples),
-                        answer_tokens=sum(s.answer_tokens for s in samples), forced=shown.forced,
-                        latency_s=latency, error=shown.error, votes=vote.counts)
+        steps = controller.solve(len(prompts), self._plan(cap, temperature, n, early_exit, stop), self._count)
+        return controller.run(steps, self._answer(prompts))

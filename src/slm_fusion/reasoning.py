@@ -25,11 +25,11 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
-from reasonlite.answers import normalize_answer
+from reasonlite import controller
 from reasonlite.budget import stated_budget
+from reasonlite.controller import Ask
 from reasonlite.formats import ANSWER_CUE, build_messages
-from reasonlite.infer import Sample, answer_end, answer_start, extract_answers, force_answer, read_student_meta
-from reasonlite.vote import majority_vote
+from reasonlite.infer import Generated, Sample, Solution, read_student_meta
 from slm_fusion.backends.base import Backend, Generation, GenerationRequest
 from slm_fusion.config import FusionConfig, ModelBase, ReasoningDefaults
 from slm_fusion.errors import InvalidRequest
@@ -114,39 +114,41 @@ class ReasoningLayer:
                                meta.get("budget_buckets") or meta.get("buckets"))
         return build_messages(question, fmt, budget=budget)
 
-    # -- sampling with budget forcing -----------------------------------------------------------------------------
+    # -- sampling: reasonlite's controller, answered by the backend -------------------------------------------------
 
     async def _sample(self, backend: Backend, gen: GenerationRequest, messages: list[dict] | None, plan: _Plan,
                       n: int) -> tuple[list[Sample], int]:
+        """n samples of the one question through `reasonlite.controller` (the code `reasonlite eval` runs): reason
+        under the cap, force an answer where it is hit, execute or read the answers."""
         try:
             base = backend.format_chat(messages) if messages is not None else gen.prompt
         except NotImplementedError:
             base = None  # upstream model: chat requests, forcing as a continued assistant message
         cap = plan.budget if plan.budget is not None else gen.max_tokens
-        first = GenerationRequest(
-            messages=messages if base is None else None, prompt=base, max_tokens=cap, temperature=plan.temperature,
-            top_p=gen.top_p, n=n, stop=list(gen.stop), seed=gen.seed, extra=dict(gen.extra))
-        samples: list[Sample] = []
-        generated = await backend.generate(first)
-        for g in generated:
-            end = answer_end(g.text, plan.fmt)
-            if end is not None or g.finish_reason != "length":
-                text = g.text[:end] if end is not None else g.text
-                start = answer_start(text, plan.fmt)
-                answer_tokens = min(backend.count_tokens(text[start:]), g.completion_tokens) if start is not None else 0
-                samples.append(Sample(text, g.completion_tokens - answer_tokens, answer_tokens, forced=False))
-            else:
-                samples.append(Sample(g.text, g.completion_tokens, 0, forced=True))
-        forced = [s for s in samples if s.forced]
-        await asyncio.gather(*(self._force(backend, gen, messages, base, plan, s) for s in forced))
-        await asyncio.to_thread(extract_answers, samples, plan.fmt)
-        return samples, generated[0].prompt_tokens if generated else 0
+        prompt_tokens = [0]
+
+        async def answer(ask: Ask) -> list[Generated]:
+            if not ask.forced:  # every row continues the one question: one backend call with n choices
+                generated = await backend.generate(GenerationRequest(
+                    messages=messages if base is None else None, prompt=base, max_tokens=ask.max_tokens,
+                    temperature=ask.temperature, top_p=gen.top_p, n=len(ask.rows), stop=list(gen.stop),
+                    seed=gen.seed, extra=dict(gen.extra)))
+                prompt_tokens[0] = generated[0].prompt_tokens if generated else 0
+                return [Generated(g.text, g.completion_tokens, done=g.finish_reason != "length") for g in generated]
+            return list(await asyncio.gather(*(self._force(backend, gen, messages, base, ask, prefix)
+                                               for prefix in ask.prefixes)))
+
+        steps = controller.sample(controller.Plan(fmt=plan.fmt, cap=cap, n=n, temperature=plan.temperature,
+                                                  answer_tokens=plan.answer_tokens), list(range(n)),
+                                  backend.count_tokens)
+        samples = await controller.run_async(steps, answer)
+        return samples, prompt_tokens[0]
 
     @staticmethod
     async def _force(backend: Backend, gen: GenerationRequest, messages: list[dict] | None, base: str | None,
-                     plan: _Plan, s: Sample) -> None:
-        prefix = force_answer(s.text, plan.fmt)
-        common = {"max_tokens": plan.answer_tokens, "temperature": plan.temperature, "top_p": gen.top_p, "n": 1,
+                     ask: Ask, prefix: str) -> Generated:
+        """The forced answer: one line after the closed reasoning and the cue."""
+        common = {"max_tokens": ask.max_tokens, "temperature": ask.temperature, "top_p": gen.top_p, "n": 1,
                   "stop": ["\n"], "seed": gen.seed}
         if base is not None:
             req = GenerationRequest(prompt=base + prefix, extra=dict(gen.extra), **common)
@@ -155,20 +157,19 @@ class ReasoningLayer:
                 messages=[*(messages or []), {"role": "assistant", "content": prefix}],
                 extra={**gen.extra, "continue_final_message": True, "add_generation_prompt": False}, **common)
         g = (await backend.generate(req))[0]
-        text = prefix + g.text
-        end = answer_end(text, plan.fmt) if plan.fmt != "pal" else None
-        s.text, s.answer_tokens = (text[:end] if end is not None else text), g.completion_tokens
+        return Generated(g.text, g.completion_tokens, done=g.finish_reason != "length")
 
     # -- results ------------------------------------------------------------------------------------------------------
 
     @staticmethod
-    def _content(s: Sample) -> str:
+    def _content(s: Sample | Solution) -> str:
         # PAL answers with the program's result; a failed program shows what the model wrote instead.
         return s.answer if s.program is not None and s.answer is not None else s.text
 
-    def _single(self, s: Sample, prompt_tokens: int) -> Generation:
+    def _single(self, s: Sample | Solution, prompt_tokens: int, extra: dict | None = None) -> Generation:
         info = {"answer": s.answer, "status": s.status, "forced": s.forced, "program": s.program,
-                "error": s.error, "reasoning_tokens": s.reasoning_tokens, "answer_tokens": s.answer_tokens}
+                "error": s.error, "reasoning_tokens": s.reasoning_tokens, "answer_tokens": s.answer_tokens,
+                **(extra or {})}
         return Generation(text=self._content(s), finish_reason="stop", prompt_tokens=prompt_tokens,
                           completion_tokens=s.reasoning_tokens + s.answer_tokens,
                           reasoning={k: v for k, v in info.items() if v is not None}, exec_error=s.error,
@@ -190,19 +191,11 @@ class ReasoningLayer:
         return g
 
     def _voted(self, samples: list[Sample], prompt_tokens: int, shown_index: int | None = None) -> Generation:
-        vote = majority_vote([s.answer for s in samples])
-        shown = next((s for s in samples if s.answer is not None and normalize_answer(s.answer) == vote.answer),
-                     samples[0]) if shown_index is None else samples[shown_index]
-        picked = vote.answer if shown_index is None else (normalize_answer(shown.answer) if shown.answer else None)
-        g = self._single(shown, prompt_tokens)
-        reasoning = sum(s.reasoning_tokens for s in samples)
-        answer = sum(s.answer_tokens for s in samples)
-        g.completion_tokens = reasoning + answer
-        g.agreement = vote.agreement if shown_index is None else vote.counts.get(picked, 0) / len(samples)
-        g.reasoning.update(answer=picked, agreement=round(g.agreement, 4), votes=vote.counts,
-                           samples=len(samples), reasoning_tokens=reasoning, answer_tokens=answer)
-        if picked is None:
-            g.reasoning.pop("answer", None)
+        """One choice for all the samples: `reasonlite.controller.vote`, as `reasonlite eval` picks it."""
+        solution = controller.vote(samples, shown_index=shown_index)
+        g = self._single(solution, prompt_tokens, {"agreement": round(solution.agreement, 4),
+                                                   "votes": solution.votes, "samples": solution.samples})
+        g.agreement = solution.agreement
         return g
 
 
