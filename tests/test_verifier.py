@@ -308,7 +308,6 @@ class ScriptedBackend:
 
 def test_gateway_select_verifier_answers_with_the_top_scored_sample():
     import asyncio
-    from types import SimpleNamespace
 
     from pydantic import ValidationError
 
@@ -325,10 +324,9 @@ def test_gateway_select_verifier_answers_with_the_top_scored_sample():
     fake.score_samples = lambda question, samples: [0.9 if "# checked" in (x.program or "") else 0.1 for x in samples]
     layer._verifiers["v"] = fake
     backend = ScriptedBackend([program("8"), program("8"), program("7", "  # checked"), program("8")])
-    request = SimpleNamespace(reasoning_budget=None, pal=None, vote=None, temperature=None)
-    assert layer.applies(request, model_cfg)  # select: verifier samples without vote: true
     gen = GenerationRequest(messages=[{"role": "user", "content": "What is 3 + 4?"}], max_tokens=64)
-    [g] = asyncio.run(layer.generate(backend, gen, request, model_cfg))
+    assert layer.applies(gen.reasoning, model_cfg)  # select: verifier samples without vote: true
+    [g] = asyncio.run(layer.generate(backend, gen, model_cfg))
     assert g.text == "7"  # the verifier's pick, not the majority's 8
     assert g.reasoning["select"] == "verifier" and g.reasoning["verifier_score"] == 0.9
     assert g.reasoning["votes"] == {"8": 3, "7": 1} and g.agreement == 0.25 and g.reasoning["samples"] == 4

@@ -14,7 +14,14 @@ from typing import Any
 
 from slm_fusion import protocol as P
 from slm_fusion import routing
-from slm_fusion.backends.base import Backend, Generation, GenerationRequest, TokenChunk, make_backend
+from slm_fusion.backends.base import (
+    Backend,
+    Generation,
+    GenerationRequest,
+    ReasoningOptions,
+    TokenChunk,
+    make_backend,
+)
 from slm_fusion.config import FusionConfig
 from slm_fusion.deployments import Embedder, ModelHandle, attach_health
 from slm_fusion.errors import GatewayTimeout, InvalidRequest, ModelNotFound
@@ -94,23 +101,18 @@ class Gateway:
         return handle, decision
 
     # ------------------------------------------------------------------ the seam for the reasoning layer
-    def _reasoning_applies(self, handle: ModelHandle, request: Any) -> bool:
-        return bool(self.reasoning.applies(request, handle.config))
-
-    async def execute(
-        self, handle: ModelHandle, backend: Backend, gen: GenerationRequest, request: Any
-    ) -> list[Generation]:
+    async def execute(self, handle: ModelHandle, backend: Backend, gen: GenerationRequest) -> list[Generation]:
         """Run one generation: the only place a backend is asked for complete text."""
-        if self._reasoning_applies(handle, request):
-            return await self.reasoning.generate(backend, gen, request, handle.config)
+        if self.reasoning.applies(gen.reasoning, handle.config):
+            return await self.reasoning.generate(backend, gen, handle.config)
         return await backend.generate(gen)
 
     async def execute_stream(
-        self, handle: ModelHandle, backend: Backend, gen: GenerationRequest, request: Any
+        self, handle: ModelHandle, backend: Backend, gen: GenerationRequest
     ) -> AsyncIterator[TokenChunk]:
         """Streaming counterpart of `execute`; reasoning strategies produce whole answers, sent as one chunk each."""
-        if self._reasoning_applies(handle, request):
-            gens = await self.reasoning.generate(backend, gen, request, handle.config)
+        if self.reasoning.applies(gen.reasoning, handle.config):
+            gens = await self.reasoning.generate(backend, gen, handle.config)
             for i, g in enumerate(gens):
                 yield TokenChunk(index=i, text=g.text, finish_reason=g.finish_reason)
             prompt = gens[0].prompt_tokens if gens else 0
@@ -147,7 +149,7 @@ class Gateway:
             async with asyncio.timeout(timeout):
                 async with handle.slot(self.config.server.retry_after_s) as backend:
                     used.append(backend)
-                    return await self.execute(handle, backend, gen, body)
+                    return await self.execute(handle, backend, gen)
         except TimeoutError:
             if used and handle.health is not None:
                 handle.health.failure(handle.backends.index(used[0]))
@@ -160,7 +162,7 @@ class Gateway:
         `routing.fallbacks` on errors/timeouts. Returns (model that answered, generations, decision)."""
         from slm_fusion.routing import RouteDecision, with_fallbacks
 
-        if hasattr(decision, "execute"):
+        if isinstance(decision, routing.ExecutionPlan):
             async def call(model: str, **overrides: Any) -> list[Generation]:
                 async def attempt(m: str) -> list[Generation]:
                     return await self.generate_on(self.handles[m], body, sent=gen.sent, **overrides)
@@ -186,7 +188,7 @@ class Gateway:
         from slm_fusion.routing import RouteDecision, with_fallbacks
 
         loop = asyncio.get_running_loop()
-        if hasattr(decision, "execute"):  # plans produce whole answers: sent as one chunk per choice
+        if isinstance(decision, routing.ExecutionPlan):  # plans produce whole answers: sent as one chunk per choice
             h, gens, decision = await self.generate_routed(handle, decision, body, gen)
             chunks = _chunks_of(gens)
             first = await anext(chunks, None)
@@ -204,7 +206,7 @@ class Gateway:
                 async with asyncio.timeout_at(deadline):
                     backend = await stack.enter_async_context(h.slot(self.config.server.retry_after_s))
                     used.append(backend)
-                    chunks = self.execute_stream(h, backend, g, body)
+                    chunks = self.execute_stream(h, backend, g)
                     first = await anext(chunks, None)
             except BaseException as e:
                 if chunks is not None:
@@ -257,6 +259,8 @@ class Gateway:
             "top_p": 1.0 if body.top_p is None else body.top_p,
             "n": body.n, "stop": stop, "seed": body.seed, "extra": extra,
             "sent": sent if sent is not None else P.sent_fields(body),
+            "reasoning": ReasoningOptions(reasoning_budget=body.reasoning_budget, pal=body.pal, vote=body.vote,
+                                          temperature_set=body.temperature is not None),
         }
         if isinstance(body, P.ChatCompletionRequest):
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]

@@ -30,7 +30,7 @@ from reasonlite.budget import stated_budget
 from reasonlite.controller import Ask
 from reasonlite.formats import ANSWER_CUE, build_messages
 from reasonlite.infer import Generated, Sample, Solution, read_student_meta
-from slm_fusion.backends.base import Backend, Generation, GenerationRequest
+from slm_fusion.backends.base import Backend, Generation, GenerationRequest, ReasoningOptions
 from slm_fusion.config import FusionConfig, ModelBase, ReasoningDefaults
 from slm_fusion.errors import InvalidRequest
 
@@ -56,15 +56,13 @@ class ReasoningLayer:
 
     # -- the seam ---------------------------------------------------------------------------------------------------
 
-    def applies(self, request: Any, model_cfg: ModelBase) -> bool:
-        asked = getattr(request, "reasoning_budget", None) is not None or bool(getattr(request, "pal", None)) \
-            or bool(getattr(request, "vote", None))
-        return asked or model_cfg.reasoning.active()
+    @staticmethod
+    def applies(options: ReasoningOptions, model_cfg: ModelBase) -> bool:
+        return options.asked() or model_cfg.reasoning.active()
 
-    async def generate(self, backend: Backend, gen: GenerationRequest, request: Any,
-                       model_cfg: ModelBase) -> list[Generation]:
+    async def generate(self, backend: Backend, gen: GenerationRequest, model_cfg: ModelBase) -> list[Generation]:
         defaults = model_cfg.reasoning
-        plan = self._plan(gen, request, defaults)
+        plan = self._plan(gen, defaults)
         messages = self._messages(gen, plan, defaults, model_cfg)
         floor = backend.count_tokens(ANSWER_CUE) + 1
         if plan.budget is not None and plan.budget < floor:
@@ -82,17 +80,14 @@ class ReasoningLayer:
     # -- planning -----------------------------------------------------------------------------------------------------
 
     @staticmethod
-    def _plan(gen: GenerationRequest, request: Any, d: ReasoningDefaults) -> _Plan:
-        budget = getattr(request, "reasoning_budget", None)
-        budget = d.reasoning_budget if budget is None else budget
-        pal = getattr(request, "pal", None)
-        fmt = "pal" if (pal if pal is not None else (d.pal or d.format == "pal")) else \
+    def _plan(gen: GenerationRequest, d: ReasoningDefaults) -> _Plan:
+        asked = gen.reasoning
+        budget = d.reasoning_budget if asked.reasoning_budget is None else asked.reasoning_budget
+        fmt = "pal" if (asked.pal if asked.pal is not None else (d.pal or d.format == "pal")) else \
             ("cot" if d.format == "pal" else d.format)
-        vote = getattr(request, "vote", None)
-        vote = (d.vote or d.select == "verifier") if vote is None else bool(vote)
+        vote = (d.vote or d.select == "verifier") if asked.vote is None else bool(asked.vote)
         samples = gen.n if gen.n > 1 else d.samples
-        asked_temperature = getattr(request, "temperature", None)
-        temperature = gen.temperature if not vote or asked_temperature is not None else d.vote_temperature
+        temperature = gen.temperature if not vote or asked.temperature_set else d.vote_temperature
         if budget is not None and budget + d.answer_tokens > gen.max_tokens:
             budget = max(1, gen.max_tokens - d.answer_tokens)  # max_tokens stays the hard ceiling per sample
         return _Plan(fmt, budget, vote, samples, temperature, d.answer_tokens, d.select)

@@ -21,6 +21,7 @@ from slm_fusion.backends.base import GenerationRequest
 from slm_fusion.deployments import ModelHandle
 from slm_fusion.errors import ClientDisconnected, FusionError, GatewayTimeout, InvalidRequest, error_body
 from slm_fusion.gateway import Gateway, route_headers
+from slm_fusion.routing import ExecutionPlan
 
 log = logging.getLogger("slm_fusion")
 
@@ -39,7 +40,7 @@ def model_response(model: Any, headers: dict[str, str] | None = None) -> Respons
 async def complete(gw: Gateway, body: Any, request: Request, *, chat: bool) -> Response:
     handle, decision = await gw.resolve_target(body, request.headers)
     request.scope["fusion.model"] = handle.name
-    if body.n > 1 and hasattr(decision, "execute"):
+    if body.n > 1 and isinstance(decision, ExecutionPlan):
         raise InvalidRequest(f"'{body.model}' answers with one choice (its router runs a plan over several models); "
                              "send n=1 or call a model directly", param="n")
     # FastAPI parsed the body with Starlette's `request.json()`, which keeps the parsed object: the fields exactly

@@ -21,6 +21,20 @@ from slm_fusion.config import ModelBase
 
 
 @dataclass
+class ReasoningOptions:
+    """What one request asks of the reasoning layer (the SDK's `extra_body`); None leaves the model's `reasoning:`
+    default. Filled from the wire body by the gateway, so nothing below serving reads the body itself."""
+
+    reasoning_budget: int | None = None
+    pal: bool | None = None
+    vote: bool | None = None
+    temperature_set: bool = False  # the client chose a temperature (else a vote samples at `vote_temperature`)
+
+    def asked(self) -> bool:
+        return self.reasoning_budget is not None or bool(self.pal) or bool(self.vote)
+
+
+@dataclass
 class GenerationRequest:
     messages: list[dict[str, Any]] | None = None  # [{"role": ..., "content": str}]
     prompt: str | None = None  # already formatted text to continue verbatim
@@ -35,6 +49,7 @@ class GenerationRequest:
     # `name`/`tool_calls`/`tool_call_id`/image parts): an OpenAI-compatible upstream is sent this, not the fields
     # above. None for requests the gateway makes itself (the reasoning layer's continuations).
     sent: dict[str, Any] | None = None
+    reasoning: ReasoningOptions = field(default_factory=ReasoningOptions)
 
     def __post_init__(self) -> None:
         if (self.messages is None) == (self.prompt is None):

@@ -81,8 +81,12 @@ def assess_sync(gens: list[Any]) -> Assessment:
     answers: list[str | None] = []
     errors: list[str | None] = []
     for g in gens:
-        answer, error = _answer_of(g.text)
-        error = getattr(g, "exec_error", None) or error
+        layer = getattr(g, "reasoning", None)
+        if layer is not None:  # the reasoning layer already executed / read this answer: no second run
+            answer, error = layer.get("answer"), getattr(g, "exec_error", None)
+        else:
+            answer, error = _answer_of(g.text)
+            error = getattr(g, "exec_error", None) or error
         answers.append(answer)
         errors.append(error)
     vote = majority_vote(answers)
