@@ -13,15 +13,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from reasonlite.controller import Generated, answer_end, answer_start, force_answer
 from reasonlite.formats import ANSWER_CUE
-from reasonlite.infer import (
-    Generated,
-    Student,
-    answer_end,
-    answer_start,
-    force_answer,
-    hf_generate,
-)
+from reasonlite.infer import Student, hf_generate
 
 QUESTIONS = ["A shirt costs 20 dollars. How much do 3 shirts cost?", "What is 7 times 6?",
              "Tom had 12 apples and ate 5. How many are left?"]

@@ -13,9 +13,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from reasonlite.config import ConfigError, VerifierConfig, build_config
+from reasonlite.controller import Sample
 from reasonlite.data.example import Example
 from reasonlite.evaluate import evaluate, render_markdown
-from reasonlite.infer import Sample, Student
+from reasonlite.infer import Student
 from reasonlite.verifier import (
     Verifier,
     read_samples,

@@ -77,3 +77,24 @@ def extract_program(text: str) -> str:
     code = fenced.group(1) if fenced else text
     start = code.find("def solution")
     return (code[start:] if start >= 0 else code).strip()
+
+
+def strip_answer_sentence(rationale: str) -> str:
+    """The steps of a CoT rationale without its closing "The answer is X." line (step_by_step shows them apart)."""
+    text = rationale.strip()
+    # the cue may close the last line ("... = 382. The answer is 382.") or stand on its own line
+    return re.sub(rf"(?:^|(?<=[.!?\s])){re.escape(ANSWER_CUE)}\b[^\n]*$", "", text, flags=re.IGNORECASE).strip()
+
+
+def render_completion(style: str, *, answer: str | None, rationale: str | None = None,
+                      program: str | None = None) -> str | None:
+    """An ideal teacher reply in a style (used for exemplars and by the dataset teacher); None if a field is missing."""
+    if style == "pal":
+        return f"```python\n{program.strip()}\n```" if program else None
+    if not rationale or answer is None:
+        return None
+    if style == "cot":
+        return ensure_answer_sentence(rationale, answer)
+    if style == "step_by_step":
+        return f"Rationale: {strip_answer_sentence(rationale)}\nAnswer: {answer}"
+    raise ValueError(f"unknown traces.style '{style}': use one of cot, pal, step_by_step")

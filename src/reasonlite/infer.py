@@ -21,132 +21,18 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from reasonlite import controller
 from reasonlite.budget import stated_budget
-from reasonlite.controller import Ask, Plan
+from reasonlite.controller import Ask, Detector, Generated, Plan, Sample, Solution
 from reasonlite.formats import ANSWER_CUE, Format, build_messages
 
-Status = Literal["ok", "budget_forced", "exec_error", "no_answer"]
 FORMATS = ("answer", "cot", "pal", "step_by_step")
 STUDENT_META_FILE = "reasonlite.json"  # written by the train export: {"format": ..., "budget_conditioned": bool}
-
-# --------------------------------------------------------------------------------------------------------------------
-# Where an answer ends (early stop) and how to force one (budget forcing)
-# --------------------------------------------------------------------------------------------------------------------
-
-_CUE_RE = re.compile(re.escape(ANSWER_CUE), re.IGNORECASE)
-_SENTENCE_END_RE = re.compile(r"\.(?=\s)|\n")  # "2.5" is not a sentence end: the period must precede whitespace
-_DEF_RE = re.compile(r"^([ \t]*)def solution\s*\([^)\n]*\)\s*(?:->[^:\n]*)?:[ \t]*([^\n]*)$", re.MULTILINE)
-
-
-def _sentence_end(text: str, start: int = 0) -> int | None:
-    """End (exclusive) of the first sentence or line with content at or after `start`; None while it is unfinished."""
-    content = re.compile(r"\S").search(text, start)
-    if content is None:
-        return None
-    end = _SENTENCE_END_RE.search(text, content.start())
-    if end is None:
-        return None
-    return end.end() if end.group() == "." else end.start()
-
-
-def _line_end(text: str) -> int | None:
-    """End of the first line with content (the forced `return ...` expression); None while it is unfinished."""
-    content = re.compile(r"\S").search(text)
-    if content is None:
-        return None
-    newline = text.find("\n", content.start())
-    return newline if newline >= 0 else None
-
-
-def _indent(line: str) -> int:
-    return len(line) - len(line.lstrip(" \t"))
-
-
-def _program_end(text: str) -> int | None:
-    """End of a PAL program: its top-level `return` line is finished, a closing fence, or a dedent out of the body."""
-    match = _DEF_RE.search(text)
-    if match is None:
-        return None
-    if match.group(2).strip() and not match.group(2).strip().startswith("#"):  # `def solution(): return 3`
-        return match.end() if text.startswith("\n", match.end()) else None
-    def_indent, body_indent = len(match.group(1)), None
-    pos = match.end() + 1
-    while pos <= len(text):
-        newline = text.find("\n", pos)
-        complete = newline >= 0
-        line = text[pos: newline if complete else len(text)]
-        stripped = line.strip()
-        if stripped and not stripped.startswith("#"):
-            if stripped.startswith("```"):
-                return pos  # the fence closes the program
-            indent = _indent(line)
-            if body_indent is None:
-                if indent <= def_indent:
-                    return pos  # a top-level line right after the def: nothing more belongs to the program
-                body_indent = indent
-            elif indent < body_indent:
-                return pos  # dedent out of solution(), e.g. `print(solution())`
-            if indent == body_indent and re.match(r"return\b", stripped) and complete:
-                return newline
-        if not complete:
-            return None
-        pos = newline + 1
-    return None
-
-
-def answer_end(text: str, fmt: Format) -> int | None:
-    """Where the completion's answer is complete (cut the text there), or None if it is not complete yet."""
-    if fmt == "pal":
-        return _program_end(text)
-    cues = list(_CUE_RE.finditer(text))
-    if cues:
-        end = _sentence_end(text, cues[-1].end())
-        if end is not None:
-            return end
-    if fmt in ("answer", "step_by_step"):  # the label task answers in one line/sentence
-        return _sentence_end(text)
-    return None
-
-
-def answer_start(text: str, fmt: Format) -> int | None:
-    """Where the answer part of a finished completion starts: the last cue, or the final `return` line."""
-    if fmt == "pal":
-        returns = list(re.finditer(r"^[ \t]*return\b", text, re.MULTILINE))
-        return returns[-1].start() if returns else None
-    cues = list(_CUE_RE.finditer(text))
-    return cues[-1].start() if cues else None
-
-
-def force_answer(partial: str, fmt: Format) -> str:
-    """The text generation continues from when the cap is hit first: the reasoning closed, then the answer cue."""
-    if fmt == "pal":
-        return _force_return(partial)
-    if _CUE_RE.search(partial.rsplit("\n", 1)[-1]):
-        return partial  # the answer sentence has begun: let it finish
-    head = partial.rstrip()
-    return f"{head}\n{ANSWER_CUE}" if head else ANSWER_CUE
-
-
-def _force_return(partial: str) -> str:
-    lines = partial.split("\n")[:-1]  # complete lines only: the unfinished last line is dropped
-    def_index = next((i for i, line in enumerate(lines) if _DEF_RE.match(line)), None)
-    if def_index is None:
-        lines.append("def solution():")
-        return "\n".join(lines) + "\n    return "
-    # a block opener without its body (`for x in y:`) would make the appended return an IndentationError
-    while len(lines) > def_index + 1 and (not lines[-1].strip() or lines[-1].rstrip().endswith(":")):
-        lines.pop()
-    body = [line for line in lines[def_index + 1:] if line.strip()]
-    indent = body[0][: _indent(body[0])] if body else lines[def_index][: _indent(lines[def_index])] + "    "
-    return "\n".join(lines) + f"\n{indent}return "
 
 
 def min_budget(tokenizer) -> int:
@@ -159,16 +45,6 @@ def min_budget(tokenizer) -> int:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Generated:
-    """One raw completion: `done` means it stopped on its own (answer complete, stop string, end of turn)."""
-
-    text: str
-    tokens: int
-    done: bool
-
-
-Detector = Callable[[str], "int | None"]  # completion text -> cut position once it is finished, else None
 GenerateFn = Callable[[list[str], int, float, Detector], "list[Generated | str]"]
 
 
@@ -245,75 +121,6 @@ def hf_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, tempe
             text = tokenizer.decode(generated[row], skip_special_tokens=True)
             results.append(Generated(text, generated.shape[1], False))
     return results
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Solutions
-# --------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Sample:
-    """One sampled completion after budget forcing and answer extraction/execution."""
-
-    text: str
-    reasoning_tokens: int
-    answer_tokens: int
-    forced: bool
-    program: str | None = None
-    answer: str | None = None
-    status: Status = "ok"
-    error: str | None = None
-
-
-@dataclass
-class Solution:
-    """The student's answer to one question (after voting when n > 1)."""
-
-    answer: str | None  # normalised final answer; None when no sample produced one
-    status: Status  # ok | budget_forced | exec_error | no_answer (of the sample shown in `text`)
-    text: str  # the completion (a sample that voted for the answer)
-    program: str | None = None  # pal: the executed program
-    agreement: float = 0.0  # share of samples that voted for `answer`: a confidence in [0, 1]
-    samples: int = 1  # samples actually drawn (< n when adaptive consistency stopped early)
-    reasoning_tokens: int = 0  # generated reasoning tokens, summed over samples
-    answer_tokens: int = 0  # generated answer tokens (incl. the forced answer), summed over samples
-    forced: bool = False  # the shown sample's answer came from budget forcing
-    latency_s: float = 0.0  # wall time of the batch this question was solved in
-    error: str | None = None  # exec error message (pal)
-    votes: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def tokens(self) -> int:
-        return self.reasoning_tokens + self.answer_tokens
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def extract_answers(samples: Sequence[Any], fmt: Format) -> None:
-    """Fill each sample's answer/status (objects with text, forced, program, answer, status, error fields): pal
-    programs run in the sandbox in parallel, an exec error is a status; other formats are read from the text.
-    Shared with SLM-Fusion's reasoning layer."""
-    from reasonlite.answers import extract_answer, normalize_answer
-
-    if fmt == "pal":
-        from reasonlite.formats import extract_program
-        from reasonlite.sandbox import execute_many
-
-        for s in samples:
-            s.program = extract_program(s.text)
-        for s, result in zip(samples, execute_many([s.program for s in samples])):
-            if result.ok:
-                s.answer = normalize_answer(str(result.value)) if result.value is not None else None
-            else:
-                s.status, s.error = "exec_error", f"{result.error}: {result.message}"
-    else:
-        for s in samples:
-            s.answer = extract_answer(s.text)
-    for s in samples:
-        if s.status == "ok":
-            s.status = "no_answer" if s.answer is None else "budget_forced" if s.forced else "ok"
 
 
 def _check_options(budget: int | None, n: int, temperature: float, max_new_tokens: int, floor: int) -> None:

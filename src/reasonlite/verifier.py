@@ -30,8 +30,9 @@ from reasonlite.jsonl import JsonlError, iter_jsonl
 
 if TYPE_CHECKING:
     from reasonlite.config import VerifierConfig
+    from reasonlite.controller import Sample, Solution
     from reasonlite.data.example import Example
-    from reasonlite.infer import Sample, Solution, Student
+    from reasonlite.infer import Student
 
 Select = Literal["greedy", "vote", "verifier"]
 SELECT_MODES: tuple[str, ...] = ("greedy", "vote", "verifier")
@@ -406,7 +407,7 @@ def selection_metrics(records: Sequence[dict]) -> dict[str, float]:
 def picked_solution(samples: list[Sample], index: int, latency: float, score: float | None = None) -> Solution:
     """A Solution shown from sample `index`; tokens count every sample drawn, agreement is its answer's vote share."""
     from reasonlite.answers import normalize_answer
-    from reasonlite.infer import Solution
+    from reasonlite.controller import Solution
     from reasonlite.vote import majority_vote
 
     vote = majority_vote([s.answer for s in samples])

@@ -27,9 +27,9 @@ from typing import Any
 
 from reasonlite import controller
 from reasonlite.budget import stated_budget
-from reasonlite.controller import Ask
+from reasonlite.controller import Ask, Generated, Sample, Solution
 from reasonlite.formats import ANSWER_CUE, build_messages
-from reasonlite.infer import Generated, Sample, Solution, read_student_meta
+from reasonlite.infer import read_student_meta
 from slm_fusion.backends.base import Backend, Generation, GenerationRequest, ReasoningOptions
 from slm_fusion.config import FusionConfig, ModelBase, ReasoningDefaults
 from slm_fusion.errors import InvalidRequest

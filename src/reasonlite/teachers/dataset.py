@@ -9,6 +9,7 @@ GSM8K problem whose annotations did not form a program, under style `pal`) gets 
 
 from __future__ import annotations
 
+from reasonlite.formats import render_completion
 from reasonlite.teachers.base import Completion, OnSample, SampleCollector, TeacherPrompt
 
 
@@ -23,8 +24,6 @@ class DatasetTeacher:
 
     async def complete(self, prompts: list[TeacherPrompt], samples: list[list[int]],
                        on_sample: OnSample | None = None) -> list[list[Completion]]:
-        from reasonlite.traces.prompts import render_completion  # traces imports teachers: import at call time
-
         collect = SampleCollector(samples, on_sample)
         for i, (prompt, wanted) in enumerate(zip(prompts, samples)):
             ex = prompt.example

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from reasonlite.answers import extract_answer, normalize_answer
-from reasonlite.formats import ANSWER_CUE, ensure_answer_sentence, extract_program
+from reasonlite.formats import ANSWER_CUE, extract_program, render_completion, strip_answer_sentence
 from reasonlite.jsonl import JsonlError, iter_jsonl
 
 STYLES = ("cot", "pal", "step_by_step")
@@ -96,27 +96,6 @@ def load_exemplars(path: str | Path, style: str) -> list[Exemplar]:
         out.append(Exemplar(question=str(row["question"]), answer=str(row["answer"]),
                             rationale=row.get("rationale"), program=row.get("program")))
     return out
-
-
-def strip_answer_sentence(rationale: str) -> str:
-    """The steps of a CoT rationale without its closing "The answer is X." line (step_by_step shows them apart)."""
-    text = rationale.strip()
-    # the cue may close the last line ("... = 382. The answer is 382.") or stand on its own line
-    return re.sub(rf"(?:^|(?<=[.!?\s])){re.escape(ANSWER_CUE)}\b[^\n]*$", "", text, flags=re.IGNORECASE).strip()
-
-
-def render_completion(style: str, *, answer: str | None, rationale: str | None = None,
-                      program: str | None = None) -> str | None:
-    """An ideal teacher reply in a style (used for exemplars and by the dataset teacher); None if a field is missing."""
-    if style == "pal":
-        return f"```python\n{program.strip()}\n```" if program else None
-    if not rationale or answer is None:
-        return None
-    if style == "cot":
-        return ensure_answer_sentence(rationale, answer)
-    if style == "step_by_step":
-        return f"Rationale: {strip_answer_sentence(rationale)}\nAnswer: {answer}"
-    raise ValueError(f"unknown traces.style '{style}': use one of {', '.join(STYLES)}")
 
 
 def teacher_messages(question: str, style: str, exemplars: list[Exemplar]) -> list[dict]:

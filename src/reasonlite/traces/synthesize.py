@@ -312,7 +312,7 @@ def add_synthesized_traces(cfg: ReasonLiteConfig, train_examples: list[Example],
         return selected, {"enabled": False}
     from reasonlite.budget import count_tokens_many
     from reasonlite.data.splits import load_splits
-    from reasonlite.traces.prompts import render_completion
+    from reasonlite.formats import render_completion
     from reasonlite.traces.verify import Trace
 
     eval_questions = [ex.question for name, split in load_splits(cfg.data).items() if name != "train"

@@ -6,7 +6,7 @@ routers:
 virtual_models:
   auto: {router: topic}                                      # a router defined in `routers:`
   by-length: {router: rules, default: smol, rules: [...]}    # or a router type with its config inline
-  ensemble: {fusion: vote, models: [smol, smol-gguf, big]}   # output fusion (slm_fusion.fusion)
+  ensemble: {fusion: vote, models: [smol, smol-gguf, big]}   # output fusion (slm_fusion.routing.fusion)
 ```
 An explicit real model name never goes through a router. Everything is checked when the config loads.
 """
@@ -27,6 +27,7 @@ from slm_fusion.routing.base import (
     build_router,
     routing_request,
 )
+from slm_fusion.routing.fusion import OutputFusion
 
 
 class VirtualModel:
@@ -69,7 +70,6 @@ def build_virtual_models(
 
     `load_models=False` checks everything (models, files, labels, embedding ids) without loading embedding models.
     """
-    from slm_fusion.fusion import OutputFusion
 
     ctx = RouterContext(models=set(models), base_dir=base_dir or Path.cwd(), load_models=load_models)
     for name, spec in (routers or {}).items():
