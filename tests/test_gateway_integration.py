@@ -68,3 +68,22 @@ def test_smollm2_llamacpp_writes_the_json_schema_it_is_given():
     answer = json.loads(r.choices[0].message.content)
     assert set(answer) == {"sum", "sure"} and isinstance(answer["sum"], int) and isinstance(answer["sure"], bool)
     assert bad.value.body["param"] == "response_format"
+
+
+@pytest.mark.integration
+def test_smollm2_llamacpp_calls_the_function_it_is_asked_for():
+    """Function calling on a GGUF: the forced call goes through llama.cpp's JSON-schema grammar (slm_fusion.tools)."""
+    pytest.importorskip("llama_cpp")
+    model = {"name": "smol", "backend": "llamacpp", "model": str(smollm2_gguf()), "n_threads": 2}
+    weather = {"type": "function", "function": {
+        "name": "get_weather", "description": "Current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+                       "required": ["city"], "additionalProperties": False}}}
+    with serve_gateway({"models": [model], "server": {"access_log": False}}) as served:
+        client = openai.OpenAI(base_url=served.v1, api_key="unused", max_retries=0, timeout=120)
+        r = client.chat.completions.create(
+            model="smol", messages=[{"role": "user", "content": "What is the weather in Paris?"}], max_tokens=40,
+            temperature=0, tools=[weather], tool_choice="required")
+    call = r.choices[0].message.tool_calls[0]
+    assert r.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
+    assert set(json.loads(call.function.arguments)) == {"city"}

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from slm_fusion import protocol as P
-from slm_fusion import routing
+from slm_fusion import routing, tools
 from slm_fusion.backends.base import (
     Backend,
     Generation,
@@ -103,6 +103,8 @@ class Gateway:
     # ------------------------------------------------------------------ the seam for the reasoning layer
     async def execute(self, handle: ModelHandle, backend: Backend, gen: GenerationRequest) -> list[Generation]:
         """Run one generation: the only place a backend is asked for complete text."""
+        if gen.tools is not None:  # function calling on a local model: replies that are calls become tool_calls
+            return tools.as_tool_calls(await backend.generate(gen), gen.tools)
         if self.reasoning.applies(gen.reasoning, handle.config):
             return await self.reasoning.generate(backend, gen, handle.config)
         return await backend.generate(gen)
@@ -110,7 +112,16 @@ class Gateway:
     async def execute_stream(
         self, handle: ModelHandle, backend: Backend, gen: GenerationRequest
     ) -> AsyncIterator[TokenChunk]:
-        """Streaming counterpart of `execute`; reasoning strategies produce whole answers, sent as one chunk each."""
+        """Streaming counterpart of `execute`; reasoning strategies and local tool calls produce whole answers, sent
+        as one chunk each (a call as one `tool_calls` delta)."""
+        if gen.tools is not None:
+            gens = await self.execute(handle, backend, gen)
+            for i, g in enumerate(gens):
+                calls = [{"index": j, **c} for j, c in enumerate(g.tool_calls)] if g.tool_calls else None
+                yield TokenChunk(index=i, text=g.text, finish_reason=g.finish_reason, tool_calls=calls)
+            yield TokenChunk(index=0, text="", usage=(gens[0].prompt_tokens if gens else 0,
+                                                      sum(g.completion_tokens for g in gens)))
+            return
         if self.reasoning.applies(gen.reasoning, handle.config):
             gens = await self.reasoning.generate(backend, gen, handle.config)
             for i, g in enumerate(gens):
@@ -263,6 +274,14 @@ class Gateway:
                                           temperature_set=body.temperature is not None),
         }
         if isinstance(body, P.ChatCompletionRequest):
+            plan = tools.plan_of(extra.get("tools"), extra.get("tool_choice")) if not upstream else None
+            if plan is not None:  # a local model calls functions through a plain chat (slm_fusion.tools)
+                if (forced := tools.response_format(plan)) is not None:
+                    if extra.get("response_format") is not None:
+                        raise InvalidRequest("a forced tool call (tool_choice required or a named function) is "
+                                             "already constrained: drop response_format", param="response_format")
+                    extra["response_format"] = forced
+                return GenerationRequest(messages=tools.messages_for(body.messages, plan), tools=plan, **common)
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
             return GenerationRequest(messages=messages, **common)
         prompt = body.prompt
@@ -280,11 +299,11 @@ class Gateway:
         if kind := body.images():
             raise InvalidRequest(f"{name} reads text only: remove the `{kind}` content parts or pick a model served "
                                  "by an upstream that accepts them", param="messages")
-        if extra.get("tools") and extra.get("tool_choice") != "none":
-            raise InvalidRequest(f"{name} does not support function calling (`tools`) yet; drop `tools` or pick a "
-                                 "model served by an OpenAI-compatible upstream", param="tools")
         fmt = extra.get("response_format")
         enforced = getattr(handle.backends[0], "supports_response_format", False)  # transformers: backends/structured.py
+        if extra.get("tools") and extra.get("tool_choice") != "none" and not enforced:
+            raise InvalidRequest(f"{name} does not support function calling (`tools`); drop `tools` or pick a "
+                                 "model served by an OpenAI-compatible upstream", param="tools")
         if isinstance(fmt, dict) and fmt.get("type") not in (None, "text") and not enforced:
             raise InvalidRequest(f"{name} does not enforce `response_format` {fmt.get('type')!r} yet; drop it or pick "
                                  "a model served by an OpenAI-compatible upstream", param="response_format")
@@ -298,7 +317,7 @@ class Gateway:
                                          "\\ud800); send well-formed UTF-16 pairs",
                                          param="messages" if isinstance(body, P.ChatCompletionRequest) else "prompt"
                                          ) from None
-        read = LOCAL_FIELDS | ({"response_format"} if enforced else set())
+        read = LOCAL_FIELDS | ({"response_format", "tools"} if enforced else set())
         dropped = [k for k in extra if k not in read and (handle.name, k) not in self.dropped_logged]
         for key in dropped:
             self.dropped_logged.add((handle.name, key))

@@ -7,7 +7,10 @@ fields; the rest stay available in `model_extra` (and are forwarded to OpenAI-co
 
 from __future__ import annotations
 
+import json
 import time
+import uuid
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import orjson
@@ -406,3 +409,51 @@ def upstream_error_message(content: bytes) -> str:
     except Exception:  # noqa: BLE001, S110 — any non-OpenAI error body is reported by its text
         pass
     return content[:200].decode("utf-8", "replace")
+
+
+# ---------------------------------------------------------------------------------------------- function calling
+@dataclass(frozen=True)
+class FunctionSpec:
+    """One entry of a request's `tools` (`{"type": "function", "function": {name, description, parameters}}`)."""
+
+    name: str
+    description: str
+    parameters: dict[str, Any]
+
+
+def function_tools(tools: Any) -> list[FunctionSpec]:
+    """The request's `tools`, read (a malformed entry is a 400 naming it)."""
+    if not isinstance(tools, list) or not tools:
+        raise ValueError("tools must be a non-empty list of {\"type\": \"function\", \"function\": {...}}")
+    out = []
+    for i, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise ValueError(f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\": ..., "
+                             "\"parameters\": {...}}}}")
+        params = fn.get("parameters") or {"type": "object", "properties": {}}
+        if not isinstance(params, dict):
+            raise ValueError(f"tools[{i}].function.parameters must be a JSON Schema object")  # noqa: TRY004
+        out.append(FunctionSpec(fn["name"], str(fn.get("description") or ""), params))
+    return out
+
+
+def tool_choice_of(tool_choice: Any, names: list[str]) -> tuple[str, str | None]:
+    """`tool_choice` → (mode, forced function name): ("none"|"auto"|"required", None) or ("required", name)."""
+    if tool_choice in (None, "auto"):
+        return "auto", None
+    if tool_choice in ("none", "required"):
+        return tool_choice, None
+    name = tool_choice.get("function", {}).get("name") if isinstance(tool_choice, dict) else None
+    if not isinstance(name, str):
+        raise ValueError("tool_choice must be none, auto, required or {\"type\": \"function\", \"function\": "  # noqa: TRY004
+                         "{\"name\": ...}}")
+    if name not in names:
+        raise ValueError(f"tool_choice names function '{name}', which is not in tools ({', '.join(names)})")
+    return "required", name
+
+
+def tool_call(name: str, arguments: Any) -> dict[str, Any]:
+    """One entry of an assistant message's `tool_calls` (a stream delta adds its `index`)."""
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}}

@@ -15,9 +15,12 @@ import asyncio
 import importlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from slm_fusion.config import ModelBase
+
+if TYPE_CHECKING:
+    from slm_fusion.tools import ToolPlan
 
 
 @dataclass
@@ -50,6 +53,7 @@ class GenerationRequest:
     # above. None for requests the gateway makes itself (the reasoning layer's continuations).
     sent: dict[str, Any] | None = None
     reasoning: ReasoningOptions = field(default_factory=ReasoningOptions)
+    tools: ToolPlan | None = None  # function calling on a local model (slm_fusion.tools): the reply becomes tool_calls
 
     def __post_init__(self) -> None:
         if (self.messages is None) == (self.prompt is None):
