@@ -354,6 +354,41 @@ async def _structured_run(constrained: bool, max_tokens: int, prompts: list[str]
             "tok_per_s": tokens / seconds, "sample": out[0][0][:120]}
 
 
+PRICE_TOOL = {"type": "function", "function": {
+    "name": "get_price", "description": "Total price of a number of items of one product",
+    "parameters": {"type": "object", "properties": {"product": {"type": "string", "maxLength": 24},
+                                                    "quantity": {"type": "integer", "minimum": 0, "maximum": 1000}},
+                   "required": ["product", "quantity"], "additionalProperties": False}}}
+TOOL_ASKS = [(n, thing, f"How much do {n} {thing} cost?") for n, thing in (
+    (12, "apples"), (3, "pears"), (7, "lamps"), (30, "pens"), (5, "chairs"), (2, "bikes"), (45, "cups"), (9, "books"))]
+
+
+async def _tools_run(tool_choice: str, max_tokens: int, asks: list) -> dict:
+    """SmolLM2 asked to call get_price: calls that come back as tool_calls, and calls with the question's quantity."""
+    async with _smol_gateway(8) as (_, client):
+        async def one(question: str) -> dict:
+            r = await client.post("/v1/chat/completions", json={
+                "model": "smol", "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
+                "temperature": 0, "tools": [PRICE_TOOL], "tool_choice": tool_choice})
+            r.raise_for_status()
+            return r.json()
+
+        await one("How much is 1 hat?")  # warm-up (the grammar tokenizer is built once per model)
+        t0 = time.perf_counter()
+        out = await asyncio.gather(*(one(q) for _, _, q in asks))
+        seconds = time.perf_counter() - t0
+    calls, right = 0, 0
+    for (n, thing, _), resp in zip(asks, out):
+        tool_calls = resp["choices"][0]["message"].get("tool_calls") or []
+        if tool_calls and tool_calls[0]["function"]["name"] == "get_price":
+            calls += 1
+            args = json.loads(tool_calls[0]["function"]["arguments"])
+            right += args.get("quantity") == n and thing.rstrip("s") in str(args.get("product", "")).lower()
+    tokens = sum(r["usage"]["completion_tokens"] for r in out)
+    return {"tool_choice": tool_choice, "n": len(asks), "tool_calls": calls, "right_arguments": right,
+            "tokens": tokens, "seconds": seconds, "sample": json.dumps(out[0]["choices"][0]["message"])[:200]}
+
+
 def bench_structured(quick: bool) -> dict:
     """SmolLM2 on the transformers backend, the same 8 JSON requests with and without `response_format`
     (json_schema): replies that parse and match the schema, and decode tokens/s (the cost of the grammar mask)."""
@@ -362,8 +397,11 @@ def bench_structured(quick: bool) -> dict:
     console.print("[cyan]structured outputs: SmolLM2, json_schema enforced vs asked for in the prompt only[/cyan]")
     plain = asyncio.run(_structured_run(False, max_tokens, prompts))
     constrained = asyncio.run(_structured_run(True, max_tokens, prompts))
+    console.print("[cyan]function calling: SmolLM2, tool_choice required (constrained) vs auto[/cyan]")
+    asks = TOOL_ASKS[:2] if quick else TOOL_ASKS
+    tools = {choice: asyncio.run(_tools_run(choice, 48, asks)) for choice in ("required", "auto")}
     return {"max_tokens": max_tokens, "prompt_only": plain, "enforced": constrained,
-            "tok_per_s_ratio": constrained["tok_per_s"] / plain["tok_per_s"]}
+            "tok_per_s_ratio": constrained["tok_per_s"] / plain["tok_per_s"], "tools": tools}
 
 
 # ---------------------------------------------------------------------------------------------- llama.cpp
@@ -513,6 +551,10 @@ def _report(r: dict) -> None:
         console.print(f"structured outputs, SmolLM2 transformers, {e['n']} requests: replies matching the schema "
                       f"{e['valid']}/{e['n']} enforced vs {p['valid']}/{p['n']} asked in the prompt only; decode "
                       f"{e['tok_per_s']:.1f} vs {p['tok_per_s']:.1f} tok/s ({st['tok_per_s_ratio']:.2f}x)")
+    for t in (st or {}).get("tools", {}).values():
+        console.print(f"function calling, SmolLM2 transformers, tool_choice {t['tool_choice']}: {t['tool_calls']}/"
+                      f"{t['n']} replies are get_price calls, {t['right_arguments']}/{t['n']} with the question's "
+                      f"product and quantity; {t['tokens']} tokens in {t['seconds']:.1f} s")
     lc = r.get("llamacpp")
     if lc and "raw" in lc:
         console.print(f"llama.cpp SmolLM2: raw {lc['raw']['tok_per_s']:.1f} tok/s; gateway json "
