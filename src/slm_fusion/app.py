@@ -35,7 +35,7 @@ from slm_fusion.config import FusionConfig, ModelBase
 from slm_fusion.errors import FusionError, InvalidRequest, ModelNotFound, NotFound, ValidationFailed, error_body
 from slm_fusion.gateway import Gateway
 from slm_fusion.middleware import GatewayMiddleware, configure_logging
-from slm_fusion.serving import complete, json_response, model_response
+from slm_fusion.serving import complete, json_response, model_response, respond
 
 __all__ = ["configure_logging", "create_app"]
 
@@ -83,6 +83,10 @@ def create_app(
     @app.post("/v1/completions", responses={200: {"model": P.CompletionResponse}, **errors})
     async def completions(body: P.CompletionRequest, request: Request) -> Response:
         return await complete(gw, body, request, chat=False)
+
+    @app.post("/v1/responses", responses=errors)
+    async def responses(body: P.ResponsesRequest, request: Request) -> Response:
+        return await respond(gw, body, request)
 
     @app.get("/v1/models", response_model=P.ModelList)
     async def list_models() -> Response:

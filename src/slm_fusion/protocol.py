@@ -457,3 +457,199 @@ def tool_call(name: str, arguments: Any) -> dict[str, Any]:
     """One entry of an assistant message's `tool_calls` (a stream delta adds its `index`)."""
     return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
             "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}}
+
+
+# ---------------------------------------------------------------------------------------------- /v1/responses
+class ResponsesRequest(ReasoningExtras):
+    """OpenAI's Responses API request, served by translating it to one chat completion (`to_chat`)."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str = Field(..., min_length=1)
+    input: str | list[dict[str, Any]] = Field(..., description="Text, or a list of messages and function-call items.")
+    instructions: str | None = Field(None, description="A system message placed before the input.")
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, ge=0.0, le=1.0)
+    stream: bool = False
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    text: dict[str, Any] | None = Field(None, description="`{\"format\": {...}}`: text, json_object or json_schema.")
+
+    def to_chat(self) -> ChatCompletionRequest:
+        """The same request as a chat completion; a part this gateway cannot serve is a ValueError naming it."""
+        messages: list[dict[str, Any]] = [{"role": "system", "content": self.instructions}] if self.instructions \
+            else []
+        items = [{"role": "user", "content": self.input}] if isinstance(self.input, str) else self.input
+        for i, item in enumerate(items):
+            kind = item.get("type", "message")
+            if kind == "message":
+                content = item.get("content")
+                if isinstance(content, list):
+                    if any(p.get("type") not in ("input_text", "output_text", "text") for p in content):
+                        raise ValueError(f"input[{i}]: only text content parts are served (input_text)")
+                    content = "".join(str(p.get("text", "")) for p in content)
+                messages.append({"role": item.get("role", "user"), "content": content})
+            elif kind == "function_call":
+                messages.append({"role": "assistant", "content": None, "tool_calls": [{
+                    "id": item.get("call_id"), "type": "function",
+                    "function": {"name": item.get("name"), "arguments": item.get("arguments", "{}")}}]})
+            elif kind == "function_call_output":
+                messages.append({"role": "tool", "tool_call_id": item.get("call_id"),
+                                 "content": str(item.get("output", ""))})
+            else:
+                raise ValueError(f"input[{i}]: item type {kind!r} is not served (message, function_call, "
+                                 "function_call_output)")
+        if not messages:
+            raise ValueError("input: send at least one message")
+        chat: dict[str, Any] = {"model": self.model, "messages": messages}
+        for name in ("temperature", "top_p", "parallel_tool_calls", "reasoning_budget", "pal", "vote"):
+            if (value := getattr(self, name)) is not None:
+                chat[name] = value
+        if self.max_output_tokens is not None:
+            chat["max_completion_tokens"] = self.max_output_tokens
+        if self.stream:  # a Responses stream ends with the usage, so the chat stream is asked for it
+            chat.update(stream=True, stream_options={"include_usage": True})
+        if self.tools:
+            chat["tools"] = []
+            for i, tool in enumerate(self.tools):
+                if tool.get("type") != "function":
+                    raise ValueError(f"tools[{i}]: only function tools are served (type {tool.get('type')!r})")
+                chat["tools"].append({"type": "function", "function": {
+                    k: tool[k] for k in ("name", "description", "parameters", "strict") if k in tool}})
+        if self.tool_choice is not None:
+            choice = self.tool_choice
+            chat["tool_choice"] = {"type": "function", "function": {"name": choice.get("name")}} \
+                if isinstance(choice, dict) else choice
+        fmt = (self.text or {}).get("format")
+        if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+            chat["response_format"] = {"type": "json_schema", "json_schema": {
+                k: fmt[k] for k in ("name", "schema", "strict", "description") if k in fmt}}
+        elif isinstance(fmt, dict) and fmt.get("type") == "json_object":
+            chat["response_format"] = {"type": "json_object"}
+        return ChatCompletionRequest.model_validate(chat)
+
+
+def response_object(request: ResponsesRequest, rid: str, created: int, output: list[dict[str, Any]],
+                    usage: dict[str, Any] | None, status: str = "completed",
+                    extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A Responses API `response` object."""
+    u = usage or {}
+    details = u.get("completion_tokens_details") or {}
+    return {
+        "id": rid, "object": "response", "created_at": created, "status": status, "model": request.model,
+        "output": output, "error": None,
+        "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+        "instructions": request.instructions, "max_output_tokens": request.max_output_tokens,
+        "temperature": request.temperature, "top_p": request.top_p, "tools": request.tools or [],
+        "tool_choice": request.tool_choice or "auto", "parallel_tool_calls": request.parallel_tool_calls is not False,
+        "text": request.text or {"format": {"type": "text"}}, "metadata": {},
+        "usage": None if usage is None else {
+            "input_tokens": u.get("prompt_tokens", 0), "output_tokens": u.get("completion_tokens", 0),
+            "total_tokens": u.get("total_tokens", 0), "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens_details": {"reasoning_tokens": details.get("reasoning_tokens", 0)}},
+        **(extra or {}),
+    }
+
+
+def message_item(text: str, status: str = "completed", item_id: str | None = None) -> dict[str, Any]:
+    return {"type": "message", "id": item_id or f"msg_{uuid.uuid4().hex}", "status": status, "role": "assistant",
+            "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]}
+
+
+def function_call_item(call: dict[str, Any], status: str = "completed") -> dict[str, Any]:
+    fn = call.get("function") or {}
+    return {"type": "function_call", "id": f"fc_{uuid.uuid4().hex}", "call_id": call.get("id"),
+            "name": fn.get("name"), "arguments": fn.get("arguments", ""), "status": status}
+
+
+def response_from_chat(request: ResponsesRequest, chat: dict[str, Any]) -> dict[str, Any]:
+    """A chat completion (JSON) → the Responses API object for the same answer."""
+    choice = chat["choices"][0]
+    message = choice.get("message") or {}
+    output = [message_item(message["content"])] if message.get("content") else []
+    output += [function_call_item(c) for c in message.get("tool_calls") or []]
+    extra = {"slm_fusion": choice["slm_fusion"]} if "slm_fusion" in choice else None
+    return response_object(request, f"resp_{chat['id'].split('-', 1)[-1]}", chat["created"], output,
+                           chat.get("usage"), "incomplete" if choice.get("finish_reason") == "length" else "completed",
+                           extra)
+
+
+class ResponseEvents:
+    """Chat completion chunks (parsed JSON) → the Responses API's streaming events, in order: created,
+    in_progress, output_item.added / content_part.added / output_text.delta… for the text, the function calls, then
+    the done events and completed (incomplete at the length cap, failed after an error frame)."""
+
+    def __init__(self, request: ResponsesRequest) -> None:
+        self.request = request
+        self.rid, self.created, self.msg_id = f"resp_{uuid.uuid4().hex}", int(time.time()), f"msg_{uuid.uuid4().hex}"
+        self.seq = 0
+        self.text: list[str] = []
+        self.calls: dict[int, dict[str, Any]] = {}
+        self.usage: dict[str, Any] | None = None
+        self.finish: str | None = None
+        self.failed = False
+
+    def _event(self, kind: str, **data: Any) -> dict[str, Any]:
+        self.seq += 1
+        return {"type": kind, "sequence_number": self.seq - 1, **data}
+
+    def start(self) -> list[dict[str, Any]]:
+        shell = response_object(self.request, self.rid, self.created, [], None, "in_progress")
+        return [self._event("response.created", response=shell), self._event("response.in_progress", response=shell)]
+
+    def feed(self, chunk: dict[str, Any]) -> list[dict[str, Any]]:
+        if "error" in chunk:  # the chat stream's in-band error frame
+            self.failed = True
+            err = chunk["error"]
+            return [self._event("error", code=err.get("code") or err.get("type"), message=err.get("message"),
+                                param=err.get("param"))]
+        out: list[dict[str, Any]] = []
+        self.usage = chunk.get("usage") or self.usage
+        for choice in chunk.get("choices") or []:
+            delta = choice.get("delta") or {}
+            if delta.get("content"):
+                if not self.text:
+                    out.append(self._event("response.output_item.added", output_index=0,
+                                           item=message_item("", "in_progress", self.msg_id)))
+                    out.append(self._event("response.content_part.added", item_id=self.msg_id, output_index=0,
+                                           content_index=0, part={"type": "output_text", "text": "",
+                                                                  "annotations": []}))
+                self.text.append(delta["content"])
+                out.append(self._event("response.output_text.delta", item_id=self.msg_id, output_index=0,
+                                       content_index=0, delta=delta["content"], logprobs=[]))
+            for call in delta.get("tool_calls") or []:
+                fn = call.get("function") or {}
+                have = self.calls.setdefault(call.get("index", 0), {"id": None, "function": {"name": None,
+                                                                                             "arguments": ""}})
+                have["id"] = call.get("id") or have["id"]
+                have["function"]["name"] = fn.get("name") or have["function"]["name"]
+                have["function"]["arguments"] += fn.get("arguments") or ""
+            self.finish = choice.get("finish_reason") or self.finish
+        return out
+
+    def finish_events(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        output: list[dict[str, Any]] = []
+        if self.text:
+            full = "".join(self.text)
+            item = message_item(full, item_id=self.msg_id)
+            out += [self._event("response.output_text.done", item_id=self.msg_id, output_index=0, content_index=0,
+                                text=full, logprobs=[]),
+                    self._event("response.content_part.done", item_id=self.msg_id, output_index=0, content_index=0,
+                                part=item["content"][0]),
+                    self._event("response.output_item.done", output_index=0, item=item)]
+            output.append(item)
+        for _, call in sorted(self.calls.items()):
+            item, index = function_call_item(call), len(output)
+            out += [self._event("response.output_item.added", output_index=index,
+                                item={**item, "arguments": "", "status": "in_progress"}),
+                    self._event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
+                                delta=item["arguments"]),
+                    self._event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                                name=item["name"], arguments=item["arguments"]),
+                    self._event("response.output_item.done", output_index=index, item=item)]
+            output.append(item)
+        status = "failed" if self.failed else "incomplete" if self.finish == "length" else "completed"
+        final = response_object(self.request, self.rid, self.created, output, self.usage, status)
+        return [*out, self._event(f"response.{status}", response=final)]

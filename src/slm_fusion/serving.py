@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
+from pydantic import ValidationError
 
 from slm_fusion import protocol as P
 from slm_fusion.backends.base import GenerationRequest
@@ -37,7 +38,8 @@ def model_response(model: Any, headers: dict[str, str] | None = None) -> Respons
     return Response(model.model_dump_json(), media_type="application/json", headers=headers)
 
 
-async def complete(gw: Gateway, body: Any, request: Request, *, chat: bool) -> Response:
+async def complete(gw: Gateway, body: Any, request: Request, *, chat: bool,
+                   sent: dict[str, Any] | None = None) -> Response:
     handle, decision = await gw.resolve_target(body, request.headers)
     request.scope["fusion.model"] = handle.name
     if body.n > 1 and isinstance(decision, ExecutionPlan):
@@ -45,7 +47,7 @@ async def complete(gw: Gateway, body: Any, request: Request, *, chat: bool) -> R
                              "send n=1 or call a model directly", param="n")
     # FastAPI parsed the body with Starlette's `request.json()`, which keeps the parsed object: the fields exactly
     # as sent, without a second parse or a dump of the validated model.
-    gen = gw.generation_request(handle, body, P.sent_fields(body, getattr(request, "_json", None)))
+    gen = gw.generation_request(handle, body, sent or P.sent_fields(body, getattr(request, "_json", None)))
     timeout = handle.timeout(gw.config.server.request_timeout_s)
     if body.stream:
         return await _stream(gw, handle, gen, body, chat, timeout, decision, request)
@@ -178,6 +180,36 @@ async def _stream(
             await stack.aclose()
 
     return _SSEResponse(events(), cleanup, headers={**SSE_HEADERS, **headers})
+
+
+async def respond(gw: Gateway, body: P.ResponsesRequest, request: Request) -> Response:
+    """`/v1/responses`: the request runs as one chat completion (`complete`: routing, fallbacks, reasoning, tools,
+    structured outputs alike) and its answer is written back as a Responses object, or as Responses events."""
+    try:
+        chat = body.to_chat()
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise InvalidRequest(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}",
+                             param=str(err["loc"][0]) if err["loc"] else None) from None
+    except ValueError as e:
+        raise InvalidRequest(str(e), param=str(e).split("[", 1)[0].split(":", 1)[0]) from None
+    inner = await complete(gw, chat, request, chat=True, sent=P.sent_fields(chat))
+    headers = {k: v for k, v in inner.headers.items() if k.startswith("x-slm-fusion")}
+    if not body.stream:
+        return json_response(P.response_from_chat(body, orjson.loads(inner.body)), headers=headers)
+    translate = P.ResponseEvents(body)
+
+    def sse(events: list[dict[str, Any]]) -> bytes:
+        return b"".join(b"event: " + e["type"].encode() + b"\ndata: " + orjson.dumps(e) + b"\n\n" for e in events)
+
+    async def events() -> AsyncIterator[bytes]:
+        yield sse(translate.start())
+        async for frame in inner.body_iterator:  # the chat stream's frames, already encoded once
+            if frame.startswith(b"data: {") and (out := translate.feed(orjson.loads(frame[6:]))):
+                yield sse(out)
+        yield sse(translate.finish_events())
+
+    return _SSEResponse(events(), inner._cleanup, headers={**SSE_HEADERS, **headers})
 
 
 class _cancel_on_disconnect:  # lower case: used like the function it replaced, `async with _cancel_on_disconnect(r)`
