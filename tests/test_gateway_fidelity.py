@@ -310,3 +310,27 @@ def test_client_disconnect_frees_the_local_slot(local):
     r = _post(local, {"model": "tiny", "messages": MESSAGES, "max_tokens": 1})
     assert r.status_code == 200
     assert time.monotonic() - start < 1.0
+
+
+def test_local_model_returns_logprobs_of_what_it_generated(local):
+    """transformers backend: one entry per generated token, the greedy token is the most likely one, and the stream
+    carries the same entries as the whole answer."""
+    client = openai.OpenAI(base_url=local.v1, api_key="unused", max_retries=0, timeout=60)
+    r = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=6, temperature=0, logprobs=True,
+                                       top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens == 6
+    for entry in content:
+        assert len(entry.top_logprobs) == 3 and entry.logprob <= 0
+        assert entry.logprob == entry.top_logprobs[0].logprob  # greedy: the top token was taken
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob >= entry.top_logprobs[2].logprob
+    streamed = [e for c in client.chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3, stream=True)
+        if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+    plain = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=3, temperature=0)
+    assert plain.choices[0].logprobs is None  # only when asked
+    for body, param in (({"prompt": "x", "logprobs": 2}, "logprobs"),
+                        ({"messages": MESSAGES, "logprobs": True, "top_logprobs": 99}, "top_logprobs")):
+        bad = _post(local, {"model": "tiny", **body}, "/completions" if "prompt" in body else "/chat/completions")
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == param, bad.text

@@ -317,7 +317,14 @@ class Gateway:
                                          "\\ud800); send well-formed UTF-16 pairs",
                                          param="messages" if isinstance(body, P.ChatCompletionRequest) else "prompt"
                                          ) from None
-        read = LOCAL_FIELDS | ({"response_format", "tools"} if enforced else set())
+        if extra.get("logprobs") and not isinstance(body, P.ChatCompletionRequest):
+            raise InvalidRequest(f"{name} returns logprobs on chat completions only (`logprobs: true`, "
+                                 "`top_logprobs`); use /v1/chat/completions", param="logprobs")
+        top = extra.get("top_logprobs")
+        if top is not None and (not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= 20):
+            raise InvalidRequest("top_logprobs must be an integer from 0 to 20", param="top_logprobs")
+        read = LOCAL_FIELDS | ({"response_format", "tools"} if enforced else set()) | (
+            {"logprobs", "top_logprobs"} if getattr(handle.backends[0], "supports_logprobs", False) else set())
         dropped = [k for k in extra if k not in read and (handle.name, k) not in self.dropped_logged]
         for key in dropped:
             self.dropped_logged.add((handle.name, key))

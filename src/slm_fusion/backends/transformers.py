@@ -36,6 +36,7 @@ class _Job:
     cancelled: bool = False
     completion_tokens: int = 0
     grammar: str | None = None  # response_format as an llguidance grammar (backends/structured.py)
+    top_logprobs: int | None = None  # chat `logprobs: true`: log-probabilities returned, with this many alternatives
 
 
 @dataclass
@@ -49,10 +50,12 @@ class _Row:
     prefix_offset: int = 0
     read_offset: int = 0
     constraint: Constraint | None = None
+    logprobs: list[dict[str, Any]] = field(default_factory=list)  # entries not yet sent with a chunk
 
 
 class TransformersBackend:
     supports_response_format = True  # json_object / json_schema, enforced while decoding (backends/structured.py)
+    supports_logprobs = True  # chat `logprobs` / `top_logprobs`, from the distribution each token was drawn from
 
     def __init__(self, config: TransformersModel) -> None:
         self.config = config
@@ -135,7 +138,7 @@ class TransformersBackend:
         if grammar is not None:
             await asyncio.to_thread(self.grammars.check, grammar)
         job = _Job(req, prompt_ids, min(req.max_tokens, room), ThreadBridge(asyncio.get_running_loop()),
-                   grammar=grammar)
+                   grammar=grammar, top_logprobs=_top_logprobs(req))
         self._inbox.put(job)
         pending = req.n
         try:
@@ -154,16 +157,21 @@ class TransformersBackend:
         texts = [""] * req.n
         reasons = ["stop"] * req.n
         usage = (0, 0)
+        wanted = _top_logprobs(req) is not None
+        logprobs: list[list[dict[str, Any]]] = [[] for _ in range(req.n)]
         async for chunk in self.stream(req):
             texts[chunk.index] += chunk.text
+            if chunk.logprobs:
+                logprobs[chunk.index] += chunk.logprobs["content"]
             if chunk.finish_reason:
                 reasons[chunk.index] = chunk.finish_reason
             if chunk.usage:
                 usage = chunk.usage
         counts = [0] * req.n
         return [
-            Generation(text=t, finish_reason=r, prompt_tokens=usage[0], completion_tokens=c)
-            for t, r, c in zip(texts, reasons, self._row_counts(usage[1], counts), strict=True)
+            Generation(text=t, finish_reason=r, prompt_tokens=usage[0], completion_tokens=c,
+                       logprobs={"content": lp} if wanted else None)
+            for t, r, c, lp in zip(texts, reasons, self._row_counts(usage[1], counts), logprobs, strict=True)
         ]
 
     @staticmethod
@@ -232,7 +240,7 @@ class TransformersBackend:
             last_pos = positions[:, -1]
             while True:
                 logits = out.logits[:, -1, :].float()
-                next_ids = self._sample(logits, rows)
+                next_ids = self._sample(logits, rows, tok)
                 keep = [b for b, r in enumerate(rows) if not self._advance(r, int(next_ids[b]), tok)]
                 if not keep:
                     return
@@ -246,13 +254,15 @@ class TransformersBackend:
                 out = self.model(input_ids=next_ids[:, None].to(device), attention_mask=mask.to(device),
                                  position_ids=last_pos[:, None].to(device), use_cache=True, **{self._cache_kw: cache})
 
-    def _sample(self, logits: Any, rows: list[_Row]) -> Any:
+    def _sample(self, logits: Any, rows: list[_Row], tok: Any = None) -> Any:
         import torch
 
         for b, r in enumerate(rows):
             if r.constraint is not None:
                 r.constraint.mask(logits[b])
         next_ids = logits.argmax(dim=-1)
+        wanted = [b for b, r in enumerate(rows) if r.job.top_logprobs is not None]
+        logprobs = logits[wanted].log_softmax(-1) if wanted else None
         for b, r in enumerate(rows):
             temperature, top_p = r.job.req.temperature, r.job.req.top_p
             if temperature < 1e-4:
@@ -270,6 +280,10 @@ class TransformersBackend:
             if not bool(torch.isfinite(probs).all()):
                 continue  # numerically degenerate distribution: fall back to the greedy token
             next_ids[b] = torch.multinomial(probs, 1, generator=r.generator)[0]
+        for k, b in enumerate(wanted):
+            token = int(next_ids[b])
+            if token not in self.eos_ids:  # OpenAI lists the content tokens only
+                rows[b].logprobs.append(_logprob_entry(tok, logprobs[k], token, rows[b].job.top_logprobs))
         return next_ids
 
     def _advance(self, r: _Row, token: int, tok: Any) -> bool:
@@ -300,16 +314,46 @@ class TransformersBackend:
             if finish == "length" or token in self.eos_ids or complete:
                 r.text += tok.decode(r.ids[r.prefix_offset:], skip_special_tokens=True)[
                     len(tok.decode(r.ids[r.prefix_offset:r.read_offset], skip_special_tokens=True)):]
-            job.bridge.put(TokenChunk(index=r.choice, text=r.text[r.emitted:], finish_reason=finish))
+            job.bridge.put(TokenChunk(index=r.choice, text=r.text[r.emitted:], finish_reason=finish,
+                                      logprobs=_take_logprobs(r)))
             r.emitted = len(r.text)
             return True
         # Hold back a tail that could be the start of a stop sequence, so it is never streamed then retracted.
         hold = max((len(s) for s in stops), default=1) - 1
         safe = len(r.text) - hold
         if safe > r.emitted:
-            job.bridge.put(TokenChunk(index=r.choice, text=r.text[r.emitted:safe]))
+            job.bridge.put(TokenChunk(index=r.choice, text=r.text[r.emitted:safe], logprobs=_take_logprobs(r)))
             r.emitted = safe
         return False
+
+
+def _top_logprobs(req: GenerationRequest) -> int | None:
+    """None unless the chat request asks for `logprobs`; then how many alternatives per token (`top_logprobs`)."""
+    if not req.extra.get("logprobs"):
+        return None
+    return int(req.extra.get("top_logprobs") or 0)
+
+
+def _logprob_entry(tok: Any, logprobs: Any, token: int, top: int) -> dict[str, Any]:
+    """OpenAI's per-token entry: the token, its log-probability, its bytes, and the `top` most likely tokens."""
+    def item(t: int, lp: float) -> dict[str, Any]:
+        text = tok.decode([t])
+        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8", "replace"))}
+
+    entry = item(token, float(logprobs[token]))
+    if top:
+        values, ids = logprobs.topk(top)
+        entry["top_logprobs"] = [item(int(t), float(v)) for v, t in zip(values, ids)]
+    else:
+        entry["top_logprobs"] = []
+    return entry
+
+
+def _take_logprobs(r: _Row) -> dict[str, Any] | None:
+    if r.job.top_logprobs is None or not r.logprobs:
+        return None
+    taken, r.logprobs = r.logprobs, []
+    return {"content": taken}
 
 
 def _decode_delta(r: _Row, tok: Any) -> str:
