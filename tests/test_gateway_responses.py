@@ -94,7 +94,7 @@ def test_what_cannot_be_served_is_a_400_naming_the_field(served):
     client, _ = served
     with pytest.raises(openai.BadRequestError) as e:
         client.responses.create(model="up", input="x", tools=[{"type": "web_search"}])
-    assert e.value.body["param"] == "tools" and "function tools" in e.value.body["message"]
+    assert e.value.body["param"] == "tools" and "function and file_search tools" in e.value.body["message"]
     with pytest.raises(openai.BadRequestError) as e:
         client.responses.create(model="up", input=[{"type": "input_image", "image_url": "data:,"}])
     assert e.value.body["param"] == "input"

@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from slm_fusion import protocol as P
 from slm_fusion.backends.base import Backend
 from slm_fusion.config import FusionConfig, ModelBase
+from slm_fusion.context.routes import add_context_routes
 from slm_fusion.errors import FusionError, InvalidRequest, ModelNotFound, NotFound, ValidationFailed, error_body
 from slm_fusion.gateway import Gateway
 from slm_fusion.middleware import GatewayMiddleware, configure_logging
@@ -83,6 +84,8 @@ def create_app(
     @app.post("/v1/completions", responses={200: {"model": P.CompletionResponse}, **errors})
     async def completions(body: P.CompletionRequest, request: Request) -> Response:
         return await complete(gw, body, request, chat=False)
+
+    add_context_routes(app, gw, json_response)  # /v1/files, /v1/vector_stores (slm_fusion.context)
 
     @app.post("/v1/responses", responses=errors)
     async def responses(body: P.ResponsesRequest, request: Request) -> Response:

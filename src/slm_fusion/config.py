@@ -146,10 +146,22 @@ class EmbeddingsConfig(_Strict):
     max_inputs: int = Field(256, ge=1, description="Most texts in one request.")
 
 
+class ContextConfig(_Strict):
+    """Files and vector stores (`/v1/files`, `/v1/vector_stores`) and retrieval into chat (slm_fusion.context)."""
+
+    path: str = Field("context.db", description="SQLite file holding files, chunks, vectors and the BM25 index (relative to the YAML).")
+    max_file_bytes: int = Field(20_000_000, ge=1, description="Largest file `/v1/files` accepts (413 above).")
+    top_k: int = Field(5, ge=1, le=50, description="Chunks retrieved per request when the request does not say.")
+    max_context_tokens: int = Field(1500, ge=16, description="Retrieved text packed into the prompt, at most (serving model's tokens).")
+    min_score: float = Field(0.0, ge=0.0, le=1.0, description="Chunks scoring below this are not used.")
+    hybrid_weight: float = Field(0.5, ge=0.0, le=1.0, description="Weight of the dense (embedding) ranking against BM25 in the fused score.")
+
+
 class FusionConfig(_Strict):
     server: ServerConfig = Field(default_factory=ServerConfig)
     models: list[ModelConfig] = Field(default_factory=list)
     embeddings: EmbeddingsConfig | None = None
+    context: ContextConfig | None = Field(None, description="Files, vector stores and retrieval; needs `embeddings`.")
     routers: dict[str, Any] = Field(default_factory=dict, description="Router definitions (slm_fusion.routing).")
     virtual_models: dict[str, Any] | list[Any] = Field(
         default_factory=dict, description="Virtual model names served through a router (slm_fusion.routing)."
@@ -172,6 +184,8 @@ class FusionConfig(_Strict):
     def _embedding_name_free(self) -> FusionConfig:
         if self.embeddings and any(m.name == self.embeddings.name for m in self.models):
             raise ValueError(f"embeddings.name '{self.embeddings.name}' clashes with a chat model; rename one")
+        if self.context and not self.embeddings:
+            raise ValueError("context needs an embedding model to index and search with: add `embeddings: {}`")
         return self
 
     def model(self, name: str) -> ModelBase | None:
@@ -209,6 +223,8 @@ def _resolve_paths(raw: dict, base: Path) -> None:
             m["model"] = _relative_to(base, ref, looks_like_file=isinstance(ref, str) and ref.endswith(".gguf"))
         if isinstance(m.get("reasoning"), dict) and "verifier_path" in m["reasoning"]:
             m["reasoning"]["verifier_path"] = _relative_to(base, m["reasoning"]["verifier_path"])
+    if isinstance(raw.get("context"), dict):
+        raw["context"]["path"] = _relative_to(base, raw["context"].get("path", "context.db"), looks_like_file=True)
     for section in ("routers", "virtual_models"):
         specs = raw.get(section) or {}
         for spec in specs.values() if isinstance(specs, dict) else specs:

@@ -106,6 +106,17 @@ class Embedder:
     async def embed(self, texts: list[str]) -> tuple[Any, int]:
         return await asyncio.to_thread(self._encode, texts)
 
+    def vectors(self, texts: list[str]) -> Any:
+        """Unit-length vectors, blocking (the context store calls it from its own thread)."""
+        return self._encode(texts)[0]
+
+    def offsets(self, text: str) -> list[tuple[int, int]]:
+        """Character spans of the text's tokens in the embedding model's tokenizer (chunk sizes are counted in them)."""
+        model = self._load()
+        with self._lock:
+            return [tuple(o) for o in model.tokenizer(text, add_special_tokens=False,
+                                                       return_offsets_mapping=True)["offset_mapping"]]
+
 
 def attach_health(config: FusionConfig, handles: dict[str, ModelHandle]) -> routing.RoutingSettings:
     """`routing:` (fallbacks, allowed_fails, cooldown_s) from slm_fusion.routing; gives each model replica health."""

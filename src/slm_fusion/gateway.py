@@ -23,6 +23,7 @@ from slm_fusion.backends.base import (
     make_backend,
 )
 from slm_fusion.config import FusionConfig
+from slm_fusion.context import ContextStore
 from slm_fusion.deployments import Embedder, ModelHandle, attach_health
 from slm_fusion.errors import GatewayTimeout, InvalidRequest, ModelNotFound
 from slm_fusion.metrics import GatewayMetrics
@@ -53,10 +54,14 @@ class Gateway:
         self.routing = attach_health(config, self.handles)  # fallbacks and replica cooldowns
         self.reasoning = reasoning if reasoning is not None else make_reasoning_layer(config)
         self.embedder = Embedder(config.embeddings) if config.embeddings else None
+        self.context: ContextStore | None = None  # files and vector stores (slm_fusion.context), opened in start()
         self.created = int(time.time())
         self.dropped_logged: set[tuple[str, str]] = set()  # (model, field) already logged as ignored
 
     async def start(self) -> None:
+        if self.config.context is not None and self.context is None:
+            self.context = ContextStore(self.config.context.path, self.embedder.vectors, self.embedder.offsets,
+                                        self.config.context.max_file_bytes)
         for handle in self.handles.values():
             for b in handle.backends:
                 try:
@@ -67,6 +72,9 @@ class Gateway:
             handle.state = "ready"
 
     async def aclose(self) -> None:
+        if self.context is not None:
+            self.context.close()
+            self.context = None
         for handle in self.handles.values():
             for b in handle.backends:
                 with contextlib.suppress(Exception):

@@ -136,7 +136,7 @@ class CompletionRequest(SamplingFields, ReasoningExtras):
 
 
 # The gateway's own request fields: read here, never forwarded to an upstream.
-GATEWAY_FIELDS = frozenset({"model", "reasoning_budget", "pal", "vote"})
+GATEWAY_FIELDS = frozenset({"model", "reasoning_budget", "pal", "vote", "context"})
 
 
 def sent_fields(request: ChatCompletionRequest | CompletionRequest, raw: Any = None) -> dict[str, Any]:
@@ -510,13 +510,16 @@ class ResponsesRequest(ReasoningExtras):
             chat["max_completion_tokens"] = self.max_output_tokens
         if self.stream:  # a Responses stream ends with the usage, so the chat stream is asked for it
             chat.update(stream=True, stream_options={"include_usage": True})
-        if self.tools:
-            chat["tools"] = []
-            for i, tool in enumerate(self.tools):
-                if tool.get("type") != "function":
-                    raise ValueError(f"tools[{i}]: only function tools are served (type {tool.get('type')!r})")
-                chat["tools"].append({"type": "function", "function": {
+        for i, tool in enumerate(self.tools or []):
+            if tool.get("type") == "file_search":  # emulated: retrieve from our vector stores, then answer
+                chat["context"] = {"vector_store_ids": tool.get("vector_store_ids"),
+                                   **({"top_k": tool["max_num_results"]} if "max_num_results" in tool else {})}
+            elif tool.get("type") == "function":
+                chat.setdefault("tools", []).append({"type": "function", "function": {
                     k: tool[k] for k in ("name", "description", "parameters", "strict") if k in tool}})
+            else:
+                raise ValueError(f"tools[{i}]: only function and file_search tools are served "
+                                 f"(type {tool.get('type')!r})")
         if self.tool_choice is not None:
             choice = self.tool_choice
             chat["tool_choice"] = {"type": "function", "function": {"name": choice.get("name")}} \
@@ -563,11 +566,21 @@ def function_call_item(call: dict[str, Any], status: str = "completed") -> dict[
             "name": fn.get("name"), "arguments": fn.get("arguments", ""), "status": status}
 
 
+def file_search_item(request: ResponsesRequest, citations: list[dict[str, Any]]) -> dict[str, Any]:
+    items = [{"role": "user", "content": request.input}] if isinstance(request.input, str) else request.input
+    query = next((str(i.get("content")) for i in reversed(items) if i.get("role") == "user"), "")
+    return {"type": "file_search_call", "id": f"fs_{uuid.uuid4().hex}", "status": "completed", "queries": [query],
+            "results": [{"file_id": c["file_id"], "filename": c["filename"], "score": c["score"], "text": c["text"],
+                         "attributes": {}} for c in citations]}
+
+
 def response_from_chat(request: ResponsesRequest, chat: dict[str, Any]) -> dict[str, Any]:
     """A chat completion (JSON) → the Responses API object for the same answer."""
     choice = chat["choices"][0]
     message = choice.get("message") or {}
-    output = [message_item(message["content"])] if message.get("content") else []
+    citations = (choice.get("slm_fusion") or {}).get("citations")
+    output = [file_search_item(request, citations)] if citations is not None else []
+    output += [message_item(message["content"])] if message.get("content") else []
     output += [function_call_item(c) for c in message.get("tool_calls") or []]
     extra = {"slm_fusion": choice["slm_fusion"]} if "slm_fusion" in choice else None
     return response_object(request, f"resp_{chat['id'].split('-', 1)[-1]}", chat["created"], output,
@@ -589,6 +602,7 @@ class ResponseEvents:
         self.usage: dict[str, Any] | None = None
         self.finish: str | None = None
         self.failed = False
+        self.searched: dict[str, Any] | None = None  # the file_search_call item, output 0, when sources were used
 
     def _event(self, kind: str, **data: Any) -> dict[str, Any]:
         self.seq += 1
@@ -608,15 +622,24 @@ class ResponseEvents:
         self.usage = chunk.get("usage") or self.usage
         for choice in chunk.get("choices") or []:
             delta = choice.get("delta") or {}
+            citations = (choice.get("slm_fusion") or {}).get("citations")
+            if citations is not None and self.searched is None:
+                self.searched = file_search_item(self.request, citations)
+                out += [self._event("response.output_item.added", output_index=0,
+                                    item={**self.searched, "status": "in_progress", "results": None}),
+                        self._event("response.file_search_call.completed", item_id=self.searched["id"],
+                                    output_index=0),
+                        self._event("response.output_item.done", output_index=0, item=self.searched)]
+            at = 1 if self.searched is not None else 0
             if delta.get("content"):
                 if not self.text:
-                    out.append(self._event("response.output_item.added", output_index=0,
+                    out.append(self._event("response.output_item.added", output_index=at,
                                            item=message_item("", "in_progress", self.msg_id)))
-                    out.append(self._event("response.content_part.added", item_id=self.msg_id, output_index=0,
+                    out.append(self._event("response.content_part.added", item_id=self.msg_id, output_index=at,
                                            content_index=0, part={"type": "output_text", "text": "",
                                                                   "annotations": []}))
                 self.text.append(delta["content"])
-                out.append(self._event("response.output_text.delta", item_id=self.msg_id, output_index=0,
+                out.append(self._event("response.output_text.delta", item_id=self.msg_id, output_index=at,
                                        content_index=0, delta=delta["content"], logprobs=[]))
             for call in delta.get("tool_calls") or []:
                 fn = call.get("function") or {}
@@ -630,15 +653,15 @@ class ResponseEvents:
 
     def finish_events(self) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
-        output: list[dict[str, Any]] = []
+        output: list[dict[str, Any]] = [self.searched] if self.searched is not None else []
         if self.text:
-            full = "".join(self.text)
+            full, at = "".join(self.text), len(output)
             item = message_item(full, item_id=self.msg_id)
-            out += [self._event("response.output_text.done", item_id=self.msg_id, output_index=0, content_index=0,
+            out += [self._event("response.output_text.done", item_id=self.msg_id, output_index=at, content_index=0,
                                 text=full, logprobs=[]),
-                    self._event("response.content_part.done", item_id=self.msg_id, output_index=0, content_index=0,
-                                part=item["content"][0]),
-                    self._event("response.output_item.done", output_index=0, item=item)]
+                    self._event("response.content_part.done", item_id=self.msg_id, output_index=at,
+                                content_index=0, part=item["content"][0]),
+                    self._event("response.output_item.done", output_index=at, item=item)]
             output.append(item)
         for _, call in sorted(self.calls.items()):
             item, index = function_call_item(call), len(output)
@@ -653,3 +676,74 @@ class ResponseEvents:
         status = "failed" if self.failed else "incomplete" if self.finish == "length" else "completed"
         final = response_object(self.request, self.rid, self.created, output, self.usage, status)
         return [*out, self._event(f"response.{status}", response=final)]
+
+
+# ---------------------------------------------------------------------------------------------- files, vector stores
+def file_object(f: dict[str, Any]) -> dict[str, Any]:
+    return {"id": f["id"], "object": "file", "bytes": f["bytes"], "created_at": f["created_at"],
+            "filename": f["filename"], "purpose": f["purpose"], "status": "processed", "status_details": None}
+
+
+def vector_store_object(s: dict[str, Any]) -> dict[str, Any]:
+    counts = s["file_counts"]
+    return {"id": s["id"], "object": "vector_store", "created_at": s["created_at"], "name": s["name"],
+            "usage_bytes": s["usage_bytes"], "status": "in_progress" if counts.get("in_progress") else "completed",
+            "file_counts": {"in_progress": counts.get("in_progress", 0), "completed": counts.get("completed", 0),
+                            "failed": counts.get("failed", 0), "cancelled": 0, "total": sum(counts.values())},
+            "metadata": s["metadata"], "last_active_at": s["created_at"], "expires_after": None, "expires_at": None}
+
+
+def vector_store_file_object(f: dict[str, Any]) -> dict[str, Any]:
+    return {"id": f["file_id"], "object": "vector_store.file", "created_at": f["created_at"],
+            "vector_store_id": f["store_id"], "status": f["status"], "usage_bytes": f["usage_bytes"],
+            "last_error": None if f["last_error"] is None else {"code": "server_error", "message": f["last_error"]},
+            "attributes": f["attributes"], "chunking_strategy": f["chunking"]}
+
+
+def list_object(data: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None, "has_more": False}
+
+
+def deleted_object(oid: str, kind: str) -> dict[str, Any]:
+    return {"id": oid, "object": kind, "deleted": True}
+
+
+def search_page(query: str, hits: list[Any]) -> dict[str, Any]:
+    return {"object": "vector_store.search_results.page", "search_query": [query], "has_more": False,
+            "next_page": None, "data": [{"file_id": h.file_id, "filename": h.filename, "score": h.score,
+                                         "attributes": h.attributes, "content": [{"type": "text", "text": h.text}]}
+                                        for h in hits]}
+
+
+class VectorStoreCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = None
+    file_ids: list[str] = Field(default_factory=list)
+    metadata: dict[str, Any] | None = None
+    chunking_strategy: dict[str, Any] | None = None
+    expires_after: dict[str, Any] | None = None
+
+
+class VectorStoreFileCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    file_id: str
+    attributes: dict[str, str | float | bool] | None = None
+    chunking_strategy: dict[str, Any] | None = None
+
+
+class RankingOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    score_threshold: float = Field(0.0, ge=0.0, le=1.0)
+
+
+class VectorStoreSearch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    query: str | list[str]
+    filters: dict[str, Any] | None = None
+    max_num_results: int = Field(10, ge=1, le=50)
+    ranking_options: RankingOptions | None = None
+    rewrite_query: bool = False
+
+    def text(self) -> str:
+        return self.query if isinstance(self.query, str) else " ".join(self.query)

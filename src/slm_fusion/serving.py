@@ -47,10 +47,15 @@ async def complete(gw: Gateway, body: Any, request: Request, *, chat: bool,
                              "send n=1 or call a model directly", param="n")
     # FastAPI parsed the body with Starlette's `request.json()`, which keeps the parsed object: the fields exactly
     # as sent, without a second parse or a dump of the validated model.
-    gen = gw.generation_request(handle, body, sent or P.sent_fields(body, getattr(request, "_json", None)))
+    raw = getattr(request, "_json", None) if sent is None else sent
+    citations = None
+    if chat and (asked := (body.model_extra or {}).get("context")) is not None:
+        body, raw, citations = await _with_context(gw, handle, body, raw, asked)
+        sent = None
+    gen = gw.generation_request(handle, body, sent or P.sent_fields(body, raw))
     timeout = handle.timeout(gw.config.server.request_timeout_s)
     if body.stream:
-        return await _stream(gw, handle, gen, body, chat, timeout, decision, request)
+        return await _stream(gw, handle, gen, body, chat, timeout, decision, request, citations)
     async with _cancel_on_disconnect(request):
         handle, gens, decision = await gw.generate_routed(handle, decision, body, gen)
     request.scope["fusion.model"] = handle.name
@@ -83,20 +88,39 @@ async def complete(gw: Gateway, body: Any, request: Request, *, chat: bool,
         )
     # Routing extras (e.g. output fusion's `slm_fusion: {agreement, votes}`) ride along as extra response fields.
     extra = {k: v for k, v in (getattr(decision, "extra", None) or {}).items() if not k.startswith("_")}
-    if details is not None:  # the reasoning layer's per-choice result (answer, program, agreement, ...)
+    if details is not None or citations is not None:  # per-choice results: the reasoning layer's, the sources used
         data = resp.model_dump(mode="json")
         for choice, g in zip(data["choices"], gens):
             if g.reasoning is not None:
-                choice["slm_fusion"] = g.reasoning
+                choice["slm_fusion"] = dict(g.reasoning)
+            if citations is not None:
+                choice.setdefault("slm_fusion", {})["citations"] = citations
         return json_response({**data, **extra}, headers=headers)
     if extra:
         return json_response({**resp.model_dump(mode="json"), **extra}, headers=headers)
     return model_response(resp, headers)
 
 
+async def _with_context(gw: Gateway, handle: ModelHandle, body: Any, raw: Any,
+                        asked: Any) -> tuple[Any, dict[str, Any], list[dict[str, Any]]]:
+    """Retrieval for a chat asking for `context` (slm_fusion.context): the request with the sources packed into a
+    system message, the fields to send upstream (without `context`), and the citations."""
+    from slm_fusion.context import augment, context_request
+
+    ctx = context_request(asked, gw.config.context)
+    query = next((m.text() for m in reversed(body.messages) if m.role == "user"), "")
+    hits = await asyncio.to_thread(gw.context.search, list(ctx.vector_store_ids), query, ctx.top_k, None,
+                                   ctx.min_score, ctx.hybrid_weight)
+    fields = {"model": body.model, **raw} if isinstance(raw, dict) else body.model_dump(exclude_unset=True)
+    fields.pop("context", None)
+    fields["messages"], citations = augment(list(fields["messages"]), hits, handle.backends[0].count_tokens,
+                                            ctx.max_context_tokens)
+    return type(body).model_validate(fields), fields, citations
+
+
 async def _stream(
     gw: Gateway, handle: ModelHandle, gen: GenerationRequest, body: Any, chat: bool, timeout: float,
-    decision: Any, request: Request,
+    decision: Any, request: Request, citations: list[dict[str, Any]] | None = None,
 ) -> Response:
     """SSE stream. The first token is awaited before answering, so failures up to then get a real status code
     (or the next model of `routing.fallbacks` is tried)."""
@@ -136,6 +160,11 @@ async def _stream(
             if chat:
                 for i in range(gen.n):
                     yield frame([choice(i, "", None, role=True)])
+                if citations is not None:  # the sources used, once, before the text (an extra field per choice)
+                    yield b"data: " + orjson.dumps({
+                        "id": cid, "object": "chat.completion.chunk", "created": created, "model": body.model,
+                        "choices": [{"index": i, "delta": {}, "finish_reason": None,
+                                     "slm_fusion": {"citations": citations}} for i in range(gen.n)]}) + b"\n\n"
             elif body.echo:
                 for i in range(gen.n):
                     yield frame([choice(i, gen.prompt, None)])

@@ -1,0 +1,313 @@
+"""The embedded context store: files, vector stores, chunks, vectors and a BM25 index in ONE SQLite file.
+
+    files(id, filename, purpose, bytes, data, created_at)
+    vector_stores(id, name, metadata, created_at)
+    store_files(store_id, file_id, status, attributes, chunking, usage_bytes, last_error, created_at)
+    chunks(id, store_id, file_id, position, text, vector)          vector: float32 bytes, unit length
+    chunks_fts (FTS5 over chunks.text, BM25 ranking)
+
+WAL mode, so two gateway workers can share the file (one writer at a time, readers never blocked). A file is indexed
+in one transaction (its chunks, their vectors and its `completed` status together): a crash mid-file leaves no partial
+chunks, only the `in_progress` row, and attaching the file again indexes it from the start. Search fuses the dense
+ranking (cosine over the store's vectors, numpy; a flat index is exact and fast enough at this scale) with BM25 from
+FTS5: score = hybrid_weight * cosine + (1 - hybrid_weight) * bm25 normalised to the best hit.
+
+Hand-written because no maintained embedded store does both a BM25 index and vectors in one file that two processes
+may open (Chroma's known multi-process hang, LanceDB's manual compaction, sqlite-vec brute force without BM25).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from slm_fusion.errors import FusionError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS files (id TEXT PRIMARY KEY, filename TEXT NOT NULL, purpose TEXT NOT NULL,
+    bytes INTEGER NOT NULL, data BLOB NOT NULL, created_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS vector_stores (id TEXT PRIMARY KEY, name TEXT, metadata TEXT NOT NULL,
+    created_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS store_files (store_id TEXT NOT NULL, file_id TEXT NOT NULL, status TEXT NOT NULL,
+    attributes TEXT NOT NULL, chunking TEXT NOT NULL, usage_bytes INTEGER NOT NULL DEFAULT 0, last_error TEXT,
+    created_at INTEGER NOT NULL, PRIMARY KEY (store_id, file_id));
+CREATE TABLE IF NOT EXISTS chunks (id INTEGER PRIMARY KEY, store_id TEXT NOT NULL, file_id TEXT NOT NULL,
+    position INTEGER NOT NULL, text TEXT NOT NULL, vector BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS chunks_by_store ON chunks (store_id, file_id);
+CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5 (text, content='chunks', content_rowid='id');
+CREATE TRIGGER IF NOT EXISTS chunks_ai AFTER INSERT ON chunks BEGIN
+    INSERT INTO chunks_fts (rowid, text) VALUES (new.id, new.text); END;
+CREATE TRIGGER IF NOT EXISTS chunks_ad AFTER DELETE ON chunks BEGIN
+    INSERT INTO chunks_fts (chunks_fts, rowid, text) VALUES ('delete', old.id, old.text); END;
+"""
+
+TEXT_TYPES = {".txt", ".md", ".json", ".jsonl", ".csv", ".tsv", ".html", ".htm", ".py", ".yaml", ".yml", ".xml"}
+AUTO_CHUNKING = {"type": "static", "static": {"max_chunk_size_tokens": 800, "chunk_overlap_tokens": 400}}
+
+
+class StoreError(FusionError):
+    """A request the store cannot serve (400; 404 unknown id, 413 too large): answered in OpenAI's error shape."""
+
+    type = "invalid_request_error"
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None) -> None:
+        super().__init__(message, param=param)
+        self.status = status
+
+
+@dataclass
+class Hit:
+    file_id: str
+    filename: str
+    score: float
+    text: str
+    attributes: dict[str, Any]
+    chunk_id: int
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+def chunking_of(strategy: Any) -> dict[str, Any]:
+    """OpenAI's `chunking_strategy` (None / auto / static) → the static form, validated (100-4096, overlap <= half)."""
+    if strategy is None or (isinstance(strategy, dict) and strategy.get("type") == "auto"):
+        return AUTO_CHUNKING
+    static = strategy.get("static") if isinstance(strategy, dict) and strategy.get("type") == "static" else None
+    if not isinstance(static, dict):
+        raise StoreError("chunking_strategy must be {\"type\": \"auto\"} or {\"type\": \"static\", \"static\": "
+                         "{\"max_chunk_size_tokens\": N, \"chunk_overlap_tokens\": M}}", param="chunking_strategy")
+    size, overlap = static.get("max_chunk_size_tokens"), static.get("chunk_overlap_tokens", 0)
+    if not isinstance(size, int) or not 100 <= size <= 4096:
+        raise StoreError("chunking_strategy.static.max_chunk_size_tokens must be 100..4096", param="chunking_strategy")
+    if not isinstance(overlap, int) or not 0 <= overlap <= size // 2:
+        raise StoreError("chunking_strategy.static.chunk_overlap_tokens must be 0..max_chunk_size_tokens/2",
+                         param="chunking_strategy")
+    return {"type": "static", "static": {"max_chunk_size_tokens": size, "chunk_overlap_tokens": overlap}}
+
+
+def split_text(text: str, offsets: Sequence[tuple[int, int]], size: int, overlap: int) -> list[str]:
+    """Windows of `size` tokens stepping by size - overlap, cut at the tokens' character offsets."""
+    if not offsets:
+        return [text.strip()] if text.strip() else []
+    out, start = [], 0
+    while start < len(offsets):
+        end = min(start + size, len(offsets))
+        piece = text[offsets[start][0]:offsets[end - 1][1]].strip()
+        if piece:
+            out.append(piece)
+        if end == len(offsets):
+            break
+        start = end - overlap
+    return out
+
+
+def file_text(filename: str, data: bytes) -> str:
+    """The text of an uploaded file (the types `/v1/files` accepts for retrieval)."""
+    suffix = Path(filename).suffix.lower()
+    if suffix not in TEXT_TYPES:
+        raise StoreError(f"file type {suffix or '(none)'} is not supported for retrieval; upload one of "
+                         f"{', '.join(sorted(TEXT_TYPES))}", param="file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise StoreError(f"{filename} is not UTF-8 text", param="file") from None
+    if suffix in (".html", ".htm"):  # the text of the page, not its markup
+        text = re.sub(r"<(script|style)\b.*?</\1>", " ", text, flags=re.DOTALL | re.IGNORECASE)
+        text = re.sub(r"<[^>]+>", " ", text)
+    return text
+
+
+def _match(attributes: dict[str, Any], flt: Any) -> bool:
+    """OpenAI's attribute filters: {type: eq|ne|gt|gte|lt|lte, key, value} and {type: and|or, filters: [...]}."""
+    kind = flt.get("type")
+    if kind in ("and", "or"):
+        results = (_match(attributes, f) for f in flt.get("filters") or [])
+        return all(results) if kind == "and" else any(results)
+    have, want = attributes.get(flt.get("key")), flt.get("value")
+    if kind == "eq":
+        return have == want
+    if kind == "ne":
+        return have != want
+    if have is None or isinstance(have, str) != isinstance(want, str):
+        return False
+    return {"gt": have > want, "gte": have >= want, "lt": have < want, "lte": have <= want}.get(kind, False)
+
+
+def _fts_query(query: str) -> str | None:
+    words = re.findall(r"\w+", query.lower())
+    return " OR ".join(f'"{w}"' for w in dict.fromkeys(words)) or None
+
+
+class ContextStore:
+    """Files and vector stores in one SQLite file (see the module doc). Methods are blocking: call them in a thread."""
+
+    def __init__(self, path: str | Path, embed: Callable[[list[str]], np.ndarray],
+                 tokenize: Callable[[str], list[tuple[int, int]]], max_file_bytes: int = 20_000_000) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.embed, self.tokenize, self.max_file_bytes = embed, tokenize, max_file_bytes
+        self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=30, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._lock = threading.Lock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _q(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # -- files ------------------------------------------------------------------------------------------------------
+    def add_file(self, filename: str, data: bytes, purpose: str) -> dict[str, Any]:
+        if len(data) > self.max_file_bytes:
+            raise StoreError(f"{filename} is {len(data)} bytes; the limit is {self.max_file_bytes} "
+                             "(context.max_file_bytes)", status=413, param="file")
+        file_text(filename, data)  # refuse what could never be indexed now, not at attach time
+        fid = f"file-{uuid.uuid4().hex[:24]}"
+        self._q("INSERT INTO files VALUES (?, ?, ?, ?, ?, ?)", (fid, filename, purpose, len(data), data, _now()))
+        return self.file(fid)
+
+    def file(self, fid: str) -> dict[str, Any]:
+        rows = self._q("SELECT id, filename, purpose, bytes, created_at FROM files WHERE id = ?", (fid,))
+        if not rows:
+            raise StoreError(f"No file with id '{fid}'", status=404, param="file_id")
+        return dict(rows[0])
+
+    def files(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self._q("SELECT id, filename, purpose, bytes, created_at FROM files "
+                                         "ORDER BY created_at DESC, id")]
+
+    def file_content(self, fid: str) -> bytes:
+        self.file(fid)
+        return self._q("SELECT data FROM files WHERE id = ?", (fid,))[0]["data"]
+
+    def delete_file(self, fid: str) -> None:
+        self.file(fid)
+        with self._lock:  # the file leaves every store it was in, chunks and all
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("DELETE FROM chunks WHERE file_id = ?", (fid,))
+            self._db.execute("DELETE FROM store_files WHERE file_id = ?", (fid,))
+            self._db.execute("DELETE FROM files WHERE id = ?", (fid,))
+            self._db.execute("COMMIT")
+
+    # -- vector stores ----------------------------------------------------------------------------------------------
+    def create_store(self, name: str | None, metadata: dict[str, Any] | None) -> dict[str, Any]:
+        sid = f"vs_{uuid.uuid4().hex[:24]}"
+        self._q("INSERT INTO vector_stores VALUES (?, ?, ?, ?)", (sid, name, json.dumps(metadata or {}), _now()))
+        return self.store(sid)
+
+    def store(self, sid: str) -> dict[str, Any]:
+        rows = self._q("SELECT * FROM vector_stores WHERE id = ?", (sid,))
+        if not rows:
+            raise StoreError(f"No vector store with id '{sid}'", status=404, param="vector_store_id")
+        counts = {r["status"]: r["n"] for r in self._q(
+            "SELECT status, count(*) AS n FROM store_files WHERE store_id = ? GROUP BY status", (sid,))}
+        usage = self._q("SELECT coalesce(sum(usage_bytes), 0) AS b FROM store_files WHERE store_id = ?", (sid,))
+        return {**dict(rows[0]), "metadata": json.loads(rows[0]["metadata"]), "file_counts": counts,
+                "usage_bytes": usage[0]["b"]}
+
+    def stores(self) -> list[dict[str, Any]]:
+        return [self.store(r["id"]) for r in self._q("SELECT id FROM vector_stores ORDER BY created_at DESC, id")]
+
+    def delete_store(self, sid: str) -> None:
+        self.store(sid)
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("DELETE FROM chunks WHERE store_id = ?", (sid,))
+            self._db.execute("DELETE FROM store_files WHERE store_id = ?", (sid,))
+            self._db.execute("DELETE FROM vector_stores WHERE id = ?", (sid,))
+            self._db.execute("COMMIT")
+
+    # -- indexing ---------------------------------------------------------------------------------------------------
+    def attach(self, sid: str, fid: str, attributes: dict[str, Any] | None = None,
+               chunking_strategy: Any = None) -> dict[str, Any]:
+        """Chunk, embed and index a file into a store (again from the start if it was there)."""
+        self.store(sid)
+        meta = self.file(fid)
+        attributes = attributes or {}
+        if len(attributes) > 16:
+            raise StoreError("attributes: at most 16 key/value pairs", param="attributes")
+        chunking = chunking_of(chunking_strategy)
+        self._q("INSERT OR REPLACE INTO store_files VALUES (?, ?, 'in_progress', ?, ?, 0, NULL, ?)",
+                (sid, fid, json.dumps(attributes), json.dumps(chunking), _now()))
+        text = file_text(meta["filename"], self.file_content(fid))
+        static = chunking["static"]
+        pieces = split_text(text, self.tokenize(text), static["max_chunk_size_tokens"], static["chunk_overlap_tokens"])
+        vectors = self.embed(pieces) if pieces else np.zeros((0, 1), dtype=np.float32)
+        with self._lock:  # chunks, vectors and the completed status in one transaction
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("DELETE FROM chunks WHERE store_id = ? AND file_id = ?", (sid, fid))
+            self._db.executemany("INSERT INTO chunks (store_id, file_id, position, text, vector) VALUES (?, ?, ?, ?, ?)",
+                                 [(sid, fid, i, t, np.asarray(v, dtype=np.float32).tobytes())
+                                  for i, (t, v) in enumerate(zip(pieces, vectors))])
+            self._db.execute("UPDATE store_files SET status = 'completed', usage_bytes = ? WHERE store_id = ? AND "
+                             "file_id = ?", (sum(len(t.encode()) for t in pieces), sid, fid))
+            self._db.execute("COMMIT")
+        return self.store_file(sid, fid)
+
+    def store_file(self, sid: str, fid: str) -> dict[str, Any]:
+        rows = self._q("SELECT * FROM store_files WHERE store_id = ? AND file_id = ?", (sid, fid))
+        if not rows:
+            raise StoreError(f"File '{fid}' is not in vector store '{sid}'", status=404, param="file_id")
+        r = dict(rows[0])
+        return {**r, "attributes": json.loads(r["attributes"]), "chunking": json.loads(r["chunking"])}
+
+    def store_files(self, sid: str) -> list[dict[str, Any]]:
+        self.store(sid)
+        return [self.store_file(sid, r["file_id"]) for r in self._q(
+            "SELECT file_id FROM store_files WHERE store_id = ? ORDER BY created_at DESC, file_id", (sid,))]
+
+    def detach(self, sid: str, fid: str) -> None:
+        self.store_file(sid, fid)
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("DELETE FROM chunks WHERE store_id = ? AND file_id = ?", (sid, fid))
+            self._db.execute("DELETE FROM store_files WHERE store_id = ? AND file_id = ?", (sid, fid))
+            self._db.execute("COMMIT")
+
+    # -- search -----------------------------------------------------------------------------------------------------
+    def search(self, store_ids: Sequence[str], query: str, max_results: int = 10, filters: Any = None,
+               score_threshold: float = 0.0, hybrid_weight: float = 0.5) -> list[Hit]:
+        """Best chunks of the stores for `query`: dense and BM25 fused (see the module doc), filtered by attributes."""
+        for sid in store_ids:
+            self.store(sid)
+        marks = ",".join("?" * len(store_ids))
+        rows = self._q(f"SELECT c.id, c.file_id, c.text, c.vector, f.filename, s.attributes FROM chunks c "
+                       f"JOIN files f ON f.id = c.file_id JOIN store_files s ON s.store_id = c.store_id AND "
+                       f"s.file_id = c.file_id WHERE c.store_id IN ({marks}) AND s.status = 'completed'",
+                       list(store_ids))
+        if filters is not None:
+            rows = [r for r in rows if _match(json.loads(r["attributes"]), filters)]
+        if not rows:
+            return []
+        matrix = np.stack([np.frombuffer(r["vector"], dtype=np.float32) for r in rows])
+        dense = matrix @ np.asarray(self.embed([query])[0], dtype=np.float32)
+        bm25 = np.zeros(len(rows))
+        fts = _fts_query(query)
+        if fts is not None:
+            position = {r["id"]: i for i, r in enumerate(rows)}
+            for hit in self._q(f"SELECT rowid, -bm25(chunks_fts) AS s FROM chunks_fts WHERE chunks_fts MATCH ? "
+                               f"AND rowid IN (SELECT id FROM chunks WHERE store_id IN ({marks}))",
+                               [fts, *store_ids]):
+                if hit["rowid"] in position:
+                    bm25[position[hit["rowid"]]] = hit["s"]
+        if bm25.max() > 0:
+            bm25 = bm25 / bm25.max()
+        scores = hybrid_weight * np.clip(dense, 0, 1) + (1 - hybrid_weight) * bm25
+        order = np.argsort(-scores)[:max_results]
+        return [Hit(rows[i]["file_id"], rows[i]["filename"], round(float(scores[i]), 6), rows[i]["text"],
+                    json.loads(rows[i]["attributes"]), rows[i]["id"]) for i in order if scores[i] >= score_threshold]

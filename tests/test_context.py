@@ -1,0 +1,194 @@
+"""The context layer (slm_fusion.context) through the official `openai` client against a real uvicorn: upload files,
+create a vector store, search it (hybrid dense + BM25, attribute filters), answer a chat from it with citations
+(json, stream, and the Responses API's file_search), delete; the store file itself: chunking, transactional indexing,
+two processes on one SQLite file."""
+
+from __future__ import annotations
+
+import io
+import sqlite3
+import subprocess
+import sys
+
+import numpy as np
+import openai
+import pytest
+from gateway_helpers import serve, serve_gateway, upstream_model
+
+from slm_fusion.backends.mock_upstream import MockUpstream
+from slm_fusion.context.store import ContextStore, StoreError, chunking_of, split_text
+
+PRICES = "Price list, autumn.\nThe Contour desk lamp costs 49.90 dollars. The Aria mug costs 7.50 dollars.\n"
+POLICY = "Returns policy.\nItems can be returned within 30 days with a receipt. Sale items cannot be returned.\n"
+STOCK = "Stock report, week 48.\nWe have 12 Contour desk lamps and 240 Aria mugs in the warehouse.\n"
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory):
+    mock = MockUpstream()
+    db = tmp_path_factory.mktemp("ctx") / "context.db"
+    with serve(mock) as upstream:
+        config = {"models": [upstream_model("up", upstream.url)], "embeddings": {}, "context": {"path": str(db)},
+                  "server": {"access_log": False}}
+        with serve_gateway(config) as served:
+            yield openai.OpenAI(base_url=served.v1, api_key="x", max_retries=0, timeout=120), mock, db
+
+
+@pytest.fixture(scope="module")
+def store_id(gateway):
+    client, _, _ = gateway
+    ids = [client.files.create(file=(name, io.BytesIO(text.encode())), purpose="assistants").id
+           for name, text in (("prices.md", PRICES), ("policy.txt", POLICY), ("stock.csv", STOCK))]
+    vs = client.vector_stores.create(name="store docs", file_ids=ids[:2])
+    client.vector_stores.files.create(vector_store_id=vs.id, file_id=ids[2], attributes={"kind": "stock", "week": 48})
+    return vs.id
+
+
+def test_files_and_vector_stores_round_trip_through_the_sdk(gateway, store_id):
+    client, _, _ = gateway
+    vs = client.vector_stores.retrieve(store_id)
+    assert vs.name == "store docs" and vs.file_counts.completed == 3 and vs.file_counts.total == 3
+    files = client.files.list().data
+    assert {f.filename for f in files} >= {"prices.md", "policy.txt", "stock.csv"}
+    assert client.files.content(files[0].id).read().decode() in (PRICES, POLICY, STOCK)
+    listed = client.vector_stores.files.list(vector_store_id=store_id).data
+    assert len(listed) == 3 and all(f.status == "completed" for f in listed)
+    assert any(f.attributes == {"kind": "stock", "week": 48} for f in listed)
+    assert store_id in [s.id for s in client.vector_stores.list().data]
+
+
+def test_search_finds_the_right_document_and_filters_by_attributes(gateway, store_id):
+    client, _, _ = gateway
+    page = client.vector_stores.search(vector_store_id=store_id, query="how much is the Contour desk lamp?")
+    assert page.data[0].filename == "prices.md" and "49.90" in page.data[0].content[0].text
+    assert all(0 <= h.score <= 1 for h in page.data) and page.data[0].score >= page.data[-1].score
+    only_stock = client.vector_stores.search(vector_store_id=store_id, query="Contour desk lamp",
+                                             filters={"type": "eq", "key": "kind", "value": "stock"})
+    assert [h.filename for h in only_stock.data] == ["stock.csv"]
+    none = client.vector_stores.search(vector_store_id=store_id, query="lamp",
+                                       filters={"type": "gt", "key": "week", "value": 50})
+    assert none.data == []
+
+
+def test_a_chat_answers_from_the_store_with_citations(gateway, store_id):
+    client, mock, _ = gateway
+    r = client.chat.completions.create(model="up", messages=[{"role": "user", "content": "Can I return sale items?"}],
+                                       extra_body={"context": {"vector_store_ids": [store_id], "top_k": 2}})
+    sent = mock.received[-1]
+    assert "context" not in sent and sent["messages"][0]["role"] == "system"  # our field stays with us
+    assert "Sale items cannot be returned" in sent["messages"][0]["content"]
+    assert sent["messages"][-1] == {"role": "user", "content": "Can I return sale items?"}
+    citations = r.model_dump()["choices"][0]["slm_fusion"]["citations"]
+    assert citations[0]["filename"] == "policy.txt" and len(citations) <= 2
+    stream = client.chat.completions.create(model="up", stream=True,
+                                            messages=[{"role": "user", "content": "Can I return sale items?"}],
+                                            extra_body={"context": {"vector_store_ids": [store_id], "top_k": 2}})
+    chunks = [c.model_dump() for c in stream]
+    streamed = [c["choices"][0]["slm_fusion"]["citations"] for c in chunks if c["choices"]
+                and c["choices"][0].get("slm_fusion")]
+    assert streamed == [citations]
+
+
+def test_the_responses_api_file_search_tool_is_served(gateway, store_id):
+    client, _, _ = gateway
+    r = client.responses.create(model="up", input="How many Aria mugs are in the warehouse?",
+                                tools=[{"type": "file_search", "vector_store_ids": [store_id], "max_num_results": 2}])
+    assert r.output[0].type == "file_search_call" and r.output[0].results[0].filename == "stock.csv"
+    assert r.output[1].type == "message" and r.output_text
+    events = list(client.responses.create(model="up", input="How many Aria mugs?", stream=True,
+                                          tools=[{"type": "file_search", "vector_store_ids": [store_id]}]))
+    assert events[-1].response.output[0].type == "file_search_call"
+    assert events[-1].response.output[1].type == "message"
+
+
+def test_bad_requests_are_openai_shaped(gateway, store_id):
+    client, _, _ = gateway
+    with pytest.raises(openai.BadRequestError) as e:
+        client.files.create(file=("slides.pptx", io.BytesIO(b"PK\x03\x04")), purpose="assistants")
+    assert e.value.body["param"] == "file" and ".pptx" in e.value.body["message"]
+    with pytest.raises(openai.NotFoundError):
+        client.vector_stores.retrieve("vs_missing")
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="up", messages=[{"role": "user", "content": "x"}],
+                                       extra_body={"context": {"vector_store_ids": "vs_1"}})
+    assert e.value.body["param"] == "context"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.vector_stores.files.create(vector_store_id=store_id, file_id=client.files.list().data[0].id,
+                                          chunking_strategy={"type": "static", "static": {
+                                              "max_chunk_size_tokens": 50, "chunk_overlap_tokens": 0}})
+    assert e.value.body["param"] == "chunking_strategy"
+
+
+def test_deleting_a_file_removes_its_chunks_everywhere(gateway):
+    client, _, db = gateway
+    fid = client.files.create(file=("gone.txt", io.BytesIO(b"The Orbit kettle costs 30 dollars.")),
+                              purpose="assistants").id
+    vs = client.vector_stores.create(name="tmp", file_ids=[fid])
+    assert client.vector_stores.search(vector_store_id=vs.id, query="Orbit kettle").data
+    assert client.files.delete(fid).deleted
+    assert client.vector_stores.search(vector_store_id=vs.id, query="Orbit kettle").data == []
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT count(*) FROM chunks WHERE file_id = ?", (fid,)).fetchone()[0] == 0
+    assert client.vector_stores.delete(vs.id).deleted
+
+
+# ------------------------------------------------------------------------------------------ the store itself
+def _fake_store(path) -> ContextStore:
+    def embed(texts):  # deterministic unit vectors from word hashes: enough to test the plumbing
+        out = np.zeros((len(texts), 32), dtype=np.float32)
+        for i, t in enumerate(texts):
+            for w in t.lower().split():
+                out[i, hash(w) % 32] += 1
+        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
+
+    def tokenize(text):
+        import re
+
+        return [m.span() for m in re.finditer(r"\S+", text)]
+
+    return ContextStore(path, embed, tokenize)
+
+
+def test_chunking_windows_overlap_and_validate():
+    text = " ".join(f"w{i}" for i in range(250))
+    import re
+
+    offsets = [m.span() for m in re.finditer(r"\S+", text)]
+    pieces = split_text(text, offsets, 100, 50)
+    assert [p.split()[0] for p in pieces] == ["w0", "w50", "w100", "w150"] and pieces[-1].endswith("w249")
+    assert chunking_of(None)["static"] == {"max_chunk_size_tokens": 800, "chunk_overlap_tokens": 400}
+    with pytest.raises(StoreError):
+        chunking_of({"type": "static", "static": {"max_chunk_size_tokens": 200, "chunk_overlap_tokens": 150}})
+
+
+def test_a_failed_indexing_leaves_no_partial_chunks(tmp_path):
+    store = _fake_store(tmp_path / "c.db")
+    fid = store.add_file("a.txt", ("word " * 500).encode(), "assistants")["id"]
+    sid = store.create_store("s", None)["id"]
+    calls = {"n": 0}
+    real = store.embed
+
+    def dies(texts):
+        calls["n"] += 1
+        raise RuntimeError("killed while embedding")
+
+    store.embed = dies
+    with pytest.raises(RuntimeError):
+        store.attach(sid, fid, chunking_strategy={"type": "static", "static": {"max_chunk_size_tokens": 100,
+                                                                               "chunk_overlap_tokens": 0}})
+    assert store.store_file(sid, fid)["status"] == "in_progress" and store.search([sid], "word") == []
+    store.embed = real  # attaching again indexes the file from the start
+    assert store.attach(sid, fid)["status"] == "completed" and store.search([sid], "word")
+
+
+def test_two_processes_share_one_store_file(tmp_path):
+    path = tmp_path / "shared.db"
+    store = _fake_store(path)
+    sid = store.create_store("s", None)["id"]
+    fid = store.add_file("a.txt", b"The Contour lamp costs 49.90 dollars.", "assistants")["id"]
+    store.attach(sid, fid)
+    code = (f"import sqlite3; c = sqlite3.connect({str(path)!r}); "
+            f"print(c.execute(\"SELECT count(*) FROM chunks_fts WHERE chunks_fts MATCH 'contour'\").fetchone()[0])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "1"  # the other process reads the committed index while this one holds it open
+    store.close()
