@@ -176,8 +176,12 @@ def test_a_failed_indexing_leaves_no_partial_chunks(tmp_path):
     with pytest.raises(RuntimeError):
         store.attach(sid, fid, chunking_strategy={"type": "static", "static": {"max_chunk_size_tokens": 100,
                                                                                "chunk_overlap_tokens": 0}})
-    assert store.store_file(sid, fid)["status"] == "in_progress" and store.search([sid], "word") == []
-    store.embed = real  # attaching again indexes the file from the start
+    assert store.store_file(sid, fid)["status"] == "in_progress"
+    with sqlite3.connect(tmp_path / "c.db") as conn:  # nothing of the file was committed
+        assert conn.execute("SELECT count(*) FROM chunks").fetchone()[0] == 0
+    store.embed = real
+    assert store.search([sid], "word") == []
+    # attaching again indexes the file from the start
     assert store.attach(sid, fid)["status"] == "completed" and store.search([sid], "word")
 
 

@@ -9,8 +9,9 @@
 WAL mode, so two gateway workers can share the file (one writer at a time, readers never blocked). A file is indexed
 in one transaction (its chunks, their vectors and its `completed` status together): a crash mid-file leaves no partial
 chunks, only the `in_progress` row, and attaching the file again indexes it from the start. Search fuses the dense
-ranking (cosine over the store's vectors, numpy; a flat index is exact and fast enough at this scale) with BM25 from
-FTS5: score = hybrid_weight * cosine + (1 - hybrid_weight) * bm25 normalised to the best hit.
+ranking (cosine over the store's vectors, numpy, held in memory until the store changes; a flat index is exact) with
+BM25 from FTS5 over the top candidates of each: score = hybrid_weight * cosine + (1 - hybrid_weight) * bm25
+normalised to the best BM25 hit.
 
 Hand-written because no maintained embedded store does both a BM25 index and vectors in one file that two processes
 may open (Chroma's known multi-process hang, LanceDB's manual compaction, sqlite-vec brute force without BM25).
@@ -160,6 +161,7 @@ class ContextStore:
         self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=30, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._lock = threading.Lock()
+        self._cache: dict[str, tuple[tuple, np.ndarray, np.ndarray]] = {}  # store id -> (version, ids, vectors)
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.executescript(SCHEMA)
@@ -280,34 +282,59 @@ class ContextStore:
             self._db.execute("COMMIT")
 
     # -- search -----------------------------------------------------------------------------------------------------
+    def _vectors(self, sid: str) -> tuple[np.ndarray, np.ndarray]:
+        """(chunk ids, vectors) of one store, cached until its chunks change (count and newest id, read per query:
+        another process may have indexed since)."""
+        key = tuple(self._q("SELECT count(*), max(id) FROM chunks WHERE store_id = ?", (sid,))[0])
+        cached = self._cache.get(sid)
+        if cached is None or cached[0] != key:
+            rows = self._q("SELECT id, vector FROM chunks WHERE store_id = ? ORDER BY id", (sid,))
+            ids = np.array([r["id"] for r in rows], dtype=np.int64)
+            matrix = np.stack([np.frombuffer(r["vector"], dtype=np.float32) for r in rows]) if rows else \
+                np.zeros((0, 1), dtype=np.float32)
+            cached = self._cache[sid] = (key, ids, matrix)
+        return cached[1], cached[2]
+
     def search(self, store_ids: Sequence[str], query: str, max_results: int = 10, filters: Any = None,
-               score_threshold: float = 0.0, hybrid_weight: float = 0.5) -> list[Hit]:
-        """Best chunks of the stores for `query`: dense and BM25 fused (see the module doc), filtered by attributes."""
+               score_threshold: float = 0.0, hybrid_weight: float = 0.5, candidates: int = 200) -> list[Hit]:
+        """Best chunks of the stores for `query`: the top `candidates` of the dense ranking and of BM25, fused (see
+        the module doc), then filtered by attributes and by the files' status."""
         for sid in store_ids:
             self.store(sid)
+        q = np.asarray(self.embed([query])[0], dtype=np.float32)
+        dense: dict[int, float] = {}
+        for sid in store_ids:
+            ids, matrix = self._vectors(sid)
+            if len(ids):
+                sims = matrix @ q
+                top = np.argpartition(-sims, min(candidates, len(ids) - 1))[:candidates]
+                dense.update(zip(ids[top].tolist(), np.clip(sims[top], 0, 1).tolist()))
         marks = ",".join("?" * len(store_ids))
-        rows = self._q(f"SELECT c.id, c.file_id, c.text, c.vector, f.filename, s.attributes FROM chunks c "
-                       f"JOIN files f ON f.id = c.file_id JOIN store_files s ON s.store_id = c.store_id AND "
-                       f"s.file_id = c.file_id WHERE c.store_id IN ({marks}) AND s.status = 'completed'",
-                       list(store_ids))
-        if filters is not None:
-            rows = [r for r in rows if _match(json.loads(r["attributes"]), filters)]
-        if not rows:
-            return []
-        matrix = np.stack([np.frombuffer(r["vector"], dtype=np.float32) for r in rows])
-        dense = matrix @ np.asarray(self.embed([query])[0], dtype=np.float32)
-        bm25 = np.zeros(len(rows))
+        bm25: dict[int, float] = {}
         fts = _fts_query(query)
         if fts is not None:
-            position = {r["id"]: i for i, r in enumerate(rows)}
-            for hit in self._q(f"SELECT rowid, -bm25(chunks_fts) AS s FROM chunks_fts WHERE chunks_fts MATCH ? "
-                               f"AND rowid IN (SELECT id FROM chunks WHERE store_id IN ({marks}))",
-                               [fts, *store_ids]):
-                if hit["rowid"] in position:
-                    bm25[position[hit["rowid"]]] = hit["s"]
-        if bm25.max() > 0:
-            bm25 = bm25 / bm25.max()
-        scores = hybrid_weight * np.clip(dense, 0, 1) + (1 - hybrid_weight) * bm25
-        order = np.argsort(-scores)[:max_results]
-        return [Hit(rows[i]["file_id"], rows[i]["filename"], round(float(scores[i]), 6), rows[i]["text"],
-                    json.loads(rows[i]["attributes"]), rows[i]["id"]) for i in order if scores[i] >= score_threshold]
+            bm25 = {r["id"]: r["s"] for r in self._q(
+                f"SELECT c.id AS id, -bm25(chunks_fts) AS s FROM chunks_fts JOIN chunks c ON c.id = chunks_fts.rowid "
+                f"WHERE chunks_fts MATCH ? AND c.store_id IN ({marks}) ORDER BY bm25(chunks_fts) LIMIT ?",
+                [fts, *store_ids, candidates])}
+        best = max(bm25.values(), default=0.0)
+        fused = {cid: hybrid_weight * dense.get(cid, 0.0) + (1 - hybrid_weight) * (bm25.get(cid, 0.0) / best
+                                                                                    if best > 0 else 0.0)
+                 for cid in dense.keys() | bm25.keys()}
+        ranked = sorted((c for c in fused if fused[c] >= score_threshold), key=lambda c: -fused[c])
+        hits: list[Hit] = []
+        for start in range(0, len(ranked), 64):  # read texts and attributes only for the best, in ranked batches
+            batch = ranked[start:start + 64]
+            rows = {r["id"]: r for r in self._q(
+                f"SELECT c.id, c.file_id, c.text, f.filename, s.attributes FROM chunks c JOIN files f ON f.id = "
+                f"c.file_id JOIN store_files s ON s.store_id = c.store_id AND s.file_id = c.file_id WHERE c.id IN "
+                f"({','.join('?' * len(batch))}) AND s.status = 'completed'", batch)}
+            for cid in batch:
+                r = rows.get(cid)
+                if r is None or (filters is not None and not _match(json.loads(r["attributes"]), filters)):
+                    continue
+                hits.append(Hit(r["file_id"], r["filename"], round(fused[cid], 6), r["text"],
+                                json.loads(r["attributes"]), cid))
+                if len(hits) == max_results:
+                    return hits
+        return hits
