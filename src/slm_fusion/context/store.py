@@ -38,7 +38,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (id TEXT PRIMARY KEY, filename TEXT NOT NULL, purpose TEXT NOT NULL,
     bytes INTEGER NOT NULL, data BLOB NOT NULL, created_at INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS vector_stores (id TEXT PRIMARY KEY, name TEXT, metadata TEXT NOT NULL,
-    created_at INTEGER NOT NULL);
+    created_at INTEGER NOT NULL, version INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS store_files (store_id TEXT NOT NULL, file_id TEXT NOT NULL, status TEXT NOT NULL,
     attributes TEXT NOT NULL, chunking TEXT NOT NULL, usage_bytes INTEGER NOT NULL DEFAULT 0, last_error TEXT,
     created_at INTEGER NOT NULL, PRIMARY KEY (store_id, file_id));
@@ -47,9 +47,11 @@ CREATE TABLE IF NOT EXISTS chunks (id INTEGER PRIMARY KEY, store_id TEXT NOT NUL
 CREATE INDEX IF NOT EXISTS chunks_by_store ON chunks (store_id, file_id);
 CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5 (text, content='chunks', content_rowid='id');
 CREATE TRIGGER IF NOT EXISTS chunks_ai AFTER INSERT ON chunks BEGIN
-    INSERT INTO chunks_fts (rowid, text) VALUES (new.id, new.text); END;
+    INSERT INTO chunks_fts (rowid, text) VALUES (new.id, new.text);
+    UPDATE vector_stores SET version = version + 1 WHERE id = new.store_id; END;
 CREATE TRIGGER IF NOT EXISTS chunks_ad AFTER DELETE ON chunks BEGIN
-    INSERT INTO chunks_fts (chunks_fts, rowid, text) VALUES ('delete', old.id, old.text); END;
+    INSERT INTO chunks_fts (chunks_fts, rowid, text) VALUES ('delete', old.id, old.text);
+    UPDATE vector_stores SET version = version + 1 WHERE id = old.store_id; END;
 """
 
 TEXT_TYPES = {".txt", ".md", ".json", ".jsonl", ".csv", ".tsv", ".html", ".htm", ".py", ".yaml", ".yml", ".xml"}
@@ -209,7 +211,7 @@ class ContextStore:
     # -- vector stores ----------------------------------------------------------------------------------------------
     def create_store(self, name: str | None, metadata: dict[str, Any] | None) -> dict[str, Any]:
         sid = f"vs_{uuid.uuid4().hex[:24]}"
-        self._q("INSERT INTO vector_stores VALUES (?, ?, ?, ?)", (sid, name, json.dumps(metadata or {}), _now()))
+        self._q("INSERT INTO vector_stores VALUES (?, ?, ?, ?, 0)", (sid, name, json.dumps(metadata or {}), _now()))
         return self.store(sid)
 
     def store(self, sid: str) -> dict[str, Any]:
@@ -219,7 +221,8 @@ class ContextStore:
         counts = {r["status"]: r["n"] for r in self._q(
             "SELECT status, count(*) AS n FROM store_files WHERE store_id = ? GROUP BY status", (sid,))}
         usage = self._q("SELECT coalesce(sum(usage_bytes), 0) AS b FROM store_files WHERE store_id = ?", (sid,))
-        return {**dict(rows[0]), "metadata": json.loads(rows[0]["metadata"]), "file_counts": counts,
+        return {**{k: rows[0][k] for k in ("id", "name", "created_at")}, "metadata": json.loads(rows[0]["metadata"]),
+                "file_counts": counts,
                 "usage_bytes": usage[0]["b"]}
 
     def stores(self) -> list[dict[str, Any]]:
@@ -283,9 +286,9 @@ class ContextStore:
 
     # -- search -----------------------------------------------------------------------------------------------------
     def _vectors(self, sid: str) -> tuple[np.ndarray, np.ndarray]:
-        """(chunk ids, vectors) of one store, cached until its chunks change (count and newest id, read per query:
-        another process may have indexed since)."""
-        key = tuple(self._q("SELECT count(*), max(id) FROM chunks WHERE store_id = ?", (sid,))[0])
+        """(chunk ids, vectors) of one store, cached until its chunks change (the store's version, bumped by the
+        chunk triggers, is read per query: another process may have indexed since)."""
+        key = tuple(self._q("SELECT version FROM vector_stores WHERE id = ?", (sid,))[0])
         cached = self._cache.get(sid)
         if cached is None or cached[0] != key:
             rows = self._q("SELECT id, vector FROM chunks WHERE store_id = ? ORDER BY id", (sid,))
@@ -312,11 +315,10 @@ class ContextStore:
         marks = ",".join("?" * len(store_ids))
         bm25: dict[int, float] = {}
         fts = _fts_query(query)
-        if fts is not None:
-            bm25 = {r["id"]: r["s"] for r in self._q(
-                f"SELECT c.id AS id, -bm25(chunks_fts) AS s FROM chunks_fts JOIN chunks c ON c.id = chunks_fts.rowid "
-                f"WHERE chunks_fts MATCH ? AND c.store_id IN ({marks}) ORDER BY bm25(chunks_fts) LIMIT ?",
-                [fts, *store_ids, candidates])}
+        if fts is not None:  # FTS5's own `rank` order (bm25) stops at the limit; other stores' chunks drop out below
+            bm25 = {r["rowid"]: -r["rank"] for r in self._q(
+                "SELECT rowid, rank FROM chunks_fts WHERE chunks_fts MATCH ? ORDER BY rank LIMIT ?",
+                [fts, candidates * 4])}
         best = max(bm25.values(), default=0.0)
         fused = {cid: hybrid_weight * dense.get(cid, 0.0) + (1 - hybrid_weight) * (bm25.get(cid, 0.0) / best
                                                                                     if best > 0 else 0.0)
@@ -328,7 +330,8 @@ class ContextStore:
             rows = {r["id"]: r for r in self._q(
                 f"SELECT c.id, c.file_id, c.text, f.filename, s.attributes FROM chunks c JOIN files f ON f.id = "
                 f"c.file_id JOIN store_files s ON s.store_id = c.store_id AND s.file_id = c.file_id WHERE c.id IN "
-                f"({','.join('?' * len(batch))}) AND s.status = 'completed'", batch)}
+                f"({','.join('?' * len(batch))}) AND s.status = 'completed' AND c.store_id IN ({marks})",
+                [*batch, *store_ids])}
             for cid in batch:
                 r = rows.get(cid)
                 if r is None or (filters is not None and not _match(json.loads(r["attributes"]), filters)):
