@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -234,12 +235,13 @@ def test_kill_during_a_tune_trial_then_resume_counts_each_config_once(tmp_path):
         assert proc.poll() is None, proc.stdout.read()
         assert time.time() < deadline
         time.sleep(0.5)
-        if db.exists():
+        if db.exists():  # read with plain sqlite3: opening it through Optuna would race the child creating tables
             try:
-                states = [t.state for t in optuna.load_study(study_name="crash", storage=f"sqlite:///{db}").trials]
-            except Exception:  # noqa: BLE001 - the child may be creating the tables right now
+                with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+                    states = [row[0] for row in conn.execute("SELECT state FROM trials")]
+            except sqlite3.Error:  # the child may be creating the tables right now
                 states = []
-            if optuna.trial.TrialState.RUNNING in states:
+            if "RUNNING" in states:
                 break
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()

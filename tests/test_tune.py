@@ -157,3 +157,25 @@ def test_two_workers_share_one_postgres_study(tmp_path):
         assert len(run_dirs) == 4 and all(Path(d, "config.yaml").exists() for d in run_dirs)
     finally:
         server.stop()
+
+
+def test_a_create_table_race_on_sqlite_is_retried_not_reported_as_unreachable(tmp_path, monkeypatch):
+    """Two processes opening a new study DB together: SQLite reports the loser's CREATE TABLE as an OperationalError
+    ("table ... already exists"), which is a race to retry, not a database that cannot be reached."""
+    import sqlalchemy.exc
+
+    from reasonlite import tune
+
+    real, calls = optuna.storages.RDBStorage, []
+
+    def racing(url, **kw):
+        calls.append(url)
+        if len(calls) == 1:
+            raise sqlalchemy.exc.OperationalError("CREATE TABLE alembic_version", {},
+                                                  Exception("table alembic_version already exists"))
+        return real(url, **kw)
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
+    monkeypatch.setattr(tune.time, "sleep", lambda s: None)
+    storage = tune._rdb_storage(f"sqlite:///{tmp_path / 'race.db'}", heartbeat=2)
+    assert len(calls) == 2 and storage.heartbeat_interval == 2

@@ -191,6 +191,10 @@ def _rdb_storage(url: str, heartbeat: int):
             last = exc
             time.sleep(0.5 * (attempt + 1))
         except OperationalError as exc:
+            if "already exists" in str(exc.orig):  # SQLite reports that CREATE TABLE race this way
+                last = exc
+                time.sleep(0.5 * (attempt + 1))
+                continue
             raise RuntimeError(f"--storage {url}: cannot connect ({exc.orig}); check host, port, user and that "
                                "the database exists") from exc
         except (ArgumentError, NoSuchModuleError, ImportError) as exc:
