@@ -231,17 +231,22 @@ def test_kill_during_a_tune_trial_then_resume_counts_each_config_once(tmp_path):
                             text=True, start_new_session=True)
     db = tmp_path / "runs" / "tune-crash" / "study.db"
     deadline = time.time() + 300
-    while True:  # SIGKILL while the first trial runs
+    # SIGKILL while the first trial runs: RUNNING, its parameters drawn and its heartbeat beating (a kill before the
+    # first beat is test_tune.py::test_a_trial_killed_before_its_first_heartbeat_is_failed_and_retried)
+    running = ("SELECT count(*) FROM trials t WHERE t.state = 'RUNNING' "
+               "AND EXISTS (SELECT 1 FROM trial_params p WHERE p.trial_id = t.trial_id) "
+               "AND EXISTS (SELECT 1 FROM trial_heartbeats h WHERE h.trial_id = t.trial_id)")
+    while True:
         assert proc.poll() is None, proc.stdout.read()
         assert time.time() < deadline
         time.sleep(0.5)
         if db.exists():  # read with plain sqlite3: opening it through Optuna would race the child creating tables
             try:
                 with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-                    states = [row[0] for row in conn.execute("SELECT state FROM trials")]
+                    started = conn.execute(running).fetchone()[0]
             except sqlite3.Error:  # the child may be creating the tables right now
-                states = []
-            if "RUNNING" in states:
+                started = 0
+            if started:
                 break
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
