@@ -122,20 +122,9 @@ class Gateway:
     ) -> AsyncIterator[TokenChunk]:
         """Streaming counterpart of `execute`; reasoning strategies and local tool calls produce whole answers, sent
         as one chunk each (a call as one `tool_calls` delta)."""
-        if gen.tools is not None:
-            gens = await self.execute(handle, backend, gen)
-            for i, g in enumerate(gens):
-                calls = [{"index": j, **c} for j, c in enumerate(g.tool_calls)] if g.tool_calls else None
-                yield TokenChunk(index=i, text=g.text, finish_reason=g.finish_reason, tool_calls=calls)
-            yield TokenChunk(index=0, text="", usage=(gens[0].prompt_tokens if gens else 0,
-                                                      sum(g.completion_tokens for g in gens)))
-            return
-        if self.reasoning.applies(gen.reasoning, handle.config):
-            gens = await self.reasoning.generate(backend, gen, handle.config)
-            for i, g in enumerate(gens):
-                yield TokenChunk(index=i, text=g.text, finish_reason=g.finish_reason)
-            prompt = gens[0].prompt_tokens if gens else 0
-            yield TokenChunk(index=0, text="", usage=(prompt, sum(g.completion_tokens for g in gens)))
+        if gen.tools is not None or self.reasoning.applies(gen.reasoning, handle.config):
+            async for chunk in _chunks_of(await self.execute(handle, backend, gen)):
+                yield chunk
             return
         async for chunk in backend.stream(gen):
             yield chunk
@@ -366,8 +355,10 @@ def _note_fallback(decision: Any, asked: str, used: str, tried: list[str], decis
 
 
 async def _chunks_of(gens: list[Generation]) -> AsyncIterator[TokenChunk]:
+    """Whole answers as a stream: one chunk per choice (its tool calls as one delta each), then the usage."""
     for i, g in enumerate(gens):
-        yield TokenChunk(index=i, text=g.text, finish_reason=g.finish_reason)
+        calls = [{"index": j, **c} for j, c in enumerate(g.tool_calls)] if g.tool_calls else None
+        yield TokenChunk(index=i, text=g.text, finish_reason=g.finish_reason, tool_calls=calls)
     yield TokenChunk(index=0, text="", usage=(gens[0].prompt_tokens if gens else 0,
                                               sum(g.completion_tokens for g in gens)))
 
