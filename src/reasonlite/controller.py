@@ -348,6 +348,29 @@ async def run_async(steps: Steps, generate: Callable[[Ask], Awaitable[list[Gener
         return done.value
 
 
+SELECT_MODES: tuple[str, ...] = ("greedy", "vote", "verifier")
+
+
+def select_index(samples: Sequence[Any], mode: str, scores: Sequence[float] | None = None) -> int:
+    """Which sample answers: greedy = the first; vote = the first that voted for the majority; verifier = the
+    highest score among samples with an answer (an exec error never wins), ties to the earlier sample."""
+    from reasonlite.answers import normalize_answer
+    from reasonlite.vote import majority_vote
+
+    if mode == "greedy" or not samples:
+        return 0
+    if mode == "vote":
+        winner = majority_vote([s.answer for s in samples]).answer
+        return next((i for i, s in enumerate(samples) if s.answer is not None and normalize_answer(s.answer) == winner),
+                    0)
+    if mode == "verifier":
+        if scores is None or len(scores) != len(samples):
+            raise ValueError("select 'verifier' needs one score per sample")
+        answered = [i for i, s in enumerate(samples) if s.answer is not None] or list(range(len(samples)))
+        return max(answered, key=lambda i: (scores[i], -i))
+    raise ValueError(f"select '{mode}' is not one of {', '.join(SELECT_MODES)}")
+
+
 def vote(samples: list[Sample], latency: float = 0.0, shown_index: int | None = None) -> Solution:
     """The question's answer from its samples: the majority (the sample shown is the first that voted for it), or
     the sample at `shown_index` (a verifier's pick). Tokens are summed over every sample."""
@@ -356,8 +379,7 @@ def vote(samples: list[Sample], latency: float = 0.0, shown_index: int | None = 
 
     counted = majority_vote([s.answer for s in samples])
     if shown_index is None:
-        shown = next((s for s in samples if s.answer is not None and normalize_answer(s.answer) == counted.answer),
-                     samples[0])
+        shown = samples[select_index(samples, "vote")]
         answer, agreement = counted.answer, counted.agreement
     else:
         shown = samples[shown_index]

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from reasonlite import controller
+from reasonlite.controller import select_index
 from reasonlite.formats import build_messages
 from reasonlite.jsonl import JsonlError, iter_jsonl
 
@@ -35,7 +37,6 @@ if TYPE_CHECKING:
     from reasonlite.infer import Student
 
 Select = Literal["greedy", "vote", "verifier"]
-SELECT_MODES: tuple[str, ...] = ("greedy", "vote", "verifier")
 SAMPLES_FILE = "samples.jsonl"
 META_FILE = "verifier.json"
 HEAD_FILE = "value_head.pt"
@@ -363,26 +364,6 @@ class Verifier:
         return self.score(question, [scored_text(s) for s in samples])
 
 
-def select_index(samples: Sequence[Any], mode: str, scores: Sequence[float] | None = None) -> int:
-    """Which sample answers: greedy = the first; vote = the first that voted for the majority; verifier = the
-    highest score among samples with an answer (an exec error never wins), ties to the earlier sample."""
-    from reasonlite.answers import normalize_answer
-    from reasonlite.vote import majority_vote
-
-    if mode == "greedy" or not samples:
-        return 0
-    if mode == "vote":
-        winner = majority_vote([s.answer for s in samples]).answer
-        return next((i for i, s in enumerate(samples) if s.answer is not None and normalize_answer(s.answer) == winner),
-                    0)
-    if mode == "verifier":
-        if scores is None or len(scores) != len(samples):
-            raise ValueError("select 'verifier' needs one score per sample")
-        answered = [i for i, s in enumerate(samples) if s.answer is not None] or list(range(len(samples)))
-        return max(answered, key=lambda i: (scores[i], -i))
-    raise ValueError(f"select '{mode}' is not one of {', '.join(SELECT_MODES)}")
-
-
 def selection_outcomes(samples: Sequence[Any], gold: str | None, scores: Sequence[float] | None = None) -> dict:
     """Whether each rule would be right on these samples: first sample, majority vote, verifier pick, oracle pass@k."""
     from reasonlite.answers import answers_match
@@ -404,22 +385,6 @@ def selection_metrics(records: Sequence[dict]) -> dict[str, float]:
     return {f"{k}_accuracy": sum(bool(r[f"{k}_correct"]) for r in records) / total for k in keys}
 
 
-def picked_solution(samples: list[Sample], index: int, latency: float, score: float | None = None) -> Solution:
-    """A Solution shown from sample `index`; tokens count every sample drawn, agreement is its answer's vote share."""
-    from reasonlite.answers import normalize_answer
-    from reasonlite.controller import Solution
-    from reasonlite.vote import majority_vote
-
-    vote = majority_vote([s.answer for s in samples])
-    shown = samples[index]
-    key = normalize_answer(shown.answer) if shown.answer is not None else None
-    return Solution(answer=key, status=shown.status, text=shown.text, program=shown.program,
-                    agreement=vote.counts.get(key, 0) / len(samples) if key is not None else 0.0,
-                    samples=len(samples), reasoning_tokens=sum(s.reasoning_tokens for s in samples),
-                    answer_tokens=sum(s.answer_tokens for s in samples), forced=shown.forced, latency_s=latency,
-                    error=shown.error, votes=vote.counts)
-
-
 def solve_with_verifier(student: Student, verifier: Verifier, questions: Sequence[str], golds: Sequence[str | None],
                         n: int, temperature: float, budget: int | None = None, max_new_tokens: int = 256,
                         seed: int | None = None) -> tuple[list[Solution], list[dict]]:
@@ -432,7 +397,7 @@ def solve_with_verifier(student: Student, verifier: Verifier, questions: Sequenc
     for i, (samples, gold) in enumerate(zip(drawn, golds)):
         own = scores[i * n:(i + 1) * n]
         index = select_index(samples, "verifier", own)
-        solutions.append(picked_solution(samples, index, latency))
+        solutions.append(controller.vote(samples, latency, shown_index=index))
         outcomes.append({**selection_outcomes(samples, gold, own), "verifier_score": round(own[index], 4)})
     return solutions, outcomes
 

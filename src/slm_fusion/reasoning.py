@@ -172,15 +172,15 @@ class ReasoningLayer:
 
     async def _verified(self, samples: list[Sample], prompt_tokens: int, gen: GenerationRequest,
                         verifier_path: str) -> Generation:
-        """The sample reasonlite's verifier scores highest answers (`reasonlite.verifier.select_index`)."""
-        from reasonlite.verifier import Verifier, select_index
+        """The sample reasonlite's verifier scores highest answers (`reasonlite.controller.select_index`)."""
+        from reasonlite.verifier import Verifier
 
         if verifier_path not in self._verifiers:  # loaded on first use, once per folder
             self._verifiers[verifier_path] = await asyncio.to_thread(Verifier.load, verifier_path)
         verifier = self._verifiers[verifier_path]
         question = next((m["content"] for m in reversed(gen.messages or []) if m["role"] == "user"), gen.prompt or "")
         scores = await asyncio.to_thread(verifier.score_samples, question, samples)
-        index = select_index(samples, "verifier", scores)
+        index = controller.select_index(samples, "verifier", scores)
         g = self._voted(samples, prompt_tokens, shown_index=index)
         g.reasoning.update(select="verifier", verifier_score=round(scores[index], 4))
         return g
