@@ -679,6 +679,13 @@ class ResponseEvents:
 
 
 # ---------------------------------------------------------------------------------------------- files, vector stores
+def citations_chunk(cid: str, created: int, model: str, n: int, citations: list[dict[str, Any]]) -> dict[str, Any]:
+    """A chat stream chunk with no text that carries the sources used (`slm_fusion.citations`, one per choice)."""
+    return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": i, "delta": {}, "finish_reason": None, "slm_fusion": {"citations": citations}}
+                        for i in range(n)]}
+
+
 def file_object(f: dict[str, Any]) -> dict[str, Any]:
     return {"id": f["id"], "object": "file", "bytes": f["bytes"], "created_at": f["created_at"],
             "filename": f["filename"], "purpose": f["purpose"], "status": "processed", "status_details": None}

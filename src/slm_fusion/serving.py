@@ -51,8 +51,7 @@ async def complete(gw: Gateway, body: Any, request: Request, *, chat: bool,
     citations = None
     if chat and (asked := (body.model_extra or {}).get("context")) is not None:
         body, raw, citations = await _with_context(gw, handle, body, raw, asked)
-        sent = None
-    gen = gw.generation_request(handle, body, sent or P.sent_fields(body, raw))
+    gen = gw.generation_request(handle, body, P.sent_fields(body, raw))
     timeout = handle.timeout(gw.config.server.request_timeout_s)
     if body.stream:
         return await _stream(gw, handle, gen, body, chat, timeout, decision, request, citations)
@@ -160,11 +159,9 @@ async def _stream(
             if chat:
                 for i in range(gen.n):
                     yield frame([choice(i, "", None, role=True)])
-                if citations is not None:  # the sources used, once, before the text (an extra field per choice)
-                    yield b"data: " + orjson.dumps({
-                        "id": cid, "object": "chat.completion.chunk", "created": created, "model": body.model,
-                        "choices": [{"index": i, "delta": {}, "finish_reason": None,
-                                     "slm_fusion": {"citations": citations}} for i in range(gen.n)]}) + b"\n\n"
+                if citations is not None:  # the sources used, once, before the text
+                    yield b"data: " + orjson.dumps(P.citations_chunk(cid, created, body.model, gen.n, citations)) \
+                        + b"\n\n"
             elif body.echo:
                 for i in range(gen.n):
                     yield frame([choice(i, gen.prompt, None)])
