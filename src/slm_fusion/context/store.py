@@ -302,8 +302,11 @@ class ContextStore:
                score_threshold: float = 0.0, hybrid_weight: float = 0.5, candidates: int = 200) -> list[Hit]:
         """Best chunks of the stores for `query`: the top `candidates` of the dense ranking and of BM25, fused (see
         the module doc), then filtered by attributes and by the files' status."""
-        for sid in store_ids:
-            self.store(sid)
+        known = {r["id"] for r in self._q(f"SELECT id FROM vector_stores WHERE id IN ({','.join('?' * len(store_ids))})",
+                                           list(store_ids))}
+        for sid in store_ids:  # unknown ids are a 404 (store() also counts files and bytes: not needed here)
+            if sid not in known:
+                self.store(sid)
         q = np.asarray(self.embed([query])[0], dtype=np.float32)
         dense: dict[int, float] = {}
         for sid in store_ids:
