@@ -84,7 +84,9 @@ class TransformersModel(ModelBase):
     device: str | None = Field(None, description="torch device; default cpu.")
     torch_threads: int | None = Field(None, ge=1, description="torch.set_num_threads for the decode worker.")
     max_batch_size: int = Field(8, ge=1, description="Rows (requests x n) decoded together.")
-    batch_wait_ms: float = Field(5.0, ge=0, description="How long the batcher waits to collect concurrent requests.")
+    batch_wait_ms: float = Field(5.0, ge=0, description="How long an idle batcher waits to collect concurrent requests.")
+    continuous: bool = Field(True, description="Requests join the running batch between decode steps (else they wait).")
+    prefix_cache_mb: float = Field(256, ge=0, description="Memory for reused prompt-prefix KV caches (LRU); 0 = off.")
 
 
 class LlamaCppModel(ModelBase):

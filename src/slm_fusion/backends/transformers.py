@@ -1,10 +1,16 @@
-"""`transformers` backend: a local causal LM with dynamic batching.
+"""`transformers` backend: a local causal LM with continuous batching and prompt-prefix reuse.
 
-Concurrent requests are collected for `batch_wait_ms` (up to `max_batch_size` rows, one row per choice) and
-decoded together by one worker thread in a manual loop over the KV cache (left padding, explicit position ids).
-Each row keeps its own max_tokens, stop sequences, temperature/top_p and seeded generator, so batching never
-changes a request's parameters; finished rows are dropped from the cache so the batch shrinks as rows end.
+One worker thread decodes every request in a manual loop over the KV cache (left padding, explicit position ids).
+An idle worker collects what arrives within `batch_wait_ms`; while a batch decodes, newly arrived requests join it
+between two decode steps (their prompts are computed, their caches left-padded onto the batch's) and finished rows
+leave it, so nobody waits for a whole batch to end (`continuous: false` restores wait-for-the-batch). Each row keeps
+its own max_tokens, stop sequences, temperature/top_p and seeded generator, so batching never changes a request's
+parameters. A prompt that starts like a recent one reuses that prompt's keys/values (backends/prefix_cache.py).
 New tokens are detokenised incrementally and pushed to the request's asyncio queue as they are produced.
+
+Why a hand-driven loop and not transformers' own continuous batching (`generate_batch` / `init_continuous_batching`,
+paged attention): on this CPU it ran SmolLM2 at 4.7 tok/s (`paged|sdpa`) and 5.0 tok/s (`paged|eager`) against
+14 tok/s for `generate` on the same 8 prompts (transformers 5.24, same run).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from slm_fusion.backends.base import Generation, GenerationRequest, ThreadBridge, TokenChunk
+from slm_fusion.backends.prefix_cache import PrefixCache
 from slm_fusion.backends.structured import Constraint, Grammars, grammar_for
 from slm_fusion.config import TransformersModel
 from slm_fusion.errors import InvalidRequest, Unavailable, UpstreamError
@@ -53,6 +60,41 @@ class _Row:
     logprobs: list[dict[str, Any]] = field(default_factory=list)  # entries not yet sent with a chunk
 
 
+@dataclass
+class _Running:
+    """The batch being decoded: its rows, their KV cache (left-padded to one length), mask, positions, next logits."""
+
+    rows: list[_Row]
+    cache: Any
+    mask: Any  # [rows, cached tokens + pending], 0 where a row is padded
+    last_pos: Any  # [rows] position id of each row's newest token
+    logits: Any  # [rows, vocab] the distribution each row samples its next token from
+
+    @property
+    def size(self) -> int:
+        return len(self.rows)
+
+
+def _merge(a: _Running | None, b: _Running | None) -> _Running | None:
+    """One batch from two: the shorter cache is left-padded (masked out) to the longer one's length."""
+    import torch
+    import torch.nn.functional as F
+
+    if a is None or b is None:
+        return a or b
+    width = max(a.mask.shape[1], b.mask.shape[1])
+
+    def pad(t: Any, n: int) -> Any:  # left-pad the token axis (dim -2 of keys/values, dim 1 of the mask)
+        return t if n == 0 else F.pad(t, (0, 0, n, 0)) if t.dim() == 4 else F.pad(t, (n, 0))
+
+    da, db = width - a.mask.shape[1], width - b.mask.shape[1]
+    for la, lb in zip(a.cache.layers, b.cache.layers, strict=True):
+        la.keys = torch.cat([pad(la.keys, da), pad(lb.keys, db)])
+        la.values = torch.cat([pad(la.values, da), pad(lb.values, db)])
+    return _Running(a.rows + b.rows, a.cache, torch.cat([pad(a.mask, da), pad(b.mask, db)]),
+                    torch.cat([a.last_pos, b.last_pos]), torch.cat([a.logits, b.logits]))
+
+
 class TransformersBackend:
     supports_response_format = True  # json_object / json_schema, enforced while decoding (backends/structured.py)
     supports_logprobs = True  # chat `logprobs` / `top_logprobs`, from the distribution each token was drawn from
@@ -68,9 +110,12 @@ class TransformersBackend:
         self.max_positions = 2048
         self.eos_ids: set[int] = set()
         self._cache_kw = "past_key_values"
-        self.batches_run = 0  # observability for tests/benchmarks: how many decode batches ran
+        # observability for tests/benchmarks: admissions (requests admitted together count once), rows, decode steps
+        self.batches_run = 0
         self.rows_run = 0
+        self.steps_run = 0
         self.grammars: Grammars | None = None
+        self.prefixes: PrefixCache | None = None
 
     # ------------------------------------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -98,6 +143,8 @@ class TransformersBackend:
             self.eos_ids.add(self.tokenizer.eos_token_id)
         width = self.model.get_output_embeddings().weight.shape[0]  # logits width (may exceed len(tokenizer))
         self.grammars = Grammars(self._worker_tokenizer, width)
+        if self.config.prefix_cache_mb > 0:
+            self.prefixes = PrefixCache(int(self.config.prefix_cache_mb * 2**20))
 
     async def aclose(self) -> None:
         if self._thread is not None:
@@ -188,71 +235,165 @@ class TransformersBackend:
         if self.config.torch_threads:
             torch.set_num_threads(self.config.torch_threads)
         wait_s = self.config.batch_wait_ms / 1000
+        running: _Running | None = None
+        stopping = False
         while True:
-            job = self._carry or self._inbox.get()
-            self._carry = None
-            if job is _STOP:
-                return
-            batch, rows = [job], job.req.n
-            while rows < self.config.max_batch_size:
-                try:
-                    nxt = self._inbox.get(timeout=wait_s) if wait_s else self._inbox.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is _STOP or rows + nxt.req.n > self.config.max_batch_size:
-                    self._carry = nxt  # runs first in the next round
-                    break
-                batch.append(nxt)
-                rows += nxt.req.n
-            batch = [j for j in batch if not j.cancelled]
-            if not batch:
-                continue
+            if running is None:
+                if stopping:
+                    return
+                job = self._carry or self._inbox.get()  # idle: wait for work, then collect what arrives with it
+                self._carry = None
+                if job is _STOP:
+                    return
+                jobs, stopping = self._collect([job], job.req.n, wait_s)
+            elif self.config.continuous and not stopping and self._joinable(running.cache):
+                jobs, stopping = self._collect([], running.size, 0)  # join the running batch between two steps
+            else:
+                jobs = []
             try:
-                self._run_batch(batch)
+                if jobs:
+                    running = _merge(running, self._prefill(jobs))
+                if running is not None:
+                    running = self._step(running)
             except Exception as e:  # noqa: BLE001 — reported to every waiting request, the worker lives on
                 err = UpstreamError(f"model '{self.config.name}' failed while generating: {type(e).__name__}: {e}")
-                for j in batch:
+                waiting = {id(r.job): r.job for r in (running.rows if running else [])}
+                waiting.update({id(j): j for j in jobs})
+                for j in waiting.values():
                     j.bridge.put(err)
+                running = None
 
-    def _run_batch(self, batch: list[_Job]) -> None:
+    def _collect(self, jobs: list[_Job], rows: int, wait_s: float) -> tuple[list[_Job], bool]:
+        """Take waiting jobs while they fit in `max_batch_size` rows; True as second value when shutdown was asked."""
+        while rows < self.config.max_batch_size:
+            try:
+                nxt = self._carry or (self._inbox.get(timeout=wait_s) if wait_s else self._inbox.get_nowait())
+            except queue.Empty:
+                break
+            self._carry = None
+            if nxt is _STOP:
+                return [j for j in jobs if not j.cancelled], True
+            if jobs and rows + nxt.req.n > self.config.max_batch_size:
+                self._carry = nxt  # runs first once rows free up
+                break
+            jobs.append(nxt)
+            rows += nxt.req.n
+        return [j for j in jobs if not j.cancelled], False
+
+    def _prefill(self, jobs: list[_Job]) -> _Running | None:
+        """Compute the prompts of newly admitted jobs: a stored prefix is reused where one matches (one prompt at a
+        time), the others are computed together, left-padded; each comes back with its first logits."""
+        import torch
+        from transformers import DynamicCache
+
+        rows = [_Row(job, i, _generator(job.req.seed, i),
+                     constraint=self.grammars.constraint(job.grammar) if job.grammar else None)
+                for job in jobs for i in range(job.req.n)]
+        self.batches_run += 1
+        self.rows_run += len(rows)
+        parts: list[tuple[list[_Row], list[int], int, Any]] = []  # rows, prompt, reused tokens, cached layers
+        fresh: list[_Row] = []
+        for job in jobs:
+            mine = [r for r in rows if r.job is job]
+            reused, layers = self.prefixes.lookup(job.prompt_ids) if self.prefixes else (0, None)
+            if layers is None:
+                fresh += mine
+            else:
+                parts.append((mine, job.prompt_ids, reused, layers))
+        done: _Running | None = None
+        device = self.model.device
+        with torch.inference_mode():
+            if fresh:
+                done = self._forward_prompts(fresh)
+            for mine, ids, reused, layers in parts:
+                n = len(mine)
+                cache = DynamicCache(ddp_cache_data=[(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1))
+                                                     for k, v in layers])
+                suffix = torch.tensor([ids[reused:]] * n)
+                mask = torch.ones((n, len(ids)), dtype=torch.long)
+                positions = torch.arange(reused, len(ids))[None, :].expand(n, -1)
+                out = self.model(input_ids=suffix.to(device), attention_mask=mask.to(device),
+                                 position_ids=positions.to(device), use_cache=True, logits_to_keep=1,
+                                 **{self._cache_kw: cache})
+                cache = getattr(out, "cache", None) or out.past_key_values
+                self._remember(ids, cache, row=0, start=0)
+                done = _merge(done, _Running(mine, cache, mask, positions[:, -1].clone(),
+                                             out.logits[:, -1, :].float()))
+        return done
+
+    def _forward_prompts(self, rows: list[_Row]) -> _Running:
+        """One left-padded forward over the distinct prompts; a job's n choices then share its prompt's cache rows."""
         import torch
 
         tok = self._worker_tokenizer
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else next(iter(self.eos_ids), 0)
-        rows = [_Row(job, i, _generator(job.req.seed, i),
-                     constraint=self.grammars.constraint(job.grammar) if job.grammar else None)
-                for job in batch for i in range(job.req.n)]
-        self.batches_run += 1
-        self.rows_run += len(rows)
-        width = max(len(r.job.prompt_ids) for r in rows)
-        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for b, r in enumerate(rows):
-            n = len(r.job.prompt_ids)
-            input_ids[b, width - n:] = torch.tensor(r.job.prompt_ids)
+        jobs = list({id(r.job): r.job for r in rows}.values())
+        width = max(len(j.prompt_ids) for j in jobs)
+        input_ids = torch.full((len(jobs), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(jobs), width), dtype=torch.long)
+        for b, j in enumerate(jobs):
+            n = len(j.prompt_ids)
+            input_ids[b, width - n:] = torch.tensor(j.prompt_ids)
             mask[b, width - n:] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         device = self.model.device
+        out = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                         position_ids=positions.to(device), use_cache=True, logits_to_keep=1)
+        cache = getattr(out, "cache", None) or out.past_key_values
+        for b, j in enumerate(jobs):
+            self._remember(j.prompt_ids, cache, row=b, start=width - len(j.prompt_ids))
+        logits = out.logits[:, -1, :].float()
+        if len(jobs) < len(rows):  # a job with n > 1: its prompt was computed once, its rows are copies
+            order = {id(j): b for b, j in enumerate(jobs)}
+            idx = torch.tensor([order[id(r.job)] for r in rows], dtype=torch.long)
+            cache.batch_select_indices(idx.to(device))
+            mask, positions, logits = mask[idx], positions[idx], logits[idx]
+        return _Running(rows, cache, mask, positions[:, -1].clone(), logits)
+
+    def _remember(self, ids: list[int], cache: Any, row: int, start: int) -> None:
+        """Store one row's prompt keys/values (copied: the batch's tensors keep growing) for later prompts."""
+        if self.prefixes is None or not self._joinable(cache):
+            return
+        self.prefixes.insert(ids, [(layer.keys[row:row + 1, :, start:start + len(ids)].clone(),
+                                    layer.values[row:row + 1, :, start:start + len(ids)].clone())
+                                   for layer in cache.layers])
+
+    def _step(self, running: _Running) -> _Running | None:
+        """Sample one token for every row, drop finished rows, and run one decode step for the rest."""
+        import torch
+
+        tok = self._worker_tokenizer
+        rows, device = running.rows, self.model.device
+        next_ids = self._sample(running.logits, rows, tok)
+        keep = [b for b, r in enumerate(rows) if not self._advance(r, int(next_ids[b]), tok)]
+        if not keep:
+            return None
+        cache, mask, last_pos = running.cache, running.mask, running.last_pos
+        if len(keep) < len(rows):
+            idx = torch.tensor(keep, dtype=torch.long)
+            cache.batch_select_indices(idx.to(device))
+            rows = [rows[b] for b in keep]
+            next_ids, mask, last_pos = next_ids[idx], mask[idx], last_pos[idx]
+            unused = int((mask.sum(0) == 0).long().cumprod(0).sum())  # leading columns every remaining row pads
+            if unused and self._joinable(cache):
+                for layer in cache.layers:
+                    layer.keys, layer.values = layer.keys[:, :, unused:], layer.values[:, :, unused:]
+                mask = mask[:, unused:]
+        mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
+        last_pos = last_pos + 1
+        self.steps_run += 1
         with torch.inference_mode():
-            out = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                             position_ids=positions.to(device), use_cache=True, logits_to_keep=1)
-            cache = getattr(out, "cache", None) or out.past_key_values
-            last_pos = positions[:, -1]
-            while True:
-                logits = out.logits[:, -1, :].float()
-                next_ids = self._sample(logits, rows, tok)
-                keep = [b for b, r in enumerate(rows) if not self._advance(r, int(next_ids[b]), tok)]
-                if not keep:
-                    return
-                if len(keep) < len(rows):
-                    idx = torch.tensor(keep, dtype=torch.long)
-                    cache.batch_select_indices(idx.to(device))
-                    rows = [rows[b] for b in keep]
-                    next_ids, mask, last_pos = next_ids[idx], mask[idx], last_pos[idx]
-                mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
-                last_pos = last_pos + 1
-                out = self.model(input_ids=next_ids[:, None].to(device), attention_mask=mask.to(device),
-                                 position_ids=last_pos[:, None].to(device), use_cache=True, **{self._cache_kw: cache})
+            out = self.model(input_ids=next_ids[:, None].to(device), attention_mask=mask.to(device),
+                             position_ids=last_pos[:, None].to(device), use_cache=True, **{self._cache_kw: cache})
+        return _Running(rows, getattr(out, "cache", None) or out.past_key_values, mask, last_pos,
+                        out.logits[:, -1, :].float())
+
+    @staticmethod
+    def _joinable(cache: Any) -> bool:
+        """Plain full-attention layers can be padded and joined; sliding-window or other layer kinds are left alone."""
+        from transformers.cache_utils import DynamicLayer
+
+        return all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", ()))
 
     def _sample(self, logits: Any, rows: list[_Row], tok: Any = None) -> Any:
         import torch
