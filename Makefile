@@ -38,6 +38,7 @@ test-fast: install
 	$(PY) -m pytest -q -m "not integration"
 
 bench: install
+	$(PIP) install -q -e '.[bench]'
 	$(PY) -m benchmarks.run
 
 lint: install

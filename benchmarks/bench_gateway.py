@@ -1,14 +1,14 @@
-"""SLM-Fusion gateway benchmark: proxy overhead vs LiteLLM, dynamic batching, llama.cpp pass-through, soak.
+"""SLM-Fusion gateway benchmark: proxy overhead vs LiteLLM, batching, structured outputs, soak.
 
 1. Proxy overhead. A fast mock upstream (raw ASGI on uvicorn) is called directly, through LiteLLM's proxy and
    through our gateway (one worker each, pinned to its own core with taskset; upstream and load generator share the
    other core). Load comes from `wrk` (one Lua script for POST): added latency p50/p99 at concurrency 1 and max
    req/s at concurrency 32, non-streaming and streaming.
-2. Dynamic batching: SmolLM2-135M on the transformers backend, 8 concurrent chat requests through the gateway,
+2. Batching: SmolLM2-135M on the transformers backend, 8 concurrent chat requests through the gateway,
    max_batch_size=8 vs max_batch_size=1 (one at a time): total completion tokens/s.
-3. llama.cpp: the SmolLM2 GGUF through the gateway (HTTP) vs raw llama-cpp-python, tokens/s.
-4. Soak: 10,000 requests at concurrency 64 against the mock upstream through the gateway: errors, RSS growth.
+3. Soak: 10,000 requests at concurrency 64 against the mock upstream through the gateway: errors, RSS growth.
 
+llama.cpp against raw llama-cpp-python and `llama_cpp.server` is in bench_serving.py.
 `run(quick=True)` uses short runs and small counts (and skips LiteLLM unless its venv already exists).
 """
 
@@ -404,60 +404,6 @@ def bench_structured(quick: bool) -> dict:
             "tok_per_s_ratio": constrained["tok_per_s"] / plain["tok_per_s"], "tools": tools}
 
 
-# ---------------------------------------------------------------------------------------------- llama.cpp
-
-
-def bench_llamacpp(quick: bool) -> dict:
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        return {"skipped": "llama-cpp-python not installed"}
-    from reasonlite.models import smollm2_gguf
-    from slm_fusion.backends.llamacpp import LlamaCppBackend
-    from slm_fusion.config import LlamaCppModel
-
-    gguf = str(smollm2_gguf())
-    max_tokens = 32 if quick else 128
-    runs = 2 if quick else 4
-    messages = [{"role": "user", "content": "Write a long, detailed story about a dragon who learns to bake bread."}]
-    console.print("[cyan]llama.cpp: raw llama-cpp-python vs through the gateway[/cyan]")
-    backend = LlamaCppBackend(LlamaCppModel(name="smol", backend="llamacpp", model=gguf, n_threads=2))
-    backend._load()
-    prompt = backend.format_chat(messages)
-    backend.llm.create_completion(prompt=prompt, max_tokens=8, temperature=0)  # warm-up
-    totals = {kind: [0, 0.0] for kind in ("raw", "gateway_json", "gateway_stream")}
-
-    config = {"server": {"access_log": False},
-              "models": [{"name": "smol", "backend": "llamacpp", "model": gguf, "n_threads": 2}]}
-    with _our_gateway(config, cpus=None, name="slm-fusion-llamacpp") as (gw, _):
-        body = {"model": "smol", "messages": messages, "max_tokens": max_tokens, "temperature": 0}
-        httpx.post(gw + "/v1/chat/completions", json={**body, "max_tokens": 8}, timeout=120)  # warm-up
-        # Interleaved (raw, json, stream) rounds, one at a time: load drift on a shared machine hits all three alike.
-        for _ in range(runs):
-            start = time.perf_counter()
-            out = backend.llm.create_completion(prompt=prompt, max_tokens=max_tokens, temperature=0)
-            totals["raw"][1] += time.perf_counter() - start
-            totals["raw"][0] += out["usage"]["completion_tokens"]
-
-            start = time.perf_counter()
-            r = httpx.post(gw + "/v1/chat/completions", json=body, timeout=600)
-            totals["gateway_json"][1] += time.perf_counter() - start
-            totals["gateway_json"][0] += r.json()["usage"]["completion_tokens"]
-
-            start = time.perf_counter()
-            with httpx.stream("POST", gw + "/v1/chat/completions", timeout=600,
-                              json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
-                for line in r.iter_lines():
-                    if line.startswith("data: {") and '"usage":{' in line:
-                        totals["gateway_stream"][0] += json.loads(line[6:])["usage"]["completion_tokens"]
-            totals["gateway_stream"][1] += time.perf_counter() - start
-    backend.llm.close()
-    results = {k: {"tokens": t, "seconds": sec, "tok_per_s": t / sec} for k, (t, sec) in totals.items()}
-    for k in ("gateway_json", "gateway_stream"):
-        results[k]["ratio_vs_raw"] = results[k]["tok_per_s"] / results["raw"]["tok_per_s"]
-    return results
-
-
 # -------------------------------------------------------------------------------------------------- soak
 
 
@@ -555,12 +501,6 @@ def _report(r: dict) -> None:
         console.print(f"function calling, SmolLM2 transformers, tool_choice {t['tool_choice']}: {t['tool_calls']}/"
                       f"{t['n']} replies are get_price calls, {t['right_arguments']}/{t['n']} with the question's "
                       f"product and quantity; {t['tokens']} tokens in {t['seconds']:.1f} s")
-    lc = r.get("llamacpp")
-    if lc and "raw" in lc:
-        console.print(f"llama.cpp SmolLM2: raw {lc['raw']['tok_per_s']:.1f} tok/s; gateway json "
-                      f"{lc['gateway_json']['tok_per_s']:.1f} ({lc['gateway_json']['ratio_vs_raw']:.1%}), stream "
-                      f"{lc['gateway_stream']['tok_per_s']:.1f} ({lc['gateway_stream']['ratio_vs_raw']:.1%}) "
-                      "(target >= 90%)")
     s = r.get("soak")
     if s:
         console.print(f"soak: {s['requests']} requests in {s['seconds']:.1f}s ({s['rps']:.0f} req/s), errors "
@@ -573,7 +513,7 @@ def run(quick: bool = False) -> dict:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     results: dict = {"quick": quick, "cpus": os.cpu_count()}
     for name, fn in (("proxy", bench_proxy), ("soak", bench_soak), ("batching", bench_batching),
-                     ("structured", bench_structured), ("llamacpp", bench_llamacpp)):
+                     ("structured", bench_structured)):
         try:
             results[name] = fn(quick)
         except Exception as e:  # noqa: BLE001 — one failing part must not hide the others' numbers

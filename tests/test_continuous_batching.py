@@ -40,7 +40,7 @@ def loop():
 @pytest.fixture(scope="module")
 def reference(loop):
     """Each request alone: no joining, no prefix reuse."""
-    b = backend(continuous=False, prefix_cache_mb=0, max_batch_size=1)
+    b = backend(continuous=False, prefix_cache=False, max_batch_size=1)
     loop.run_until_complete(b.start())
     yield b
     loop.run_until_complete(b.aclose())

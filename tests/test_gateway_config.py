@@ -22,7 +22,7 @@ def write(tmp_path, text: str) -> Path:
 def test_example_config_loads():
     cfg = load_fusion_config(EXAMPLE)
     assert [m.backend for m in cfg.models] == ["transformers", "llamacpp"]
-    assert isinstance(cfg.models[1], LlamaCppModel) and cfg.models[1].max_concurrency == 1
+    assert isinstance(cfg.models[1], LlamaCppModel) and cfg.models[1].slots == 4
     assert cfg.embeddings.name == "all-minilm-l6-v2"
 
 

@@ -78,7 +78,13 @@ class ModelBase(_Strict):
     )
 
 
-class TransformersModel(ModelBase):
+class LocalModel(ModelBase):
+    """What the local engines (transformers, llama.cpp) share."""
+
+    prefix_cache: bool = Field(True, description="Reuse the KV cache of a recent prompt's shared prefix.")
+
+
+class TransformersModel(LocalModel):
     backend: Literal["transformers"]
     dtype: str | None = Field(None, description="torch dtype name, e.g. float32 / bfloat16.")
     device: str | None = Field(None, description="torch device; default cpu.")
@@ -86,18 +92,18 @@ class TransformersModel(ModelBase):
     max_batch_size: int = Field(8, ge=1, description="Rows (requests x n) decoded together.")
     batch_wait_ms: float = Field(5.0, ge=0, description="How long an idle batcher waits to collect concurrent requests.")
     continuous: bool = Field(True, description="Requests join the running batch between decode steps (else they wait).")
-    prefix_cache_mb: float = Field(256, ge=0, description="Memory for reused prompt-prefix KV caches (LRU); 0 = off.")
+    prefix_cache_mb: float = Field(256, gt=0, description="Memory the prefix cache's stored prompts may take (LRU).")
 
 
-class LlamaCppModel(ModelBase):
+class LlamaCppModel(LocalModel):
     backend: Literal["llamacpp"]
-    n_ctx: int = Field(2048, ge=16, description="Context window passed to llama.cpp.")
+    n_ctx: int = Field(2048, ge=16, description="Context of one sequence (prompt + completion), in tokens.")
+    slots: int = Field(4, ge=1, description="Sequences decoded together; the KV cache holds slots x n_ctx tokens.")
     n_threads: int | None = Field(None, ge=1, description="llama.cpp threads; default: all cores.")
     n_batch: int = Field(512, ge=1)
     chat_template: str | None = Field(
         None, description="Jinja chat template; default: the GGUF's own `tokenizer.chat_template`."
     )
-    max_concurrency: int = Field(1, ge=1, description="llama.cpp runs one request at a time per replica.")
 
 
 class OpenAIModel(ModelBase):

@@ -113,6 +113,39 @@ class Backend(Protocol):
     async def aclose(self) -> None: ...
 
 
+async def collect(chunks: AsyncIterator[TokenChunk], n: int, logprobs: bool = False) -> list[Generation]:
+    """A local backend's `generate`: its stream gathered into `n` complete choices. The stream reports the
+    request's completion tokens as one total; it is spread so the per-choice numbers add up exactly."""
+    texts, reasons = [""] * n, ["stop"] * n
+    entries: list[list[dict[str, Any]]] = [[] for _ in range(n)]
+    usage = (0, 0)
+    async for chunk in chunks:
+        texts[chunk.index] += chunk.text
+        if chunk.logprobs:
+            entries[chunk.index] += chunk.logprobs["content"]
+        if chunk.finish_reason:
+            reasons[chunk.index] = chunk.finish_reason
+        if chunk.usage:
+            usage = chunk.usage
+    share, rest = divmod(usage[1], n)
+    return [Generation(text=t, finish_reason=r, prompt_tokens=usage[0], completion_tokens=share + (i < rest),
+                       logprobs={"content": lp} if logprobs else None)
+            for i, (t, r, lp) in enumerate(zip(texts, reasons, entries, strict=True))]
+
+
+def find_stop(text: str, start: int, stops: list[str]) -> int | None:
+    """Where the earliest stop sequence begins in `text`, searching from `start` (text before it was already
+    streamed, and a match cannot begin there: the streamed part always ends `hold_back(stops)` characters early)."""
+    hits = [k for k in (text.find(s, start) for s in stops) if k >= 0]
+    return min(hits) if hits else None
+
+
+def hold_back(stops: list[str]) -> int:
+    """Characters a local backend keeps unstreamed: a tail that could be the start of a stop sequence is never
+    streamed and then retracted."""
+    return max((len(s) for s in stops), default=1) - 1
+
+
 BACKENDS: dict[str, str] = {
     # Imported lazily: the transformers backend pulls torch, llamacpp pulls llama_cpp.
     "transformers": "slm_fusion.backends.transformers:TransformersBackend",

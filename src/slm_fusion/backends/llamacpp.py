@@ -1,27 +1,79 @@
-"""`llamacpp` backend: a GGUF model through llama-cpp-python.
+"""`llamacpp` backend: a GGUF model through llama-cpp-python, several requests decoded together in one context.
 
 Chat prompts are formatted with the model's own Jinja chat template (the GGUF's `tokenizer.chat_template`, or the
 config's `chat_template`) rendered by transformers' `render_jinja_template` — the same renderer as the tokenizer's
-`apply_chat_template` — then continued with `Llama.create_completion(prompt=...)`. llama.cpp's own chat formatter
-renders some templates differently, so it is not used. A `Llama` is not thread-safe: each call runs in a worker
-thread under a lock.
+`apply_chat_template`; llama.cpp's own chat formatter renders some templates differently, so it is not used.
+
+Decoding: llama-cpp-python's high-level `Llama` runs one sequence at a time, so the decode loop is written here on
+its low-level API (the one llama.cpp's own server uses for its parallel slots): one context holds `slots` sequences,
+each with its own `n_ctx` cells; one worker thread admits requests between decode steps, computes their prompts, and
+decodes one token for every live sequence per `llama_decode` call. Each sequence has its own sampler chain (grammar
+for `response_format`, penalties, top-p, temperature, seeded distribution), stop sequences and max_tokens. A request's
+n choices share one prompt computation (`llama_memory_seq_cp`). A finished sequence's slot keeps its prompt's cells;
+a new prompt goes to the free slot holding its longest common prefix and only the rest is computed (llama.cpp
+server's slot prompt cache, the same idea). As llama.cpp's server documents for its `cache_prompt`, a prompt computed
+in two parts can give slightly different logits than computed at once; `prefix_cache: false` computes every prompt
+whole.
+
+Each sequence gets its own cell stream (`kv_unified = False`) although one shared pool would use less memory: with
+a shared pool a sequence's cells land among other sequences' and greedy output then depends on what else is being
+decoded (logits differed by up to 1.0 from the same request alone, SmolLM2 Q4_1); with separate streams a request's
+tokens are the same alone or batched.
 """
 
 from __future__ import annotations
 
 import asyncio
+import codecs
 import functools
+import queue
 import threading
+from collections import OrderedDict
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from slm_fusion.backends.base import Generation, GenerationRequest, ThreadBridge, TokenChunk
+from slm_fusion.backends.base import (
+    Generation,
+    GenerationRequest,
+    ThreadBridge,
+    TokenChunk,
+    collect,
+    find_stop,
+    hold_back,
+)
+from slm_fusion.backends.prefix_cache import MIN_TOKENS, common_prefix
 from slm_fusion.backends.structured import schema_key
 from slm_fusion.config import LlamaCppModel
 from slm_fusion.errors import InvalidRequest, Unavailable, UpstreamError
 
-_END = object()
+_STOP = object()  # worker shutdown sentinel
+
+
+@dataclass
+class _Job:
+    req: GenerationRequest
+    prompt_ids: list[int]
+    max_tokens: int
+    grammar: Any  # LlamaGrammar or None
+    bridge: ThreadBridge
+    cancelled: bool = False
+    completion_tokens: int = 0
+
+
+@dataclass
+class _Row:
+    job: _Job
+    choice: int
+    seq: int
+    sampler: Any
+    pos: int  # position of the next token
+    decoder: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
+    produced: int = 0
+    text: str = ""
+    emitted: int = 0
+    pending: int | None = None  # the sampled token not yet fed back to the model
 
 
 class LlamaCppBackend:
@@ -32,26 +84,67 @@ class LlamaCppBackend:
         self.llm = None
         self.chat_template: str | None = config.chat_template
         self._special: dict[str, str] = {}
-        self._lock = threading.Lock()
+        self._inbox: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._ctx = None
+        self._vocab = None
+        self._batch = None
+        self._carry: _Job | None = None
+        # free slots (sequence ids), least recently used first, each with the prompt its cells still hold
+        self._free: OrderedDict[int, tuple[int, ...]] = OrderedDict()
+        self.steps_run = 0  # observability for tests/benchmarks: decode steps, prefix reuse
+        self.prefix_hits = 0
+        self.tokens_reused = 0
 
+    # ------------------------------------------------------------------------------------------- lifecycle
     async def start(self) -> None:
         await asyncio.to_thread(self._load)
+        self._thread = threading.Thread(target=self._worker, name=f"llamacpp-{self.config.name}", daemon=True)
+        self._thread.start()
 
     def _load(self) -> None:
+        import llama_cpp
         from llama_cpp import Llama
 
         path = gguf_path(self.config.model)
-        self.llm = Llama(model_path=str(path), n_ctx=self.config.n_ctx, n_threads=self.config.n_threads,
-                         n_batch=self.config.n_batch, verbose=False)
+        # The `Llama` object loads the weights and gives tokenizer, metadata and chat template; its own context is
+        # made small, since decoding runs in the multi-sequence context created below.
+        self.llm = Llama(model_path=str(path), n_ctx=64, n_threads=self.config.n_threads, verbose=False)
         self.chat_template = self.chat_template or self.llm.metadata.get("tokenizer.chat_template")
         for name, token_id in (("bos_token", self.llm.token_bos()), ("eos_token", self.llm.token_eos())):
             if token_id is not None and token_id >= 0:
                 self._special[name] = self.llm.detokenize([token_id], special=True).decode("utf-8", "replace")
+        model = self.llm._model.model  # the loaded llama_model pointer (llama-cpp-python has no public accessor)
+        slots = self.config.slots
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = self.config.n_ctx * slots
+        params.n_batch = params.n_ubatch = self.config.n_batch
+        params.n_seq_max = slots
+        params.kv_unified = False  # a stream of n_ctx cells per sequence (see the module docstring)
+        # as `Llama`'s own context (and so llama-cpp-python's greedy output): llama.cpp's default AUTO turns flash
+        # attention on, whose different summation order changes late greedy tokens
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        if self.config.n_threads:
+            params.n_threads = params.n_threads_batch = self.config.n_threads
+        self._ctx = llama_cpp.llama_init_from_model(model, params)
+        if not self._ctx:
+            raise RuntimeError(f"llama.cpp could not create a context of {params.n_ctx} tokens")
+        self._vocab = llama_cpp.llama_model_get_vocab(model)
+        self._mem = llama_cpp.llama_get_memory(self._ctx)
+        self._batch = llama_cpp.llama_batch_init(max(self.config.n_batch, slots), 0, 1)
+        self._free = OrderedDict((seq, ()) for seq in range(slots))
 
     async def aclose(self) -> None:
+        if self._thread is not None:
+            self._inbox.put(_STOP)
+            await asyncio.to_thread(self._thread.join, 60)
+            self._thread = None
         if self.llm is not None:
-            with self._lock:
-                self.llm.close()
+            import llama_cpp
+
+            llama_cpp.llama_batch_free(self._batch)
+            llama_cpp.llama_free(self._ctx)
+            self.llm.close()
             self.llm = None
 
     # ----------------------------------------------------------------------------------------------- API
@@ -75,93 +168,233 @@ class LlamaCppBackend:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=self.llm.metadata.get(
             "tokenizer.ggml.add_bos_token", "true") == "true", special=True)
 
-    def _prepare(self, req: GenerationRequest) -> tuple[str | list[int], int, int, Any]:
-        """(prompt, prompt tokens, max tokens, grammar or None), all checked before any work is queued."""
-        if self.llm is None:
+    def _prepare(self, req: GenerationRequest) -> tuple[list[int], int, Any]:
+        """(prompt tokens, max tokens, grammar or None), all checked before any work is queued."""
+        if self.llm is None or self._thread is None:
             raise Unavailable(f"model '{self.config.name}' is not started")
         key = schema_key(req.extra.get("response_format"))
         grammar = _grammar(key) if key is not None else None  # a schema llama.cpp cannot compile: the client's 400
-        prompt: str | list[int] = self.format_chat(req.messages) if req.messages is not None else req.prompt
-        prompt_tokens = len(self._tokenize(prompt))
-        if prompt_tokens == 0:  # an empty prompt: start from BOS as OpenAI's completions do
-            prompt, prompt_tokens = [self.llm.token_bos()], 1
-        room = self.config.n_ctx - prompt_tokens
+        ids = self._tokenize(self.format_chat(req.messages) if req.messages is not None else req.prompt)
+        if not ids:  # an empty prompt: start from BOS as OpenAI's completions do
+            ids = [self.llm.token_bos()]
+        room = self.config.n_ctx - len(ids)
         if room < 1:
             raise InvalidRequest(
-                f"the prompt is {prompt_tokens} tokens; model '{self.config.name}' has n_ctx={self.config.n_ctx}",
+                f"the prompt is {len(ids)} tokens; model '{self.config.name}' has n_ctx={self.config.n_ctx}",
                 param="messages" if req.messages is not None else "prompt",
             )
-        return prompt, prompt_tokens, min(req.max_tokens, room), grammar
-
-    def _kwargs(self, req: GenerationRequest, max_tokens: int, choice: int, grammar: Any) -> dict[str, Any]:
-        temperature = req.temperature if req.temperature >= 1e-4 else 0.0  # near-zero: greedy, as transformers'
-        kw: dict[str, Any] = {"max_tokens": max_tokens, "temperature": temperature, "top_p": req.top_p,
-                              "stop": req.stop or None, "grammar": grammar}
-        if req.seed is not None:
-            kw["seed"] = (req.seed + choice) % (1 << 32)  # llama.cpp seeds are uint32
-        for name in ("presence_penalty", "frequency_penalty"):
-            if name in req.extra:
-                kw[name] = req.extra[name]
-        return kw
+        if req.n > self.config.slots:
+            raise InvalidRequest(f"n={req.n} is more choices than model '{self.config.name}' decodes at once "
+                                 f"(slots={self.config.slots}): lower n", param="n")
+        return ids, min(req.max_tokens, room), grammar
 
     async def generate(self, req: GenerationRequest) -> list[Generation]:
-        prompt, prompt_tokens, max_tokens, grammar = self._prepare(req)
-
-        def run() -> list[Generation]:
-            out = []
-            with self._lock:
-                for i in range(req.n):
-                    res = self.llm.create_completion(prompt=prompt, **self._kwargs(req, max_tokens, i, grammar))
-                    choice = res["choices"][0]
-                    out.append(Generation(text=choice["text"], finish_reason=choice["finish_reason"] or "stop",
-                                          prompt_tokens=prompt_tokens,
-                                          completion_tokens=res["usage"]["completion_tokens"]))
-            return out
-
-        try:
-            return await asyncio.to_thread(run)
-        except Exception as e:
-            raise UpstreamError(f"llama.cpp failed for model '{self.config.name}': {e}") from e
+        return await collect(self.stream(req), req.n)
 
     async def stream(self, req: GenerationRequest) -> AsyncIterator[TokenChunk]:
-        prompt, prompt_tokens, max_tokens, grammar = self._prepare(req)
-        bridge = ThreadBridge(asyncio.get_running_loop())
-        cancelled = threading.Event()
-
-        def run() -> None:
-            try:
-                with self._lock:
-                    for i in range(req.n):
-                        texts = []
-                        for part in self.llm.create_completion(prompt=prompt, stream=True,
-                                                               **self._kwargs(req, max_tokens, i, grammar)):
-                            if cancelled.is_set():
-                                return
-                            c = part["choices"][0]
-                            texts.append(c["text"])
-                            bridge.put(TokenChunk(index=i, text=c["text"], finish_reason=c["finish_reason"]))
-                        bridge.put(len(self._tokenize("".join(texts))) - len(self._tokenize("")))
-                bridge.put(_END)
-            except Exception as e:  # noqa: BLE001 — delivered to the request, which raises it
-                bridge.put(UpstreamError(f"llama.cpp failed for model '{self.config.name}': {e}"))
-
-        task = asyncio.create_task(asyncio.to_thread(run))
-        completion = 0
+        ids, max_tokens, grammar = self._prepare(req)
+        job = _Job(req, ids, max_tokens, grammar, ThreadBridge(asyncio.get_running_loop()))
+        self._inbox.put(job)
+        pending = req.n
         try:
-            while True:
-                item = await bridge.queue.get()
-                if item is _END:
-                    break
+            while pending:
+                item = await job.bridge.queue.get()
                 if isinstance(item, BaseException):
                     raise item
-                if isinstance(item, int):
-                    completion += item
-                    continue
+                if item.finish_reason is not None:
+                    pending -= 1
                 yield item
-            yield TokenChunk(index=0, text="", usage=(prompt_tokens, completion))
+            yield TokenChunk(index=0, text="", usage=(len(ids), job.completion_tokens))
         finally:
-            cancelled.set()
-            await asyncio.shield(task)
+            job.cancelled = True  # no-op when finished; otherwise the worker drops these rows at its next step
+
+    # ------------------------------------------------------------------------------------------ worker
+    def _worker(self) -> None:
+        rows: list[_Row] = []
+        stopping = False
+        while True:
+            if not rows:
+                if stopping:
+                    return
+                job = self._carry or self._inbox.get()
+                self._carry = None
+                if job is _STOP:
+                    return
+                jobs = [job]
+            else:
+                jobs = []
+            if not stopping:
+                stopping = self._collect(jobs)
+            try:
+                for job in jobs:
+                    rows += self._admit(job)
+                rows = self._step(rows) if rows else rows
+            except Exception as e:  # noqa: BLE001 — reported to every waiting request, the worker lives on
+                err = UpstreamError(f"llama.cpp failed for model '{self.config.name}': {type(e).__name__}: {e}")
+                waiting = {id(r.job): r.job for r in rows}
+                waiting.update({id(j): j for j in jobs})
+                for j in waiting.values():
+                    j.bridge.put(err)
+                self._reset(rows)
+                rows = []
+
+    def _collect(self, jobs: list[_Job]) -> bool:
+        """Take waiting jobs while their choices fit in the free slots; True when shutdown was asked."""
+        free = len(self._free) - sum(j.req.n for j in jobs)
+        while True:
+            try:
+                nxt = self._carry or self._inbox.get_nowait()
+            except queue.Empty:
+                return False
+            self._carry = None
+            if nxt is _STOP:
+                return True
+            if nxt.req.n > free:
+                self._carry = nxt  # first in line once slots free up
+                return False
+            jobs.append(nxt)
+            free -= nxt.req.n
+
+    def _admit(self, job: _Job) -> list[_Row]:
+        """Compute a job's prompt once, after the longest prefix a free slot still holds, and start its n rows
+        (the other choices get a copy of the prompt's cells), each with its first token sampled."""
+        import llama_cpp
+
+        if job.cancelled:
+            return []
+        ids = job.prompt_ids
+        first, reused = self._pick_slot(ids)
+        llama_cpp.llama_memory_seq_rm(self._mem, first, reused, -1)  # what the slot held beyond the shared prefix
+        self._decode(ids[reused:], first, reused)
+        seqs = [first]
+        for _ in range(job.req.n - 1):
+            seq, _ = self._free.popitem(last=False)
+            llama_cpp.llama_memory_seq_rm(self._mem, seq, -1, -1)
+            llama_cpp.llama_memory_seq_cp(self._mem, first, seq, -1, -1)
+            seqs.append(seq)
+        rows = [_Row(job, i, seq, self._sampler(job, i), pos=len(ids)) for i, seq in enumerate(seqs)]
+        return [r for r in rows if not self._sample(r, -1)]
+
+    def _pick_slot(self, ids: list[int]) -> tuple[int, int]:
+        """The free slot whose kept prompt shares the most leading tokens with `ids` (worth it from MIN_TOKENS on,
+        one token always left to compute), else the least recently used one; and how many tokens it already has."""
+        best, slot = 0, next(iter(self._free))
+        for seq, held in self._free.items() if self.config.prefix_cache else ():
+            n = common_prefix(held, ids[:-1])
+            if n > best:
+                best, slot = n, seq
+        del self._free[slot]
+        if best < MIN_TOKENS:
+            return slot, 0
+        self.prefix_hits += 1
+        self.tokens_reused += best
+        return slot, best
+
+    def _decode(self, tokens: list[int], seq: int, start: int) -> None:
+        """Feed `tokens` of one sequence from position `start`, in n_batch chunks; logits for the last one."""
+        import llama_cpp
+
+        step = self.config.n_batch
+        for at in range(0, len(tokens), step):
+            chunk = tokens[at:at + step]
+            last = at + len(chunk) == len(tokens)
+            self._fill([(t, start + at + i, seq, last and i == len(chunk) - 1) for i, t in enumerate(chunk)])
+            if llama_cpp.llama_decode(self._ctx, self._batch) != 0:
+                raise RuntimeError("llama_decode failed while computing a prompt (context full?)")
+
+    def _fill(self, entries: list[tuple[int, int, int, bool]]) -> None:
+        b = self._batch
+        for i, (token, pos, seq, logits) in enumerate(entries):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = token, pos, 1, logits
+            b.seq_id[i][0] = seq
+        b.n_tokens = len(entries)
+
+    def _step(self, rows: list[_Row]) -> list[_Row]:
+        """One decode step: every live row's pending token in one batch, then each row samples its next."""
+        import llama_cpp
+
+        self._fill([(r.pending, r.pos, r.seq, True) for r in rows])
+        for r in rows:
+            r.pos += 1
+        self.steps_run += 1
+        if llama_cpp.llama_decode(self._ctx, self._batch) != 0:
+            raise RuntimeError("llama_decode failed (context full?)")
+        return [r for i, r in enumerate(rows) if not self._sample(r, i)]
+
+    def _sample(self, r: _Row, index: int) -> bool:
+        """Sample the row's next token from the logits at batch `index` and deliver its text; True when finished
+        (its sequence is then released)."""
+        import llama_cpp
+
+        job = r.job
+        if job.cancelled:
+            self._release(r)
+            return True
+        token = llama_cpp.llama_sampler_sample(r.sampler, self._ctx, index)
+        finish = None
+        if llama_cpp.llama_vocab_is_eog(self._vocab, token):
+            finish = "stop"
+            r.text += r.decoder.decode(b"", final=True)
+        else:
+            r.produced += 1
+            job.completion_tokens += 1
+            r.text += r.decoder.decode(self.llm.detokenize([token]))
+            stops = job.req.stop
+            cut = find_stop(r.text, r.emitted, stops) if stops else None
+            if cut is not None:
+                r.text, finish = r.text[:cut], "stop"
+            elif r.produced >= job.max_tokens:
+                finish = "length"
+                r.text += r.decoder.decode(b"", final=True)
+        if finish is not None:
+            job.bridge.put(TokenChunk(index=r.choice, text=r.text[r.emitted:], finish_reason=finish))
+            self._release(r)
+            return True
+        r.pending = token
+        safe = len(r.text) - hold_back(job.req.stop)
+        if safe > r.emitted:
+            job.bridge.put(TokenChunk(index=r.choice, text=r.text[r.emitted:safe]))
+            r.emitted = safe
+        return False
+
+    def _release(self, r: _Row) -> None:
+        import llama_cpp
+
+        prompt = r.job.prompt_ids
+        llama_cpp.llama_memory_seq_rm(self._mem, r.seq, len(prompt), -1)  # the prompt's cells stay for reuse
+        llama_cpp.llama_sampler_free(r.sampler)
+        self._free[r.seq] = tuple(prompt)
+
+    def _reset(self, rows: list[_Row]) -> None:
+        """After a failure: every slot empty and free, whatever state the failed step left the cells in."""
+        import llama_cpp
+
+        for r in rows:
+            llama_cpp.llama_sampler_free(r.sampler)
+        llama_cpp.llama_memory_clear(self._mem, True)
+        self._free = OrderedDict((seq, ()) for seq in range(self.config.slots))
+
+    def _sampler(self, job: _Job, choice: int) -> Any:
+        """The row's sampler chain: grammar, penalties, top-p, temperature, seeded draw (or greedy)."""
+        import llama_cpp
+
+        req = job.req
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        add = functools.partial(llama_cpp.llama_sampler_chain_add, chain)
+        if job.grammar is not None:
+            add(llama_cpp.llama_sampler_init_grammar(self._vocab, job.grammar._grammar.encode(), b"root"))
+        presence, frequency = req.extra.get("presence_penalty") or 0.0, req.extra.get("frequency_penalty") or 0.0
+        if presence or frequency:
+            add(llama_cpp.llama_sampler_init_penalties(64, 1.0, float(frequency), float(presence)))
+        if req.temperature < 1e-4:  # near-zero: greedy, as the transformers backend does
+            add(llama_cpp.llama_sampler_init_greedy())
+            return chain
+        if req.top_p < 1.0:
+            add(llama_cpp.llama_sampler_init_top_p(req.top_p, 1))
+        add(llama_cpp.llama_sampler_init_temp(req.temperature))
+        seed = (req.seed + choice) % (1 << 32) if req.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED
+        add(llama_cpp.llama_sampler_init_dist(seed))  # llama.cpp seeds are uint32
+        return chain
 
 
 GGUF_ALIASES = {"smollm2-135m-instruct": "smollm2_gguf", "gemma3-270m": "gemma3_gguf"}
@@ -191,3 +424,4 @@ def _grammar(schema_json: str) -> Any:
     except Exception as e:  # noqa: BLE001 - llama.cpp's converter raises plain Exceptions for bad schemas
         raise InvalidRequest(f"response_format.json_schema.schema cannot be enforced by llama.cpp: {e}",
                              param="response_format") from None
+

@@ -12,20 +12,24 @@ llama.cpp keeps its own, which the llama.cpp backend uses.
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from typing import Any
 
-import torch
-
 MIN_TOKENS = 16  # a shorter common prefix saves less than the lookup and the cache copy cost
 
-Layers = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values shaped [1, heads, tokens, head_dim]
+Layers = list[tuple[Any, Any]]  # per layer: keys, values (torch tensors shaped [1, heads, tokens, head_dim])
+
+
+def common_prefix(a: list[int] | tuple[int, ...], b: list[int] | tuple[int, ...]) -> int:
+    """How many leading tokens two prompts share."""
+    return len(os.path.commonprefix([tuple(a), tuple(b)]))  # element-wise, in C; one type, as it compares them
 
 
 class PrefixCache:
     def __init__(self, capacity_bytes: int) -> None:
         self.capacity_bytes = capacity_bytes
-        self._entries: OrderedDict[tuple[int, ...], tuple[torch.Tensor, Layers, int]] = OrderedDict()
+        self._entries: OrderedDict[tuple[int, ...], tuple[Layers, int]] = OrderedDict()
         self.bytes = 0
         self.hits = 0  # observability for tests and benchmarks
         self.misses = 0
@@ -40,14 +44,9 @@ class PrefixCache:
         its layers sliced to it, or (0, None)."""
         best, best_key = 0, None
         if len(ids) > MIN_TOKENS:
-            query = torch.tensor(ids)
-            for key, (stored, _, _) in self._entries.items():
-                n = min(len(stored), len(query) - 1)
-                if n <= best:
-                    continue
-                differ = (stored[:n] != query[:n]).nonzero()
-                common = int(differ[0]) if len(differ) else n
-                if common > best:
+            query = tuple(ids[:-1])  # one token is always left to compute
+            for key in self._entries:
+                if len(key) > best and (common := common_prefix(key, query)) > best:
                     best, best_key = common, key
         if best < MIN_TOKENS:
             self.misses += 1
@@ -55,7 +54,7 @@ class PrefixCache:
         self._entries.move_to_end(best_key)
         self.hits += 1
         self.tokens_reused += best
-        layers = self._entries[best_key][1]
+        layers = self._entries[best_key][0]
         return best, [(k[:, :, :best], v[:, :, :best]) for k, v in layers]
 
     def insert(self, ids: list[int], layers: Layers) -> None:
@@ -71,10 +70,10 @@ class PrefixCache:
         if size > self.capacity_bytes:
             return
         while self.bytes + size > self.capacity_bytes:
-            _, (_, _, freed) = self._entries.popitem(last=False)
+            _, (_, freed) = self._entries.popitem(last=False)
             self.bytes -= freed
             self.evictions += 1
-        self._entries[key] = (torch.tensor(ids), layers, size)
+        self._entries[key] = (layers, size)
         self.bytes += size
 
     def stats(self) -> dict[str, Any]:

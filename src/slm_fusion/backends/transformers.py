@@ -25,7 +25,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from slm_fusion.backends.base import Generation, GenerationRequest, ThreadBridge, TokenChunk
+from slm_fusion.backends.base import (
+    Generation,
+    GenerationRequest,
+    ThreadBridge,
+    TokenChunk,
+    collect,
+    find_stop,
+    hold_back,
+)
 from slm_fusion.backends.prefix_cache import PrefixCache
 from slm_fusion.backends.structured import Constraint, Grammars, grammar_for
 from slm_fusion.config import TransformersModel
@@ -143,7 +151,7 @@ class TransformersBackend:
             self.eos_ids.add(self.tokenizer.eos_token_id)
         width = self.model.get_output_embeddings().weight.shape[0]  # logits width (may exceed len(tokenizer))
         self.grammars = Grammars(self._worker_tokenizer, width)
-        if self.config.prefix_cache_mb > 0:
+        if self.config.prefix_cache:
             self.prefixes = PrefixCache(int(self.config.prefix_cache_mb * 2**20))
 
     async def aclose(self) -> None:
@@ -201,32 +209,7 @@ class TransformersBackend:
             job.cancelled = True  # no-op when finished; otherwise the worker drops these rows at its next step
 
     async def generate(self, req: GenerationRequest) -> list[Generation]:
-        texts = [""] * req.n
-        reasons = ["stop"] * req.n
-        usage = (0, 0)
-        wanted = _top_logprobs(req) is not None
-        logprobs: list[list[dict[str, Any]]] = [[] for _ in range(req.n)]
-        async for chunk in self.stream(req):
-            texts[chunk.index] += chunk.text
-            if chunk.logprobs:
-                logprobs[chunk.index] += chunk.logprobs["content"]
-            if chunk.finish_reason:
-                reasons[chunk.index] = chunk.finish_reason
-            if chunk.usage:
-                usage = chunk.usage
-        counts = [0] * req.n
-        return [
-            Generation(text=t, finish_reason=r, prompt_tokens=usage[0], completion_tokens=c,
-                       logprobs={"content": lp} if wanted else None)
-            for t, r, c, lp in zip(texts, reasons, self._row_counts(usage[1], counts), logprobs, strict=True)
-        ]
-
-    @staticmethod
-    def _row_counts(total: int, counts: list[int]) -> list[int]:
-        # The worker reports the request's total; spread it so per-choice numbers add up exactly.
-        n = len(counts)
-        base, rem = divmod(total, n)
-        return [base + (1 if i < rem else 0) for i in range(n)]
+        return await collect(self.stream(req), req.n, logprobs=_top_logprobs(req) is not None)
 
     # ------------------------------------------------------------------------------------------ worker
     def _worker(self) -> None:
@@ -441,12 +424,10 @@ class TransformersBackend:
             r.ids.append(token)
             job.completion_tokens += 1
             r.text += _decode_delta(r, tok)
-            if stops:
-                # Only text not yet streamed can hold a new match (the held-back tail covers partial matches).
-                hits = [k for k in (r.text.find(s, r.emitted) for s in stops) if k >= 0]
-                if hits:
-                    r.text = r.text[:min(hits)]
-                    finish = "stop"
+            cut = find_stop(r.text, r.emitted, stops) if stops else None
+            if cut is not None:
+                r.text = r.text[:cut]
+                finish = "stop"
             if finish is None and complete:
                 finish = "stop"  # the grammar is complete: nothing more may follow
             if finish is None and len(r.ids) >= job.max_tokens:
@@ -459,9 +440,7 @@ class TransformersBackend:
                                       logprobs=_take_logprobs(r)))
             r.emitted = len(r.text)
             return True
-        # Hold back a tail that could be the start of a stop sequence, so it is never streamed then retracted.
-        hold = max((len(s) for s in stops), default=1) - 1
-        safe = len(r.text) - hold
+        safe = len(r.text) - hold_back(stops)
         if safe > r.emitted:
             job.bridge.put(TokenChunk(index=r.choice, text=r.text[r.emitted:safe], logprobs=_take_logprobs(r)))
             r.emitted = safe
