@@ -160,8 +160,8 @@ async def _stream(
                 for i in range(gen.n):
                     yield frame([choice(i, "", None, role=True)])
                 if citations is not None:  # the sources used, once, before the text
-                    yield b"data: " + orjson.dumps(P.citations_chunk(cid, created, body.model, gen.n, citations)) \
-                        + b"\n\n"
+                    yield b"data: " + orjson.dumps(P.details_chunk(
+                        cid, created, body.model, {i: {"citations": citations} for i in range(gen.n)})) + b"\n\n"
             elif body.echo:
                 for i in range(gen.n):
                     yield frame([choice(i, gen.prompt, None)])
@@ -177,6 +177,9 @@ async def _stream(
                     text = None if chunk.tool_calls and not chunk.text else chunk.text
                     yield frame([choice(chunk.index, text, chunk.finish_reason, tool_calls=chunk.tool_calls,
                                         logprobs=chunk.logprobs)])
+                if chunk.reasoning is not None and chat:  # the reasoning layer's results, as the JSON answer has
+                    yield b"data: " + orjson.dumps(P.details_chunk(cid, created, body.model,
+                                                                   {chunk.index: chunk.reasoning})) + b"\n\n"
                 async with asyncio.timeout_at(deadline):
                     chunk = await anext(chunks, None)
             prompt_tokens, completion_tokens = usage or (0, counted)
