@@ -13,7 +13,8 @@ function svgEl(tag, attrs, text) {
   return node;
 }
 
-// series: [{name, points: [{x, y, label?, highlight?}], dashed?}]; opts: {xLabel, yLabel, time, lines, width, height}
+// series: [{name, points: [{x, y, label?, highlight?}], dashed?, color?}]; opts: {xLabel, yLabel (hover text; the
+// figure's caption names the axis), time (x is unix seconds), fromZero (default true), lines, width, height}
 function drawChart(svg, series, opts) {
   opts = Object.assign({width: 420, height: 220, lines: true}, opts || {});
   const W = opts.width, H = opts.height, L = 48, R = 10, T = 10, B = 34;
@@ -27,7 +28,7 @@ function drawChart(svg, series, opts) {
     return;
   }
   let [x0, x1] = [Math.min(...points.map(p => p.x)), Math.max(...points.map(p => p.x))];
-  let [y0, y1] = [Math.min(0, ...points.map(p => p.y)), Math.max(...points.map(p => p.y))];
+  let [y0, y1] = [Math.min(opts.fromZero === false ? Infinity : 0, ...points.map(p => p.y)), Math.max(...points.map(p => p.y))];
   if (x0 === x1) { x0 -= 1; x1 += 1; }
   if (y0 === y1) { y1 = y0 + 1; }
   const sx = x => L + (x - x0) / (x1 - x0) * (W - L - R);
@@ -42,7 +43,6 @@ function drawChart(svg, series, opts) {
                svgEl("text", {x: L - 4, y: sy(yv) + 4, "text-anchor": "end", class: "tick"}, fmt(yv, 2)));
   }
   if (opts.xLabel) svg.append(svgEl("text", {x: (L + W - R) / 2, y: H - 4, "text-anchor": "middle", class: "label"}, opts.xLabel));
-  if (opts.yLabel) svg.append(svgEl("text", {x: 4, y: T + 2, class: "label", "dominant-baseline": "hanging"}, opts.yLabel));
   series.forEach((s, i) => {
     const color = s.color || PALETTE[i % PALETTE.length];
     const pts = s.points.filter(p => p.y !== null && p.y !== undefined);
@@ -58,6 +58,7 @@ function drawChart(svg, series, opts) {
                                     `${opts.yLabel || "y"} ${fmt(p.y)}`));
       svg.append(dot);
     }
-    svg.append(svgEl("text", {x: W - R, y: T + 12 * (i + 1), "text-anchor": "end", fill: color, class: "legend"}, s.name));
+    svg.append(svgEl("text", {x: L + 6 + 110 * (i % 3), y: T + 12 * (1 + Math.floor(i / 3)), fill: color, class: "legend"},
+                     s.name));
   });
 }

@@ -49,7 +49,8 @@ function el(tag, attrs, ...children) {
 function fmt(value, digits) {
   if (value === null || value === undefined) return "–";
   if (typeof value !== "number") return String(value);
-  return Number.isInteger(value) ? String(value) : value.toFixed(digits === undefined ? 3 : digits);
+  if (digits !== undefined) return value.toFixed(digits);
+  return Number.isInteger(value) ? String(value) : value.toFixed(3);
 }
 
 const NOT_PRESENT = () => el("p", {class: "absent"}, "not present");

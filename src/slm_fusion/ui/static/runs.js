@@ -19,10 +19,10 @@ function renderRun(run) {
   if (run.problems.length) parts.push(el("ul", {class: "error"}, run.problems.map(p => el("li", {}, p))));
   parts.push(...section("Stages", run.stages && el("p", {}, Object.entries(run.stages).map(([s, v]) => `${s}: ${v}`).join(" · "))));
   parts.push(...section("Config", el("details", {}, el("summary", {}, "config.yaml"), el("pre", {}, run.config))));
-  parts.push(...section("Training", run.train && el("p", {}, Object.entries(run.train).map(([k, v]) => `${k} ${fmt(v, 3)}`).join(" · "))));
+  parts.push(...section("Training", run.train && el("p", {}, Object.entries(run.train).map(([k, v]) => `${k} ${fmt(v)}`).join(" · "))));
   parts.push(...section("Loss", run.loss && run.loss.length &&
     chart(`loss (${run.loss_source})`, [{name: "loss", points: run.loss.map(p => ({x: p.step, y: p.loss}))}],
-          {xLabel: "step", yLabel: "loss"})));
+          {xLabel: "step", yLabel: "loss", fromZero: false})));
   parts.push(...section("Eval", run.eval && el("table", {class: "data eval"},
     el("thead", {}, el("tr", {}, el("th", {}, "split"), el("th", {}, "model"), COLUMNS.map(([c]) => el("th", {}, c)))),
     el("tbody", {}, run.eval.map(r => el("tr", {}, el("td", {}, r.split), el("td", {}, r.target),
