@@ -16,12 +16,15 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from fastapi.testclient import TestClient
 from gateway_helpers import serve, serve_gateway, upstream_model
 
 from reasonlite.config import build_config
 from reasonlite.data.retail_math import retail_math_splits
 from reasonlite.pipeline import run_pipeline
+from slm_fusion.app import create_app
 from slm_fusion.backends.mock_upstream import ANSWER, MockUpstream
+from slm_fusion.config import FusionConfig, load_fusion_config
 from slm_fusion.metrics import LATENCY_BUCKETS, GatewayMetrics, MetricSeries, _quantile
 from slm_fusion.routing.evaluate import cascade_curve, write_report
 from slm_fusion.ui import runs
@@ -253,6 +256,16 @@ def test_a_streamed_reasoning_answer_carries_its_votes_like_the_json_answer(gate
     details = [c.choices[0].model_extra["slm_fusion"] for c in client.chat.completions.create(**ask, stream=True)
                if c.choices and (c.choices[0].model_extra or {}).get("slm_fusion")]
     assert details == [whole] and whole["votes"] == {"5": 3}
+
+
+def test_the_console_can_be_turned_off_and_its_folders_are_relative_to_the_yaml(tmp_path):
+    (tmp_path / "gw.yaml").write_text("ui: {runs_dir: runs, route_eval_dir: ../evals}\n")
+    cfg = load_fusion_config(tmp_path / "gw.yaml")
+    assert cfg.ui.runs_dir == str(tmp_path / "runs") and cfg.ui.route_eval_dir == str(tmp_path.parent / "evals")
+    app = create_app(FusionConfig.model_validate({"server": {"api_keys": [KEY]}, "ui": {"enabled": False}}))
+    http = TestClient(app)  # in-process; no lifespan needed for a 404
+    assert http.get("/ui/models").status_code == 404
+    assert http.get("/ui/api/models", headers=AUTH).status_code == 404
 
 
 # ------------------------------------------------------------------------------------------------ in Chromium

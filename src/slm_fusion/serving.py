@@ -169,6 +169,9 @@ async def _stream(
             while chunk is not None:
                 if chunk.usage is not None:
                     usage = chunk.usage
+                if chunk.reasoning is not None and chat:  # the reasoning layer's results, just before the answer
+                    yield b"data: " + orjson.dumps(P.details_chunk(cid, created, body.model,
+                                                                   {chunk.index: chunk.reasoning})) + b"\n\n"
                 if chunk.text or chunk.finish_reason or chunk.tool_calls or chunk.logprobs:
                     if not ttft_seen and (chunk.text or chunk.tool_calls):
                         ttft_seen = True
@@ -177,9 +180,6 @@ async def _stream(
                     text = None if chunk.tool_calls and not chunk.text else chunk.text
                     yield frame([choice(chunk.index, text, chunk.finish_reason, tool_calls=chunk.tool_calls,
                                         logprobs=chunk.logprobs)])
-                if chunk.reasoning is not None and chat:  # the reasoning layer's results, as the JSON answer has
-                    yield b"data: " + orjson.dumps(P.details_chunk(cid, created, body.model,
-                                                                   {chunk.index: chunk.reasoning})) + b"\n\n"
                 async with asyncio.timeout_at(deadline):
                     chunk = await anext(chunks, None)
             prompt_tokens, completion_tokens = usage or (0, counted)
