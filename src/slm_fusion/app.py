@@ -37,6 +37,7 @@ from slm_fusion.errors import FusionError, InvalidRequest, ModelNotFound, NotFou
 from slm_fusion.gateway import Gateway
 from slm_fusion.middleware import GatewayMiddleware, configure_logging
 from slm_fusion.serving import complete, json_response, model_response, respond
+from slm_fusion.ui import add_ui_routes
 
 __all__ = ["configure_logging", "create_app"]
 
@@ -86,6 +87,8 @@ def create_app(
         return await complete(gw, body, request, chat=False)
 
     add_context_routes(app, gw, json_response)  # /v1/files, /v1/vector_stores (slm_fusion.context)
+    if config.ui.enabled:
+        add_ui_routes(app, gw, json_response)  # the web console: /ui pages, /ui/api data (slm_fusion.ui)
 
     @app.post("/v1/responses", responses=errors)
     async def responses(body: P.ResponsesRequest, request: Request) -> Response:

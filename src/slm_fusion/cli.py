@@ -104,7 +104,10 @@ def check(config: Annotated[Path, typer.Argument(help="Gateway YAML config.")]) 
     console.print(f"auth: {'on (' + str(len(keys)) + ' key(s))' if keys else 'off'}; "
                   f"max_request_bytes={cfg.server.max_request_bytes}; "
                   f"embeddings: {cfg.embeddings.name if cfg.embeddings else 'off'}; "
-                  f"virtual models: {len(cfg.virtual_models)}")
+                  f"virtual models: {len(cfg.virtual_models)}; console: {'/ui' if cfg.ui.enabled else 'off'}")
+    if cfg.ui.enabled and cfg.ui.runs_dir and not Path(cfg.ui.runs_dir).is_dir():
+        console.print(f"[yellow]warning: ui.runs_dir={cfg.ui.runs_dir} is not a folder yet (the Runs page shows no "
+                      "run until `reasonlite run` writes one there)[/yellow]")
     if cfg.server.api_keys_env and not os.environ.get(cfg.server.api_keys_env):
         console.print(f"[yellow]warning: server.api_keys_env={cfg.server.api_keys_env} is not set[/yellow]")
     from slm_fusion.routing.cli import check_routing

@@ -7,6 +7,7 @@ models:
   - {name: smol-gguf, backend: llamacpp, model: /path/SmolLM2-135M-Instruct.Q4_1.gguf}
   - {name: big, backend: openai, model: gpt-4o-mini, base_url: http://127.0.0.1:9000/v1}
 embeddings: {name: all-minilm-l6-v2}
+ui: {enabled: true, runs_dir: runs}   # the web console at /ui (slm_fusion.ui)
 routers: {}          # owned by slm_fusion.routing
 virtual_models: {}   # owned by slm_fusion.routing
 ```
@@ -165,6 +166,23 @@ class ContextConfig(_Strict):
     hybrid_weight: float = Field(0.5, ge=0.0, le=1.0, description="Weight of the dense (embedding) ranking against BM25 in the fused score.")
 
 
+class UIConfig(_Strict):
+    """The web console at `/ui` (slm_fusion.ui): its pages are public and carry no data; the data it shows comes
+    from `/ui/api/*`, which needs the same bearer key as the API."""
+
+    enabled: bool = Field(True, description="Serve the web console at /ui and its data endpoints at /ui/api.")
+    runs_dir: str | None = Field(
+        None, description="Folder holding ReasonLite run folders (`reasonlite run`'s runs_dir), shown on the Runs "
+                          "page (relative to the YAML).")
+    route_eval_dir: str | None = Field(
+        None, description="Folder `slm-fusion route-eval --out` wrote; its cost/quality curve is shown on the "
+                          "Routing page (relative to the YAML).")
+    sample_interval_s: float = Field(
+        2.0, gt=0, description="Seconds between two points of the console's per-model metric series.")
+    history_points: int = Field(300, ge=2, description="Points kept per metric series (the oldest are dropped).")
+    recent_routes: int = Field(200, ge=1, description="Route decisions kept in memory for the Routing page.")
+
+
 class FusionConfig(_Strict):
     server: ServerConfig = Field(default_factory=ServerConfig)
     models: list[ModelConfig] = Field(default_factory=list)
@@ -177,6 +195,7 @@ class FusionConfig(_Strict):
     routing: dict[str, Any] = Field(
         default_factory=dict, description="Fallbacks and replica cooldowns: fallbacks, allowed_fails, cooldown_s."
     )
+    ui: UIConfig = Field(default_factory=UIConfig, description="The web console at /ui (slm_fusion.ui).")
 
     @field_validator("models")
     @classmethod
@@ -233,6 +252,10 @@ def _resolve_paths(raw: dict, base: Path) -> None:
             m["reasoning"]["verifier_path"] = _relative_to(base, m["reasoning"]["verifier_path"])
     if isinstance(raw.get("context"), dict):
         raw["context"]["path"] = _relative_to(base, raw["context"].get("path", "context.db"), looks_like_file=True)
+    if isinstance(raw.get("ui"), dict):
+        for key in ("runs_dir", "route_eval_dir"):
+            if raw["ui"].get(key):
+                raw["ui"][key] = _relative_to(base, raw["ui"][key], looks_like_file=True)
     for section in ("routers", "virtual_models"):
         specs = raw.get(section) or {}
         for spec in specs.values() if isinstance(specs, dict) else specs:

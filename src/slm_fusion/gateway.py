@@ -5,6 +5,7 @@ reasoning layer wraps it), fallbacks along `routing.fallbacks`, and the client's
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import inspect
 import logging
@@ -56,6 +57,8 @@ class Gateway:
         self.embedder = Embedder(config.embeddings) if config.embeddings else None
         self.context: ContextStore | None = None  # files and vector stores (slm_fusion.context), opened in start()
         self.created = int(time.time())
+        # The last route decisions (virtual models, fallbacks), newest last: the web console's Routing page.
+        self.recent_routes: collections.deque[dict[str, Any]] = collections.deque(maxlen=config.ui.recent_routes)
         self.dropped_logged: set[tuple[str, str]] = set()  # (model, field) already logged as ignored
 
     async def start(self) -> None:
@@ -355,16 +358,19 @@ def _note_fallback(decision: Any, asked: str, used: str, tried: list[str], decis
 
 
 async def _chunks_of(gens: list[Generation]) -> AsyncIterator[TokenChunk]:
-    """Whole answers as a stream: one chunk per choice (its tool calls as one delta each), then the usage."""
+    """Whole answers as a stream: one chunk per choice (its tool calls as one delta each, the reasoning layer's
+    results beside it), then the usage."""
     for i, g in enumerate(gens):
         calls = [{"index": j, **c} for j, c in enumerate(g.tool_calls)] if g.tool_calls else None
-        yield TokenChunk(index=i, text=g.text, finish_reason=g.finish_reason, tool_calls=calls)
+        yield TokenChunk(index=i, text=g.text, finish_reason=g.finish_reason, tool_calls=calls,
+                         reasoning=dict(g.reasoning) if g.reasoning is not None else None)
     yield TokenChunk(index=0, text="", usage=(gens[0].prompt_tokens if gens else 0,
                                               sum(g.completion_tokens for g in gens)))
 
 
 def route_headers(gw: Gateway, handle: ModelHandle, body: Any, decision: Any) -> dict[str, str]:
-    """`x-slm-fusion-model` (who answered) and `x-slm-fusion-route` (router;path;score;reason), also counted."""
+    """`x-slm-fusion-model` (who answered) and `x-slm-fusion-route` (router;path;score;reason), also counted and
+    kept in `gw.recent_routes`: every decision that shaped an answer (a router's, a fallback's) passes here once."""
     headers = {"x-fusion-model": handle.name, "x-slm-fusion-model": handle.name}
     if decision is None:
         return headers
@@ -374,5 +380,13 @@ def route_headers(gw: Gateway, handle: ModelHandle, body: Any, decision: Any) ->
     if reason := getattr(decision, "reason", None):
         headers["x-fusion-route-reason"] = str(reason)[:200].encode("ascii", "replace").decode()
     headers.update(getattr(decision, "headers", None) or {})
-    gw.metrics.routed.labels(body.model, str(getattr(decision, "router", "") or "router"), handle.name).inc()
+    router = str(getattr(decision, "router", "") or "router")
+    gw.metrics.routed.labels(body.model, router, handle.name).inc()
+    score = getattr(decision, "score", None)
+    gw.recent_routes.append({
+        "t": round(time.time(), 3), "asked": body.model, "router": router, "model": handle.name,
+        "score": float(score) if isinstance(score, int | float) else None,
+        "reason": str(getattr(decision, "reason", "") or ""), "path": list(getattr(decision, "path", None) or []),
+        "label": getattr(decision, "label", None),
+    })
     return headers

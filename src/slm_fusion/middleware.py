@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from slm_fusion.errors import AuthenticationFailed, FusionError, RequestTooLarge
+from slm_fusion.ui import is_public  # the console's pages and static files, which carry no data
 
 if TYPE_CHECKING:  # the middleware reads the gateway's keys, limits and metrics; no import at run time
     from slm_fusion.gateway import Gateway
@@ -71,7 +72,7 @@ class GatewayMiddleware:
             await send_wrapped({"type": "http.response.body", "body": body})
 
         try:
-            if self.gw.api_keys and path not in PUBLIC_PATHS and not self._authorized(auth):
+            if self.gw.api_keys and path not in PUBLIC_PATHS and not is_public(path) and not self._authorized(auth):
                 await reply(AuthenticationFailed(
                     "Missing or invalid API key: send `Authorization: Bearer <key>` with a key from server.api_keys."
                 ))

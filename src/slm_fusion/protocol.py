@@ -679,11 +679,12 @@ class ResponseEvents:
 
 
 # ---------------------------------------------------------------------------------------------- files, vector stores
-def citations_chunk(cid: str, created: int, model: str, n: int, citations: list[dict[str, Any]]) -> dict[str, Any]:
-    """A chat stream chunk with no text that carries the sources used (`slm_fusion.citations`, one per choice)."""
+def details_chunk(cid: str, created: int, model: str, details: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """A chat stream chunk with no text that carries the gateway's own results per choice index, as `slm_fusion`
+    beside the delta (the JSON answer's `choices[i].slm_fusion`): the sources used (`citations`, before the text),
+    the reasoning layer's program, votes and reasoning/answer token split (just before the choice's one chunk)."""
     return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": i, "delta": {}, "finish_reason": None, "slm_fusion": {"citations": citations}}
-                        for i in range(n)]}
+            "choices": [{"index": i, "delta": {}, "finish_reason": None, "slm_fusion": d} for i, d in details.items()]}
 
 
 def file_object(f: dict[str, Any]) -> dict[str, Any]:

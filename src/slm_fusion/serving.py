@@ -160,8 +160,8 @@ async def _stream(
                 for i in range(gen.n):
                     yield frame([choice(i, "", None, role=True)])
                 if citations is not None:  # the sources used, once, before the text
-                    yield b"data: " + orjson.dumps(P.citations_chunk(cid, created, body.model, gen.n, citations)) \
-                        + b"\n\n"
+                    yield b"data: " + orjson.dumps(P.details_chunk(
+                        cid, created, body.model, {i: {"citations": citations} for i in range(gen.n)})) + b"\n\n"
             elif body.echo:
                 for i in range(gen.n):
                     yield frame([choice(i, gen.prompt, None)])
@@ -169,6 +169,9 @@ async def _stream(
             while chunk is not None:
                 if chunk.usage is not None:
                     usage = chunk.usage
+                if chunk.reasoning is not None and chat:  # the reasoning layer's results, just before the answer
+                    yield b"data: " + orjson.dumps(P.details_chunk(cid, created, body.model,
+                                                                   {chunk.index: chunk.reasoning})) + b"\n\n"
                 if chunk.text or chunk.finish_reason or chunk.tool_calls or chunk.logprobs:
                     if not ttft_seen and (chunk.text or chunk.tool_calls):
                         ttft_seen = True

@@ -90,6 +90,7 @@ class TokenChunk:
     usage: tuple[int, int] | None = None
     tool_calls: list[dict[str, Any]] | None = None  # streamed function-call fragments, passed on as received
     logprobs: dict[str, Any] | None = None
+    reasoning: dict[str, Any] | None = None  # the reasoning layer's results for this choice (`Generation.reasoning`)
 
 
 @runtime_checkable
