@@ -258,7 +258,9 @@ def test_a_streamed_reasoning_answer_carries_its_votes_like_the_json_answer(gate
     assert details == [whole] and whole["votes"] == {"5": 3}
 
 
-def test_the_console_can_be_turned_off_and_its_folders_are_relative_to_the_yaml(tmp_path):
+def test_the_console_can_be_turned_off_and_its_folders_are_relative_to_the_yaml(tmp_path, monkeypatch):
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # a `runs/` in the directory the test runs from must not count
     (tmp_path / "gw.yaml").write_text("ui: {runs_dir: runs, route_eval_dir: ../evals}\n")
     cfg = load_fusion_config(tmp_path / "gw.yaml")
     assert cfg.ui.runs_dir == str(tmp_path / "runs") and cfg.ui.route_eval_dir == str(tmp_path.parent / "evals")
@@ -303,7 +305,7 @@ def browser(gateway):
         driver.quit()
 
 
-def _wait(driver, condition, timeout: float = 10.0):
+def _wait(driver, condition, timeout: float = 30.0):  # generous: a loaded 2-core CI box imports optuna slowly
     from selenium.webdriver.support.ui import WebDriverWait
 
     return WebDriverWait(driver, timeout, poll_frequency=0.05).until(condition)
