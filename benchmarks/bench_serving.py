@@ -9,6 +9,7 @@ One run, side by side, SmolLM2-135M-Instruct, greedy, 64 new tokens, 2 threads f
 4. a vote's samples: one request with n=5 vs n=1 (temperature 0.7), wall time.
 5. llama.cpp: raw llama-cpp-python single stream vs the gateway; 8 concurrent requests through `llama_cpp.server`
    (llama-cpp-python's own OpenAI server, same GGUF) vs the gateway.
+6. profile: where a batch's time goes in each backend (model forward vs our loop).
 Every gateway and `llama_cpp.server` is a real HTTP server in its own process; the client streams SSE with httpx.
 """
 
@@ -30,7 +31,7 @@ from benchmarks.bench_gateway import PY, _free_port, _our_gateway, _process
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench-results" / "serving"
-console = Console()
+console = Console(width=180)
 
 THREADS = 2
 PROMPTS = [f"Write a short story about {thing}." for thing in
@@ -221,6 +222,52 @@ def bench_llamacpp(quick: bool) -> dict:
     return results
 
 
+# ------------------------------------------------------------------------------------------------ profile
+
+
+def bench_profile(quick: bool) -> dict:
+    """Where one batch's time goes: 8 requests on each backend in this process, the worker's time inside the
+    model's forward (transformers) / llama_decode (llama.cpp) against its whole busy time (forward + our loop:
+    sampling, detokenising, stop checks, cache joins)."""
+    from slm_fusion.backends.base import GenerationRequest, make_backend
+    from slm_fusion.config import LlamaCppModel, TransformersModel
+
+    max_tokens = 16 if quick else 64
+    configs = [TransformersModel(name="smol", backend="transformers", model="smollm2-135m-instruct",
+                                 torch_threads=THREADS, batch_wait_ms=10)]
+    try:
+        import llama_cpp  # noqa: F401
+
+        from reasonlite.models import smollm2_gguf
+
+        configs.append(LlamaCppModel(name="smol", backend="llamacpp", model=str(smollm2_gguf()), n_threads=THREADS,
+                                     slots=8))
+    except ImportError:
+        pass
+    out = {}
+    for cfg in configs:
+        backend = make_backend(cfg)
+
+        async def batch(backend=backend):
+            await backend.start()
+            try:
+                reqs = [GenerationRequest(messages=[{"role": "user", "content": p}], max_tokens=max_tokens,
+                                          temperature=0) for p in PROMPTS]
+                await backend.generate(reqs[0])  # warm-up
+                backend.forward_s = backend.busy_s = 0.0
+                start = time.perf_counter()
+                gens = await asyncio.gather(*(backend.generate(r) for r in reqs))
+                return sum(g[0].completion_tokens for g in gens), time.perf_counter() - start
+            finally:
+                await backend.aclose()
+
+        tokens, seconds = asyncio.run(batch())
+        out[cfg.backend] = {"tokens": tokens, "seconds": round(seconds, 2), "tok_per_s": round(tokens / seconds, 1),
+                            "forward_s": round(backend.forward_s, 2), "busy_s": round(backend.busy_s, 2),
+                            "forward_share": round(backend.forward_s / max(backend.busy_s, 1e-9), 3)}
+    return out
+
+
 # ------------------------------------------------------------------------------------------------- report
 
 
@@ -260,6 +307,9 @@ def _table(res: dict) -> list[dict]:
             rows.append({"case": "llama.cpp 8 at once", "engine": engine, "tok/s": r["tok_per_s"],
                          "TTFT p50 s": r["ttft_p50_s"], "TTFT p95 s": r["ttft_p95_s"], "TTFT max s": r["ttft_max_s"],
                          "ITL p50 ms": r["itl_p50_ms"], "ITL p95 ms": r["itl_p95_ms"]})
+    for backend, p in res.get("profile", {}).items():
+        rows.append({"case": f"profile, 8 at once: {p['forward_share']:.0%} of the worker's time in the model",
+                     "engine": f"{backend} backend (in process)", "tok/s": p["tok_per_s"]})
     return [{c: row.get(c, "") for c in COLUMNS} for row in rows]  # one shape: run.py's Markdown takes row 0's keys
 
 
@@ -269,6 +319,8 @@ def run(quick: bool = False, only: str | None = None) -> dict:
         res["transformers"] = bench_transformers(quick)
     if only in (None, "llamacpp"):
         res["llamacpp"] = bench_llamacpp(quick)
+    if only in (None, "profile"):
+        res["profile"] = bench_profile(quick)
     res["table"] = _table(res)
     table = Table(title="local serving (SmolLM2-135M, greedy)")
     for c in COLUMNS:
@@ -286,6 +338,6 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--only", choices=["transformers", "llamacpp"])
+    parser.add_argument("--only", choices=["transformers", "llamacpp", "profile"])
     args = parser.parse_args()
     run(quick=args.quick, only=args.only)

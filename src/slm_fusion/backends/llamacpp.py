@@ -28,6 +28,7 @@ import codecs
 import functools
 import queue
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -92,9 +93,11 @@ class LlamaCppBackend:
         self._carry: _Job | None = None
         # free slots (sequence ids), least recently used first, each with the prompt its cells still hold
         self._free: OrderedDict[int, tuple[int, ...]] = OrderedDict()
-        self.steps_run = 0  # observability for tests/benchmarks: decode steps, prefix reuse
+        self.steps_run = 0  # observability for tests/benchmarks: decode steps, prefix reuse, where time goes
         self.prefix_hits = 0
         self.tokens_reused = 0
+        self.forward_s = 0.0  # inside llama_decode
+        self.busy_s = 0.0  # the worker's whole time with work (llama_decode + sampling + our loop)
 
     # ------------------------------------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -225,6 +228,7 @@ class LlamaCppBackend:
                 jobs = []
             if not stopping:
                 stopping = self._collect(jobs)
+            began = time.perf_counter()
             try:
                 for job in jobs:
                     rows += self._admit(job)
@@ -237,6 +241,7 @@ class LlamaCppBackend:
                     j.bridge.put(err)
                 self._reset(rows)
                 rows = []
+            self.busy_s += time.perf_counter() - began
 
     def _collect(self, jobs: list[_Job]) -> bool:
         """Take waiting jobs while their choices fit in the free slots; True when shutdown was asked."""
@@ -292,15 +297,22 @@ class LlamaCppBackend:
 
     def _decode(self, tokens: list[int], seq: int, start: int) -> None:
         """Feed `tokens` of one sequence from position `start`, in n_batch chunks; logits for the last one."""
-        import llama_cpp
 
         step = self.config.n_batch
         for at in range(0, len(tokens), step):
             chunk = tokens[at:at + step]
             last = at + len(chunk) == len(tokens)
             self._fill([(t, start + at + i, seq, last and i == len(chunk) - 1) for i, t in enumerate(chunk)])
-            if llama_cpp.llama_decode(self._ctx, self._batch) != 0:
+            if self._llama_decode() != 0:
                 raise RuntimeError("llama_decode failed while computing a prompt (context full?)")
+
+    def _llama_decode(self) -> int:
+        import llama_cpp
+
+        began = time.perf_counter()
+        status = llama_cpp.llama_decode(self._ctx, self._batch)
+        self.forward_s += time.perf_counter() - began
+        return status
 
     def _fill(self, entries: list[tuple[int, int, int, bool]]) -> None:
         b = self._batch
@@ -311,13 +323,12 @@ class LlamaCppBackend:
 
     def _step(self, rows: list[_Row]) -> list[_Row]:
         """One decode step: every live row's pending token in one batch, then each row samples its next."""
-        import llama_cpp
 
         self._fill([(r.pending, r.pos, r.seq, True) for r in rows])
         for r in rows:
             r.pos += 1
         self.steps_run += 1
-        if llama_cpp.llama_decode(self._ctx, self._batch) != 0:
+        if self._llama_decode() != 0:
             raise RuntimeError("llama_decode failed (context full?)")
         return [r for i, r in enumerate(rows) if not self._sample(r, i)]
 

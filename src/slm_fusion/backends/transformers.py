@@ -21,6 +21,7 @@ import inspect
 import os
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -122,6 +123,8 @@ class TransformersBackend:
         self.batches_run = 0
         self.rows_run = 0
         self.steps_run = 0
+        self.forward_s = 0.0  # where the worker's time goes: in the model's forward, and in all (forward + our loop)
+        self.busy_s = 0.0
         self.grammars: Grammars | None = None
         self.prefixes: PrefixCache | None = None
 
@@ -233,6 +236,7 @@ class TransformersBackend:
                 jobs, stopping = self._collect([], running.size, 0)  # join the running batch between two steps
             else:
                 jobs = []
+            began = time.perf_counter()
             try:
                 if jobs:
                     running = _merge(running, self._prefill(jobs))
@@ -245,6 +249,7 @@ class TransformersBackend:
                 for j in waiting.values():
                     j.bridge.put(err)
                 running = None
+            self.busy_s += time.perf_counter() - began
 
     def _collect(self, jobs: list[_Job], rows: int, wait_s: float) -> tuple[list[_Job], bool]:
         """Take waiting jobs while they fit in `max_batch_size` rows; True as second value when shutdown was asked."""
@@ -295,7 +300,7 @@ class TransformersBackend:
                 suffix = torch.tensor([ids[reused:]] * n)
                 mask = torch.ones((n, len(ids)), dtype=torch.long)
                 positions = torch.arange(reused, len(ids))[None, :].expand(n, -1)
-                out = self.model(input_ids=suffix.to(device), attention_mask=mask.to(device),
+                out = self._forward(input_ids=suffix.to(device), attention_mask=mask.to(device),
                                  position_ids=positions.to(device), use_cache=True, logits_to_keep=1,
                                  **{self._cache_kw: cache})
                 cache = getattr(out, "cache", None) or out.past_key_values
@@ -320,7 +325,7 @@ class TransformersBackend:
             mask[b, width - n:] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         device = self.model.device
-        out = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+        out = self._forward(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                          position_ids=positions.to(device), use_cache=True, logits_to_keep=1)
         cache = getattr(out, "cache", None) or out.past_key_values
         for b, j in enumerate(jobs):
@@ -366,10 +371,16 @@ class TransformersBackend:
         last_pos = last_pos + 1
         self.steps_run += 1
         with torch.inference_mode():
-            out = self.model(input_ids=next_ids[:, None].to(device), attention_mask=mask.to(device),
+            out = self._forward(input_ids=next_ids[:, None].to(device), attention_mask=mask.to(device),
                              position_ids=last_pos[:, None].to(device), use_cache=True, **{self._cache_kw: cache})
         return _Running(rows, getattr(out, "cache", None) or out.past_key_values, mask, last_pos,
                         out.logits[:, -1, :].float())
+
+    def _forward(self, **inputs: Any) -> Any:
+        began = time.perf_counter()
+        out = self.model(**inputs)
+        self.forward_s += time.perf_counter() - began
+        return out
 
     @staticmethod
     def _joinable(cache: Any) -> bool:
