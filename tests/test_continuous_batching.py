@@ -146,13 +146,98 @@ def test_prefix_cache_finds_the_longest_common_prefix_and_evicts_the_least_recen
     cache = PrefixCache(capacity_bytes=per_token * 3 * MIN_TOKENS)
     a = list(range(2 * MIN_TOKENS))
     b = a[:MIN_TOKENS + 3] + [999] * (MIN_TOKENS - 3)
-    cache.insert(a, _layers(len(a), 1.0))
+    cache.insert(a, None, _layers(len(a), 1.0))
     reused, layers = cache.lookup(b + [5])
     assert reused == MIN_TOKENS + 3 and layers[0][0].shape[-2] == MIN_TOKENS + 3
     assert cache.lookup(a)[0] == len(a) - 1  # one token is always left to compute
     assert cache.lookup(list(range(100, 140)))[1] is None  # nothing in common
     assert cache.lookup(a[:MIN_TOKENS - 2] + [7] * 30)[1] is None  # too short a prefix to be worth it
-    cache.insert(b, _layers(len(b), 2.0))  # 4 * MIN_TOKENS tokens > capacity: `a` (least recent) goes
+    cache.insert(b, None, _layers(len(b), 2.0))  # 4 * MIN_TOKENS tokens > capacity: `a` (least recent) goes
     assert cache.evictions == 1 and len(cache) == 1 and cache.lookup(a + [1])[0] == MIN_TOKENS + 3
     with pytest.raises(ValueError, match="prompt tokens"):
-        cache.insert(a, _layers(3))
+        cache.insert(a, None, _layers(3))
+
+
+# ------------------------------------------------------------------------------------------------ multi-LoRA
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory) -> list[str]:
+    """Three random LoRA adapters (non-zero B, so each changes the output) for the tiny model."""
+    from peft import LoraConfig, get_peft_model
+
+    from reasonlite.models import load_model
+
+    paths = []
+    for seed in (1, 2, 3):
+        torch.manual_seed(seed)
+        model, _ = load_model("tiny-random-llama", device="cpu")
+        cfg = LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False)
+        out = tmp_path_factory.mktemp(f"adapter{seed}")
+        get_peft_model(model, cfg).save_pretrained(out)
+        paths.append(str(out))
+    return paths
+
+
+def test_a_batch_mixing_adapters_gives_each_row_its_adapter_alone(loop, reference, adapters):
+    from slm_fusion.backends.adapters import adapter_backend
+
+    shared: dict = {}
+    a, b = (adapter_backend(TransformersModel.model_validate(
+        {"name": name, "backend": "transformers", "model": "tiny-random-llama", "adapter": path, "torch_threads": 1,
+         "batch_wait_ms": 50, "max_adapters": 2}), shared) for name, path in zip("ab", adapters[:2], strict=True))
+    assert a.engine is b.engine  # one copy of the base weights
+    lone = backend(continuous=False, prefix_cache=False, max_batch_size=1)
+    for x in (a, b, lone):
+        loop.run_until_complete(x.start())
+    try:
+        reqs = [ask("How much are pears?", 12), ask("Name a fruit", 12)]
+
+        async def mixed():
+            return await asyncio.gather(a.generate(reqs[0]), b.generate(reqs[0]), a.engine.generate(reqs[1]),
+                                        b.generate(reqs[1]))
+
+        together = [o[0].text for o in loop.run_until_complete(mixed())]
+        assert a.engine.batches_run == 1  # all four rows were admitted into one batch
+
+        def alone(req, path):
+            r = GenerationRequest(**{**req.__dict__, "adapter": path})
+            return loop.run_until_complete(lone.generate(r))[0].text
+
+        assert together == [alone(reqs[0], adapters[0]), alone(reqs[0], adapters[1]), alone(reqs[1], None),
+                            alone(reqs[1], adapters[1])]
+        assert len({together[0], together[1], alone(reqs[0], None)}) == 3  # each adapter changes the answer
+        # max_adapters=2: a third adapter unloads the least recently used one, and still answers as it does alone
+        engine = a.engine
+        loop.run_until_complete(a.generate(reqs[1]))  # adapter 0 is now the most recently used
+        third = loop.run_until_complete(engine.generate(GenerationRequest(**{**reqs[0].__dict__,
+                                                                             "adapter": adapters[2]})))
+        assert list(engine.adapters) == [adapters[0], adapters[2]]
+        assert third[0].text == alone(reqs[0], adapters[2])
+    finally:
+        for x in (a, b, lone):
+            loop.run_until_complete(x.aclose())
+
+
+def test_adapter_models_are_routed_and_served_through_the_official_client(adapters, loop, reference):
+    import openai
+    from gateway_helpers import TINY, gateway_of, serve_gateway
+
+    models = [{**TINY, "name": f"skill-{i}", "adapter": path} for i, path in enumerate(adapters[:2])]
+    config = {"models": models, "server": {"access_log": False},
+              "routers": {"skills": {"type": "rules", "default": "skill-0",
+                                     "rules": [{"model": "skill-1", "keywords": ["fruit"]}]}},
+              "virtual_models": {"shop": {"router": "skills"}}}
+    with serve_gateway(config) as served:
+        gw = gateway_of(served)
+        engines = {id(h.backends[0].engine) for h in gw.handles.values()}
+        client = openai.OpenAI(base_url=served.v1, api_key="unused", max_retries=0)
+        asked = {"messages": [SYSTEM, {"role": "user", "content": "Name a fruit"}], "max_tokens": 8, "temperature": 0}
+        routed = client.chat.completions.with_raw_response.create(model="shop", **asked)
+        direct = client.chat.completions.create(model="skill-0", **asked)
+    assert len(engines) == 1  # two models, one base
+    assert routed.headers["x-slm-fusion-model"] == "skill-1"
+    want = {path: loop.run_until_complete(reference.generate(GenerationRequest(
+        messages=asked["messages"], max_tokens=8, temperature=0, adapter=path)))[0].text for path in adapters[:2]}
+    assert routed.parse().choices[0].message.content == want[adapters[1]]
+    assert direct.choices[0].message.content == want[adapters[0]]

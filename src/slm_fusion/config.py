@@ -94,6 +94,11 @@ class TransformersModel(LocalModel):
     batch_wait_ms: float = Field(5.0, ge=0, description="How long an idle batcher waits to collect concurrent requests.")
     continuous: bool = Field(True, description="Requests join the running batch between decode steps (else they wait).")
     prefix_cache_mb: float = Field(256, gt=0, description="Memory the prefix cache's stored prompts may take (LRU).")
+    adapter: str | None = Field(
+        None, description="A PEFT LoRA adapter folder served on `model` (the base); adapter models naming the same "
+                          "base share one copy of its weights and its batches (the first one's batching knobs apply).")
+    max_adapters: int = Field(8, ge=1, description="Adapters kept loaded on a shared base; the least recently used "
+                                                   "is unloaded first.")
 
 
 class LlamaCppModel(LocalModel):
@@ -248,6 +253,8 @@ def _resolve_paths(raw: dict, base: Path) -> None:
         if m.get("backend") in ("transformers", "llamacpp"):
             ref = m.get("model")
             m["model"] = _relative_to(base, ref, looks_like_file=isinstance(ref, str) and ref.endswith(".gguf"))
+        if m.get("adapter"):
+            m["adapter"] = _relative_to(base, m["adapter"], looks_like_file=True)
         if isinstance(m.get("reasoning"), dict) and "verifier_path" in m["reasoning"]:
             m["reasoning"]["verifier_path"] = _relative_to(base, m["reasoning"]["verifier_path"])
     if isinstance(raw.get("context"), dict):

@@ -48,8 +48,9 @@ class Gateway:
         self.api_keys = [k.encode() for k in config.server.resolved_api_keys()]
         backends = backends or {}
         self.handles: dict[str, ModelHandle] = {}
+        shared: dict[Any, Any] = {}  # engines that several adapter models run on (backends/adapters.py)
         for m in config.models:
-            replicas = backends.get(m.name) or [make_backend(m) for _ in range(m.replicas)]
+            replicas = backends.get(m.name) or [make_backend(m, shared) for _ in range(m.replicas)]
             self.handles[m.name] = ModelHandle(m, replicas, self.metrics)
         self.routers = routers if routers is not None else _default_routers(config)
         self.routing = attach_health(config, self.handles)  # fallbacks and replica cooldowns

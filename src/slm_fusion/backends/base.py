@@ -54,6 +54,7 @@ class GenerationRequest:
     sent: dict[str, Any] | None = None
     reasoning: ReasoningOptions = field(default_factory=ReasoningOptions)
     tools: ToolPlan | None = None  # function calling on a local model (slm_fusion.tools): the reply becomes tool_calls
+    adapter: str | None = None  # a LoRA adapter folder applied on the backend's base weights (multi-LoRA); None = base
 
     def __post_init__(self) -> None:
         if (self.messages is None) == (self.prompt is None):
@@ -164,7 +165,13 @@ def backend_class(name: str) -> type:
     return getattr(importlib.import_module(module), attr)
 
 
-def make_backend(config: ModelBase) -> Backend:
+def make_backend(config: ModelBase, shared: dict[Any, Any] | None = None) -> Backend:
+    """A backend for one model config. `shared` (one dict per gateway) lets models that are LoRA adapters on the
+    same base share one engine, i.e. one copy of the base weights (backends/adapters.py)."""
+    if getattr(config, "adapter", None) and shared is not None:
+        from slm_fusion.backends.adapters import adapter_backend
+
+        return adapter_backend(config, shared)
     return backend_class(config.backend)(config)  # type: ignore[attr-defined]
 
 

@@ -29,7 +29,8 @@ def common_prefix(a: list[int] | tuple[int, ...], b: list[int] | tuple[int, ...]
 class PrefixCache:
     def __init__(self, capacity_bytes: int) -> None:
         self.capacity_bytes = capacity_bytes
-        self._entries: OrderedDict[tuple[int, ...], tuple[Layers, int]] = OrderedDict()
+        # (namespace, prompt) -> (layers, bytes); the namespace (an adapter) changes keys/values: never mixed
+        self._entries: OrderedDict[tuple[Any, tuple[int, ...]], tuple[Layers, int]] = OrderedDict()
         self.bytes = 0
         self.hits = 0  # observability for tests and benchmarks
         self.misses = 0
@@ -39,14 +40,15 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def lookup(self, ids: list[int]) -> tuple[int, Layers | None]:
+    def lookup(self, ids: list[int], namespace: Any = None) -> tuple[int, Layers | None]:
         """The longest stored prefix of `ids` (at most len(ids) - 1 tokens, so one is left to compute): its length and
         its layers sliced to it, or (0, None)."""
         best, best_key = 0, None
         if len(ids) > MIN_TOKENS:
             query = tuple(ids[:-1])  # one token is always left to compute
             for key in self._entries:
-                if len(key) > best and (common := common_prefix(key, query)) > best:
+                space, stored = key
+                if space == namespace and len(stored) > best and (common := common_prefix(stored, query)) > best:
                     best, best_key = common, key
         if best < MIN_TOKENS:
             self.misses += 1
@@ -57,9 +59,9 @@ class PrefixCache:
         layers = self._entries[best_key][0]
         return best, [(k[:, :, :best], v[:, :, :best]) for k, v in layers]
 
-    def insert(self, ids: list[int], layers: Layers) -> None:
+    def insert(self, ids: list[int], namespace: Any, layers: Layers) -> None:
         """Store a prompt's layers (tensors the caller no longer changes); the least recently used go first."""
-        key = tuple(ids)
+        key = (namespace, tuple(ids))
         if any(k.shape[-2] != len(ids) for k, _ in layers):
             raise ValueError(f"prefix cache: {len(ids)} prompt tokens but layers of {layers[0][0].shape[-2]}")
         if len(ids) < MIN_TOKENS or key in self._entries:

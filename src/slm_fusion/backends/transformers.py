@@ -22,6 +22,7 @@ import os
 import queue
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -127,9 +128,15 @@ class TransformersBackend:
         self.busy_s = 0.0
         self.grammars: Grammars | None = None
         self.prefixes: PrefixCache | None = None
+        self._users = 0
+        self.adapters: OrderedDict[str, str] = OrderedDict()  # adapter folder -> PEFT adapter name, loaded (LRU)
+        self._named = 0
 
     # ------------------------------------------------------------------------------------------- lifecycle
     async def start(self) -> None:
+        self._users += 1  # several adapter models may share this engine (backends/adapters.py): it starts once
+        if self._users > 1:
+            return
         await asyncio.to_thread(self._load)
         self._thread = threading.Thread(target=self._worker, name=f"decode-{self.config.name}", daemon=True)
         self._thread.start()
@@ -158,7 +165,8 @@ class TransformersBackend:
             self.prefixes = PrefixCache(int(self.config.prefix_cache_mb * 2**20))
 
     async def aclose(self) -> None:
-        if self._thread is not None:
+        self._users -= 1
+        if self._thread is not None and self._users <= 0:
             self._inbox.put(_STOP)
             await asyncio.to_thread(self._thread.join, 30)
             self._thread = None
@@ -239,6 +247,7 @@ class TransformersBackend:
             began = time.perf_counter()
             try:
                 if jobs:
+                    self._load_adapters(jobs, running)
                     running = _merge(running, self._prefill(jobs))
                 if running is not None:
                     running = self._step(running)
@@ -283,7 +292,7 @@ class TransformersBackend:
         fresh: list[_Row] = []
         for job in jobs:
             mine = [r for r in rows if r.job is job]
-            reused, layers = self.prefixes.lookup(job.prompt_ids) if self.prefixes else (0, None)
+            reused, layers = self.prefixes.lookup(job.prompt_ids, job.req.adapter) if self.prefixes else (0, None)
             if layers is None:
                 fresh += mine
             else:
@@ -300,11 +309,11 @@ class TransformersBackend:
                 suffix = torch.tensor([ids[reused:]] * n)
                 mask = torch.ones((n, len(ids)), dtype=torch.long)
                 positions = torch.arange(reused, len(ids))[None, :].expand(n, -1)
-                out = self._forward(input_ids=suffix.to(device), attention_mask=mask.to(device),
+                out = self._forward(mine, input_ids=suffix.to(device), attention_mask=mask.to(device),
                                  position_ids=positions.to(device), use_cache=True, logits_to_keep=1,
                                  **{self._cache_kw: cache})
                 cache = getattr(out, "cache", None) or out.past_key_values
-                self._remember(ids, cache, row=0, start=0)
+                self._remember(mine[0].job, cache, row=0, start=0)
                 done = _merge(done, _Running(mine, cache, mask, positions[:, -1].clone(),
                                              out.logits[:, -1, :].float()))
         return done
@@ -325,11 +334,12 @@ class TransformersBackend:
             mask[b, width - n:] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         device = self.model.device
-        out = self._forward(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                         position_ids=positions.to(device), use_cache=True, logits_to_keep=1)
+        out = self._forward([next(r for r in rows if r.job is j) for j in jobs], input_ids=input_ids.to(device),
+                            attention_mask=mask.to(device), position_ids=positions.to(device), use_cache=True,
+                            logits_to_keep=1)
         cache = getattr(out, "cache", None) or out.past_key_values
         for b, j in enumerate(jobs):
-            self._remember(j.prompt_ids, cache, row=b, start=width - len(j.prompt_ids))
+            self._remember(j, cache, row=b, start=width - len(j.prompt_ids))
         logits = out.logits[:, -1, :].float()
         if len(jobs) < len(rows):  # a job with n > 1: its prompt was computed once, its rows are copies
             order = {id(j): b for b, j in enumerate(jobs)}
@@ -338,11 +348,13 @@ class TransformersBackend:
             mask, positions, logits = mask[idx], positions[idx], logits[idx]
         return _Running(rows, cache, mask, positions[:, -1].clone(), logits)
 
-    def _remember(self, ids: list[int], cache: Any, row: int, start: int) -> None:
-        """Store one row's prompt keys/values (copied: the batch's tensors keep growing) for later prompts."""
+    def _remember(self, job: _Job, cache: Any, row: int, start: int) -> None:
+        """Store one row's prompt keys/values (copied: the batch's tensors keep growing) for later prompts; an
+        adapter changes keys and values, so each adapter's prompts are only reused for that adapter."""
         if self.prefixes is None or not self._joinable(cache):
             return
-        self.prefixes.insert(ids, [(layer.keys[row:row + 1, :, start:start + len(ids)].clone(),
+        ids = job.prompt_ids
+        self.prefixes.insert(ids, job.req.adapter, [(layer.keys[row:row + 1, :, start:start + len(ids)].clone(),
                                     layer.values[row:row + 1, :, start:start + len(ids)].clone())
                                    for layer in cache.layers])
 
@@ -371,16 +383,45 @@ class TransformersBackend:
         last_pos = last_pos + 1
         self.steps_run += 1
         with torch.inference_mode():
-            out = self._forward(input_ids=next_ids[:, None].to(device), attention_mask=mask.to(device),
+            out = self._forward(rows, input_ids=next_ids[:, None].to(device), attention_mask=mask.to(device),
                              position_ids=last_pos[:, None].to(device), use_cache=True, **{self._cache_kw: cache})
         return _Running(rows, getattr(out, "cache", None) or out.past_key_values, mask, last_pos,
                         out.logits[:, -1, :].float())
 
-    def _forward(self, **inputs: Any) -> Any:
+    def _forward(self, rows: list[_Row], **inputs: Any) -> Any:
+        """The model on one batch; with adapters loaded each row names its own (PEFT's mixed-batch forward)."""
         began = time.perf_counter()
+        if self.adapters:
+            inputs["adapter_names"] = [self.adapters.get(r.job.req.adapter, "__base__") for r in rows]
         out = self.model(**inputs)
         self.forward_s += time.perf_counter() - began
         return out
+
+    def _load_adapters(self, jobs: list[_Job], running: _Running | None) -> None:
+        """Load the adapters these jobs name that are not loaded yet, unloading the least recently used ones the
+        running batch does not use beyond `max_adapters`."""
+        from peft import PeftModel
+
+        for job in jobs:
+            path = job.req.adapter
+            if path is None:
+                continue
+            if path in self.adapters:
+                self.adapters.move_to_end(path)
+                continue
+            in_use = {r.job.req.adapter for r in running.rows} if running else set()
+            in_use |= {j.req.adapter for j in jobs}
+            for old in [p for p in self.adapters if p not in in_use][:max(0, len(self.adapters) + 1
+                                                                          - self.config.max_adapters)]:
+                self.model.delete_adapter(self.adapters.pop(old))
+            name = f"adapter_{self._named}"  # PEFT names are module keys: no dots or slashes
+            self._named += 1
+            if isinstance(self.model, PeftModel):
+                self.model.load_adapter(path, adapter_name=name)
+            else:
+                self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
+            self.model.eval()
+            self.adapters[path] = name
 
     @staticmethod
     def _joinable(cache: Any) -> bool:
