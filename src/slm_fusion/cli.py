@@ -158,5 +158,14 @@ def _register_routing_commands() -> None:
 _register_routing_commands()
 
 
+def _register_keys_commands() -> None:
+    from slm_fusion.keys.cli import register  # `keys create|list|revoke|usage`; SQLAlchemy imported per command
+
+    register(app)
+
+
+_register_keys_commands()
+
+
 if __name__ == "__main__":
     app()

@@ -90,6 +90,7 @@ class TokenChunk:
     usage: tuple[int, int] | None = None
     tool_calls: list[dict[str, Any]] | None = None  # streamed function-call fragments, passed on as received
     logprobs: dict[str, Any] | None = None
+    reasoning_tokens: int | None = None  # with `usage`, when the reasoning layer made the answer (the ledger's)
 
 
 @runtime_checkable
