@@ -47,8 +47,8 @@ def make_provider(config: TracingConfig) -> TracerProvider | None:
         try:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
         except ImportError:
-            raise ValueError("tracing.otlp_endpoint needs the OTLP exporter: pip install "
-                             "'slm-fusion[otlp]' (opentelemetry-exporter-otlp-proto-http)") from None
+            raise ValueError("tracing.otlp_endpoint needs the OTLP exporter: pip install -e '.[otlp]' "
+                             "(opentelemetry-exporter-otlp-proto-http==1.45.2)") from None
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=config.otlp_endpoint)))
     return provider
 

@@ -86,7 +86,7 @@ def list_keys(
     store.close()
     table = Table(title=f"{len(records)} key(s)")
     for col in ("id", "name", "prefix", "period", "max tokens", "max requests", "models", "created", "revoked"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=col == "id")  # the id is what `keys revoke` takes: never cut
     for k in records:
         table.add_row(k.id, k.name, k.prefix + "...", k.period, str(k.max_tokens or "-"), str(k.max_requests or "-"),
                       ", ".join(k.models) if k.models else "all", _when(k.created), _when(k.revoked))
@@ -119,7 +119,7 @@ def usage(
     store.close()
     table = Table(title=f"usage since {_when(since)} ({since_hours:g} h)")
     for col in ("key", "name", "model", "requests", "errors", "prompt", "completion", "reasoning", "mean ms"):
-        table.add_column(col, justify="right" if col not in ("key", "name", "model") else "left")
+        table.add_column(col, justify="right" if col not in ("key", "name", "model") else "left", no_wrap=col == "key")
     for r in rows:
         table.add_row(r["key_id"], r["name"] or "?", r["model"] or "-", str(r["requests"]), str(r["errors"]),
                       str(r["prompt_tokens"]), str(r["completion_tokens"]), str(r["reasoning_tokens"]),

@@ -134,7 +134,9 @@ class SqlKeyStore:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.engine = sa.create_engine(url, pool_pre_ping=True, future=True)
+        # One flush at a time per gateway: a small pool keeps 100 replicas within PostgreSQL's max_connections.
+        pool = {} if url.startswith("sqlite") else {"pool_size": 2, "max_overflow": 2}
+        self.engine = sa.create_engine(url, pool_pre_ping=True, **pool)
         if self.engine.dialect.name == "sqlite":
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
             from sqlalchemy.dialects.sqlite import insert
