@@ -5,9 +5,10 @@ Rows (one function each, listed in ROWS; add a row by writing a function that re
   ledger  database keys with a budget (SQLite, a budget that is checked but never reached) and the usage ledger, vs a
           static key: req/s at concurrency 32, p50 at concurrency 1 (target: at most 5% fewer req/s);
   otel    OpenTelemetry on (spans exported over OTLP/HTTP to the mock upstream's /v1/traces sink) vs off (target:
-          at most 5% fewer req/s).
+          at most 5% fewer req/s);
+  otel_sampled  the same with `tracing.sample_ratio: 0.1` (one new trace in ten recorded).
 
-    python -m benchmarks.bench_scale [--quick] [ledger otel]
+    python -m benchmarks.bench_scale [--quick] [ledger otel otel_sampled]
 Writes bench-results/scale/results.json and prints a table.
 """
 
@@ -93,7 +94,14 @@ def row_otel(upstream: str, rounds: int, seconds: float) -> dict:
     return _ab("otel", (_gateway_config(upstream), BENCH_KEY), (on, BENCH_KEY), rounds, seconds)
 
 
-ROWS: dict[str, Callable[[str, int, float], dict]] = {"ledger": row_ledger, "otel": row_otel}
+def row_otel_sampled(upstream: str, rounds: int, seconds: float) -> dict:
+    on = _gateway_config(upstream, tracing={"enabled": True, "otlp_endpoint": upstream + "/v1/traces",
+                                            "sample_ratio": 0.1})
+    return _ab("otel_sampled", (_gateway_config(upstream), BENCH_KEY), (on, BENCH_KEY), rounds, seconds)
+
+
+ROWS: dict[str, Callable[[str, int, float], dict]] = {"ledger": row_ledger, "otel": row_otel,
+                                                      "otel_sampled": row_otel_sampled}
 
 
 def run(quick: bool = False, names: list[str] | None = None) -> dict:

@@ -152,3 +152,16 @@ def test_tracing_off_makes_no_spans_and_sends_no_traceparent(upstream):
         c = openai.OpenAI(base_url=served.v1, api_key="x", max_retries=0, timeout=20)
         c.chat.completions.create(model="up", messages=MESSAGES, extra_headers={"traceparent": TRACEPARENT})
     assert "traceparent" not in upstream.mock.received_headers[-1]
+
+
+def test_sample_ratio_records_a_share_of_new_traces_and_follows_a_sampled_client():
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    from slm_fusion.config import TracingConfig
+    from slm_fusion.tracing import make_provider
+
+    tracer = make_provider(TracingConfig(enabled=True, sample_ratio=0.0)).get_tracer("t")
+    assert not tracer.start_span("new trace").is_recording()
+    parent = TraceContextTextMapPropagator().extract({"traceparent": TRACEPARENT})  # flags 01: sampled
+    assert tracer.start_span("continued", context=parent).is_recording()
+    assert make_provider(TracingConfig()) is None  # off by default

@@ -187,6 +187,9 @@ class TracingConfig(_Strict):
         None, description="OTLP/HTTP traces URL, e.g. http://127.0.0.1:4318/v1/traces; null = spans are made and "
                           "propagated but not exported (needs opentelemetry-exporter-otlp-proto-http when set).")
     service_name: str = Field("slm-fusion", description="`service.name` resource attribute of every span.")
+    sample_ratio: float = Field(
+        1.0, ge=0.0, le=1.0, description="Share of new traces recorded (a client's sampled traceparent is always "
+                                         "followed); below 1 lowers the cost of tracing at high request rates.")
 
 
 class FusionConfig(_Strict):

@@ -41,8 +41,10 @@ def make_provider(config: TracingConfig) -> TracerProvider | None:
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
-    provider = SdkTracerProvider(resource=Resource.create({"service.name": config.service_name}))
+    provider = SdkTracerProvider(resource=Resource.create({"service.name": config.service_name}),
+                                 sampler=ParentBased(TraceIdRatioBased(config.sample_ratio)))
     if config.otlp_endpoint:
         try:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
