@@ -1,6 +1,9 @@
 """What the shared-state features cost the gateway: each row is one feature on vs off, same mock upstream, same
 pinned core, measured in alternation with the order swapped every round (as `bench_gateway.bench_against`).
 
+Each side reports req/s at concurrency 32, p50 at concurrency 1, and the gateway process's own CPU time per request
+during the concurrency-32 run (from /proc: steadier than req/s on a box shared with other work).
+
 Rows (one function each, listed in ROWS; add a row by writing a function that returns the same shape):
   ledger  database keys with a budget (SQLite, a budget that is checked but never reached) and the usage ledger, vs a
           static key: req/s at concurrency 32, p50 at concurrency 1 (target: at most 5% fewer req/s);
@@ -15,6 +18,7 @@ Writes bench-results/scale/results.json and prints a table.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 from collections.abc import Callable
@@ -36,11 +40,19 @@ def _gateway_config(upstream: str, **sections) -> dict:
                         "max_concurrency": 256, "max_queue": 1024}], **sections}
 
 
-def _measure(url: str, seconds: float, key: str) -> dict:
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (Linux /proc): the gateway's own work, whatever else the box runs."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _measure(url: str, seconds: float, key: str, pid: int) -> dict:
     warm = _wrk(url, 4, 1, False, key=key)  # warm-up: connections, caches, lazy imports
     c1 = _wrk(url, 1, seconds, False, key=key)
+    cpu = _cpu_seconds(pid)
     c32 = _wrk(url, 32, seconds, False, key=key)
-    return {"c1_p50_ms": c1["p50_ms"], "c32_rps": c32["rps"],
+    cpu = _cpu_seconds(pid) - cpu
+    return {"c1_p50_ms": c1["p50_ms"], "c32_rps": c32["rps"], "cpu_us_per_req": cpu / max(c32["requests"], 1) * 1e6,
             "requests": warm["requests"] + c1["requests"] + c32["requests"],
             "errors": warm["errors"] + c1["errors"] + c32["errors"]}
 
@@ -52,11 +64,11 @@ def _ab(name: str, off: tuple[dict, str], on: tuple[dict, str], rounds: int, sec
     for i in range(rounds):
         order = (("off", off), ("on", on))
         for label, (config, key) in (order if i % 2 == 0 else order[::-1]):
-            with _our_gateway(config, name=f"scale-{name}-{label}") as (url, _):
+            with _our_gateway(config, name=f"scale-{name}-{label}") as (url, proc):
                 console.print(f"[cyan]{name} round {i + 1}/{rounds}: {label}[/cyan]")
-                runs[label].append(_measure(url, seconds, key))
+                runs[label].append(_measure(url, seconds, key, proc.pid))
     out: dict = {"rounds": rounds, "seconds": seconds, "runs": runs}
-    for metric in ("c32_rps", "c1_p50_ms"):
+    for metric in ("c32_rps", "c1_p50_ms", "cpu_us_per_req"):
         a = statistics.median(r[metric] for r in runs["off"])
         b = statistics.median(r[metric] for r in runs["on"])
         out[metric] = {"off": a, "on": b, "on_over_off": b / a}
@@ -115,15 +127,18 @@ def run(quick: bool = False, names: list[str] | None = None) -> dict:
                 console.print(f"[red]{name} failed: {type(e).__name__}: {e}[/red]")
                 results["rows"][name] = {"error": f"{type(e).__name__}: {e}"}
     table = Table(title=f"feature on vs off (median of {rounds} rounds x {seconds}s, order swapped each round)")
-    for col in ("row", "req/s off", "req/s on", "on/off", "cost", "p50 ms off", "p50 ms on", "errors"):
+    for col in ("row", "req/s off", "req/s on", "on/off", "cost", "CPU us/req off", "CPU us/req on", "CPU on/off",
+                "p50 ms off", "p50 ms on", "errors"):
         table.add_column(col)
     results["table"] = []
     for name, r in results["rows"].items():
         if "error" in r:
-            table.add_row(name, r["error"], *[""] * 6)
+            table.add_row(name, r["error"], *[""] * 9)
             continue
         row = {"row": name, "rps_off": round(r["c32_rps"]["off"]), "rps_on": round(r["c32_rps"]["on"]),
                "on_over_off": round(r["c32_rps"]["on_over_off"], 3), "cost": f"{r['rps_cost']:.1%}",
+               "cpu_us_off": round(r["cpu_us_per_req"]["off"]), "cpu_us_on": round(r["cpu_us_per_req"]["on"]),
+               "cpu_on_over_off": round(r["cpu_us_per_req"]["on_over_off"], 3),
                "p50_ms_off": round(r["c1_p50_ms"]["off"], 3), "p50_ms_on": round(r["c1_p50_ms"]["on"], 3),
                "errors": r["errors"]}
         results["table"].append(row)

@@ -179,3 +179,13 @@ def test_keys_cli_create_use_revoke_usage(upstream, tmp_path, monkeypatch):
     assert [cell.strip() for cell in line.strip("│ ").split("│")][2:5] == ["up", "3", "0"]  # model, requests, errors
     missing = runner.invoke(cli_app, ["keys", "revoke", "nobody", "--url", url])
     assert missing.exit_code == 3 and "no active key" in missing.output
+
+
+def test_an_unreachable_keys_database_is_one_line_without_the_password():
+    from pg_server import _free_port
+
+    out = CliRunner().invoke(cli_app, ["keys", "list", "--url", f"postgresql://u:hunter2@127.0.0.1:{_free_port()}/db"])
+    assert out.exit_code == 4
+    assert out.output.startswith("error: keys.url postgresql+psycopg2://u:***@127.0.0.1")
+    assert "cannot open the keys database" in out.output and "hunter2" not in out.output
+    assert len(out.output.strip().splitlines()) == 1

@@ -25,8 +25,6 @@ UrlOpt = Annotated[str | None, typer.Option("--url", help="Database URL (sqlite:
 
 
 def _store(config: Path | None, url: str | None):
-    import sqlalchemy as sa
-
     from slm_fusion.keys.store import open_store
 
     if (config is None) == (url is None):
@@ -38,12 +36,7 @@ def _store(config: Path | None, url: str | None):
         if cfg.keys is None:
             raise ValueError(f"{config}: no `keys:` section; add `keys: {{url: sqlite:///keys.db}}` or pass --url")
         url = cfg.keys.url
-    try:
-        return open_store(url)
-    except sa.exc.OperationalError as e:
-        raise ConnectionError(f"--url {url}: cannot open the keys database: {str(e.orig).strip()}") from None
-    except sa.exc.ArgumentError as e:
-        raise ValueError(f"--url {url}: not a database URL ({e}); e.g. sqlite:///keys.db") from None
+    return open_store(url)  # a bad URL or a database it cannot reach: one line (ValueError, ConnectionError)
 
 
 def _when(ts: float | None) -> str:

@@ -240,4 +240,11 @@ def open_store(url: str) -> SqlKeyStore:
         raise ValueError(f"keys.url '{url}': no key store for '{scheme}'; use one of {sorted(STORES)}")
     if url.startswith("postgresql://"):  # SQLAlchemy 2.1 defaults to psycopg 3; the project installs psycopg2
         url = "postgresql+psycopg2://" + url[len("postgresql://"):]
-    return STORES[scheme](url)
+    try:
+        shown = sa.engine.make_url(url).render_as_string(hide_password=True)
+    except sa.exc.ArgumentError as e:
+        raise ValueError(f"keys.url: not a database URL ({e}); e.g. sqlite:///keys.db") from None
+    try:
+        return STORES[scheme](url)
+    except sa.exc.OperationalError as e:  # one line naming the database, never a traceback
+        raise ConnectionError(f"keys.url {shown}: cannot open the keys database: {str(e.orig).strip()}") from None
