@@ -37,7 +37,7 @@ from slm_fusion.errors import FusionError, InvalidRequest, ModelNotFound, NotFou
 from slm_fusion.gateway import Gateway
 from slm_fusion.middleware import GatewayMiddleware, configure_logging
 from slm_fusion.serving import admit_model, complete, count_tokens, json_response, model_response, respond
-from slm_fusion.tracing import fastapi_telemetry
+from slm_fusion.tracing import FASTAPI_TELEMETRY_OFF
 
 __all__ = ["configure_logging", "create_app"]
 
@@ -75,7 +75,7 @@ def create_app(
 
     app = FastAPI(title="SLM-Fusion", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible gateway serving several small language models.",
-                  telemetry=fastapi_telemetry(gw.tracer_provider))  # the request span (slm_fusion.tracing)
+                  telemetry=FASTAPI_TELEMETRY_OFF)  # the request span is the middleware's (slm_fusion.tracing)
     app.state.gateway = gw
     _install_error_handlers(app)
     app.add_middleware(GatewayMiddleware, gateway=gw)

@@ -37,7 +37,7 @@ class GatewayMiddleware:
         self.max_bytes = gateway.config.server.max_request_bytes
         self.access_log = gateway.config.server.access_log
         self.keys = gateway.keys  # slm_fusion.keys.KeyAccounting, or None without a `keys:` section
-        self.traced = gateway.tracer is not None
+        self.tracer = gateway.tracer  # None when tracing is off
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -60,17 +60,17 @@ class GatewayMiddleware:
         status_box = [500]
         started = [False]
         key: KeyRecord | None = None  # a database key (its budget admitted this request): one ledger row
-        traced = self.traced
-        if traced:
+        traced = None  # the request span (slm_fusion.tracing), current for the whole request
+        if self.tracer is not None:
             scope["fusion.request_id"] = request_id
+            headers = dict(scope["headers"])
+            traced = tracing.start_request(self.tracer, scope, headers.get(b"traceparent"), headers.get(b"tracestate"))
 
         async def send_wrapped(message: dict) -> None:
             if message["type"] == "http.response.start":
                 started[0] = True
                 status_box[0] = message["status"]
                 message["headers"] = [*message.get("headers", ()), rid_header]
-            elif traced and message["type"] == "http.response.body" and not message.get("more_body"):
-                tracing.finish_request(scope)  # the request span ends with the last body frame
             await send(message)
 
         async def reply(err: FusionError) -> None:
@@ -124,6 +124,8 @@ class GatewayMiddleware:
                     requested_model=scope.get("fusion.requested", ""), model=model,
                     route=scope.get("fusion.route", ""), status=status_box[0], prompt_tokens=prompt,
                     completion_tokens=completion, reasoning_tokens=reasoning, latency_ms=round(elapsed * 1000, 3)))
+            if traced is not None:
+                tracing.finish_request(traced, scope, status_box[0])
             if self.access_log:
                 access_log.info("request", extra={"fusion": {
                     "request_id": request_id, "method": scope["method"], "path": path, "status": status_box[0],

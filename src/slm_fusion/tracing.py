@@ -2,9 +2,12 @@
 semantic-convention attributes, children for the routing decision, retrieval, each backend call and the reasoning
 layer, and the W3C `traceparent` sent on to OpenAI-compatible upstreams.
 
-The request span is FastAPI's own HTTP server span (FastAPI's built-in telemetry, given our tracer provider: it
-reads the client's `traceparent`/`tracestate` and makes the span current for the request). The gateway renames it
-`{gen_ai.operation.name} {gen_ai.request.model}` and adds the model and token counts when the answer is complete.
+The request span is made by the gateway's middleware (`start_request` / `finish_request`): it continues the
+client's `traceparent`/`tracestate` (the SDK's W3C propagator), is current for the whole request, streams included,
+and is named `{gen_ai.operation.name} {gen_ai.request.model}` with the model and token counts once the answer is
+complete. Not FastAPI's built-in telemetry (it would make the same span): that wrapper cost the gateway more per
+request than the spans themselves, and as much again for requests the sampler drops (benchmarks/bench_scale.py,
+docs/benchmarks.md); FastAPI's is switched off so that a global provider set by someone else does not turn it on.
 
     POST /v1/chat/completions  →  "chat smart"  (SERVER; gen_ai.request.model, gen_ai.response.model, usage)
       ├─ slm_fusion.routing     (a virtual model's router: router, chosen model, score, reason)
@@ -55,13 +58,21 @@ def make_provider(config: TracingConfig) -> TracerProvider | None:
     return provider
 
 
-def fastapi_telemetry(provider: TracerProvider | None) -> dict[str, Any]:
-    """FastAPI's built-in telemetry settings: the HTTP server span from our provider, or nothing at all (FastAPI
-    would otherwise pick up a global provider someone else configured). Its metrics and logs stay off: the gateway
-    has its own Prometheus metrics and JSON logs."""
-    if provider is None:
-        return {"tracing": False, "metrics": False, "logs": False}
-    return {"tracer_provider": provider, "metrics": False, "logs": False, "operation_spans": False}
+# FastAPI's own telemetry stays off (see the module docstring); the gateway has its own metrics and logs.
+FASTAPI_TELEMETRY_OFF = {"tracing": False, "metrics": False, "logs": False}
+
+
+def start_request(tracer: Tracer, scope: dict, traceparent: bytes | None, tracestate: bytes | None) -> tuple:
+    """The request span, current until `finish_request`; its parent is the client's span when it sent one."""
+    parent = None
+    if traceparent is not None:
+        carrier = {"traceparent": traceparent.decode("latin-1")}
+        if tracestate is not None:
+            carrier["tracestate"] = tracestate.decode("latin-1")
+        parent = _PROPAGATOR.extract(carrier)
+    request_span = tracer.start_span(f"{scope['method']} {scope['path']}", context=parent, kind=SpanKind.SERVER,
+                                     attributes={"http.request.method": scope["method"], "url.path": scope["path"]})
+    return request_span, otel_context.attach(trace.set_span_in_context(request_span, parent))
 
 
 def span(tracer: Tracer | None, name: str, attributes: dict[str, Any] | None = None,
@@ -79,28 +90,31 @@ def annotate(attributes: dict[str, Any]) -> None:
         current.set_attributes({k: v for k, v in attributes.items() if v is not None})
 
 
-def finish_request(scope: dict) -> None:
-    """Name the request span after the GenAI operation and model, and add what the request produced: called when
-    the last body frame leaves (FastAPI ends its span right after)."""
-    current = trace.get_current_span()
-    if not current.is_recording():
-        return
-    operation = OPERATIONS.get(scope["path"])
-    requested = scope.get("fusion.requested")
-    attrs: dict[str, Any] = {"slm_fusion.request_id": scope.get("fusion.request_id")}
-    if operation:
-        attrs["gen_ai.operation.name"] = operation
-    if requested:
-        attrs["gen_ai.request.model"] = requested
-        current.update_name(f"{operation or scope['method']} {requested}")
-    if model := scope.get("fusion.model"):
-        attrs["gen_ai.response.model"] = model
-    if usage := scope.get("fusion.usage"):
-        attrs["gen_ai.usage.input_tokens"], attrs["gen_ai.usage.output_tokens"] = usage[0], usage[1]
-        attrs["slm_fusion.usage.reasoning_tokens"] = usage[2]
-    if route := scope.get("fusion.route"):
-        attrs["slm_fusion.route"] = route
-    current.set_attributes({k: v for k, v in attrs.items() if v is not None})
+def finish_request(started: tuple, scope: dict, status: int) -> None:
+    """Name the request span after the GenAI operation and model, add what the request produced, and end it."""
+    request_span, token = started
+    otel_context.detach(token)
+    if request_span.is_recording():
+        operation = OPERATIONS.get(scope["path"])
+        requested = scope.get("fusion.requested")
+        attrs: dict[str, Any] = {"http.response.status_code": status,
+                                 "slm_fusion.request_id": scope.get("fusion.request_id")}
+        if operation:
+            attrs["gen_ai.operation.name"] = operation
+        if requested:
+            attrs["gen_ai.request.model"] = requested
+            request_span.update_name(f"{operation or scope['method']} {requested}")
+        if model := scope.get("fusion.model"):
+            attrs["gen_ai.response.model"] = model
+        if usage := scope.get("fusion.usage"):
+            attrs["gen_ai.usage.input_tokens"], attrs["gen_ai.usage.output_tokens"] = usage[0], usage[1]
+            attrs["slm_fusion.usage.reasoning_tokens"] = usage[2]
+        if route := scope.get("fusion.route"):
+            attrs["slm_fusion.route"] = route
+        request_span.set_attributes({k: v for k, v in attrs.items() if v is not None})
+        if status >= 500:
+            request_span.set_status(trace.StatusCode.ERROR, f"HTTP {status}")
+    request_span.end()
 
 
 def upstream_headers() -> dict[str, str] | None:
