@@ -5,9 +5,10 @@ layer, and the W3C `traceparent` sent on to OpenAI-compatible upstreams.
 The request span is made by the gateway's middleware (`start_request` / `finish_request`): it continues the
 client's `traceparent`/`tracestate` (the SDK's W3C propagator), is current for the whole request, streams included,
 and is named `{gen_ai.operation.name} {gen_ai.request.model}` with the model and token counts once the answer is
-complete. Not FastAPI's built-in telemetry (it would make the same span): that wrapper cost the gateway more per
-request than the spans themselves, and as much again for requests the sampler drops (benchmarks/bench_scale.py,
-docs/benchmarks.md); FastAPI's is switched off so that a global provider set by someone else does not turn it on.
+complete. Not FastAPI's built-in telemetry, which would make the same span: its wrapper does its per-request work
+(header extraction, attribute dicts, wrapped send/receive) whether or not the sampler keeps the trace, and in
+benchmarks/bench_scale.py the middleware's span cost the gateway less CPU per request (docs/benchmarks.md). FastAPI's
+is switched off, so that a global provider set by someone else does not turn it on.
 
     POST /v1/chat/completions  →  "chat smart"  (SERVER; gen_ai.request.model, gen_ai.response.model, usage)
       ├─ slm_fusion.routing     (a virtual model's router: router, chosen model, score, reason)
