@@ -157,14 +157,14 @@ def _litellm(exe: Path, upstream: str):
 # ---------------------------------------------------------------------------------------------- load: wrk
 
 
-def _wrk(url: str, concurrency: int, seconds: float, stream: bool) -> dict:
+def _wrk(url: str, concurrency: int, seconds: float, stream: bool, key: str = BENCH_KEY) -> dict:
     body = {**CHAT_BODY, "stream": True} if stream else CHAT_BODY
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write(WRK_SCRIPT)
         script = f.name
     cmd = _pin(SIDE_CPU) + ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, int(seconds))}s", "--timeout", "10s",
                             "-s", script, url + "/v1/chat/completions"]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ, "BENCH_BODY": json.dumps(body), "BENCH_KEY": BENCH_KEY},
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ, "BENCH_BODY": json.dumps(body), "BENCH_KEY": key},
                          timeout=seconds + 60)
     os.unlink(script)
     m = re.search(r"WRKJSON (\{.*\})", out.stdout)

@@ -36,7 +36,8 @@ from slm_fusion.context.routes import add_context_routes
 from slm_fusion.errors import FusionError, InvalidRequest, ModelNotFound, NotFound, ValidationFailed, error_body
 from slm_fusion.gateway import Gateway
 from slm_fusion.middleware import GatewayMiddleware, configure_logging
-from slm_fusion.serving import complete, json_response, model_response, respond
+from slm_fusion.serving import admit_model, complete, count_tokens, json_response, model_response, respond
+from slm_fusion.tracing import FASTAPI_TELEMETRY_OFF
 from slm_fusion.ui import add_ui_routes
 
 __all__ = ["configure_logging", "create_app"]
@@ -58,9 +59,12 @@ def create_app(
     backends: dict[str, list[Backend]] | None = None,
     routers: dict[str, Any] | None = None,
     reasoning: Any | None = None,
+    tracer_provider: Any | None = None,
 ) -> FastAPI:
-    """Build the gateway. `backends` overrides the config's backend instances per model name (tests, embedding)."""
-    gw = Gateway(config, backends=backends, routers=routers, reasoning=reasoning)
+    """Build the gateway. `backends` overrides the config's backend instances per model name (tests, embedding);
+    `tracer_provider` is an OpenTelemetry provider to trace with (tests: the SDK's in-memory exporter), else the
+    config's `tracing:` section decides."""
+    gw = Gateway(config, backends=backends, routers=routers, reasoning=reasoning, tracer_provider=tracer_provider)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -71,7 +75,8 @@ def create_app(
             await gw.aclose()
 
     app = FastAPI(title="SLM-Fusion", version="0.1.0", lifespan=lifespan,
-                  description="OpenAI-compatible gateway serving several small language models.")
+                  description="OpenAI-compatible gateway serving several small language models.",
+                  telemetry=FASTAPI_TELEMETRY_OFF)  # the request span is the middleware's (slm_fusion.tracing)
     app.state.gateway = gw
     _install_error_handlers(app)
     app.add_middleware(GatewayMiddleware, gateway=gw)
@@ -110,6 +115,7 @@ def create_app(
         if gw.embedder is None or body.model != gw.embedder.config.name:
             available = [gw.embedder.config.name] if gw.embedder else []
             raise ModelNotFound(body.model, available)
+        admit_model(gw, request, body.model)
         request.scope["fusion.model"] = body.model
         texts = [body.input] if isinstance(body.input, str) else body.input
         if not texts or len(texts) > gw.embedder.config.max_inputs:
@@ -127,7 +133,7 @@ def create_app(
              else v.tolist()}
             for i, v in enumerate(vectors)
         ]
-        gw.metrics.observe_tokens(body.model, tokens, 0)
+        count_tokens(gw, request, body.model, tokens, 0)
         return json_response({"object": "list", "data": data, "model": body.model,
                       "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 

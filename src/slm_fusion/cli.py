@@ -101,7 +101,9 @@ def check(config: Annotated[Path, typer.Argument(help="Gateway YAML config.")]) 
                       str(m.timeout_s or cfg.server.request_timeout_s), str(m.replicas))
     console.print(table)
     keys = cfg.server.resolved_api_keys()
-    console.print(f"auth: {'on (' + str(len(keys)) + ' key(s))' if keys else 'off'}; "
+    auth = f"on ({len(keys)} static key(s)" + (f" + database keys at {cfg.keys.url}" if cfg.keys else "") + ")" \
+        if keys or cfg.keys else "off"
+    console.print(f"auth: {auth}; tracing: {'on' if cfg.tracing.enabled else 'off'}; "
                   f"max_request_bytes={cfg.server.max_request_bytes}; "
                   f"embeddings: {cfg.embeddings.name if cfg.embeddings else 'off'}; "
                   f"virtual models: {len(cfg.virtual_models)}; console: {'/ui' if cfg.ui.enabled else 'off'}")
@@ -159,6 +161,15 @@ def _register_routing_commands() -> None:
 
 
 _register_routing_commands()
+
+
+def _register_keys_commands() -> None:
+    from slm_fusion.keys.cli import register  # `keys create|list|revoke|usage`; SQLAlchemy imported per command
+
+    register(app)
+
+
+_register_keys_commands()
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 ```yaml
 server: {api_keys_env: FUSION_API_KEYS, max_request_bytes: 1048576, request_timeout_s: 120}
+keys: {url: sqlite:///keys.db, flush_interval_s: 1.0}   # API keys with budgets + usage ledger (slm_fusion.keys)
+tracing: {enabled: true, otlp_endpoint: http://127.0.0.1:4318/v1/traces}   # OpenTelemetry (slm_fusion.tracing)
 models:
   - {name: smol, backend: transformers, model: smollm2-135m-instruct, max_batch_size: 8}
   - {name: smol-gguf, backend: llamacpp, model: /path/SmolLM2-135M-Instruct.Q4_1.gguf}
@@ -186,10 +188,43 @@ class UIConfig(_Strict):
         2.0, gt=0, description="Seconds between two points of the console's per-model metric series.")
     history_points: int = Field(300, ge=2, description="Points kept per metric series (the oldest are dropped).")
     recent_routes: int = Field(200, ge=1, description="Route decisions kept in memory for the Routing page.")
+class KeysConfig(_Strict):
+    """API keys with per-key budgets and the usage ledger, in a database (slm_fusion.keys); added to server.api_keys."""
+
+    url: str = Field(..., description="Database URL: sqlite:///path/keys.db (one host) or postgresql://user@host/db "
+                                      "(several replicas share it).")
+    flush_interval_s: float = Field(
+        1.0, gt=0, le=3600, description="Ledger rows are written every this many seconds (a crash loses at most the "
+                                        "last interval's rows); also how stale key records and other replicas' "
+                                        "usage may be.")
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, url: str) -> str:
+        scheme = url.split(":", 1)[0].split("+", 1)[0]
+        if scheme not in ("sqlite", "postgresql"):
+            raise ValueError(f"keys.url '{url}' must start with sqlite:/// or postgresql://")
+        return url
+
+
+class TracingConfig(_Strict):
+    """OpenTelemetry spans per request (slm_fusion.tracing); off unless `enabled`."""
+
+    enabled: bool = Field(False, description="Create spans (one per request, children for routing, reasoning, "
+                                             "backend calls and retrieval) and propagate W3C traceparent upstream.")
+    otlp_endpoint: str | None = Field(
+        None, description="OTLP/HTTP traces URL, e.g. http://127.0.0.1:4318/v1/traces; null = spans are made and "
+                          "propagated but not exported (needs opentelemetry-exporter-otlp-proto-http when set).")
+    service_name: str = Field("slm-fusion", description="`service.name` resource attribute of every span.")
+    sample_ratio: float = Field(
+        1.0, ge=0.0, le=1.0, description="Share of new traces recorded (a client's sampled traceparent is always "
+                                         "followed); below 1 lowers the cost of tracing at high request rates.")
 
 
 class FusionConfig(_Strict):
     server: ServerConfig = Field(default_factory=ServerConfig)
+    keys: KeysConfig | None = Field(None, description="API keys with budgets and a usage ledger in a database.")
+    tracing: TracingConfig = Field(default_factory=TracingConfig, description="OpenTelemetry tracing (off by default).")
     models: list[ModelConfig] = Field(default_factory=list)
     embeddings: EmbeddingsConfig | None = None
     context: ContextConfig | None = Field(None, description="Files, vector stores and retrieval; needs `embeddings`.")
@@ -257,6 +292,9 @@ def _resolve_paths(raw: dict, base: Path) -> None:
             m["adapter"] = _relative_to(base, m["adapter"], looks_like_file=True)
         if isinstance(m.get("reasoning"), dict) and "verifier_path" in m["reasoning"]:
             m["reasoning"]["verifier_path"] = _relative_to(base, m["reasoning"]["verifier_path"])
+    if isinstance(raw.get("keys"), dict) and str(raw["keys"].get("url", "")).startswith("sqlite:///"):
+        path = raw["keys"]["url"][len("sqlite:///"):]
+        raw["keys"]["url"] = "sqlite:///" + str(_relative_to(base, path, looks_like_file=True))
     if isinstance(raw.get("context"), dict):
         raw["context"]["path"] = _relative_to(base, raw["context"].get("path", "context.db"), looks_like_file=True)
     if isinstance(raw.get("ui"), dict):

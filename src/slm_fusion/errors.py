@@ -6,6 +6,7 @@ Everything the gateway refuses or fails at is raised as a `FusionError`; the app
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 
@@ -51,6 +52,12 @@ class AuthenticationFailed(FusionError):
     code = "invalid_api_key"
 
 
+class PermissionDenied(FusionError):
+    status = 403
+    type = "permission_error"
+    code = "model_not_allowed"
+
+
 class ModelNotFound(FusionError):
     status = 404
     type = "invalid_request_error"
@@ -92,6 +99,20 @@ class QueueFull(FusionError):
             "(or raise `max_queue` for this model in the config).",
             headers={"Retry-After": str(retry_after_s)},
         )
+
+
+class BudgetExceeded(FusionError):
+    """An API key spent its requests or tokens budget for the current window: 429 until the window resets."""
+
+    status = 429
+    type = "rate_limit_error"
+
+    def __init__(self, key_name: str, budget: str, limit: int, period: str, resets_at: float, now: float) -> None:
+        wait = max(1, int(resets_at - now + 0.999))
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(resets_at))
+        super().__init__(
+            f"API key '{key_name}' has used its budget of {limit} {budget} per {period}; it resets at "
+            f"{when} (in {wait}s).", code=f"{budget}_budget_exceeded", headers={"Retry-After": str(wait)})
 
 
 class ClientDisconnected(FusionError):

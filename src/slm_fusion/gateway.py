@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from slm_fusion import protocol as P
-from slm_fusion import routing, tools
+from slm_fusion import routing, tools, tracing
 from slm_fusion.backends.base import (
     Backend,
     Generation,
@@ -27,6 +27,7 @@ from slm_fusion.config import FusionConfig
 from slm_fusion.context import ContextStore
 from slm_fusion.deployments import Embedder, ModelHandle, attach_health
 from slm_fusion.errors import GatewayTimeout, InvalidRequest, ModelNotFound
+from slm_fusion.keys import KeyAccounting
 from slm_fusion.metrics import GatewayMetrics
 from slm_fusion.reasoning import make_reasoning_layer
 
@@ -42,10 +43,17 @@ class Gateway:
         backends: dict[str, list[Backend]] | None = None,
         routers: dict[str, Any] | None = None,
         reasoning: Any | None = None,
+        tracer_provider: Any | None = None,
     ) -> None:
         self.config = config
         self.metrics = GatewayMetrics()
         self.api_keys = [k.encode() for k in config.server.resolved_api_keys()]
+        # Keys with budgets and the usage ledger (slm_fusion.keys), in addition to the static keys above.
+        self.keys = KeyAccounting.from_url(config.keys.url, config.keys.flush_interval_s) if config.keys else None
+        # OpenTelemetry (slm_fusion.tracing): None when off, which every call site tests before any span work.
+        self._owns_provider = tracer_provider is None
+        self.tracer_provider = tracer_provider if tracer_provider is not None else tracing.make_provider(config.tracing)
+        self.tracer = self.tracer_provider.get_tracer("slm_fusion") if self.tracer_provider is not None else None
         backends = backends or {}
         self.handles: dict[str, ModelHandle] = {}
         shared: dict[Any, Any] = {}  # engines that several adapter models run on (backends/adapters.py)
@@ -63,6 +71,8 @@ class Gateway:
         self.dropped_logged: set[tuple[str, str]] = set()  # (model, field) already logged as ignored
 
     async def start(self) -> None:
+        if self.keys is not None:
+            await self.keys.start()
         if self.config.context is not None and self.context is None:
             self.context = ContextStore(self.config.context.path, self.embedder.vectors, self.embedder.offsets,
                                         self.config.context.max_file_bytes)
@@ -83,6 +93,10 @@ class Gateway:
             for b in handle.backends:
                 with contextlib.suppress(Exception):
                     await b.aclose()
+        if self.keys is not None:
+            await self.keys.aclose()  # the last ledger rows: a clean shutdown loses none
+        if self.tracer_provider is not None and self._owns_provider:
+            self.tracer_provider.shutdown()  # exports the spans still queued
 
     def model_names(self) -> list[str]:
         return list(self.handles) + [n for n in self.routers if n not in self.handles]
@@ -102,11 +116,20 @@ class Gateway:
                 raise InvalidRequest(f"'{name}' is an embedding model: call /v1/embeddings with it, or pick a chat "
                                      f"model from {self.model_names()}", param="model", code="model_not_chat")
             raise ModelNotFound(name, self.model_names())
-        # Routers from slm_fusion.routing also look at request headers (rules on `x-...` values).
-        decision = router.route(request, headers) if getattr(router, "wants_headers", False) else router.route(request)
-        if inspect.isawaitable(decision):
-            decision = await decision
-        target = decision if isinstance(decision, str) else getattr(decision, "model", None)
+        with tracing.span(self.tracer, "slm_fusion.routing", {"gen_ai.request.model": name}) as traced:
+            # Routers from slm_fusion.routing also look at request headers (rules on `x-...` values).
+            decision = router.route(request, headers) if getattr(router, "wants_headers", False) \
+                else router.route(request)
+            if inspect.isawaitable(decision):
+                decision = await decision
+            target = decision if isinstance(decision, str) else getattr(decision, "model", None)
+            if traced is not None:
+                traced.set_attributes({k: v for k, v in {
+                    "slm_fusion.router": getattr(decision, "router", None), "slm_fusion.route.model": target,
+                    "slm_fusion.route.score": getattr(decision, "score", None),
+                    "slm_fusion.route.reason": getattr(decision, "reason", None),
+                    "slm_fusion.route.plan": isinstance(decision, routing.ExecutionPlan)}.items()
+                    if isinstance(v, str | int | float | bool)})
         handle = self.handles.get(target) if isinstance(target, str) else None
         if handle is None:
             raise ModelNotFound(f"{target} (chosen by the router of '{name}')", list(self.handles))
@@ -114,11 +137,23 @@ class Gateway:
 
     # ------------------------------------------------------------------ the seam for the reasoning layer
     async def execute(self, handle: ModelHandle, backend: Backend, gen: GenerationRequest) -> list[Generation]:
-        """Run one generation: the only place a backend is asked for complete text."""
+        """Run one generation: the only place a backend is asked for complete text (one `slm_fusion.backend` span
+        when tracing)."""
+        if self.tracer is None:
+            return await self._execute(handle, backend, gen)
+        with tracing.span(self.tracer, "slm_fusion.backend", _backend_attributes(handle, backend),
+                          tracing.SpanKind.CLIENT) as traced:
+            gens = await self._execute(handle, backend, gen)
+            traced.set_attributes({"gen_ai.usage.input_tokens": gens[0].prompt_tokens if gens else 0,
+                                   "gen_ai.usage.output_tokens": sum(g.completion_tokens for g in gens)})
+            return gens
+
+    async def _execute(self, handle: ModelHandle, backend: Backend, gen: GenerationRequest) -> list[Generation]:
         if gen.tools is not None:  # function calling on a local model: replies that are calls become tool_calls
             return tools.as_tool_calls(await backend.generate(gen), gen.tools)
         if self.reasoning.applies(gen.reasoning, handle.config):
-            return await self.reasoning.generate(backend, gen, handle.config)
+            with tracing.span(self.tracer, "slm_fusion.reasoning"):  # the layer annotates it (mode, budget, forced)
+                return await self.reasoning.generate(backend, gen, handle.config)
         return await backend.generate(gen)
 
     async def execute_stream(
@@ -130,8 +165,28 @@ class Gateway:
             async for chunk in _chunks_of(await self.execute(handle, backend, gen)):
                 yield chunk
             return
-        async for chunk in backend.stream(gen):
-            yield chunk
+        if self.tracer is None:
+            async for chunk in backend.stream(gen):
+                yield chunk
+            return
+        # The span is current only while the stream opens (the upstream request, with its traceparent, goes out
+        # in the first step), never across a yield: the rest of the stream runs in the response's task.
+        traced = self.tracer.start_span("slm_fusion.backend", kind=tracing.SpanKind.CLIENT,
+                                        attributes=_backend_attributes(handle, backend))
+        chunks = backend.stream(gen)
+        try:
+            with tracing.trace.use_span(traced, record_exception=False, set_status_on_exception=False):
+                chunk = await anext(chunks, None)
+            while chunk is not None:
+                yield chunk
+                chunk = await anext(chunks, None)
+        except Exception as e:
+            traced.record_exception(e)
+            traced.set_status(tracing.trace.StatusCode.ERROR, str(e))
+            raise
+        finally:
+            await chunks.aclose()
+            traced.end()
 
     # ------------------------------------------------------------------ routing: fallbacks, cascades, fusion
     def fallback_chain(self, name: str) -> list[str]:
@@ -339,6 +394,11 @@ LOCAL_FIELDS = frozenset({"presence_penalty", "frequency_penalty", "user", "stre
                           "tool_choice", "metadata", "store", "service_tier"})
 
 
+def _backend_attributes(handle: ModelHandle, backend: Backend) -> dict[str, Any]:
+    return {"gen_ai.request.model": handle.name, "slm_fusion.backend": handle.config.backend,
+            "slm_fusion.upstream_model": handle.config.model, "slm_fusion.replica": handle.backends.index(backend)}
+
+
 def _default_routers(config: FusionConfig) -> dict[str, Any]:
     if not config.virtual_models:
         return {}
@@ -366,7 +426,8 @@ async def _chunks_of(gens: list[Generation]) -> AsyncIterator[TokenChunk]:
         yield TokenChunk(index=i, text=g.text, finish_reason=g.finish_reason, tool_calls=calls,
                          reasoning=dict(g.reasoning) if g.reasoning is not None else None)
     yield TokenChunk(index=0, text="", usage=(gens[0].prompt_tokens if gens else 0,
-                                              sum(g.completion_tokens for g in gens)))
+                                              sum(g.completion_tokens for g in gens)),
+                     reasoning_tokens=sum((g.reasoning or {}).get("reasoning_tokens", 0) for g in gens))
 
 
 def route_headers(gw: Gateway, handle: ModelHandle, body: Any, decision: Any) -> dict[str, str]:

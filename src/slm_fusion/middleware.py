@@ -1,5 +1,5 @@
-"""Pure-ASGI middleware in front of every route (request id, auth, body-size limit, access log, metrics, the
-last-resort OpenAI-shaped 500) and the gateway's JSON log format."""
+"""Pure-ASGI middleware in front of every route (request id, auth and key budgets, body-size limit, access log,
+metrics, the usage ledger row, the last-resort OpenAI-shaped 500) and the gateway's JSON log format."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from slm_fusion import tracing
 from slm_fusion.errors import AuthenticationFailed, FusionError, RequestTooLarge
+from slm_fusion.keys import KeyRecord, UsageRow
 from slm_fusion.ui import is_public  # the console's pages and static files, which carry no data
 
 if TYPE_CHECKING:  # the middleware reads the gateway's keys, limits and metrics; no import at run time
@@ -35,6 +37,8 @@ class GatewayMiddleware:
         self.gw = gateway
         self.max_bytes = gateway.config.server.max_request_bytes
         self.access_log = gateway.config.server.access_log
+        self.keys = gateway.keys  # slm_fusion.keys.KeyAccounting, or None without a `keys:` section
+        self.tracer = gateway.tracer  # None when tracing is off
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -56,6 +60,12 @@ class GatewayMiddleware:
         rid_header = (b"x-request-id", request_id.encode("latin-1"))
         status_box = [500]
         started = [False]
+        key: KeyRecord | None = None  # a database key (its budget admitted this request): one ledger row
+        traced = None  # the request span (slm_fusion.tracing), current for the whole request
+        if self.tracer is not None:
+            scope["fusion.request_id"] = request_id
+            headers = dict(scope["headers"])
+            traced = tracing.start_request(self.tracer, scope, headers.get(b"traceparent"), headers.get(b"tracestate"))
 
         async def send_wrapped(message: dict) -> None:
             if message["type"] == "http.response.start":
@@ -72,11 +82,19 @@ class GatewayMiddleware:
             await send_wrapped({"type": "http.response.body", "body": body})
 
         try:
-            if self.gw.api_keys and path not in PUBLIC_PATHS and not is_public(path) and not self._authorized(auth):
-                await reply(AuthenticationFailed(
-                    "Missing or invalid API key: send `Authorization: Bearer <key>` with a key from server.api_keys."
-                ))
-                return
+            if (self.gw.api_keys or self.keys is not None) and path not in PUBLIC_PATHS \
+                    and not is_public(path):
+                found = self._authenticate(auth)
+                if found is None:
+                    await reply(AuthenticationFailed(
+                        "Missing or invalid API key: send `Authorization: Bearer <key>` with a key from "
+                        "server.api_keys or `slm-fusion keys create`."))
+                    return
+                if found is not True:
+                    if (refused := self.keys.admit(found)) is not None:
+                        await reply(refused)
+                        return
+                    key = scope["fusion.key"] = found
             if length is not None and length.isdigit() and int(length) > self.max_bytes:
                 await reply(RequestTooLarge(
                     f"Request body of {int(length)} bytes exceeds the limit of {self.max_bytes} bytes "
@@ -101,6 +119,15 @@ class GatewayMiddleware:
             model = scope.get("fusion.model", "")
             route = path if path in ROUTE_LABELS else ("/v1/models/{id}" if path.startswith("/v1/models/") else "other")
             self.gw.metrics.observe_request(model, route, status_box[0], elapsed)
+            if key is not None:  # the one place a ledger row is made: after the last byte, for every status
+                prompt, completion, reasoning = scope.get("fusion.usage") or (0, 0, 0)
+                self.keys.record(key, UsageRow(
+                    ts=time.time() - elapsed, request_id=request_id, key_id=key.id, path=path,
+                    requested_model=scope.get("fusion.requested", ""), model=model,
+                    route=scope.get("fusion.route", ""), status=status_box[0], prompt_tokens=prompt,
+                    completion_tokens=completion, reasoning_tokens=reasoning, latency_ms=round(elapsed * 1000, 3)))
+            if traced is not None:
+                tracing.finish_request(traced, scope, status_box[0])
             if self.access_log:
                 access_log.info("request", extra={"fusion": {
                     "request_id": request_id, "method": scope["method"], "path": path, "status": status_box[0],
@@ -108,11 +135,15 @@ class GatewayMiddleware:
                     **({"route": scope["fusion.route"]} if scope.get("fusion.route") else {}),
                 }})
 
-    def _authorized(self, header: bytes | None) -> bool:
+    def _authenticate(self, header: bytes | None) -> KeyRecord | bool | None:
+        """True for a static key (server.api_keys), the record of a database key, None for anything else."""
         if not header or header[:7].lower() != b"bearer ":
-            return False
+            return None
         presented = header[7:].strip()
-        return any(hmac.compare_digest(presented, key) for key in self.gw.api_keys)
+        if any(hmac.compare_digest(presented, key) for key in self.gw.api_keys):
+            return True
+        # Database keys are matched by their sha256 in memory (refreshed every keys.flush_interval_s).
+        return self.keys.lookup(presented) if self.keys is not None else None
 
     async def _buffer_chunked(self, receive: Any) -> Any | None:
         """A chunked body has no Content-Length: read it (at most max_bytes) before the app sees it.

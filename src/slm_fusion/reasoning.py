@@ -30,6 +30,7 @@ from reasonlite.budget import stated_budget
 from reasonlite.controller import Ask, Generated, Sample, Solution
 from reasonlite.formats import ANSWER_CUE, build_messages
 from reasonlite.infer import read_student_meta
+from slm_fusion import tracing
 from slm_fusion.backends.base import Backend, Generation, GenerationRequest, ReasoningOptions
 from slm_fusion.config import FusionConfig, ModelBase, ReasoningDefaults
 from slm_fusion.errors import InvalidRequest
@@ -69,13 +70,20 @@ class ReasoningLayer:
             raise InvalidRequest(f"reasoning_budget={plan.budget} is below {floor} tokens: the forced answer cue "
                                  f"'{ANSWER_CUE}' alone takes {floor - 1}; pass at least {floor}",
                                  param="reasoning_budget")
+        tracing.annotate({"slm_fusion.reasoning.mode": plan.fmt + ("+vote" if plan.vote else ""),
+                          "slm_fusion.reasoning.budget": plan.budget, "slm_fusion.reasoning.select": plan.select})
         if plan.vote:
             samples, prompt_tokens = await self._sample(backend, gen, messages, plan, plan.samples)
             if plan.select == "verifier":
-                return [await self._verified(samples, prompt_tokens, gen, defaults.verifier_path)]
-            return [self._voted(samples, prompt_tokens)]
-        samples, prompt_tokens = await self._sample(backend, gen, messages, plan, gen.n)
-        return [self._single(s, prompt_tokens) for s in samples]
+                gens = [await self._verified(samples, prompt_tokens, gen, defaults.verifier_path)]
+            else:
+                gens = [self._voted(samples, prompt_tokens)]
+        else:
+            samples, prompt_tokens = await self._sample(backend, gen, messages, plan, gen.n)
+            gens = [self._single(s, prompt_tokens) for s in samples]
+        tracing.annotate({"slm_fusion.reasoning.forced": sum(bool(s.forced) for s in samples),
+                          "slm_fusion.reasoning.samples": len(samples)})
+        return gens
 
     # -- planning -----------------------------------------------------------------------------------------------------
 

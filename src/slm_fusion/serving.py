@@ -18,6 +18,7 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import ValidationError
 
 from slm_fusion import protocol as P
+from slm_fusion import tracing
 from slm_fusion.backends.base import GenerationRequest
 from slm_fusion.deployments import ModelHandle
 from slm_fusion.errors import ClientDisconnected, FusionError, GatewayTimeout, InvalidRequest, error_body
@@ -38,8 +39,23 @@ def model_response(model: Any, headers: dict[str, str] | None = None) -> Respons
     return Response(model.model_dump_json(), media_type="application/json", headers=headers)
 
 
+def admit_model(gw: Gateway, request: Request, model: str) -> None:
+    """The model a request asks for, noted for the ledger and the request span; refused (403) when the request's
+    database key may not use it."""
+    request.scope["fusion.requested"] = model
+    if (key := request.scope.get("fusion.key")) is not None:
+        gw.keys.check_model(key, model)
+
+
+def count_tokens(gw: Gateway, request: Request, model: str, prompt: int, completion: int, reasoning: int = 0) -> None:
+    """A finished request's tokens: the Prometheus counters, and the scope the ledger row and the span read."""
+    gw.metrics.observe_tokens(model, prompt, completion)
+    request.scope["fusion.usage"] = (prompt, completion, reasoning)
+
+
 async def complete(gw: Gateway, body: Any, request: Request, *, chat: bool,
                    sent: dict[str, Any] | None = None) -> Response:
+    admit_model(gw, request, body.model)
     handle, decision = await gw.resolve_target(body, request.headers)
     request.scope["fusion.model"] = handle.name
     if body.n > 1 and isinstance(decision, ExecutionPlan):
@@ -62,12 +78,13 @@ async def complete(gw: Gateway, body: Any, request: Request, *, chat: bool,
     request.scope["fusion.route"] = headers.get("x-slm-fusion-route", "")
     prompt_tokens = gens[0].prompt_tokens if gens else 0
     completion_tokens = sum(g.completion_tokens for g in gens)
-    gw.metrics.observe_tokens(handle.name, prompt_tokens, completion_tokens)
     details = None
     if any(g.reasoning is not None for g in gens):
         from slm_fusion.reasoning import usage_details
 
         details = usage_details(gens)
+    count_tokens(gw, request, handle.name, prompt_tokens, completion_tokens,
+                 details["reasoning_tokens"] if details else 0)
     usage = P.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                     total_tokens=prompt_tokens + completion_tokens, completion_tokens_details=details)
     fingerprint = f"fusion-{handle.config.backend}"
@@ -108,8 +125,12 @@ async def _with_context(gw: Gateway, handle: ModelHandle, body: Any, raw: Any,
 
     ctx = context_request(asked, gw.config.context)
     query = next((m.text() for m in reversed(body.messages) if m.role == "user"), "")
-    hits = await asyncio.to_thread(gw.context.search, list(ctx.vector_store_ids), query, ctx.top_k, None,
-                                   ctx.min_score, ctx.hybrid_weight)
+    with tracing.span(gw.tracer, "slm_fusion.retrieval", {"slm_fusion.vector_store_ids": list(ctx.vector_store_ids),
+                                                          "slm_fusion.top_k": ctx.top_k}) as traced:
+        hits = await asyncio.to_thread(gw.context.search, list(ctx.vector_store_ids), query, ctx.top_k, None,
+                                       ctx.min_score, ctx.hybrid_weight)
+        if traced is not None:
+            traced.set_attribute("slm_fusion.hits", len(hits))
     fields = {"model": body.model, **raw} if isinstance(raw, dict) else body.model_dump(exclude_unset=True)
     fields.pop("context", None)
     fields["messages"], citations = augment(list(fields["messages"]), hits, handle.backends[0].count_tokens,
@@ -154,6 +175,7 @@ async def _stream(
     async def events() -> AsyncIterator[bytes]:
         nonlocal ttft_seen
         usage: tuple[int, int] | None = None
+        reasoning_tokens = 0
         counted = 0
         try:
             if chat:
@@ -169,6 +191,7 @@ async def _stream(
             while chunk is not None:
                 if chunk.usage is not None:
                     usage = chunk.usage
+                    reasoning_tokens = chunk.reasoning_tokens or 0
                 if chunk.reasoning is not None and chat:  # the reasoning layer's results, just before the answer
                     yield b"data: " + orjson.dumps(P.details_chunk(cid, created, body.model,
                                                                    {chunk.index: chunk.reasoning})) + b"\n\n"
@@ -183,7 +206,7 @@ async def _stream(
                 async with asyncio.timeout_at(deadline):
                     chunk = await anext(chunks, None)
             prompt_tokens, completion_tokens = usage or (0, counted)
-            gw.metrics.observe_tokens(handle.name, prompt_tokens, completion_tokens)
+            count_tokens(gw, request, handle.name, prompt_tokens, completion_tokens, reasoning_tokens)
             if include_usage:
                 yield frame([], P.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                                         total_tokens=prompt_tokens + completion_tokens))

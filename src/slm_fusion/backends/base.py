@@ -92,6 +92,7 @@ class TokenChunk:
     tool_calls: list[dict[str, Any]] | None = None  # streamed function-call fragments, passed on as received
     logprobs: dict[str, Any] | None = None
     reasoning: dict[str, Any] | None = None  # the reasoning layer's results for this choice (`Generation.reasoning`)
+    reasoning_tokens: int | None = None  # with `usage`, when the reasoning layer made the answer (the ledger's)
 
 
 @runtime_checkable

@@ -12,7 +12,8 @@ proxy's own. The requested `model` picks a behaviour, which lets tests exercise 
   * `tools`     → a `get_weather` function call (`tool_calls`; streamed as id/name then argument fragments);
   * anything else → the fixed answer (`n` choices, usage, SSE streaming with `[DONE]`).
 `logprobs: true` in a request adds per-token logprobs to the answer. The last request bodies are kept in
-`received` (tests check what the gateway forwarded).
+`received` and their headers in `received_headers` (tests check what the gateway forwarded). `POST /v1/traces`
+answers 200 and discards the body: an OTLP/HTTP sink for the tracing benchmark.
 Run standalone: `python -m slm_fusion.backends.mock_upstream --port 9000`.
 """
 
@@ -41,6 +42,7 @@ class MockUpstream:
     def __init__(self) -> None:
         self.requests = 0  # seen by tests to check that the gateway really forwarded
         self.received: collections.deque[dict] = collections.deque(maxlen=32)  # the last request bodies
+        self.received_headers: collections.deque[dict[str, str]] = collections.deque(maxlen=32)  # and headers
         self._arrived = threading.Condition()  # notified per request: tests wait for one to be in flight
 
     def wait_for_requests(self, count: int, timeout: float) -> bool:
@@ -62,6 +64,12 @@ class MockUpstream:
             await _send_json(send, 200, {"object": "list", "data": [{"id": "mock", "object": "model", "created": 0,
                                                                       "owned_by": "mock"}]})
             return
+        if scope["method"] == "POST" and path == "/v1/traces":
+            while (await receive()).get("more_body"):
+                pass
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"0")]})
+            await send({"type": "http.response.body", "body": b""})
+            return
         if scope["method"] != "POST" or not path.endswith(("/chat/completions", "/completions")):
             await _send_json(send, 404, {"error": {"message": "not found", "type": "invalid_request_error"}})
             return
@@ -76,6 +84,7 @@ class MockUpstream:
             self._arrived.notify_all()
         req = orjson.loads(body)
         self.received.append(req)
+        self.received_headers.append({k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]})
         model = req.get("model", "mock")
         chat = path.endswith("/chat/completions")
         if model == "fail-500":

@@ -1,7 +1,8 @@
 """`openai` backend: an upstream OpenAI-compatible server behind one pooled `httpx.AsyncClient`.
 
 The client's request is forwarded as it was sent (`GenerationRequest.sent`: no defaults added, unknown fields,
-tools and tool-call history kept); `tool_calls` and `logprobs` come back unchanged. Streaming is passed through as
+tools and tool-call history kept); `tool_calls` and `logprobs` come back unchanged. When the gateway traces, the
+request carries the W3C `traceparent` of its backend span (headers only: the body is the client's). Streaming is passed through as
 it arrives (one upstream SSE line at a time, never buffered whole). Upstream failures become gateway errors:
 refused/reset connections and 5xx → 502, timeouts → 504, 429 → 429 with the upstream's Retry-After, a reset or a
 wrong-shape chunk in the middle of a stream → `UpstreamError` raised from the iterator (the app turns it into an
@@ -20,6 +21,7 @@ import httpx
 import orjson
 
 from slm_fusion import protocol as P
+from slm_fusion import tracing
 from slm_fusion.backends.base import Generation, GenerationRequest, TokenChunk
 from slm_fusion.config import OpenAIModel
 from slm_fusion.errors import FusionError, GatewayTimeout, InvalidRequest, UpstreamError, UpstreamRateLimited
@@ -77,7 +79,7 @@ class OpenAIBackend:
     async def generate(self, req: GenerationRequest) -> list[Generation]:
         path, body = self._body(req, stream=False)
         try:
-            resp = await self._send(self.client.build_request("POST", path, content=body), stream=False)
+            resp = await self._send(self.client.build_request("POST", path, content=body, headers=tracing.upstream_headers()), stream=False)
         except httpx.HTTPError as e:
             raise self._transport_error(e) from None
         if resp.status_code != 200:
@@ -103,7 +105,7 @@ class OpenAIBackend:
         chat = req.messages is not None
         done = False
         try:
-            resp = await self._send(self.client.build_request("POST", path, content=body), stream=True)
+            resp = await self._send(self.client.build_request("POST", path, content=body, headers=tracing.upstream_headers()), stream=True)
             async with contextlib.aclosing(resp):  # type: ignore[type-var]
                 if resp.status_code != 200:
                     raise self._status_error(resp.status_code, await resp.aread(), resp.headers)
