@@ -10,6 +10,7 @@ One run, side by side, SmolLM2-135M-Instruct, greedy, 64 new tokens, 2 threads f
 5. llama.cpp: raw llama-cpp-python single stream vs the gateway; 8 concurrent requests through `llama_cpp.server`
    (llama-cpp-python's own OpenAI server, same GGUF) vs the gateway.
 6. profile: where a batch's time goes in each backend (model forward vs our loop).
+7. multi-LoRA: 3 adapters on one engine, resident parameter bytes and mixed-adapter batch speed.
 Every gateway and `llama_cpp.server` is a real HTTP server in its own process; the client streams SSE with httpx.
 """
 
@@ -268,6 +269,69 @@ def bench_profile(quick: bool) -> dict:
     return out
 
 
+# ---------------------------------------------------------------------------------------------- multi-LoRA
+
+
+def bench_multilora(quick: bool) -> dict:
+    """Three LoRA adapters (r=16 on every linear layer, as our students train) on one SmolLM2 engine: resident
+    parameter bytes against the base alone, and 8 requests spread over the 3 adapters against 8 on one adapter."""
+    import tempfile
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from reasonlite.models import load_model
+    from slm_fusion.backends.base import GenerationRequest
+    from slm_fusion.backends.transformers import TransformersBackend
+    from slm_fusion.config import TransformersModel
+
+    max_tokens = 16 if quick else 48
+    folder = Path(tempfile.mkdtemp(prefix="multilora-"))
+    paths = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model, _ = load_model("smollm2-135m-instruct", device="cpu")
+        cfg = LoraConfig(r=16, lora_alpha=32, init_lora_weights=False, target_modules=[
+            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+        get_peft_model(model, cfg).save_pretrained(folder / f"a{seed}")
+        paths.append(str(folder / f"a{seed}"))
+        del model
+
+    def nbytes(m) -> int:
+        return sum(p.numel() * p.element_size() for p in m.parameters())
+
+    engine = TransformersBackend(TransformersModel(name="base", backend="transformers", model="smollm2-135m-instruct",
+                                                   torch_threads=THREADS, batch_wait_ms=20, prefix_cache=False))
+
+    async def main():
+        await engine.start()
+        try:
+            base_bytes = nbytes(engine.model)
+
+            def req(i: int, adapter: str) -> GenerationRequest:
+                return GenerationRequest(messages=[{"role": "user", "content": PROMPTS[i]}], max_tokens=max_tokens,
+                                         temperature=0, adapter=adapter)
+
+            for p in paths:  # load all three (and warm up)
+                await engine.generate(req(0, p))
+            resident = nbytes(engine.model)
+            timings = {}
+            for name, chosen in (("one_adapter", [paths[0]] * 8), ("three_adapters", [paths[i % 3] for i in range(8)])):
+                start = time.perf_counter()
+                gens = await asyncio.gather(*(engine.generate(req(i, a)) for i, a in enumerate(chosen)))
+                seconds = time.perf_counter() - start
+                tokens = sum(g[0].completion_tokens for g in gens)
+                timings[name] = {"tokens": tokens, "seconds": round(seconds, 2), "tok_per_s": round(tokens / seconds, 1)}
+            return base_bytes, resident, timings
+        finally:
+            await engine.aclose()
+
+    base_bytes, resident, timings = asyncio.run(main())
+    return {"base_mb": round(base_bytes / 2**20, 1), "with_3_adapters_mb": round(resident / 2**20, 1),
+            "memory_ratio": round(resident / base_bytes, 3), **timings,
+            "mixed_vs_one_adapter": round(timings["three_adapters"]["tok_per_s"] / timings["one_adapter"]["tok_per_s"], 3)}
+
+
 # ------------------------------------------------------------------------------------------------- report
 
 
@@ -310,6 +374,12 @@ def _table(res: dict) -> list[dict]:
     for backend, p in res.get("profile", {}).items():
         rows.append({"case": f"profile, 8 at once: {p['forward_share']:.0%} of the worker's time in the model",
                      "engine": f"{backend} backend (in process)", "tok/s": p["tok_per_s"]})
+    m = res.get("multilora")
+    if m:
+        rows.append({"case": f"multi-LoRA: 3 adapters resident = {m['memory_ratio']}x the base's parameter bytes",
+                     "engine": "transformers, 8 on one adapter", "tok/s": m["one_adapter"]["tok_per_s"]})
+        rows.append({"case": f"multi-LoRA: 8 over 3 adapters = {m['mixed_vs_one_adapter']}x one adapter's tok/s",
+                     "engine": "transformers, 8 over 3 adapters", "tok/s": m["three_adapters"]["tok_per_s"]})
     return [{c: row.get(c, "") for c in COLUMNS} for row in rows]  # one shape: run.py's Markdown takes row 0's keys
 
 
@@ -321,6 +391,8 @@ def run(quick: bool = False, only: str | None = None) -> dict:
         res["llamacpp"] = bench_llamacpp(quick)
     if only in (None, "profile"):
         res["profile"] = bench_profile(quick)
+    if only in (None, "multilora"):
+        res["multilora"] = bench_multilora(quick)
     res["table"] = _table(res)
     table = Table(title="local serving (SmolLM2-135M, greedy)")
     for c in COLUMNS:
@@ -338,6 +410,6 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--only", choices=["transformers", "llamacpp", "profile"])
+    parser.add_argument("--only", choices=["transformers", "llamacpp", "profile", "multilora"])
     args = parser.parse_args()
     run(quick=args.quick, only=args.only)
