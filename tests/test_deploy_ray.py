@@ -11,12 +11,13 @@ import openai
 import pytest
 
 ray = pytest.importorskip("ray", reason="the `ray` extra (ray[serve]) is not installed")
-from ray import serve  # noqa: E402
+from gateway_helpers import TINY, free_port, upstream_model
+from gateway_helpers import serve as serve_uvicorn
+from ray import serve
 
-from gateway_helpers import TINY, free_port, serve as serve_uvicorn, upstream_model  # noqa: E402
-from slm_fusion import deploy_ray  # noqa: E402
-from slm_fusion.backends.mock_upstream import ANSWER, MockUpstream  # noqa: E402
-from slm_fusion.config import FusionConfig  # noqa: E402
+from slm_fusion import deploy_ray
+from slm_fusion.backends.mock_upstream import ANSWER, MockUpstream
+from slm_fusion.config import FusionConfig
 
 DEPLOYMENT = deploy_ray.deployment_name("tiny")
 
@@ -84,29 +85,24 @@ def test_bad_input_is_an_openai_error(gateway):
 def test_killed_replicas_fail_in_openai_shape_and_serve_restarts_them(gateway):
     before = _replicas()
     assert len(before) == 2
-    # A long stream is running on one replica (its first token has arrived) when both replicas are killed.
+    # A long stream is running on one replica (its first token has arrived) when both replicas are killed: up to
+    # ~2000 tokens of the tiny model (its context) take seconds, the kills a fraction of that.
     stream = gateway.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "go on"}],
-                                             max_tokens=4000, temperature=1.0, stream=True,
-                                             extra_body={"ignore_eos": True})
+                                             max_tokens=4000, temperature=1.0, stream=True)
     first = next(iter(stream))
     assert first.choices
     for actor in before:
         ray.kill(ray.get_actor(actor["name"], namespace="serve"), no_restart=True)
-    outcomes = []
-    try:
+    with pytest.raises(openai.APIError, match="Ray Serve replica failed"):  # an in-band SSE error, OpenAI's shape
         for _ in stream:
             pass
-        outcomes.append("finished")
-    except openai.APIError as e:  # an SSE error frame in OpenAI's shape, read by the SDK
-        outcomes.append(e.message)
-    # The next request: retried onto a live replica, or a 503 in OpenAI's shape while Serve restarts them.
+    # The next request: retried onto a restarted replica, or a 503 in OpenAI's shape while Serve restarts them.
     try:
-        gateway.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
-        outcomes.append("answered")
+        reply = gateway.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                                max_tokens=4)
+        assert reply.choices[0].message.content
     except openai.APIStatusError as e:
         assert e.status_code == 503 and e.body["code"] == "unavailable", e.body
-        outcomes.append("503")
-    assert outcomes[0] != "finished" or len(outcomes) == 2  # the stream either errors or had already ended
 
     killed = {a["name"] for a in before}
     deadline = time.monotonic() + 180
