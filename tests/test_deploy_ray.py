@@ -16,6 +16,7 @@ from gateway_helpers import serve as serve_uvicorn
 from ray import serve
 
 from slm_fusion import deploy_ray
+from slm_fusion.app import create_app
 from slm_fusion.backends.mock_upstream import ANSWER, MockUpstream
 from slm_fusion.config import FusionConfig
 
@@ -37,7 +38,9 @@ def gateway():
         try:
             port = free_port()
             deploy_ray.run(config, host="127.0.0.1", port=port, address=None, blocking=False)
-            yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
+            client.config = config  # the parity test serves the same config under uvicorn
+            yield client
         finally:
             serve.shutdown()
             ray.shutdown()
@@ -74,6 +77,21 @@ def test_a_routed_request_reaches_the_upstream_in_the_ingress(gateway):
     local = gateway.chat.completions.with_raw_response.create(
         model="auto", messages=[{"role": "user", "content": "plain"}], max_tokens=4)
     assert local.headers["x-slm-fusion-model"] == "tiny"
+
+
+def test_the_reasoning_layer_answers_as_under_uvicorn(gateway):
+    """Same config, same requests: the Ray ingress (reasoning layer in the ingress, decode in a replica) and the
+    uvicorn gateway return the same text, usage and reasoning details (greedy, so any replica gives the same)."""
+    asks = [{"max_tokens": 12}, {"max_tokens": 24, "extra_body": {"reasoning_budget": 4}}]
+    with serve_uvicorn(create_app(gateway.config)) as local:
+        plain = openai.OpenAI(base_url=local.v1, api_key="none", max_retries=0)
+        for ask in asks:
+            kw = {"model": "tiny", "messages": [{"role": "user", "content": "What is 2+3?"}], "temperature": 0, **ask}
+            on_ray, on_uvicorn = gateway.chat.completions.create(**kw), plain.chat.completions.create(**kw)
+            assert on_ray.choices[0].message.content == on_uvicorn.choices[0].message.content
+            assert on_ray.usage == on_uvicorn.usage
+            assert on_ray.choices[0].model_extra == on_uvicorn.choices[0].model_extra  # slm_fusion details
+        assert on_ray.choices[0].model_extra["slm_fusion"]["reasoning_tokens"] <= 4  # the budget applied
 
 
 def test_bad_input_is_an_openai_error(gateway):
