@@ -177,6 +177,14 @@ def run(quick: bool = False) -> dict:
         "replica_speedup": round(two / one, 2),
         "scaling_efficiency": round(two / (2 * one), 2),
     }
+    # benchmarks.run's Markdown: one row per setup
+    results["table"] = [
+        {"setup": f"{engine}, mock upstream", "p50_ms (c1)": results[engine]["c1"]["p50_ms"],
+         "req/s (c16)": results[engine]["c16"]["rps"], "tokens/s": ""} for engine in ("uvicorn", "ray")
+    ] + [
+        {"setup": f"ray, SmolLM2 x{n} replica(s), c8", "p50_ms (c1)": "", "req/s (c16)": "",
+         "tokens/s": results[f"smol_replicas_{n}"]["tokens_per_s"]} for n in (1, 2)
+    ]
     return results
 
 
