@@ -28,6 +28,8 @@ def gateway():
     with serve_uvicorn(MockUpstream()) as upstream:
         config = FusionConfig.model_validate({
             "models": [{**TINY, "replicas": 2, "ray_actor_options": {"num_cpus": 0.5}, "max_output_tokens": 4096},
+                       {**TINY, "name": "tiny-auto", "ray_actor_options": {"num_cpus": 0.5},
+                        "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4}},
                        upstream_model("big", upstream.url)],
             "routers": {"tiers": {"type": "rules", "default": "tiny",
                                   "rules": [{"model": "big", "keywords": ["premium"]}]}},
@@ -92,6 +94,14 @@ def test_the_reasoning_layer_answers_as_under_uvicorn(gateway):
             assert on_ray.usage == on_uvicorn.usage
             assert on_ray.choices[0].model_extra == on_uvicorn.choices[0].model_extra  # slm_fusion details
         assert on_ray.choices[0].model_extra["slm_fusion"]["reasoning_tokens"] <= 4  # the budget applied
+
+
+def test_an_autoscaled_model_is_a_serve_deployment_with_its_own_replicas(gateway):
+    reply = gateway.chat.completions.create(model="tiny-auto", messages=[{"role": "user", "content": "hi"}],
+                                            max_tokens=4)
+    assert reply.model == "tiny-auto" and reply.usage.completion_tokens >= 1
+    status = serve.status().applications[deploy_ray.APP_NAME].deployments[deploy_ray.deployment_name("tiny-auto")]
+    assert status.status == "HEALTHY" and status.replica_states.get("RUNNING", 0) >= 1
 
 
 def test_bad_input_is_an_openai_error(gateway):
