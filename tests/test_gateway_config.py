@@ -40,6 +40,11 @@ def test_backend_options_are_typed_per_backend():
     ("models:\n  - {name: a, backend: openai, model: x}\n", "base_url"),
     ("server: {max_request_bytes: 10}\n", "max_request_bytes"),
     ("- just a list\n", "top level must be a mapping"),
+    ("models:\n  - {name: a, backend: transformers, model: x, autoscaling: {min_replicas: 3, max_replicas: 2}}\n",
+     "min_replicas (3) exceeds max_replicas (2)"),
+    ("models:\n  - {name: a, backend: transformers, model: x, replicas: 2, autoscaling: {max_replicas: 4}}\n",
+     "either `replicas` or `autoscaling`"),
+    ("models:\n  - {name: a, backend: transformers, model: x, ray_actor_options: {num_gpu: 1}}\n", "num_gpu"),
 ])
 def test_bad_configs_name_the_field(tmp_path, text, needle):
     with pytest.raises(ConfigError) as e:
@@ -54,3 +59,25 @@ def test_cli_check(tmp_path):
     assert "smollm2" in ok.output and "config OK" in ok.output
     bad = runner.invoke(app, ["check", str(write(tmp_path, "models: [{name: a}]\n"))])
     assert bad.exit_code == 2 and "models.0" in bad.output
+
+
+def test_ray_serve_options_come_from_the_model_config():
+    from slm_fusion.deploy_ray import deployment_options, replica_count
+
+    fixed, auto = FusionConfig.model_validate({"models": [
+        {"name": "a", "backend": "transformers", "model": "x", "replicas": 2, "max_concurrency": 4, "max_queue": 9,
+         "ray_actor_options": {"num_cpus": 0.5, "num_gpus": 0.25}},
+        {"name": "b", "backend": "llamacpp", "model": "y.gguf",
+         "autoscaling": {"min_replicas": 0, "max_replicas": 3, "target_ongoing_requests": 1.5}}]}).models
+    assert deployment_options(fixed) == {"name": "model-a", "num_replicas": 2, "max_ongoing_requests": 4,
+                                         "max_queued_requests": 9,
+                                         "ray_actor_options": {"num_cpus": 0.5, "num_gpus": 0.25}}
+    options = deployment_options(auto)
+    assert "num_replicas" not in options
+    assert options["autoscaling_config"] == {"min_replicas": 0, "max_replicas": 3, "target_ongoing_requests": 1.5}
+    assert (replica_count(fixed), replica_count(auto)) == (2, 3)
+
+
+def test_cli_address_needs_the_ray_engine(tmp_path):
+    out = CliRunner().invoke(app, ["serve", str(write(tmp_path, "models: []\n")), "--address", "auto"])
+    assert out.exit_code == 2 and "--address joins a Ray cluster: add --engine ray" in out.output

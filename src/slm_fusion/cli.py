@@ -26,6 +26,11 @@ class LogLevel(str, Enum):
     error = "error"
 
 
+class Engine(str, Enum):
+    uvicorn = "uvicorn"
+    ray = "ray"
+
+
 class PortInUse(OSError):
     """The gateway's port is taken: found before any model is loaded."""
 
@@ -126,23 +131,51 @@ def serve(
     log_level: Annotated[LogLevel, typer.Option(help="Log level.")] = LogLevel.info,
     graceful_timeout: Annotated[float, typer.Option(min=0, help="Seconds in-flight requests get to finish on shutdown.")] = 30.0,
     keep_alive: Annotated[int, typer.Option(min=1, help="Idle keep-alive seconds; above clients' pool expiry (httpx: 5).")] = 75,
+    engine: Annotated[Engine, typer.Option(help="uvicorn: one process; ray: Ray Serve (ingress + a deployment per "
+                                                "local model; needs the `ray` extra).")] = Engine.uvicorn,
+    address: Annotated[str | None, typer.Option(help="--engine ray: Ray cluster to join (`auto`: the one `ray start "
+                                                     "--head` started); default a local Ray.")] = None,
 ) -> None:
     """Serve the OpenAI-compatible gateway (Ctrl-C stops it after in-flight requests finish)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    import uvicorn
-
-    from slm_fusion.app import configure_logging, create_app
-
     cfg = _load(config)
     problems = model_file_problems(cfg)
     if problems:
         raise FileNotFoundError(f"{config}: {problems[0]}")
+    if address is not None and engine is not Engine.ray:
+        raise typer.BadParameter("--address joins a Ray cluster: add --engine ray", param_hint="--address")
     _check_port_free(host, port)  # before loading any model: a taken port is found in a second, not minutes
     log_level = log_level.value
+    if engine is Engine.ray:
+        _serve_on_ray(cfg, host, port, address)
+        return
+    import uvicorn
+
+    from slm_fusion.app import configure_logging, create_app
+
     configure_logging(log_level)
     uvicorn.run(create_app(cfg), host=host, port=port, log_level=log_level, access_log=False,
                 timeout_graceful_shutdown=graceful_timeout, timeout_keep_alive=keep_alive)
+
+
+def _serve_on_ray(cfg, host: str, port: int, address: str | None) -> None:
+    try:
+        import ray.serve  # noqa: F401
+
+        from slm_fusion import deploy_ray
+    except ImportError:
+        raise typer.BadParameter("needs Ray Serve: pip install 'reasonlite[ray]' (ray[serve]==2.58.0)",
+                                 param_hint="--engine ray") from None
+    console.print(f"Ray Serve: gateway on http://{host}:{port} (Ctrl-C stops it)")
+    try:
+        deploy_ray.run(cfg, host=host, port=port, address=address)  # blocks until Ctrl-C
+    except KeyboardInterrupt:
+        pass
+    finally:
+        from ray import serve
+
+        serve.shutdown()
 
 
 def _register_merge_commands() -> None:

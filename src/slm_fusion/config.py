@@ -73,7 +73,9 @@ class ModelBase(_Strict):
     max_concurrency: int = Field(8, ge=1, description="Requests executed at once; the rest wait in the queue.")
     max_queue: int = Field(64, ge=0, description="Requests allowed to wait; one more gets 429 with Retry-After.")
     timeout_s: float | None = Field(None, gt=0, description="Per-request timeout (504); default server.request_timeout_s.")
-    replicas: int = Field(1, ge=1, description="Independent backend instances; a request goes to the least busy.")
+    replicas: int = Field(
+        1, ge=1, description="Independent backend instances; a request goes to the least busy (--engine ray: Serve "
+                             "replicas of a local model).")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when the request gives none.")
     max_output_tokens: int | None = Field(None, ge=1, description="Largest max_tokens accepted (400 above it).")
     reasoning: ReasoningDefaults = Field(
@@ -81,10 +83,42 @@ class ModelBase(_Strict):
     )
 
 
+class AutoscalingConfig(_Strict):
+    """Ray Serve autoscaling of one local model's replicas (`slm-fusion serve --engine ray`, slm_fusion.deploy_ray)."""
+
+    min_replicas: int = Field(1, ge=0, description="Fewest Serve replicas kept running.")
+    max_replicas: int = Field(1, ge=1, description="Most Serve replicas started under load.")
+    target_ongoing_requests: float = Field(2.0, gt=0, description="Requests per replica Serve scales towards.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"autoscaling.min_replicas ({self.min_replicas}) exceeds max_replicas "
+                             f"({self.max_replicas}); raise max_replicas")
+        return self
+
+
+class RayActorOptions(_Strict):
+    """Resources each Serve replica of a local model reserves (`--engine ray`)."""
+
+    num_cpus: float = Field(1.0, ge=0, description="CPUs one replica reserves in the Ray cluster.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs one replica reserves (fractions share a GPU).")
+
+
 class LocalModel(ModelBase):
     """What the local engines (transformers, llama.cpp) share."""
 
     prefix_cache: bool = Field(True, description="Reuse the KV cache of a recent prompt's shared prefix.")
+    autoscaling: AutoscalingConfig | None = Field(
+        None, description="--engine ray only: Serve autoscales this model's replicas (instead of fixed `replicas`).")
+    ray_actor_options: RayActorOptions = Field(
+        default_factory=RayActorOptions, description="--engine ray only: resources each Serve replica reserves.")
+
+    @model_validator(mode="after")
+    def _replicas_or_autoscaling(self) -> LocalModel:
+        if self.autoscaling is not None and "replicas" in self.model_fields_set:
+            raise ValueError(f"model '{self.name}': give either `replicas` or `autoscaling`, not both")
+        return self
 
 
 class TransformersModel(LocalModel):
