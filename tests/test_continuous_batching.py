@@ -241,3 +241,16 @@ def test_adapter_models_are_routed_and_served_through_the_official_client(adapte
         messages=asked["messages"], max_tokens=8, temperature=0, adapter=path)))[0].text for path in adapters[:2]}
     assert routed.parse().choices[0].message.content == want[adapters[1]]
     assert direct.choices[0].message.content == want[adapters[0]]
+
+
+def test_an_adapter_model_on_its_own_backend_still_applies_its_adapter(loop, reference, adapters):
+    own = backend(adapter=adapters[0])  # what a Ray deployment or a plain make_backend(config) builds
+    loop.run_until_complete(own.start())
+    try:
+        req = ask("How much are pears?", 10)
+        got = loop.run_until_complete(own.generate(req))[0].text
+        want = loop.run_until_complete(reference.generate(GenerationRequest(**{**req.__dict__,
+                                                                                "adapter": adapters[0]})))[0].text
+        assert got == want != loop.run_until_complete(reference.generate(req))[0].text
+    finally:
+        loop.run_until_complete(own.aclose())

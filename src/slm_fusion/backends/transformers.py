@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import inspect
 import os
 import queue
@@ -193,6 +194,8 @@ class TransformersBackend:
     async def stream(self, req: GenerationRequest) -> AsyncIterator[TokenChunk]:
         if self._thread is None:
             raise Unavailable(f"model '{self.config.name}' is not started")
+        if req.adapter is None and self.config.adapter:  # a model of its own (not on a shared engine), e.g. on Ray
+            req = dataclasses.replace(req, adapter=self.config.adapter)
         prompt_ids = self._encode(req) if _short(req) else await asyncio.to_thread(self._encode, req)
         room = self.max_positions - len(prompt_ids)
         if room < 1:
