@@ -181,6 +181,31 @@ def run(config: Path | None = typer.Argument(None),
     print_outputs(result)
 
 
+class Quant(str, Enum):
+    f16 = "f16"
+    q8_0 = "q8_0"
+    q4_k_m = "q4_k_m"
+
+
+@app.command()
+def export(run: Path = typer.Argument(..., help="run folder (runs/NAME) or an exported student folder"),
+           gguf: bool = typer.Option(False, "--gguf", help="write a GGUF file (LoRA merged) and an Ollama Modelfile"),
+           quant: Quant = typer.Option(Quant.q8_0, help="GGUF weight type: f16, q8_0 or q4_k_m"),
+           out: Path | None = typer.Option(None, help="output folder (default RUN/export)")) -> None:
+    """Export the run's student where models run: GGUF for llama.cpp / llama-cpp-python / Ollama."""
+    if not gguf:  # the HF folder is what training already exported
+        raise typer.BadParameter("choose a format: --gguf (the HF folder is already RUN/train/model)",
+                                 param_hint="--gguf")
+    from reasonlite.gguf_export import export_run
+
+    with console.status(f"writing the {quant.value} GGUF"):
+        path, serve = export_run(run, quant=quant.value, out=out)
+    console.print(f"GGUF:      {path} ({path.stat().st_size / 2**20:.0f} MiB)")
+    console.print(f"Ollama:    ollama create {path.stem} -f {path.parent / 'Modelfile'}")
+    if serve is not None:
+        console.print(f"Serve it:  slm-fusion serve {serve} --port 8000   (the GGUF is its model '<name>-gguf')")
+
+
 @app.command()
 def tune(config: Path | None = typer.Argument(None), space: Path = typer.Option(..., help="search space YAML"),
          trials: int = typer.Option(10, min=0, help="trials for this worker (0: only rewrite the reports)"),
@@ -193,6 +218,27 @@ def tune(config: Path | None = typer.Argument(None), space: Path = typer.Option(
 
     cfg = _load(config, set)
     tune_command(cfg, space=space, trials=trials, storage=storage, pick=pick.value if pick else None)
+
+
+@app.command()
+def dashboard(storage: str | None = typer.Argument(None, help="storage URL, .db file or config YAML (default: the "
+                                                             "default config's tune storage)"),
+              host: str = typer.Option("127.0.0.1", help="address to listen on"),
+              port: int = typer.Option(8080, min=0, max=65535, help="port (0: a free one)"),
+              set: list[str] | None = SetOption) -> None:
+    """Open optuna-dashboard on a tuning study's storage (Ctrl-C stops it)."""
+    from reasonlite.dashboard import make_dashboard_server, resolve_storage
+
+    url = resolve_storage(storage, dict(parse_override(o) for o in set or []))
+    server = make_dashboard_server(url, host=host, port=port)
+    # plain print, flushed: the server is already bound, so whoever reads this line can connect at once
+    print(f"optuna-dashboard for {url} at http://{host}:{server.server_port}/dashboard", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
 
 
 @app.command()

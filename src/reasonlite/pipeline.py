@@ -188,7 +188,7 @@ def run_pipeline(cfg: ReasonLiteConfig, force: tuple[str, ...] = ()) -> Pipeline
     (run_dir / "pipeline.json").write_text(json.dumps(
         {"stages": result.stages, "stage_dirs": {k: str(v) for k, v in result.stage_dirs.items()},
          "metrics": result.metrics}, indent=2))
-    _write_serve_config(run_dir, train_dir / "model", cfg)
+    write_serve_config(run_dir, train_dir / "model", cfg)
     return result
 
 
@@ -209,20 +209,24 @@ def train_once(cfg: ReasonLiteConfig, cache_root: str | Path) -> tuple[Path, flo
     return Path(result.export_dir), result.train_seconds
 
 
-def _write_serve_config(run_dir: Path, model_dir: Path, cfg: ReasonLiteConfig) -> Path:
-    """A ready SLM-Fusion config serving the exported student (the printed `slm-fusion serve` command uses it)."""
+def write_serve_config(run_dir: Path, model_dir: Path, cfg: ReasonLiteConfig) -> Path:
+    """A ready SLM-Fusion config serving the exported student (the printed `slm-fusion serve` command uses it), and
+    its GGUF through llama.cpp as `<name>-gguf` once `reasonlite export --gguf` has written one."""
     import yaml
 
-    name = cfg.name
-    serve = {
-        "models": [{"name": name, "backend": "transformers", "model": str(model_dir.resolve()),
-                    # the prompt is rewritten into the student's training prompt; step_by_step answers with [label]
-                    "reasoning": {"format": "answer" if cfg.student.format == "step_by_step" else cfg.student.format,
-                                  "student_prompt": True, "reasoning_budget": cfg.budget.inference_cap,
-                                  "answer_tokens": cfg.budget.answer_tokens}}],
-    }
+    from reasonlite.gguf_export import exported_gguf
+
+    # the prompt is rewritten into the student's training prompt; step_by_step answers with [label]
+    reasoning = {"format": "answer" if cfg.student.format == "step_by_step" else cfg.student.format,
+                 "student_prompt": True, "reasoning_budget": cfg.budget.inference_cap,
+                 "answer_tokens": cfg.budget.answer_tokens}
+    models = [{"name": cfg.name, "backend": "transformers", "model": str(model_dir.resolve()), "reasoning": reasoning}]
+    gguf = exported_gguf(run_dir / "export")
+    if gguf is not None:
+        models.append({"name": f"{cfg.name}-gguf", "backend": "llamacpp", "model": str(gguf.resolve()),
+                       "reasoning": reasoning})
     path = run_dir / "serve.yaml"
-    path.write_text(yaml.safe_dump(serve, sort_keys=False))
+    path.write_text(yaml.safe_dump({"models": models}, sort_keys=False))
     return path
 
 
