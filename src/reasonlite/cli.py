@@ -21,6 +21,8 @@ app.add_typer(verifier_app, name="verifier")
 console = Console()
 
 SetOption = typer.Option(None, "--set", "-s", help="override a knob: section.field=value (repeatable)")
+NprocOption = typer.Option(1, "--nproc", min=1, help="data-parallel training processes (torchrun: gloo on CPU, NCCL "
+                                                     "on GPU); train.batch_size is per process")
 
 
 class Stage(str, Enum):
@@ -100,20 +102,20 @@ def train(config: Path | None = typer.Argument(None), traces_dir: Path | None = 
           resume: bool = typer.Option(False, help="continue from the newest complete checkpoint"),
           fresh: bool = typer.Option(False, help="delete earlier checkpoints and start over"),
           adapter_only: bool = typer.Option(False, help="export the LoRA adapter instead of a merged model"),
-          set: list[str] | None = SetOption) -> None:
+          nproc: int = NprocOption, set: list[str] | None = SetOption) -> None:
     """Train the student on a trace set (SFT, then the optional contrastive stage) and export it."""
     from reasonlite.pipeline import run_stage, traces_for
-    from reasonlite.train import train_student
+    from reasonlite.train.distributed import launch
 
     cfg = _load(config, set)
     if resume and fresh:
         raise typer.BadParameter("--resume and --fresh exclude each other; pick one", param_hint="--fresh")
     source = traces_dir or traces_for(cfg)
     if out is not None:
-        train_student(cfg, source, out, resume=resume, fresh=fresh, adapter_only=adapter_only)
+        launch(cfg, source, out, nproc, resume=resume, fresh=fresh, adapter_only=adapter_only)
     else:  # the stage folder of this config's hash: a changed knob never writes into another config's cached stage
-        run_stage(cfg, "train", lambda folder: train_student(cfg, source, folder, resume=resume, fresh=fresh,
-                                                              adapter_only=adapter_only), force=fresh)
+        run_stage(cfg, "train", lambda folder: launch(cfg, source, folder, nproc, resume=resume, fresh=fresh,
+                                                       adapter_only=adapter_only), force=fresh)
 
 
 @app.command("eval")
@@ -171,12 +173,12 @@ def compare(runs: list[Path] = typer.Argument(..., help="eval result folders or 
 @app.command()
 def run(config: Path | None = typer.Argument(None),
         force: list[Stage] | None = typer.Option(None, help="rerun a stage (and the ones after it)"),
-        set: list[str] | None = SetOption) -> None:
+        nproc: int = NprocOption, set: list[str] | None = SetOption) -> None:
     """traces -> train -> eval -> export in one run folder; unchanged stages are reused."""
     from reasonlite.pipeline import print_outputs, print_summary, run_pipeline
 
     cfg = _load(config, set)
-    result = run_pipeline(cfg, force=tuple(f.value for f in force or ()))
+    result = run_pipeline(cfg, force=tuple(f.value for f in force or ()), nproc=nproc)
     print_summary(result)
     print_outputs(result)
 

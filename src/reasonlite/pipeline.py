@@ -159,8 +159,9 @@ def _write_run_report(cfg: ReasonLiteConfig, summary: dict, out: Path) -> None:
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
 
-def run_pipeline(cfg: ReasonLiteConfig, force: tuple[str, ...] = ()) -> PipelineResult:
-    """Run (or reuse) every stage for this config; returns where everything is and the eval summary."""
+def run_pipeline(cfg: ReasonLiteConfig, force: tuple[str, ...] = (), nproc: int = 1) -> PipelineResult:
+    """Run (or reuse) every stage for this config (training on `nproc` processes); returns where everything is and
+    the eval summary."""
     bad = [f for f in force if f not in STAGES]
     if bad:
         raise ValueError(f"--force {bad[0]}: unknown stage; use one of {', '.join(STAGES)}")
@@ -172,13 +173,13 @@ def run_pipeline(cfg: ReasonLiteConfig, force: tuple[str, ...] = ()) -> Pipeline
     result = PipelineResult(run_dir)
 
     from reasonlite.traces import build_trace_set
-    from reasonlite.train import train_student
+    from reasonlite.train.distributed import launch
 
     traces_dir = _stage(cfg, "traces", force, result, lambda out: build_trace_set(cfg, out))
     # resume: a crashed attempt continues from its newest complete checkpoint; a forced rerun starts over.
     train_dir = _stage(cfg, "train", force, result,
-                       lambda out: train_student(cfg, traces_dir, out, resume="train" not in force,
-                                                 fresh="train" in force))
+                       lambda out: launch(cfg, traces_dir, out, nproc, resume="train" not in force,
+                                          fresh="train" in force))
     eval_dir = _stage(cfg, "eval", force, result, lambda out: _eval_stage(cfg, train_dir / "model", out))
     result.metrics = json.loads((eval_dir / "summary.json").read_text())
 
