@@ -177,5 +177,5 @@ def test_a_create_table_race_on_sqlite_is_retried_not_reported_as_unreachable(tm
 
     monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
     monkeypatch.setattr(tune.time, "sleep", lambda s: None)
-    storage = tune._rdb_storage(f"sqlite:///{tmp_path / 'race.db'}", heartbeat=2)
+    storage = tune.rdb_storage(f"sqlite:///{tmp_path / 'race.db'}", heartbeat=2)
     assert len(calls) == 2 and storage.heartbeat_interval == 2

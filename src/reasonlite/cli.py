@@ -21,6 +21,8 @@ app.add_typer(verifier_app, name="verifier")
 console = Console()
 
 SetOption = typer.Option(None, "--set", "-s", help="override a knob: section.field=value (repeatable)")
+NprocOption = typer.Option(1, "--nproc", min=1, help="data-parallel training processes (torchrun: gloo on CPU, NCCL "
+                                                     "on GPU); train.batch_size is per process")
 
 
 class Stage(str, Enum):
@@ -100,20 +102,20 @@ def train(config: Path | None = typer.Argument(None), traces_dir: Path | None = 
           resume: bool = typer.Option(False, help="continue from the newest complete checkpoint"),
           fresh: bool = typer.Option(False, help="delete earlier checkpoints and start over"),
           adapter_only: bool = typer.Option(False, help="export the LoRA adapter instead of a merged model"),
-          set: list[str] | None = SetOption) -> None:
+          nproc: int = NprocOption, set: list[str] | None = SetOption) -> None:
     """Train the student on a trace set (SFT, then the optional contrastive stage) and export it."""
     from reasonlite.pipeline import run_stage, traces_for
-    from reasonlite.train import train_student
+    from reasonlite.train.distributed import launch
 
     cfg = _load(config, set)
     if resume and fresh:
         raise typer.BadParameter("--resume and --fresh exclude each other; pick one", param_hint="--fresh")
     source = traces_dir or traces_for(cfg)
     if out is not None:
-        train_student(cfg, source, out, resume=resume, fresh=fresh, adapter_only=adapter_only)
+        launch(cfg, source, out, nproc, resume=resume, fresh=fresh, adapter_only=adapter_only)
     else:  # the stage folder of this config's hash: a changed knob never writes into another config's cached stage
-        run_stage(cfg, "train", lambda folder: train_student(cfg, source, folder, resume=resume, fresh=fresh,
-                                                              adapter_only=adapter_only), force=fresh)
+        run_stage(cfg, "train", lambda folder: launch(cfg, source, folder, nproc, resume=resume, fresh=fresh,
+                                                       adapter_only=adapter_only), force=fresh)
 
 
 @app.command("eval")
@@ -171,14 +173,39 @@ def compare(runs: list[Path] = typer.Argument(..., help="eval result folders or 
 @app.command()
 def run(config: Path | None = typer.Argument(None),
         force: list[Stage] | None = typer.Option(None, help="rerun a stage (and the ones after it)"),
-        set: list[str] | None = SetOption) -> None:
+        nproc: int = NprocOption, set: list[str] | None = SetOption) -> None:
     """traces -> train -> eval -> export in one run folder; unchanged stages are reused."""
     from reasonlite.pipeline import print_outputs, print_summary, run_pipeline
 
     cfg = _load(config, set)
-    result = run_pipeline(cfg, force=tuple(f.value for f in force or ()))
+    result = run_pipeline(cfg, force=tuple(f.value for f in force or ()), nproc=nproc)
     print_summary(result)
     print_outputs(result)
+
+
+class Quant(str, Enum):
+    f16 = "f16"
+    q8_0 = "q8_0"
+    q4_k_m = "q4_k_m"
+
+
+@app.command()
+def export(run: Path = typer.Argument(..., help="run folder (runs/NAME) or an exported student folder"),
+           gguf: bool = typer.Option(False, "--gguf", help="write a GGUF file (LoRA merged) and an Ollama Modelfile"),
+           quant: Quant = typer.Option(Quant.q8_0, help="GGUF weight type: f16, q8_0 or q4_k_m"),
+           out: Path | None = typer.Option(None, help="output folder (default RUN/export)")) -> None:
+    """Export the run's student where models run: GGUF for llama.cpp / llama-cpp-python / Ollama."""
+    if not gguf:  # the HF folder is what training already exported
+        raise typer.BadParameter("choose a format: --gguf (the HF folder is already RUN/train/model)",
+                                 param_hint="--gguf")
+    from reasonlite.gguf_export import export_run
+
+    with console.status(f"writing the {quant.value} GGUF"):
+        path, serve = export_run(run, quant=quant.value, out=out)
+    console.print(f"GGUF:      {path} ({path.stat().st_size / 2**20:.0f} MiB)")
+    console.print(f"Ollama:    ollama create {path.stem} -f {path.parent / 'Modelfile'}")
+    if serve is not None:
+        console.print(f"Serve it:  slm-fusion serve {serve} --port 8000   (the GGUF is its model '<name>-gguf')")
 
 
 @app.command()
@@ -193,6 +220,27 @@ def tune(config: Path | None = typer.Argument(None), space: Path = typer.Option(
 
     cfg = _load(config, set)
     tune_command(cfg, space=space, trials=trials, storage=storage, pick=pick.value if pick else None)
+
+
+@app.command()
+def dashboard(storage: str | None = typer.Argument(None, help="storage URL, .db file or config YAML (default: the "
+                                                             "default config's tune storage)"),
+              host: str = typer.Option("127.0.0.1", help="address to listen on"),
+              port: int = typer.Option(8080, min=0, max=65535, help="port (0: a free one)"),
+              set: list[str] | None = SetOption) -> None:
+    """Open optuna-dashboard on a tuning study's storage (Ctrl-C stops it)."""
+    from reasonlite.dashboard import make_dashboard_server, resolve_storage
+
+    url = resolve_storage(storage, dict(parse_override(o) for o in set or []))
+    server = make_dashboard_server(url, host=host, port=port)
+    # plain print, flushed: the server is already bound, so whoever reads this line can connect at once
+    print(f"optuna-dashboard for {url} at http://{host}:{server.server_port}/dashboard", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
 
 
 @app.command()

@@ -136,8 +136,9 @@ def _check_options(budget: int | None, n: int, temperature: float, max_new_token
 
 
 def read_student_meta(folder: str | os.PathLike) -> dict:
-    """`reasonlite.json` of an exported student ({} when absent)."""
-    path = Path(folder) / STUDENT_META_FILE
+    """`reasonlite.json` of an exported student ({} when absent); for a GGUF file, the one beside it."""
+    folder = Path(folder)
+    path = (folder.parent if folder.is_file() else folder) / STUDENT_META_FILE
     return json.loads(path.read_text()) if path.exists() else {}
 
 

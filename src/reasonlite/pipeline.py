@@ -159,8 +159,9 @@ def _write_run_report(cfg: ReasonLiteConfig, summary: dict, out: Path) -> None:
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
 
-def run_pipeline(cfg: ReasonLiteConfig, force: tuple[str, ...] = ()) -> PipelineResult:
-    """Run (or reuse) every stage for this config; returns where everything is and the eval summary."""
+def run_pipeline(cfg: ReasonLiteConfig, force: tuple[str, ...] = (), nproc: int = 1) -> PipelineResult:
+    """Run (or reuse) every stage for this config (training on `nproc` processes); returns where everything is and
+    the eval summary."""
     bad = [f for f in force if f not in STAGES]
     if bad:
         raise ValueError(f"--force {bad[0]}: unknown stage; use one of {', '.join(STAGES)}")
@@ -172,13 +173,13 @@ def run_pipeline(cfg: ReasonLiteConfig, force: tuple[str, ...] = ()) -> Pipeline
     result = PipelineResult(run_dir)
 
     from reasonlite.traces import build_trace_set
-    from reasonlite.train import train_student
+    from reasonlite.train.distributed import launch
 
     traces_dir = _stage(cfg, "traces", force, result, lambda out: build_trace_set(cfg, out))
     # resume: a crashed attempt continues from its newest complete checkpoint; a forced rerun starts over.
     train_dir = _stage(cfg, "train", force, result,
-                       lambda out: train_student(cfg, traces_dir, out, resume="train" not in force,
-                                                 fresh="train" in force))
+                       lambda out: launch(cfg, traces_dir, out, nproc, resume="train" not in force,
+                                          fresh="train" in force))
     eval_dir = _stage(cfg, "eval", force, result, lambda out: _eval_stage(cfg, train_dir / "model", out))
     result.metrics = json.loads((eval_dir / "summary.json").read_text())
 
@@ -188,7 +189,7 @@ def run_pipeline(cfg: ReasonLiteConfig, force: tuple[str, ...] = ()) -> Pipeline
     (run_dir / "pipeline.json").write_text(json.dumps(
         {"stages": result.stages, "stage_dirs": {k: str(v) for k, v in result.stage_dirs.items()},
          "metrics": result.metrics}, indent=2))
-    _write_serve_config(run_dir, train_dir / "model", cfg)
+    write_serve_config(run_dir, train_dir / "model", cfg)
     return result
 
 
@@ -209,20 +210,24 @@ def train_once(cfg: ReasonLiteConfig, cache_root: str | Path) -> tuple[Path, flo
     return Path(result.export_dir), result.train_seconds
 
 
-def _write_serve_config(run_dir: Path, model_dir: Path, cfg: ReasonLiteConfig) -> Path:
-    """A ready SLM-Fusion config serving the exported student (the printed `slm-fusion serve` command uses it)."""
+def write_serve_config(run_dir: Path, model_dir: Path, cfg: ReasonLiteConfig) -> Path:
+    """A ready SLM-Fusion config serving the exported student (the printed `slm-fusion serve` command uses it), and
+    its GGUF through llama.cpp as `<name>-gguf` once `reasonlite export --gguf` has written one."""
     import yaml
 
-    name = cfg.name
-    serve = {
-        "models": [{"name": name, "backend": "transformers", "model": str(model_dir.resolve()),
-                    # the prompt is rewritten into the student's training prompt; step_by_step answers with [label]
-                    "reasoning": {"format": "answer" if cfg.student.format == "step_by_step" else cfg.student.format,
-                                  "student_prompt": True, "reasoning_budget": cfg.budget.inference_cap,
-                                  "answer_tokens": cfg.budget.answer_tokens}}],
-    }
+    from reasonlite.gguf_export import exported_gguf
+
+    # the prompt is rewritten into the student's training prompt; step_by_step answers with [label]
+    reasoning = {"format": "answer" if cfg.student.format == "step_by_step" else cfg.student.format,
+                 "student_prompt": True, "reasoning_budget": cfg.budget.inference_cap,
+                 "answer_tokens": cfg.budget.answer_tokens}
+    models = [{"name": cfg.name, "backend": "transformers", "model": str(model_dir.resolve()), "reasoning": reasoning}]
+    gguf = exported_gguf(run_dir / "export")
+    if gguf is not None:
+        models.append({"name": f"{cfg.name}-gguf", "backend": "llamacpp", "model": str(gguf.resolve()),
+                       "reasoning": reasoning})
     path = run_dir / "serve.yaml"
-    path.write_text(yaml.safe_dump(serve, sort_keys=False))
+    path.write_text(yaml.safe_dump({"models": models}, sort_keys=False))
     return path
 
 

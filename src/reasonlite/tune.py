@@ -138,15 +138,20 @@ def sampler_seed(cfg: ReasonLiteConfig, n_trials: int, shared: bool) -> int:
     return int(hashlib.sha256(blob.encode()).hexdigest()[:8], 16)
 
 
+def storage_url(cfg: ReasonLiteConfig, storage: str | None = None) -> str:
+    """The study's storage: `--storage`, else `tune.storage`, else SQLite in the study's run folder."""
+    return storage or cfg.tune.storage or f"sqlite:///{(study_dir(cfg) / 'study.db').resolve()}"
+
+
 def open_study(cfg: ReasonLiteConfig, storage: str | None = None):
     import optuna
 
     folder = study_dir(cfg)
-    url = storage or cfg.tune.storage or f"sqlite:///{(folder / 'study.db').resolve()}"
+    url = storage_url(cfg, storage)
     check_storage_url(url)
     folder.mkdir(parents=True, exist_ok=True)
     heartbeat = int(os.environ.get("REASONLITE_TUNE_HEARTBEAT_S", "30"))
-    rdb = _rdb_storage(url, heartbeat)
+    rdb = rdb_storage(url, heartbeat)
     directions = ["maximize" if o == "accuracy" else "minimize" for o in cfg.tune.objectives]
     for attempt in range(5):
         try:
@@ -170,7 +175,7 @@ def open_study(cfg: ReasonLiteConfig, storage: str | None = None):
     return study
 
 
-def _rdb_storage(url: str, heartbeat: int):
+def rdb_storage(url: str, heartbeat: int):
     """RDBStorage with heartbeats; retried because workers started together race on creating the tables."""
     import warnings
 

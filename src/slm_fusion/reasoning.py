@@ -107,7 +107,7 @@ class ReasoningLayer:
         # A reasonlite student answers best when asked exactly as it was trained: its own instruction (and the
         # budget line when it was trained budget-conditioned), read from the exported folder's reasonlite.json.
         if model_cfg.model not in self._student_meta:  # read once per model, not per request
-            self._student_meta[model_cfg.model] = read_student_meta(model_cfg.model) if _is_dir(model_cfg.model) else {}
+            self._student_meta[model_cfg.model] = read_student_meta(model_cfg.model) if _is_local(model_cfg.model) else {}
         meta = self._student_meta[model_cfg.model]
         question = next((m["content"] for m in reversed(gen.messages) if m["role"] == "user"), None)
         if question is None:
@@ -202,10 +202,11 @@ class ReasoningLayer:
         return g
 
 
-def _is_dir(path: str) -> bool:
+def _is_local(path: str) -> bool:
+    """An exported folder or a GGUF file (`reasonlite export --gguf` writes reasonlite.json beside it)."""
     from pathlib import Path
 
-    return Path(path).is_dir()
+    return Path(path).exists()
 
 
 def make_reasoning_layer(config: FusionConfig) -> ReasoningLayer:

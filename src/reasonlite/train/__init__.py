@@ -62,6 +62,7 @@ def train_student(cfg: ReasonLiteConfig, trace_dir: str | Path, out_dir: str | P
     from transformers import set_seed
 
     from reasonlite.models import load_model
+    from reasonlite.train.distributed import is_main_process
     from reasonlite.train.dpo import pair_rows, run_dpo
     from reasonlite.train.export import export_student
     from reasonlite.train.plots import plot_loss
@@ -80,10 +81,12 @@ def train_student(cfg: ReasonLiteConfig, trace_dir: str | Path, out_dir: str | P
         pair_rows(cfg, list(trace_set.pairs), tokenizer)  # fail now, not after SFT, when no pair is usable
     set_seed(cfg.train.seed)
     model = prepare_model(cfg, model)
-    _check_resume(cfg, out, resume, fresh)
+    main = is_main_process()  # under `--nproc N` (train.distributed) only rank 0 writes files
+    _check_resume(cfg, out, resume, fresh, write=main)
     dropped = f", dropped {report.dropped}" if report.dropped else ""
-    console.print(f"training {cfg.student.model} ({cfg.student.format}, {'LoRA' if cfg.student.lora else 'full'}) "
-                  f"on {report.used}/{report.traces} traces -> {len(dataset)} rows{dropped}")
+    if main:
+        console.print(f"training {cfg.student.model} ({cfg.student.format}, {'LoRA' if cfg.student.lora else 'full'}) "
+                      f"on {report.used}/{report.traces} traces -> {len(dataset)} rows{dropped}")
 
     sft = run_sft(cfg, model, tokenizer, dataset, out / "checkpoints", resume=resume)
     model, history = sft.model, list(sft.history)
@@ -104,6 +107,8 @@ def train_student(cfg: ReasonLiteConfig, trace_dir: str | Path, out_dir: str | P
                                   "nll_weight": cfg.contrastive.nll_weight}
         seconds += dpo.train_seconds
     metrics["total_train_seconds"] = round(seconds, 2)
+    if not main:
+        return TrainResult(out / "model", steps, seconds, final_loss, metrics)
     write_metrics(out / "metrics.json", {**metrics, "loss_history": history})
     plot_loss(history, out / "loss.png")
     export_dir = export_student(model, tokenizer, cfg, out / "model", trace_dir=trace_dir, adapter_only=adapter_only,
