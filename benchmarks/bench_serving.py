@@ -113,7 +113,7 @@ def _raw_generate(max_tokens: int) -> dict:
 
 
 def _smol(continuous: bool) -> dict:
-    model = {"name": "smol", "backend": "transformers", "model": "smollm2-135m-instruct", "max_batch_size": 8,
+    model = {"name": "smol", "backend": "transformers", "model": "smollm2-135m-instruct", "max_batch_size": 16,
              "max_concurrency": 32, "torch_threads": THREADS, "batch_wait_ms": 10, "continuous": continuous}
     if not continuous:
         model["prefix_cache"] = False  # the backend as it was before continuous batching

@@ -280,10 +280,11 @@ class TransformersBackend:
             rows += nxt.req.n
         return [j for j in jobs if not j.cancelled], False
 
-    def _prefill(self, jobs: list[_Job]) -> _Running | None:
-        """Compute the prompts of newly admitted jobs: a stored prefix is reused where one matches (one prompt at a
-        time), the others are computed together, left-padded; each comes back with its first logits."""
+    def _prefill(self, jobs: list[_Job]) -> _Running:
+        """Compute the prompts of newly admitted jobs in one forward, each after the longest stored prefix of it (if
+        any), and start their rows, each with its first logits; a job's n choices share its prompt's computation."""
         import torch
+        import torch.nn.functional as F
         from transformers import DynamicCache
 
         rows = [_Row(job, i, _generator(job.req.seed, i),
@@ -291,58 +292,38 @@ class TransformersBackend:
                 for job in jobs for i in range(job.req.n)]
         self.batches_run += 1
         self.rows_run += len(rows)
-        parts: list[tuple[list[_Row], list[int], int, Any]] = []  # rows, prompt, reused tokens, cached layers
-        fresh: list[_Row] = []
-        for job in jobs:
-            mine = [r for r in rows if r.job is job]
-            reused, layers = self.prefixes.lookup(job.prompt_ids, job.req.adapter) if self.prefixes else (0, None)
-            if layers is None:
-                fresh += mine
-            else:
-                parts.append((mine, job.prompt_ids, reused, layers))
-        done: _Running | None = None
-        device = self.model.device
-        with torch.inference_mode():
-            if fresh:
-                done = self._forward_prompts(fresh)
-            for mine, ids, reused, layers in parts:
-                n = len(mine)
-                cache = DynamicCache(ddp_cache_data=[(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1))
-                                                     for k, v in layers])
-                suffix = torch.tensor([ids[reused:]] * n)
-                mask = torch.ones((n, len(ids)), dtype=torch.long)
-                positions = torch.arange(reused, len(ids))[None, :].expand(n, -1)
-                out = self._forward(mine, input_ids=suffix.to(device), attention_mask=mask.to(device),
-                                 position_ids=positions.to(device), use_cache=True, logits_to_keep=1,
-                                 **{self._cache_kw: cache})
-                cache = getattr(out, "cache", None) or out.past_key_values
-                self._remember(mine[0].job, cache, row=0, start=0)
-                done = _merge(done, _Running(mine, cache, mask, positions[:, -1].clone(),
-                                             out.logits[:, -1, :].float()))
-        return done
-
-    def _forward_prompts(self, rows: list[_Row]) -> _Running:
-        """One left-padded forward over the distinct prompts; a job's n choices then share its prompt's cache rows."""
-        import torch
-
+        found = [self.prefixes.lookup(j.prompt_ids, j.req.adapter) if self.prefixes else (0, None) for j in jobs]
+        # Row b of the batch: [pads, its reused prefix (cached) | pads, the rest of its prompt (computed now)].
+        # The gaps are masked out; positions count real tokens only, so each row computes as it would alone.
+        prefix = max(reused for reused, _ in found)
+        rest = [j.prompt_ids[reused:] for j, (reused, _) in zip(jobs, found, strict=True)]
+        width = max(map(len, rest))
         tok = self._worker_tokenizer
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else next(iter(self.eos_ids), 0)
-        jobs = list({id(r.job): r.job for r in rows}.values())
-        width = max(len(j.prompt_ids) for j in jobs)
         input_ids = torch.full((len(jobs), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(jobs), width), dtype=torch.long)
-        for b, j in enumerate(jobs):
-            n = len(j.prompt_ids)
-            input_ids[b, width - n:] = torch.tensor(j.prompt_ids)
-            mask[b, width - n:] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        mask = torch.zeros((len(jobs), prefix + width), dtype=torch.long)
+        positions = torch.zeros((len(jobs), width), dtype=torch.long)
+        for b, ((reused, _), ids) in enumerate(zip(found, rest, strict=True)):
+            input_ids[b, width - len(ids):] = torch.tensor(ids)
+            mask[b, prefix - reused:prefix] = 1
+            mask[b, prefix + width - len(ids):] = 1
+            positions[b, width - len(ids):] = torch.arange(reused, reused + len(ids))
         device = self.model.device
-        out = self._forward([next(r for r in rows if r.job is j) for j in jobs], input_ids=input_ids.to(device),
-                            attention_mask=mask.to(device), position_ids=positions.to(device), use_cache=True,
-                            logits_to_keep=1)
+        kw: dict[str, Any] = {}
+        if prefix:
+            shape = next(layers for _, layers in found if layers is not None)
+            kw[self._cache_kw] = DynamicCache(ddp_cache_data=[
+                tuple(torch.cat([F.pad(layers[i][t], (0, 0, prefix - reused, 0)) if layers is not None
+                                 else shape[i][t].new_zeros(shape[i][t].shape[:2] + (prefix,) + shape[i][t].shape[3:])
+                                 for reused, layers in found]) for t in (0, 1))
+                for i in range(len(shape))])
+        with torch.inference_mode():
+            out = self._forward([next(r for r in rows if r.job is j) for j in jobs], input_ids=input_ids.to(device),
+                                attention_mask=mask.to(device), position_ids=positions.to(device), use_cache=True,
+                                logits_to_keep=1, **kw)
         cache = getattr(out, "cache", None) or out.past_key_values
-        for b, j in enumerate(jobs):
-            self._remember(j, cache, row=b, start=width - len(j.prompt_ids))
+        for b, (j, (reused, _), ids) in enumerate(zip(jobs, found, rest, strict=True)):
+            self._remember(j, cache, b, [(prefix - reused, prefix), (prefix + width - len(ids), prefix + width)])
         logits = out.logits[:, -1, :].float()
         if len(jobs) < len(rows):  # a job with n > 1: its prompt was computed once, its rows are copies
             order = {id(j): b for b, j in enumerate(jobs)}
@@ -351,15 +332,16 @@ class TransformersBackend:
             mask, positions, logits = mask[idx], positions[idx], logits[idx]
         return _Running(rows, cache, mask, positions[:, -1].clone(), logits)
 
-    def _remember(self, job: _Job, cache: Any, row: int, start: int) -> None:
-        """Store one row's prompt keys/values (copied: the batch's tensors keep growing) for later prompts; an
-        adapter changes keys and values, so each adapter's prompts are only reused for that adapter."""
+    def _remember(self, job: _Job, cache: Any, row: int, spans: list[tuple[int, int]]) -> None:
+        """Store one row's prompt keys/values (its real columns, copied: the batch's tensors keep growing) for
+        later prompts; an adapter changes keys and values, so each adapter's prompts are only reused for it."""
+        import torch
+
         if self.prefixes is None or not self._joinable(cache):
             return
-        ids = job.prompt_ids
-        self.prefixes.insert(ids, job.req.adapter, [(layer.keys[row:row + 1, :, start:start + len(ids)].clone(),
-                                    layer.values[row:row + 1, :, start:start + len(ids)].clone())
-                                   for layer in cache.layers])
+        self.prefixes.insert(job.prompt_ids, job.req.adapter, [
+            tuple(torch.cat([t[row:row + 1, :, a:b] for a, b in spans], dim=2) for t in (layer.keys, layer.values))
+            for layer in cache.layers])
 
     def _step(self, running: _Running) -> _Running | None:
         """Sample one token for every row, drop finished rows, and run one decode step for the rest."""
