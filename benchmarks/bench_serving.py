@@ -62,6 +62,7 @@ async def _stream(client: httpx.AsyncClient, url: str, body: dict, start: float)
                 tokens = chunk["usage"]["completion_tokens"]
             if any((c.get("delta") or {}).get("content") for c in chunk.get("choices", [])):
                 times.append(time.perf_counter())
+    tokens = tokens or len(times)  # llama_cpp.server sends no usage when streaming: one content chunk per token
     return {"sent": sent - start, "ttft": times[0] - sent if times else float("nan"),
             "itl": [b - a for a, b in itertools.pairwise(times)], "tokens": tokens, "end": time.perf_counter() - start}
 
@@ -186,7 +187,8 @@ def bench_llamacpp(quick: bool) -> dict:
     max_tokens = 32 if quick else 128
     messages = [{"role": "user", "content": "Write a long, detailed story about a dragon who learns to bake bread."}]
     config = {"server": {"access_log": False}, "models": [
-        {"name": "smol", "backend": "llamacpp", "model": gguf, "n_threads": THREADS, "max_concurrency": 8}]}
+        {"name": "smol", "backend": "llamacpp", "model": gguf, "n_threads": THREADS, "max_concurrency": 8,
+         "slots": 8}]}
     results: dict = {"max_tokens": max_tokens}
     llm = llama_cpp.Llama(model_path=gguf, n_ctx=2048, n_threads=THREADS, verbose=False)
     with _our_gateway(config, cpus=None, name="serving-llamacpp") as (gw, _):
