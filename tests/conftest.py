@@ -27,3 +27,16 @@ def _torch_threads():
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     yield
+
+
+@pytest.fixture(scope="module")
+def upstream():
+    """The mock OpenAI-compatible upstream on a real 127.0.0.1 port (`.mock` records what it was sent)."""
+    from gateway_helpers import serve
+
+    from slm_fusion.backends.mock_upstream import MockUpstream
+
+    mock = MockUpstream()
+    with serve(mock) as served:
+        served.mock = mock
+        yield served

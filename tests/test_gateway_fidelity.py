@@ -18,9 +18,9 @@ import openai
 import orjson
 import pydantic
 import pytest
-from gateway_helpers import TINY, free_port, serve, serve_gateway, upstream_model
+from gateway_helpers import TINY, free_port, serve_gateway, upstream_model
 
-from slm_fusion.backends.mock_upstream import TOOL_CALL, MockUpstream
+from slm_fusion.backends.mock_upstream import TOOL_CALL
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 TOOLS = [{"type": "function", "function": {
@@ -35,14 +35,6 @@ HISTORY = [
     {"role": "assistant", "content": None, "tool_calls": [TOOL_CALL]},
     {"role": "tool", "tool_call_id": "call_mock1", "content": '{"temp": 21}'},
 ]
-
-
-@pytest.fixture(scope="module")
-def upstream():
-    mock = MockUpstream()
-    with serve(mock) as served:
-        served.mock = mock
-        yield served
 
 
 @pytest.fixture(scope="module", params=["aiohttp", "httpx"])

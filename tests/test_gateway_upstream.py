@@ -8,19 +8,11 @@ import httpx
 import openai
 import orjson
 import pytest
-from gateway_helpers import free_port, serve, serve_gateway, upstream_model
+from gateway_helpers import free_port, serve_gateway, upstream_model
 
-from slm_fusion.backends.mock_upstream import ANSWER, MockUpstream
+from slm_fusion.backends.mock_upstream import ANSWER
 
 MESSAGES = [{"role": "user", "content": "hi"}]
-
-
-@pytest.fixture(scope="module")
-def upstream():
-    mock = MockUpstream()
-    with serve(mock) as served:
-        served.mock = mock
-        yield served
 
 
 @pytest.fixture(scope="module", params=["aiohttp", "httpx"])

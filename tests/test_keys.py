@@ -8,11 +8,10 @@ import time
 
 import openai
 import pytest
-from gateway_helpers import gateway_of, serve, serve_gateway, upstream_model
+from gateway_helpers import gateway_of, serve_gateway, upstream_model
 from rich.console import Console
 from typer.testing import CliRunner
 
-from slm_fusion.backends.mock_upstream import MockUpstream
 from slm_fusion.cli import app as cli_app
 from slm_fusion.keys import KeyAccounting, open_store
 from slm_fusion.keys import cli as keys_cli
@@ -20,14 +19,6 @@ from slm_fusion.keys.store import PERIODS, UsageRow
 
 MESSAGES = [{"role": "user", "content": "What is 2+3?"}]
 STATIC = "sk-static-0123456789"
-
-
-@pytest.fixture(scope="module")
-def upstream():
-    mock = MockUpstream()
-    with serve(mock) as served:
-        served.mock = mock
-        yield served
 
 
 def _config(upstream, url: str, flush: float = 0.05) -> dict:

@@ -25,14 +25,6 @@ TRACEPARENT = f"00-{TRACE_ID}-{CLIENT_SPAN}-01"
 
 
 @pytest.fixture(scope="module")
-def upstream():
-    mock = MockUpstream()
-    with serve(mock) as served:
-        served.mock = mock
-        yield served
-
-
-@pytest.fixture(scope="module")
 def traced(upstream, tmp_path_factory):
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
