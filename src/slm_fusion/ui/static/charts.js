@@ -33,6 +33,7 @@ function drawChart(svg, series, opts) {
   if (y0 === y1) { y1 = y0 + 1; }
   const sx = x => L + (x - x0) / (x1 - x0) * (W - L - R);
   const sy = y => H - B - (y - y0) / (y1 - y0) * (H - T - B);
+  const yDigits = Math.min(6, Math.max(0, Math.ceil(-Math.log10(y1 - y0)) + 1));  // enough to tell the ticks apart
   const tick = v => opts.time ? new Date(v * 1000).toLocaleTimeString() : fmt(v, Math.abs(v) < 10 ? 2 : 0);
   svg.append(svgEl("line", {x1: L, y1: H - B, x2: W - R, y2: H - B, class: "axis"}),
              svgEl("line", {x1: L, y1: T, x2: L, y2: H - B, class: "axis"}));
@@ -40,7 +41,7 @@ function drawChart(svg, series, opts) {
     const xv = x0 + f * (x1 - x0), yv = y0 + f * (y1 - y0);
     svg.append(svgEl("text", {x: sx(xv), y: H - B + 14, "text-anchor": f === 0 ? "start" : f === 1 ? "end" : "middle",
                               class: "tick"}, tick(xv)),
-               svgEl("text", {x: L - 4, y: sy(yv) + 4, "text-anchor": "end", class: "tick"}, fmt(yv, 2)));
+               svgEl("text", {x: L - 4, y: sy(yv) + 4, "text-anchor": "end", class: "tick"}, fmt(yv, yDigits)));
   }
   if (opts.xLabel) svg.append(svgEl("text", {x: (L + W - R) / 2, y: H - 4, "text-anchor": "middle", class: "label"}, opts.xLabel));
   series.forEach((s, i) => {
