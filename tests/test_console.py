@@ -9,8 +9,10 @@ Browser tests save screenshots under tests/artifacts/console/ and fail on any er
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -121,6 +123,11 @@ def runs_dir(tmp_path_factory) -> Path:
     shutil.copy(root / "baseline" / "config.yaml", training / "config.yaml")
     (root / "bare").mkdir()
     (root / "bare" / "config.yaml").write_text("name: bare\ntune: {study_name: nothing-here}\n")
+    # A fixed age per run (newest first: bare, in-training, higher-lr, baseline): files written within one clock tick
+    # would otherwise tie, and the listing order, and so which run each page column shows, would follow the disk.
+    now = time.time()
+    for age, name in enumerate(("bare", "in-training", "higher-lr", "baseline")):
+        os.utime(root / name / "config.yaml", (now - 60 * age, now - 60 * age))
 
     (root / "tune-reasonlite").mkdir()
     study = optuna.create_study(study_name="reasonlite", directions=["maximize", "minimize"],
@@ -325,8 +332,9 @@ def test_every_page_loads_its_data_without_console_errors(browser, gateway):
     ready = {
         "models": lambda d: len(d.find_elements("css selector", "#models-table tbody tr")) == 4,
         "routing": lambda d: d.find_elements("css selector", "#route-eval svg circle"),
-        "runs": lambda d: d.find_elements("css selector", "#col-b h2")
-        and d.find_elements("css selector", "#col-a svg circle"),
+        # the newest two: "bare" (a config only: no charts) beside "in-training" (a checkpoint's loss curve)
+        "runs": lambda d: d.find_elements("css selector", "#col-a h2")
+        and d.find_elements("css selector", "#col-b svg circle"),
         "playground": lambda d: len(d.find_elements("css selector", "#model option")) == 4,
     }
     browser.get_log("browser")  # drop what the key form's page logged
