@@ -31,13 +31,15 @@ def study_db(tmp_path) -> Path:
     return db
 
 
-def test_dashboard_serves_the_study_over_http_and_stops_on_ctrl_c(study_db):
+def test_dashboard_serves_the_study_over_http_and_stops_on_ctrl_c(study_db, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    # stderr goes to a file, not an unread pipe: a child whose stderr pipe fills blocks writing (or flushing at exit)
+    err = open(tmp_path / "dashboard.stderr", "w+")  # noqa: SIM115 — closed below, read on failure
     proc = subprocess.Popen([sys.executable, "-m", "reasonlite.cli", "dashboard", str(study_db), "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=err, text=True, env=env)
     try:
         line = proc.stdout.readline()  # printed once the socket is bound: no waiting on a clock
-        assert "optuna-dashboard for sqlite:///" in line, (line, proc.stderr.read() if proc.poll() else "")
+        assert "optuna-dashboard for sqlite:///" in line, (line, (tmp_path / "dashboard.stderr").read_text())
         url = line.split(" at ")[1].strip()
         base = url.removesuffix("/dashboard")
         studies = httpx.get(f"{base}/api/studies", timeout=30).json()["study_summaries"]
@@ -49,7 +51,15 @@ def test_dashboard_serves_the_study_over_http_and_stops_on_ctrl_c(study_db):
         assert page.status_code == 200 and "<html" in page.text.lower()
     finally:
         proc.send_signal(signal.SIGINT)
-        code = proc.wait(timeout=30)
+        try:
+            code = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            pytest.fail("the dashboard did not stop on Ctrl-C; its stderr: "
+                        + (tmp_path / "dashboard.stderr").read_text()[-2000:])
+        finally:
+            err.close()
     assert code == 0
 
 
