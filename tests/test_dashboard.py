@@ -35,8 +35,14 @@ def test_dashboard_serves_the_study_over_http_and_stops_on_ctrl_c(study_db, tmp_
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     # stderr goes to a file, not an unread pipe: a child whose stderr pipe fills blocks writing (or flushing at exit)
     err = open(tmp_path / "dashboard.stderr", "w+")  # noqa: SIM115 — closed below, read on failure
-    proc = subprocess.Popen([sys.executable, "-m", "reasonlite.cli", "dashboard", str(study_db), "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+    # started with SIGINT ignored (inherited across exec), as a launcher or a shell's background job may hand it
+    # over (the full test suite did): Ctrl-C must still stop it
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "reasonlite.cli", "dashboard", str(study_db), "--port", "0"],
+                                stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     try:
         line = proc.stdout.readline()  # printed once the socket is bound: no waiting on a clock
         assert "optuna-dashboard for sqlite:///" in line, (line, (tmp_path / "dashboard.stderr").read_text())

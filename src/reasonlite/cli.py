@@ -229,10 +229,16 @@ def dashboard(storage: str | None = typer.Argument(None, help="storage URL, .db 
               port: int = typer.Option(8080, min=0, max=65535, help="port (0: a free one)"),
               set: list[str] | None = SetOption) -> None:
     """Open optuna-dashboard on a tuning study's storage (Ctrl-C stops it)."""
+    import signal
+
     from reasonlite.dashboard import make_dashboard_server, resolve_storage
 
     url = resolve_storage(storage, dict(parse_override(o) for o in set or []))
     server = make_dashboard_server(url, host=host, port=port)
+    # Ctrl-C stops it even when the parent handed this process SIGINT ignored or blocked (a launcher, a test runner,
+    # a shell's background job): both are inherited across exec, and Python then never raises KeyboardInterrupt.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     # plain print, flushed: the server is already bound, so whoever reads this line can connect at once
     print(f"optuna-dashboard for {url} at http://{host}:{server.server_port}/dashboard", flush=True)
     try:
