@@ -40,3 +40,13 @@ def upstream():
     with serve(mock) as served:
         served.mock = mock
         yield served
+
+
+@pytest.fixture(scope="module")
+def loop():
+    """One event loop per test module, for tests that drive a backend's async API directly."""
+    import asyncio
+
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()

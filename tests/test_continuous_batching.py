@@ -31,13 +31,6 @@ def ask(content: str, max_tokens: int, **kw) -> GenerationRequest:
 
 
 @pytest.fixture(scope="module")
-def loop():
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.close()
-
-
-@pytest.fixture(scope="module")
 def reference(loop):
     """Each request alone: no joining, no prefix reuse."""
     b = backend(continuous=False, prefix_cache=False, max_batch_size=1)

@@ -26,13 +26,6 @@ STORIES = [[{"role": "user", "content": f"Write a short story about {x}."}]
 
 
 @pytest.fixture(scope="module")
-def loop():
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.close()
-
-
-@pytest.fixture(scope="module")
 def raw():
     llm = llama_cpp.Llama(model_path=str(smollm2_gguf()), n_ctx=2048, n_threads=2, verbose=False)
     yield llm
