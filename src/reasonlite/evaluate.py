@@ -374,6 +374,22 @@ def load_eval_data(data: str, limit: int | None = None, seed: int = 0,
     return load_examples(path, mapping=field_mapping)[:limit]
 
 
+def load_dev_data(data: str, limit: int, seed: int = 0, field_mapping: dict[str, str] | None = None) -> list[Example]:
+    """Tuning questions for a task set, never its test questions: retail_math -> fresh questions of the trained
+    families (`retail_math_dev`); gsm8k -> the last `limit` GSM8K *train* questions (GSM8K has no dev split; a
+    student trained on all of train has seen them); a file -> its own rows (pass a separate dev file)."""
+    if data == "retail_math":
+        from reasonlite.data.retail_math import retail_math_dev
+
+        return _tag_split(retail_math_dev(limit, seed=seed), "dev")
+    if data == "gsm8k":
+        from reasonlite.data.gsm8k import load_gsm8k
+        from reasonlite.data.splits import default_gsm8k_dir
+
+        return _tag_split(load_gsm8k(default_gsm8k_dir() / "train.jsonl", split="train")[-limit:], "dev")
+    return _tag_split(load_eval_data(data, limit=limit, seed=seed, field_mapping=field_mapping), "dev")
+
+
 def _parse_budgets(text: str | Sequence[int | None] | None) -> list[int | None] | None:
     if text is None or isinstance(text, (list, tuple)):
         return list(text) if text else None

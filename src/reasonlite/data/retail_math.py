@@ -660,3 +660,15 @@ def retail_math_splits(n_train: int, n_test: int, seed: int = 0, heldout_familie
                      REWORDED_PHRASINGS, train_questions, None)
     return {"train": train, "test": test, "test_heldout_families": heldout_test, "test_reworded": reworded,
             "test_heldout_templates": heldout_test}
+
+
+def retail_math_dev(n: int, seed: int = 0, n_test_avoided: int = 1000) -> list[Example]:
+    """``n`` dev questions for tuning (e.g. `slm-fusion merge-tune`): trained families and phrasings, drawn from the
+    questions reserved for test (so no training set of any size holds them) and disjoint from the first
+    ``n_test_avoided`` questions of the test split, which stays the measurement."""
+    trained = [f for f in FAMILIES if f not in DEFAULT_HELDOUT_FAMILIES]
+    test = retail_math_splits(0, n_test_avoided, seed=seed, n_test_heldout=0, n_test_reworded=0)["test"]
+    rng = random.Random(f"retail-math:{seed}:dev")
+    return _generate(n, rng, _structure_cycle(trained, TRAIN_PHRASINGS, rng), f"retail-{seed}-dev",
+                     {e.question for e in test}, 0.0, True)
+

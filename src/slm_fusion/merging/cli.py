@@ -97,8 +97,29 @@ def merge_eval(
     run(load_merge_config(config), merged, out_dir=out, limit=limit, with_base=base, batch_size=batch_size)
 
 
+def merge_tune(
+    config: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="the merge YAML, every model with eval")],
+    space: Annotated[Path, typer.Option("--space", help="search space YAML (methods, weight, density, lambda, ...)")],
+    out: Annotated[Path, typer.Option(help="study folder: study.db, pareto.md, summary.json, best_merge.yaml")] = Path(
+        "runs/merge-tune"),
+    trials: Annotated[int, typer.Option(help="trials to run now (capped by the space's `trials` in all)")] = 10,
+    storage: Annotated[str | None, typer.Option(help="Optuna storage URL (default: SQLite in --out)")] = None,
+    batch_size: Annotated[int, typer.Option(help="questions generated together")] = 16,
+) -> None:
+    """Search merge method and parameters against each task's dev set; Pareto front + best merge YAML (resumable)."""
+    from slm_fusion.merging.config import load_merge_config
+    from slm_fusion.merging.tune import load_space
+    from slm_fusion.merging.tune import merge_tune as run
+
+    if trials < 0:
+        raise typer.BadParameter("must be >= 0 (0 only rewrites the reports)", param_hint="--trials")
+    cfg = load_merge_config(config)
+    run(cfg, load_space(space, cfg), out, trials, storage=storage, batch_size=batch_size)
+
+
 def register(app: typer.Typer) -> None:
-    """Add `merge`, `merge-lora` and `merge-eval` to the slm-fusion app."""
+    """Add `merge`, `merge-lora`, `merge-eval` and `merge-tune` to the slm-fusion app."""
     app.command("merge")(merge)
     app.command("merge-lora")(merge_lora)
     app.command("merge-eval")(merge_eval)
+    app.command("merge-tune")(merge_tune)

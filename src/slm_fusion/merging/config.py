@@ -57,6 +57,8 @@ class TaskSet(BaseModel):
         None, description="how the model answers; default: the student's reasonlite.json, else cot")
     limit: int | None = Field(None, ge=1, description="questions per split (default: all)")
     budget: int | None = Field(None, ge=2, description="reasoning-token cap with budget forcing (default: none)")
+    dev: str | None = Field(None, description="tuning questions for `slm-fusion merge-tune` (default: retail_math / "
+                            "gsm8k draw their own, never test questions; a file task needs one)")
 
 
 class InputModel(BaseModel):

@@ -36,7 +36,7 @@ class TaskRow:
         return self.merged_accuracy - self.specialist_accuracy
 
 
-def _format_of(model: str, declared: str | None) -> str:
+def format_of(model: str, declared: str | None) -> str:
     if declared:
         return declared
     from reasonlite.infer import read_student_meta
@@ -75,7 +75,7 @@ def merge_eval(cfg: MergeConfig, merged_dir: str | Path, out_dir: str | Path | N
     rows: list[TaskRow] = []
     for i, m in tasks:
         task = m.eval
-        fmt = _format_of(m.model, task.format)
+        fmt = format_of(m.model, task.format)
         examples = load_eval_data(task.data, limit=limit or task.limit, seed=cfg.seed)
         if not examples:
             raise ValueError(f"models.{i}.eval.data: {task.data} has no examples")
