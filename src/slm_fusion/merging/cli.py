@@ -89,12 +89,15 @@ def merge_eval(
     limit: Annotated[int | None, typer.Option(help="questions per task split (overrides eval.limit)")] = None,
     base: Annotated[bool, typer.Option("--base", help="also score the base model on every task")] = False,
     batch_size: Annotated[int, typer.Option(help="questions generated together")] = 16,
+    compare_routing: Annotated[bool, typer.Option(
+        "--compare-routing", help="also: the specialists behind a router (adapters / full models) vs the merge")] = False,
 ) -> None:
     """Score the merged model and each specialist on each specialist's task set: one table."""
     from slm_fusion.merging.config import load_merge_config
     from slm_fusion.merging.evaluate import merge_eval as run
 
-    run(load_merge_config(config), merged, out_dir=out, limit=limit, with_base=base, batch_size=batch_size)
+    run(load_merge_config(config), merged, out_dir=out, limit=limit, with_base=base, batch_size=batch_size,
+        compare_routing=compare_routing)
 
 
 def merge_tune(

@@ -49,8 +49,10 @@ def format_of(model: str, declared: str | None) -> str:
 
 
 def merge_eval(cfg: MergeConfig, merged_dir: str | Path, out_dir: str | Path | None = None,
-               limit: int | None = None, with_base: bool = False, batch_size: int = 16) -> list[TaskRow]:
-    """Evaluate the merged model and each specialist on each specialist's task set; writes the table files."""
+               limit: int | None = None, with_base: bool = False, batch_size: int = 16,
+               compare_routing: bool = False) -> list[TaskRow]:
+    """Evaluate the merged model and each specialist on each specialist's task set; writes the table files.
+    `compare_routing`: also the merged model against the specialists behind a router (`merging.compare`)."""
     from reasonlite.evaluate import evaluate, load_eval_data, write_report
     from reasonlite.infer import Student
 
@@ -65,14 +67,15 @@ def merge_eval(cfg: MergeConfig, merged_dir: str | Path, out_dir: str | Path | N
     out = Path(out_dir) if out_dir else merged_dir / "merge_eval"
     out.mkdir(parents=True, exist_ok=True)
 
-    def score(ref: str, name: str, fmt: str, examples, task, folder: str) -> dict:
+    def score(ref: str, name: str, fmt: str, examples, task, folder: str):
         student = Student(ref, fmt=fmt, batch_size=batch_size, name=name)
         result = evaluate(student, examples, budgets=[task.budget], n=1, seed=cfg.seed,
                           data_name=task.data, batch_size=batch_size)
         write_report(result, out / folder)
-        return result.points[0].metrics
+        return result
 
     rows: list[TaskRow] = []
+    compared = []
     for i, m in tasks:
         task = m.eval
         fmt = format_of(m.model, task.format)
@@ -80,13 +83,22 @@ def merge_eval(cfg: MergeConfig, merged_dir: str | Path, out_dir: str | Path | N
         if not examples:
             raise ValueError(f"models.{i}.eval.data: {task.data} has no examples")
         console.rule(f"task {i}: {task.data} ({fmt}), {len(examples)} questions")
-        spec = score(m.model, f"specialist-{i}", fmt, examples, task, f"task{i}-specialist")
-        merged = score(str(merged_dir), "merged", fmt, examples, task, f"task{i}-merged")
-        base = score(cfg.base_model, "base", fmt, examples, task, f"task{i}-base")["accuracy"] \
+        spec_result = score(m.model, f"specialist-{i}", fmt, examples, task, f"task{i}-specialist")
+        merged_result = score(str(merged_dir), "merged", fmt, examples, task, f"task{i}-merged")
+        spec, merged = spec_result.points[0].metrics, merged_result.points[0].metrics
+        base = score(cfg.base_model, "base", fmt, examples, task, f"task{i}-base").accuracy \
             if with_base and cfg.base_model else None
         rows.append(TaskRow(f"{task.data} ({fmt})", m.model, spec["accuracy"], merged["accuracy"],
                             spec["mean_tokens"], merged["mean_tokens"], base, len(examples)))
+        compared.append((f"{task.data} ({fmt})", fmt, examples, spec_result, merged_result))
     _write(rows, cfg, merged_dir, out)
+    if compare_routing:
+        from slm_fusion.merging.compare import compare_routing as compare
+
+        if len(tasks) != len(cfg.models):
+            raise ValueError("merge-eval --compare-routing routes among the specialists: give every entry of `models` "
+                             "an `eval:` task set")
+        compare(cfg, merged_dir, compared, out, batch_size=batch_size)
     return rows
 
 
