@@ -73,7 +73,7 @@ def adapter_specialists(tmp_path_factory):
     paths = []
     for seed in (1, 2):
         torch.manual_seed(seed)
-        model, tokenizer = load_model("tiny-random-llama", device="cpu")
+        model, _ = load_model("tiny-random-llama", device="cpu")
         cfg = LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
         out = tmp_path_factory.mktemp(f"adapter{seed}")
         get_peft_model(model, cfg).save_pretrained(out)

@@ -138,7 +138,6 @@ class TaskScorer:
 
     def __init__(self, cfg: MergeConfig, dev_limit: int, batch_size: int = 16) -> None:
         from reasonlite.evaluate import load_dev_data
-
         from slm_fusion.merging.evaluate import format_of
 
         self.cfg, self.batch_size = cfg, batch_size
@@ -229,8 +228,8 @@ def make_objective(cfg: MergeConfig, space: MergeSpace, scorer: TaskScorer, spec
         values = normalised(accuracy, specialist)
         trial.set_user_attr("dev_accuracy", accuracy)
         trial.set_user_attr("seconds", round(time.perf_counter() - t0, 1))
-        console.print(f"  dev accuracy {['%.1f%%' % (100 * a) for a in accuracy]}, normalised "
-                      f"{['%.2f' % v for v in values]}")
+        console.print(f"  dev accuracy {[f'{a:.1%}' for a in accuracy]}, normalised "
+                      f"{[f'{v:.2f}' for v in values]}")
         return values
 
     return objective
@@ -248,11 +247,12 @@ def write_outputs(out_dir: Path, study, cfg: MergeConfig, tasks: list[str]) -> d
     failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
     front = study.best_trials if done else []
     specialist = study.user_attrs.get("specialist_dev_accuracy")
+    scored = (", ".join(f"{n} {a:.1%}" for n, a in zip(tasks, specialist, strict=True)) if specialist
+              else "(not scored)")
     lines = [f"# merge-tune study `{study.study_name}`", "",
-             f"{len(done)} complete trials, {len(failed)} failed. Objectives (maximised): each task's dev accuracy "
-             "divided by its specialist's.", "",
-             "Specialists on their dev sets: " + (", ".join(f"{n} {a:.1%}" for n, a in zip(tasks, specialist))
-                                                  if specialist else "(not scored)"), "",
+             (f"{len(done)} complete trials, {len(failed)} failed. Objectives (maximised): each task's dev accuracy "
+              "divided by its specialist's."), "",
+             f"Specialists on their dev sets: {scored}", "",
              "## Pareto front", "", "| trial | " + " | ".join(tasks) + " | worst | method | params |",
              "|---|" + "---|" * len(tasks) + "---|---|---|"]
     for t in sorted(front, key=lambda t: min(t.values), reverse=True):
