@@ -1,17 +1,21 @@
-"""Does a merged model keep both specialists' skills? Two SmolLM2-135M students, every merge method, both tasks.
+"""Does a merge keep two real skills? Two SmolLM2-135M PAL specialists, every method at its default and tuned.
 
-Specialists (LoRA r16, 60 steps, batch 8, lr 2e-3, dataset teacher — bench_distill.py's recipe), each trained once
-and cached under bench-results/merge-specialists/<train hash>/ (or passed in with --pal / --cot):
-  retail-pal   retail-math, PAL format (writes a `solution()` program; the sandbox runs it)
-  gsm8k-cot    GSM8K, chain-of-thought format ("... The answer is X.")
-Every registered merge method combines them against the base SmolLM2-135M-Instruct with one fixed setting (no
-tuning): linear 0.5/0.5, slerp t=0.5, task_arithmetic / ties / dare_* weight 1.0 each (density 0.6 for the trimming
-methods). Each model — base, both specialists, every merge — is scored on both task sets (retail-math held-out questions
-of the training templates in PAL format; the first GSM8K test questions in CoT format with a reasoning cap and the
-decoding-time calculator), greedy.
-Merge time is measured here in-process; peak RSS per method is bench_merging.py's job (fresh subprocesses).
+Specialists (LoRA adapters on SmolLM2-135M-Instruct, PAL format: each writes a `solution()` program the sandbox runs):
+  retail   retail word problems (`data.source: retail_math`), 1,000 questions, 120 steps
+  gsm8k    GSM8K train programs, 7,182 verified questions, 200 steps
+each trained once and cached under bench-results/merge-specialists/<train hash>/ (or given with --retail/--gsm8k as
+adapter folders, e.g. a run's last checkpoint). The old version of this benchmark merged the PAL student with a GSM8K
+CoT student that scored 0%: it measured interference with noise, not a merge of two skills; this one uses two
+specialists that each have a skill the other lacks.
 
-Run: `.venv/bin/python benchmarks/bench_merge_quality.py [--quick] [--pal DIR] [--cot DIR]`.
+Rows: the base model, each specialist, every merge method at one default setting (linear 0.5/0.5, task_arithmetic
+1.0 each, ties and dare_ties weight 1.0 / density 0.6), and the setting `slm-fusion merge-tune` picks on the tasks'
+*dev* questions (never test). Each row is scored on both test sets (greedy), and each task's accuracy is also given
+normalised by its specialist's. Then `merge-eval --compare-routing`'s table for the tuned merge: merged vs the
+specialists behind the semantic router (adapters on one base / separate models), resident memory and tokens/s.
+
+Run: `.venv/bin/python benchmarks/bench_merge_quality.py [--quick] [--retail ADAPTER] [--gsm8k ADAPTER]
+[--trials N]`; results in bench-results/merge-quality/ (results.json, table.md, the tune study, compare_routing.md).
 """
 
 from __future__ import annotations
@@ -33,114 +37,163 @@ ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "bench-results" / "merge-specialists"
 OUT = ROOT / "bench-results" / "merge-quality"
 BASE = "smollm2-135m-instruct"
-console = Console(width=150)
+console = Console(width=160)
 
-FULL = {"n_train": 400, "max_steps": 60, "batch_size": 8, "n_eval": 40, "cot_budget": 160, "lora_r": 16,
-        "methods": ["linear", "slerp", "task_arithmetic", "ties", "dare_linear", "dare_ties"]}
-QUICK = {"n_train": 16, "max_steps": 2, "batch_size": 4, "n_eval": 4, "cot_budget": 32, "lora_r": 4,
+FULL = {"retail": {"n_train": 1000, "max_steps": 120}, "gsm8k": {"n_train": 7473, "max_steps": 200},
+        "batch_size": 8, "lora_r": 16, "retail_per_split": 15, "gsm8k_eval": 50, "trials": 8, "dev_limit": 20,
+        "methods": ["linear", "task_arithmetic", "ties", "dare_ties"]}
+QUICK = {"retail": {"n_train": 16, "max_steps": 2}, "gsm8k": {"n_train": 16, "max_steps": 2},
+         "batch_size": 4, "lora_r": 4, "retail_per_split": 2, "gsm8k_eval": 4, "trials": 2, "dev_limit": 3,
          "methods": ["linear", "ties"]}
 # One setting per method, the usual starting point (not tuned to these students).
 METHOD_PARAMS = {
     "linear": ({"weight": 0.5}, {}),
-    "slerp": ({}, {"t": 0.5}),
     "task_arithmetic": ({"weight": 1.0}, {}),
     "ties": ({"weight": 1.0, "density": 0.6}, {"normalize": True}),
     "dare_linear": ({"weight": 1.0, "density": 0.6}, {}),
     "dare_ties": ({"weight": 1.0, "density": 0.6}, {"normalize": True}),
 }
+TASKS = ("retail", "gsm8k")
 
 
 def specialist_config(task: str, size: dict):
     from reasonlite.config import build_config
 
-    source, fmt = {"retail-pal": ("retail_math", "pal"), "gsm8k-cot": ("gsm8k", "cot")}[task]
+    source = {"retail": "retail_math", "gsm8k": "gsm8k"}[task]
     return build_config({
         "name": f"merge-{task}",
-        "data": {"source": source, "n_train": size["n_train"], "n_test": size["n_eval"],
-                 "n_test_heldout_templates": 0, "seed": 0},
+        "data": {"source": source, "n_train": size[task]["n_train"], "n_test": 1, "n_test_heldout_families": 1,
+                 "n_test_reworded": 1, "seed": 0},
         "teacher": {"kind": "dataset"},
-        "traces": {"style": fmt, "few_shot": 0, "counterfactual_negatives": False},
-        "student": {"model": BASE, "format": fmt, "lora": True, "lora_r": size["lora_r"],
+        "traces": {"style": "pal", "few_shot": 0, "counterfactual_negatives": False},
+        "student": {"model": BASE, "format": "pal", "lora": True, "lora_r": size["lora_r"],
                     "lora_alpha": 2 * size["lora_r"]},
-        "train": {"max_steps": size["max_steps"], "batch_size": size["batch_size"], "learning_rate": 2e-3,
-                  "max_length": 320, "warmup_ratio": 0.05, "save_steps": 1000},
+        "train": {"max_steps": size[task]["max_steps"], "batch_size": size["batch_size"], "learning_rate": 2e-3,
+                  "max_length": 384, "warmup_ratio": 0.05, "save_steps": 20},
     })
 
 
-def merge_config(method: str, pal: Path, cot: Path, seed: int = 0):
-    from slm_fusion.merging.config import MergeConfig
+def specialist_adapter(task: str, size: dict) -> Path:
+    """Train (once, cached) and return the adapter: the train stage's last checkpoint holds it."""
+    from reasonlite.pipeline import train_once
+    from reasonlite.train.sft import last_checkpoint
 
+    model_dir, _ = train_once(specialist_config(task, size), CACHE)
+    ckpt = last_checkpoint(model_dir.parent / "checkpoints")
+    if ckpt is None:
+        raise SystemExit(f"{model_dir.parent}/checkpoints: no checkpoint with the adapter; pass --{task} ADAPTER")
+    return Path(ckpt)
+
+
+def merge_yaml(method: str, adapters: dict[str, Path], size: dict) -> dict:
     per_model, global_params = METHOD_PARAMS[method]
-    return MergeConfig.model_validate({
-        "merge_method": method, "base_model": None if method in ("linear", "slerp") else BASE,
-        "models": [{"model": str(pal), "parameters": per_model}, {"model": str(cot), "parameters": per_model}],
-        "parameters": global_params, "dtype": "float32", "tokenizer_source": "0", "seed": seed,
-    })
+    return {"merge_method": method, "base_model": None if method == "linear" else BASE,
+            "models": [{"model": str(adapters[t]), "parameters": per_model, "eval": task_eval(t, size)}
+                       for t in TASKS],
+            "parameters": global_params, "dtype": "float32", "tokenizer_source": "0" if method == "linear" else "base",
+            "seed": 0}
 
 
-def _score(model: str, fmt: str, examples, budget: int | None, name: str) -> dict:
+def task_eval(task: str, size: dict) -> dict:
+    return {"data": "retail_math" if task == "retail" else "gsm8k", "format": "pal",
+            "limit": size["retail_per_split"] if task == "retail" else size["gsm8k_eval"]}
+
+
+def _score(model: str, task: str, examples, name: str):
     from reasonlite.evaluate import evaluate
     from reasonlite.infer import Student
 
-    student = Student(model, fmt=fmt, batch_size=16, name=name, calculator=fmt == "cot")
-    m = evaluate(student, examples, budgets=[budget], max_new_tokens=200, data_name=name).points[0].metrics
+    student = Student(model, fmt="pal", batch_size=16, name=name)
+    result = evaluate(student, examples, budgets=[None], max_new_tokens=256, data_name=task)
     del student
-    return {"accuracy": round(m["accuracy"], 4), "mean_tokens": round(m["mean_tokens"], 1),
-            "exec_error_rate": round(m.get("exec_error_rate", 0.0), 4)}
+    return result
 
 
-def run(quick: bool = False, pal: str | None = None, cot: str | None = None) -> dict:
+def run(quick: bool = False, retail: str | None = None, gsm8k: str | None = None, trials: int | None = None) -> dict:
     import torch
+    import yaml
 
-    from reasonlite.data.splits import load_splits
-    from reasonlite.pipeline import train_once
+    from reasonlite.evaluate import load_eval_data
+    from slm_fusion.merging.compare import compare_routing
+    from slm_fusion.merging.config import MergeConfig
     from slm_fusion.merging.driver import run_merge
+    from slm_fusion.merging.tune import MergeSpace, merge_tune
 
     torch.manual_seed(0)
     size = QUICK if quick else FULL
     OUT.mkdir(parents=True, exist_ok=True)
-    pal_cfg, cot_cfg = specialist_config("retail-pal", size), specialist_config("gsm8k-cot", size)
-    train_s: dict[str, float] = {}
-    pal_dir, train_s["retail-pal"] = (Path(pal), 0.0) if pal else train_once(pal_cfg, CACHE)
-    cot_dir, train_s["gsm8k-cot"] = (Path(cot), 0.0) if cot else train_once(cot_cfg, CACHE)
-    tasks = {  # task -> (format, examples, reasoning cap)
-        "retail-math PAL": ("pal", load_splits(pal_cfg.data)["test"][: size["n_eval"]], None),
-        "GSM8K CoT": ("cot", load_splits(cot_cfg.data)["test"][: size["n_eval"]], size["cot_budget"]),
-    }
-    models: dict[str, dict] = {"base (untuned)": {"path": BASE}, "specialist retail-pal": {"path": str(pal_dir)},
-                               "specialist gsm8k-cot": {"path": str(cot_dir)}}
+    t_start = time.perf_counter()
+    adapters = {"retail": Path(retail) if retail else specialist_adapter("retail", size),
+                "gsm8k": Path(gsm8k) if gsm8k else specialist_adapter("gsm8k", size)}
+    examples = {"retail": load_eval_data("retail_math", limit=size["retail_per_split"]),
+                "gsm8k": load_eval_data("gsm8k", limit=size["gsm8k_eval"])}
+
+    models: dict[str, dict] = {"base (untuned)": {"path": BASE},
+                               "specialist retail": {"path": str(adapters["retail"])},
+                               "specialist gsm8k": {"path": str(adapters["gsm8k"])}}
     for method in size["methods"]:
         out = OUT / f"merged-{method}"
         t0 = time.perf_counter()
-        run_merge(merge_config(method, pal_dir, cot_dir), out, show_progress=False)
-        models[f"merged {method}"] = {"path": str(out), "merge_seconds": round(time.perf_counter() - t0, 1)}
+        run_merge(MergeConfig.model_validate(merge_yaml(method, adapters, size)), out, show_progress=False)
+        models[f"{method} (default)"] = {"path": str(out), "merge_seconds": round(time.perf_counter() - t0, 1)}
 
+    # merge-tune on the dev questions; the study resumes if this benchmark is run again
+    tune_cfg = MergeConfig.model_validate(merge_yaml("ties", adapters, size))
+    space = MergeSpace.model_validate({"methods": ["task_arithmetic", "ties", "dare_ties"], "gradient": False,
+                                       "trials": trials or size["trials"], "dev_limit": size["dev_limit"]})
+    t0 = time.perf_counter()
+    summary = merge_tune(tune_cfg, space, OUT / "tune", trials or size["trials"])
+    tune_seconds = round(time.perf_counter() - t0, 1)
+    best = yaml.safe_load(Path(summary["best_yaml"]).read_text())
+    tuned_dir = OUT / "merged-tuned"
+    run_merge(MergeConfig.model_validate(best), tuned_dir, show_progress=False)
+    models[f"tuned: {best['merge_method']} (trial {summary['best']})"] = {"path": str(tuned_dir), "tuned": True}
+
+    results = {}
     for name, info in models.items():
         console.rule(f"[bold]{name}")
-        for task, (fmt, examples, budget) in tasks.items():
-            info[task] = _score(info["path"], fmt, examples, budget, f"{name} / {task}")
+        results[name] = {t: _score(info["path"], t, examples[t], f"{name} / {t}") for t in TASKS}
+        info.update({t: round(results[name][t].accuracy, 4) for t in TASKS})
+        info["mean_tokens"] = {t: round(results[name][t].points[0].metrics["mean_tokens"], 1) for t in TASKS}
+    spec = {t: models[f"specialist {t}"][t] for t in TASKS}
 
-    table = Table(title=f"merged vs specialists, SmolLM2-135M, {size['n_eval']} questions per task "
-                        f"({'quick' if quick else 'full'})")
-    cols = ["model", "retail-math PAL acc", "GSM8K CoT acc", "mean of both", "tokens (PAL / CoT)", "merge s"]
+    table = Table(title=f"two-skill merge, SmolLM2-135M PAL specialists ({'quick' if quick else 'full'}): "
+                        f"{len(examples['retail'])} retail + {len(examples['gsm8k'])} GSM8K test questions")
+    cols = ["model", "retail acc", "retail norm.", "GSM8K acc", "GSM8K norm.", "worst norm.", "merge s"]
     for col in cols:
         table.add_column(col, justify="left" if col == "model" else "right")
     rows = []
     for name, info in models.items():
-        a, b = info["retail-math PAL"], info["GSM8K CoT"]
-        row = {"model": name, "retail_pal_acc": a["accuracy"], "gsm8k_cot_acc": b["accuracy"],
-               "mean_acc": round((a["accuracy"] + b["accuracy"]) / 2, 4),
-               "tokens": f"{a['mean_tokens']:.0f} / {b['mean_tokens']:.0f}",
-               "merge_s": info.get("merge_seconds", "")}
+        norm = {t: info[t] / spec[t] if spec[t] else None for t in TASKS}
+        worst = min(v for v in norm.values() if v is not None) if any(v is not None for v in norm.values()) else None
+        row = {"model": name, **{f"{t}_acc": info[t] for t in TASKS}, **{f"{t}_norm": norm[t] for t in TASKS},
+               "worst_norm": worst, "merge_s": info.get("merge_seconds", "")}
         rows.append(row)
-        table.add_row(name, f"{a['accuracy']:.1%}", f"{b['accuracy']:.1%}", f"{row['mean_acc']:.1%}", row["tokens"],
-                      str(row["merge_s"]))
+        table.add_row(name, f"{info['retail']:.1%}", _n(norm["retail"]), f"{info['gsm8k']:.1%}", _n(norm["gsm8k"]),
+                      _n(worst), str(row["merge_s"]))
     console.print(table)
-    result = {"quick": quick, "base": BASE, "specialists": {"retail-pal": str(pal_dir), "gsm8k-cot": str(cot_dir)},
-              "specialist_train_seconds": train_s, "method_params": {m: METHOD_PARAMS[m] for m in size["methods"]},
-              "n_eval": size["n_eval"], "cot_budget": size["cot_budget"], "models": models, "table": rows}
+
+    tuned_name = next(n for n, i in models.items() if i.get("tuned"))
+    tasks = [(f"{t} (pal)", "pal", examples[t], results[f"specialist {t}"][t], results[tuned_name][t]) for t in TASKS]
+    comparison = compare_routing(MergeConfig.model_validate(best), tuned_dir, tasks, OUT, dev_limit=size["dev_limit"])
+
+    lines = ["| model | retail | retail norm. | GSM8K | GSM8K norm. | worst norm. |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['retail_acc']:.1%} | {_n(r['retail_norm'])} | {r['gsm8k_acc']:.1%} | "
+              f"{_n(r['gsm8k_norm'])} | {_n(r['worst_norm'])} |" for r in rows]
+    (OUT / "table.md").write_text("\n".join(lines) + "\n")
+    result = {"quick": quick, "base": BASE, "specialists": {t: str(p) for t, p in adapters.items()},
+              "method_params": {m: METHOD_PARAMS[m] for m in size["methods"]}, "questions":
+              {t: len(examples[t]) for t in TASKS}, "tune": {**summary, "seconds": tune_seconds},
+              "models": models, "table": rows, "compare_routing": json.loads((OUT / "compare_routing.json").read_text()),
+              "recommendation": comparison.recommendation, "total_minutes": round((time.perf_counter() - t_start) / 60,
+                                                                                  1)}
     (OUT / "results.json").write_text(json.dumps(result, indent=2, default=str))
+    console.print(f"results: {OUT / 'results.json'}, table: {OUT / 'table.md'}")
     return result
+
+
+def _n(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 if __name__ == "__main__":
@@ -149,4 +202,5 @@ if __name__ == "__main__":
     def opt(flag: str) -> str | None:
         return args[args.index(flag) + 1] if flag in args else None
 
-    run(quick="--quick" in args, pal=opt("--pal"), cot=opt("--cot"))
+    run(quick="--quick" in args, retail=opt("--retail"), gsm8k=opt("--gsm8k"),
+        trials=int(opt("--trials")) if opt("--trials") else None)
