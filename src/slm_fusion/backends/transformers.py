@@ -387,6 +387,9 @@ class TransformersBackend:
         running batch does not use beyond `max_adapters`."""
         from peft import PeftModel
 
+        from slm_fusion.backends.lora_batch import BatchedLoRA
+
+        changed = False
         for job in jobs:
             path = job.req.adapter
             if path is None:
@@ -394,6 +397,7 @@ class TransformersBackend:
             if path in self.adapters:
                 self.adapters.move_to_end(path)
                 continue
+            changed = True
             in_use = {r.job.req.adapter for r in running.rows} if running else set()
             in_use |= {j.req.adapter for j in jobs}
             for old in [p for p in self.adapters if p not in in_use][:max(0, len(self.adapters) + 1
@@ -407,6 +411,8 @@ class TransformersBackend:
                 self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
             self.model.eval()
             self.adapters[path] = name
+        if changed:  # mixed-adapter batches take one gathered matmul per layer (lora_batch), restacked on change
+            BatchedLoRA(self.model).install()
 
     @staticmethod
     def _joinable(cache: Any) -> bool:
