@@ -66,16 +66,26 @@ def _req(text: str, **kw) -> RoutingRequest:
     ],
 )
 def test_rules_first_match_wins(rules, text, kw, model, why):
-    d = rules.route(_req(text, **kw))
+    d = asyncio.run(rules.route(_req(text, **kw)))
     assert d.model == model
     assert why in d.reason
     assert d.router == "r"
     assert d.header().startswith("r;score=")
 
 
+def test_rules_decide_without_suspending(rules):
+    """The rules path never leaves the event loop (no thread hop): its coroutine finishes on the first step, through
+    the virtual model the gateway awaits too."""
+    vm = build_routers(_config(routers={"r": RULES}, virtual_models={"auto": {"router": "r"}}))["auto"]
+    for coro in (rules.route(_req("How many in total?")), vm.route(_req("How many in total?"))):
+        with pytest.raises(StopIteration) as done:
+            coro.send(None)
+        assert done.value.value.model == "math"
+
+
 def test_rule_order_matters(rules):
     # Both the code regex and the math keywords match: the earlier rule (coder) wins.
-    d = rules.route(_req("def f(): how many items in total?"))
+    d = asyncio.run(rules.route(_req("def f(): how many items in total?")))
     assert d.model == "coder"
 
 

@@ -1,7 +1,11 @@
-"""The router protocol: `route(RoutingRequest) -> RouteDecision`, and the registry mapping config names to classes.
+"""The router protocol: `async route(RoutingRequest) -> RouteDecision | ExecutionPlan`, and the registry mapping
+config names to classes.
 
-A router is one method (as in RouteLLM). It sees plain Python — the conversation, the last user turn, request
-headers, `user` — never OpenAI's JSON: `routing_request(body, headers)` is the one place that translates.
+A router is one method (as in RouteLLM), always a coroutine, so every caller (the gateway, a cascade, `route-eval`)
+awaits it the same way. A router whose decision computes (an embedding) runs that part off the event loop itself,
+with `asyncio.to_thread` inside its own `route`; a router that only matches text (rules) returns without ever
+suspending. It sees plain Python — the conversation, the last user turn, request headers, `user` — never OpenAI's
+JSON: `routing_request(body, headers)` is the one place that translates.
 Each router class declares a pydantic `Config` (unknown keys rejected) and `targets()`, the model names it can
 choose, so a config that names a missing model fails when it loads (`slm-fusion check`), not at request time.
 """
@@ -79,8 +83,10 @@ class RouteDecision:
 
 class Router(Protocol):
     name: str
+    kind: str
 
-    def route(self, request: RoutingRequest) -> RouteDecision: ...
+    async def route(self, request: RoutingRequest) -> RouteDecision | ExecutionPlan:
+        """The decision for one request; its `model` is always a configured model name."""
 
     def targets(self) -> set[str]:
         """Every model this router may choose (checked against the configured models at load time)."""
@@ -111,7 +117,6 @@ class RouterBase:
     """Shared plumbing: parse `Config` from the YAML dict, then `setup()`."""
 
     kind: ClassVar[str] = ""
-    blocking: ClassVar[bool] = False  # True: route() computes (embeddings), run it off the event loop
 
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -135,7 +140,7 @@ class RouterBase:
     def targets(self) -> set[str]:
         raise NotImplementedError
 
-    def route(self, request: RoutingRequest) -> RouteDecision:
+    async def route(self, request: RoutingRequest) -> RouteDecision | ExecutionPlan:
         raise NotImplementedError
 
     def decide(self, model: str, score: float, reason: str, label: str | None = None) -> RouteDecision:

@@ -36,7 +36,7 @@ class OutputFusion(RouterBase):
     def targets(self) -> set[str]:
         return set(self.cfg.models)
 
-    def route(self, request: RoutingRequest) -> ExecutionPlan:
+    async def route(self, request: RoutingRequest) -> ExecutionPlan:
         return ExecutionPlan(model=self.cfg.models[0], score=0.0, reason=self.cfg.fusion, router=self.name,
                              path=list(self.cfg.models), runner=self._run)
 

@@ -17,6 +17,7 @@ routers:
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 from typing import Literal
 
@@ -52,8 +53,6 @@ def _prompts_from_file(path) -> list[str]:
 
 @register("semantic")
 class SemanticRouter(RouterBase):
-    blocking = True
-
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")
         default: str = Field(..., description="Model used when no exemplar set is similar enough.")
@@ -120,8 +119,10 @@ class SemanticRouter(RouterBase):
         best = int(np.argmax(scores))
         return best, float(scores[best]), f"knn top-{self.cfg.k} mean"
 
-    def route(self, request: RoutingRequest) -> RouteDecision:
-        best, score, how = self.scores(self.embedder.embed_one(request.text))
+    async def route(self, request: RoutingRequest) -> RouteDecision:
+        # The embedding takes milliseconds of CPU: off the event loop. Scoring it against the exemplars is one matmul.
+        vector = await asyncio.to_thread(self.embedder.embed_one, request.text)
+        best, score, how = self.scores(vector)
         label = self.labels[best]
         if score < self.cfg.threshold:
             return self.decide(self.cfg.default, score, f"nearest {label} {score:.2f}<{self.cfg.threshold}: default")

@@ -13,41 +13,37 @@ An explicit real model name never goes through a router. Everything is checked w
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from slm_fusion.routing.base import (
     ROUTERS,
+    ExecutionPlan,
     RouteDecision,
     RouterBase,
     RouterContext,
     RoutingConfigError,
+    RoutingRequest,
     build_router,
-    routing_request,
 )
 from slm_fusion.routing.fusion import OutputFusion
 
 
 class VirtualModel:
-    """The object the gateway calls for a virtual name: `await route(body, headers)` -> decision."""
-
-    wants_headers = True  # the gateway passes request headers (rules may match on them)
+    """A name clients send as `model`, and the router that resolves it: a `Router` itself (`await route(request)`),
+    so the gateway treats every virtual model alike."""
 
     def __init__(self, name: str, router: RouterBase) -> None:
         self.name = name
         self.router = router
+        self.kind = router.kind
 
     def targets(self) -> set[str]:
         return self.router.targets()
 
-    async def route(self, body: Any, headers: Mapping[str, str] | None = None) -> RouteDecision:
-        request = routing_request(body, headers)
+    async def route(self, request: RoutingRequest) -> RouteDecision | ExecutionPlan:
         request.model = self.name
-        if getattr(self.router, "blocking", False):  # embeddings take milliseconds: keep the event loop free
-            return await asyncio.to_thread(self.router.route, request)
-        return self.router.route(request)
+        return await self.router.route(request)
 
 
 def _virtual_items(raw: dict[str, Any] | list[Any]) -> list[tuple[str, dict[str, Any]]]:
