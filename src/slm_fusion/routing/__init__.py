@@ -1,5 +1,5 @@
-"""Routing: `Router.route(request) -> RouteDecision` and a registry of routers (`rules`, `semantic`, `classifier`,
-`cascade`), virtual model names that use them, output fusion, replica choice and fallbacks.
+"""Routing: `await Router.route(request) -> RouteDecision | ExecutionPlan` and a registry of routers (`rules`,
+`semantic`, `classifier`, `cascade`, `fusion`), virtual model names that use them, replica choice and fallbacks.
 """
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from slm_fusion.routing import cascade, classifier, rules, semantic  # noqa: F401 — importing registers the routers
+from slm_fusion.routing import cascade, classifier, fusion, rules, semantic  # noqa: F401 — importing registers them
 from slm_fusion.routing.base import (
     ROUTERS,
     CallModel,

@@ -6,7 +6,7 @@ routers:
 virtual_models:
   auto: {router: topic}                                      # a router defined in `routers:`
   by-length: {router: rules, default: smol, rules: [...]}    # or a router type with its config inline
-  ensemble: {fusion: vote, models: [smol, smol-gguf, big]}   # output fusion (slm_fusion.routing.fusion)
+  ensemble: {fusion: vote, models: [smol, smol-gguf, big]}   # output fusion: short for {router: fusion, fusion: vote, ...}
 ```
 An explicit real model name never goes through a router. Everything is checked when the config loads.
 """
@@ -26,7 +26,6 @@ from slm_fusion.routing.base import (
     RoutingRequest,
     build_router,
 )
-from slm_fusion.routing.fusion import OutputFusion
 
 
 class VirtualModel:
@@ -80,8 +79,8 @@ def build_virtual_models(
         if not isinstance(spec, dict):
             raise RoutingConfigError(f"{where}: must be a mapping like {{router: NAME}} or {{fusion: vote, models: [...]}}")
         spec = dict(spec)
-        if "fusion" in spec:
-            router: RouterBase = OutputFusion(name, spec, ctx)
+        if "fusion" in spec and "router" not in spec:  # the short form: `{fusion: vote, models: [...]}`
+            router: RouterBase = build_router(name, {"type": "fusion", **spec}, ctx)
         elif "router" in spec:
             ref = spec.pop("router")
             if ref in ctx.routers:
