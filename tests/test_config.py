@@ -121,3 +121,22 @@ def test_late_knobs_enter_the_hash_only_when_set():
     assert stage_hash(a_conditioned, "traces") == stage_hash(b, "traces")
     c = build_config({**cot, "eval": {"calculator": True}})
     assert stage_hash(a, "train") == stage_hash(c, "train") and stage_hash(a, "eval") != stage_hash(c, "eval")
+
+
+def test_one_formatter_names_the_field_path_for_every_config():
+    """`format_validation_error` serves ReasonLite's and the gateway's configs; `field_path` is the one path helper."""
+    from pydantic import ValidationError
+
+    from reasonlite.config import field_path, format_validation_error
+    from slm_fusion.config import FusionConfig
+
+    assert field_path(("body", "messages", 0, "role"), skip=("body",)) == "messages.0.role"
+    assert field_path(()) == "(root)" and field_path(("body",), skip=("body",), empty="body") == "body"
+    with pytest.raises(ValidationError) as e:
+        FusionConfig.model_validate({"server": {"acess_log": False, "max_request_bytes": 10}})
+    text = format_validation_error(e.value, "gateway.yaml", schema=FusionConfig)
+    assert text.splitlines() == [
+        "invalid gateway.yaml:",
+        "  server.max_request_bytes: Input should be greater than or equal to 1024 (got 10)",
+        "  server.acess_log: unknown field; did you mean `access_log`?",
+    ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -289,24 +290,40 @@ class ConfigError(ValueError):
     """A config that failed validation; the message lists each bad dotted path with the fix."""
 
 
-def format_validation_error(err: ValidationError, source: str = "config") -> str:
+def field_path(loc: Sequence[int | str], skip: Collection[str] = (), empty: str = "(root)") -> str:
+    """The dotted field path of one pydantic error location (`train.learning_rate`, `models.0.name`): the one way
+    every config and HTTP error names its field. `skip` drops wrapper parts (FastAPI's `body`)."""
+    return ".".join(str(p) for p in loc if p not in skip) or empty
+
+
+def format_validation_error(err: ValidationError, source: str = "config", schema: type[BaseModel] | None = None,
+                            listing: str = "`reasonlite config show` lists every field") -> str:
+    """One line per error, `path: what is wrong (got value)`, under `invalid {source}:`. An unknown field gets the
+    closest field of `schema` (default `ReasonLiteConfig`) as a suggestion, else `listing`; a message a validator
+    wrote with its own dotted path (cross-field checks, located at the model) is shown as written."""
     lines = [f"invalid {source}:"]
     for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"]) or "(root)"
+        path = field_path(e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            hint = _did_you_mean(e["loc"])
-            msg = (f"unknown field; did you mean `{hint}`?" if hint else
-                   "unknown field; check the spelling (`reasonlite config show` lists every field)")
-        lines.append(f"  {path}: {msg} (got {e.get('input')!r})" if e["type"] != "extra_forbidden" else f"  {path}: {msg}")
+            hint = _did_you_mean(e["loc"], schema)
+            lines.append(f"  {path}: " + (f"unknown field; did you mean `{hint}`?" if hint else
+                                         f"unknown field; check the spelling ({listing})"))
+        elif msg.startswith((f"{path}:", f"{path}.")) or (not e["loc"] and ": " in msg):
+            lines.append(f"  {msg}")
+        elif e["type"] == "missing":
+            lines.append(f"  {path}: {msg}")
+        else:
+            got = repr(e.get("input"))
+            lines.append(f"  {path}: {msg} (got {got if len(got) <= 120 else got[:117] + '...'})")
     return "\n".join(lines)
 
 
-def _did_you_mean(loc: tuple) -> str | None:
+def _did_you_mean(loc: tuple, schema: type[BaseModel] | None = None) -> str | None:
     """The field of the section at `loc[:-1]` closest to the unknown `loc[-1]` (`train.lr` -> `learning_rate`)."""
     import difflib
 
-    model: Any = ReasonLiteConfig
+    model: Any = schema or ReasonLiteConfig
     for key in loc[:-1]:
         field = getattr(model, "model_fields", {}).get(key)
         model = getattr(field, "annotation", None) if field else None

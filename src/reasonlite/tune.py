@@ -35,7 +35,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from reasonlite.config import ConfigError, ReasonLiteConfig, _did_you_mean, build_config, get_dotted
+from reasonlite.config import (
+    ConfigError,
+    ReasonLiteConfig,
+    _did_you_mean,
+    build_config,
+    format_validation_error,
+    get_dotted,
+)
 
 console = Console()
 
@@ -63,8 +70,8 @@ def load_space(path: Path, base: ReasonLiteConfig) -> SearchSpace:
     try:
         space = SearchSpace.model_validate(yaml.safe_load(Path(path).read_text()) or {})
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
-        raise ConfigError(f"invalid search space {path}: {problems}") from None
+        raise ConfigError(format_validation_error(e, f"search space {path}", schema=SearchSpace,
+                                                  listing="see examples/tune_space.yaml")) from None
     dumped = base.model_dump()
     for name, spec in space.params.items():
         for dotted in (name, *spec.also):
