@@ -140,3 +140,7 @@ def test_one_formatter_names_the_field_path_for_every_config():
         "  server.max_request_bytes: Input should be greater than or equal to 1024 (got 10)",
         "  server.acess_log: unknown field; did you mean `access_log`?",
     ]
+    with pytest.raises(ValidationError) as e:  # a cross-field check names its own path: shown as written
+        FusionConfig.model_validate({"routing": {"fallbacks": {"a": ["b"]}}})
+    assert format_validation_error(e.value, schema=FusionConfig).splitlines()[1] == \
+        "  routing.fallbacks.a: model 'a' is not configured; use one of []"

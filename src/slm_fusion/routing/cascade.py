@@ -138,7 +138,7 @@ class CascadeRouter(RouterBase):
             router = ctx.routers.get(self.cfg.classifier)
             if router is None or getattr(router, "kind", "") != "classifier":
                 raise RoutingConfigError(
-                    f"routers.{self.name}.classifier: '{self.cfg.classifier}' is not a classifier router defined "
+                    f"{self.where}.classifier: '{self.cfg.classifier}' is not a classifier router defined "
                     "earlier in `routers:`; define it first"
                 )
             self.classifier = router

@@ -131,7 +131,7 @@ class ClassifierRouter(RouterBase):
 
     def setup(self, ctx: RouterContext) -> None:
         if self.cfg.threshold > 0 and self.cfg.default is None:
-            raise RoutingConfigError(f"routers.{self.name}: `threshold` > 0 needs a `default` model")
+            raise RoutingConfigError(f"{self.where}: `threshold` > 0 needs a `default` model")
         self.bundle = load_classifier(ctx.path(self.cfg.path), self.cfg.embedding, load_model=ctx.load_models)
         self.clf = self.bundle["classifier"]
         self.labels: list[str] = self.bundle["labels"]

@@ -71,7 +71,7 @@ class SemanticRouter(RouterBase):
     def setup(self, ctx: RouterContext) -> None:
         if self.cfg.embedding not in EMBEDDING_MODELS:
             raise RoutingConfigError(
-                f"routers.{self.name}.embedding: unknown '{self.cfg.embedding}'; use one of {sorted(EMBEDDING_MODELS)}"
+                f"{self.where}.embedding: unknown '{self.cfg.embedding}'; use one of {sorted(EMBEDDING_MODELS)}"
             )
         by_model: dict[str, list[str]] = defaultdict(list)
         for model, prompts in self.cfg.exemplars.items():
@@ -82,12 +82,12 @@ class SemanticRouter(RouterBase):
                 by_model[row.model].append(row.prompt)
         if not by_model:
             raise RoutingConfigError(
-                f"routers.{self.name}: no exemplars; give `exemplars: {{model: [prompts...]}}` or `exemplars_file`"
+                f"{self.where}: no exemplars; give `exemplars: {{model: [prompts...]}}` or `exemplars_file`"
             )
         for model, prompts in by_model.items():
             if not prompts:
-                raise RoutingConfigError(f"routers.{self.name}.exemplars.{model}: empty exemplar set; add prompts")
-            ctx.check_model(self.cfg.labels.get(model, model), f"routers.{self.name}.exemplars ({model})")
+                raise RoutingConfigError(f"{self.where}.exemplars.{model}: empty exemplar set; add prompts")
+            ctx.check_model(self.cfg.labels.get(model, model), f"{self.where}.exemplars ({model})")
         self.labels = sorted(by_model)
         if not ctx.load_models:
             return

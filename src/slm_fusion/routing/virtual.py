@@ -8,7 +8,8 @@ virtual_models:
   by-length: {router: rules, default: smol, rules: [...]}    # or a router type with its config inline
   ensemble: {fusion: vote, models: [smol, smol-gguf, big]}   # output fusion: short for {router: fusion, fusion: vote, ...}
 ```
-An explicit real model name never goes through a router. Everything is checked when the config loads.
+An explicit real model name never goes through a router. The sections are typed (`routing.specs`) and validated
+when the config loads; building checks what needs files (exemplars, classifier labels).
 """
 
 from __future__ import annotations
@@ -17,15 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from slm_fusion.routing.base import (
-    ROUTERS,
     ExecutionPlan,
     RouteDecision,
     RouterBase,
     RouterContext,
-    RoutingConfigError,
     RoutingRequest,
     build_router,
 )
+from slm_fusion.routing.specs import RouterRef
 
 
 class VirtualModel:
@@ -45,58 +45,23 @@ class VirtualModel:
         return await self.router.route(request)
 
 
-def _virtual_items(raw: dict[str, Any] | list[Any]) -> list[tuple[str, dict[str, Any]]]:
-    if isinstance(raw, dict):
-        return list(raw.items())
-    items = []
-    for i, entry in enumerate(raw):
-        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
-            raise RoutingConfigError(f"virtual_models[{i}]: each entry needs a `name`")
-        spec = dict(entry)
-        items.append((spec.pop("name"), spec))
-    return items
-
-
 def build_virtual_models(
-    routers: dict[str, Any], virtual_models: dict[str, Any] | list[Any], models: set[str],
+    routers: dict[str, Any], virtual_models: dict[str, Any], models: set[str],
     base_dir: Path | None = None, load_models: bool = True,
 ) -> dict[str, VirtualModel]:
-    """Build every router and virtual model; RoutingConfigError names the bad entry and the fix.
+    """Build every router and virtual model from the validated sections (`routing.specs`: `RouterSpec` and
+    `VirtualModelSpec` values); RoutingConfigError names the bad entry and the fix.
 
     `load_models=False` checks everything (models, files, labels, embedding ids) without loading embedding models.
     """
 
     ctx = RouterContext(models=set(models), base_dir=base_dir or Path.cwd(), load_models=load_models)
-    for name, spec in (routers or {}).items():
-        if name in models:
-            raise RoutingConfigError(f"routers.{name}: name clashes with a configured model; rename the router")
+    for name, spec in routers.items():
         ctx.routers[name] = build_router(name, spec, ctx)
     out: dict[str, VirtualModel] = {}
-    for name, spec in _virtual_items(virtual_models or {}):
-        where = f"virtual_models.{name}"
-        if name in models:
-            raise RoutingConfigError(f"{where}: name clashes with a configured model; pick another name")
-        if not isinstance(spec, dict):
-            raise RoutingConfigError(f"{where}: must be a mapping like {{router: NAME}} or {{fusion: vote, models: [...]}}")
-        spec = dict(spec)
-        if "fusion" in spec and "router" not in spec:  # the short form: `{fusion: vote, models: [...]}`
-            router: RouterBase = build_router(name, {"type": "fusion", **spec}, ctx)
-        elif "router" in spec:
-            ref = spec.pop("router")
-            if ref in ctx.routers:
-                if spec:
-                    raise RoutingConfigError(
-                        f"{where}: router '{ref}' is defined in `routers:`; move {sorted(spec)} there"
-                    )
-                router = ctx.routers[ref]
-            elif ref in ROUTERS:
-                router = build_router(name, {"type": ref, **spec}, ctx)
-            else:
-                raise RoutingConfigError(
-                    f"{where}.router: '{ref}' is neither a router in `routers:` ({sorted(ctx.routers)}) "
-                    f"nor a router type ({sorted(ROUTERS)})"
-                )
-        else:
-            raise RoutingConfigError(f"{where}: give `router: NAME` or `fusion: vote|first_valid` with `models`")
+    for name, spec in virtual_models.items():
+        # `{router: NAME}` shares the router built above; a router written inline is built for this name.
+        router = ctx.routers[spec.router] if isinstance(spec, RouterRef) \
+            else build_router(name, spec, ctx, where=f"virtual_models.{name}")
         out[name] = VirtualModel(name, router)
     return out
