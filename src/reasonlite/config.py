@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -125,15 +126,71 @@ class TracesConfig(Section):
     augment: AugmentConfig = Field(default_factory=AugmentConfig, description="program-aided augmentation of verified programs (no teacher)")
 
 
+# Knobs renamed so that one knob has one name in reasonlite's YAML and the gateway's (old dotted name -> new): the
+# old name is accepted for one release with a one-line warning, and hashes keep using it (`config_hash`), so the
+# rename re-runs no finished stage and a tune study started before it still resumes.
+RENAMED_KNOBS: dict[str, str] = {"budget.inference_cap": "budget.reasoning_budget"}
+_warned_renames: set[str] = set()
+log = logging.getLogger("reasonlite.config")
+
+
+def current_name(dotted: str) -> str:
+    """The knob's name today (`budget.inference_cap` -> `budget.reasoning_budget`, with the one-line warning)."""
+    new = RENAMED_KNOBS.get(dotted)
+    if new is None:
+        return dotted
+    if dotted not in _warned_renames:  # once per process: tune builds a config per trial
+        _warned_renames.add(dotted)
+        log.warning("warning: %s is deprecated, rename it %s (the old name goes in the next release)", dotted, new)
+    return new
+
+
+def accept_renamed(data: Any, section: str) -> Any:
+    """`data` (one section's raw mapping) with each old knob name of `section` moved to its new name."""
+    if not isinstance(data, dict):
+        return data
+    for old, new in RENAMED_KNOBS.items():
+        old_section, old_field = old.rsplit(".", 1)
+        new_field = new.rsplit(".", 1)[1]
+        if old_section != section or old_field not in data:
+            continue
+        if new_field in data:
+            raise ValueError(f"{old} and {new} are the same knob (old and new name): keep only {new}")
+        current_name(old)
+        data = {**data, new_field: data[old_field]}
+        del data[old_field]
+    return data
+
+
+def hash_names(picked: dict) -> dict:
+    """`picked` (dotted section -> dumped value) with renamed knobs under their old names, for stable hashes."""
+    out = dict(picked)
+    for old, new in RENAMED_KNOBS.items():
+        if new in out:
+            out[old] = out.pop(new)
+        section, old_field = old.rsplit(".", 1)
+        new_field = new.rsplit(".", 1)[1]
+        if isinstance(out.get(section), dict) and new_field in out[section]:
+            inner = dict(out[section])
+            inner[old_field] = inner.pop(new_field)
+            out[section] = inner
+    return out
+
+
 class BudgetConfig(Section):
     max_trace_tokens: int | None = Field(None, ge=1, description="data side: rationale token budget (student tokenizer); None = no cap")
     data_policy: Literal["drop", "prefer_shortest", "truncate"] = Field("drop", description="what to do with traces over max_trace_tokens")
     condition_training: bool = Field(False, description="train side: state a token budget in the prompt, drawn from the trace's length bucket")
     buckets: list[int] = Field([32, 64, 128, 256, 512], description="length buckets for budget-conditioned prompts")
     compress: bool = Field(False, description="cot, with condition_training: also train on each rationale's compressed form (its equations, single-use results inlined) at that form's bucket")
-    inference_cap: int | None = Field(None, ge=1, description="inference side: hard cap on reasoning tokens; None = max_new_tokens")
+    reasoning_budget: int | None = Field(None, ge=1, description="inference side: hard cap on reasoning tokens (the gateway's reasoning.reasoning_budget); None = max_new_tokens")
     forcing: bool = Field(True, description="when the cap is hit before an answer, append the answer cue and generate the answer")
     answer_tokens: int = Field(16, ge=1, description="tokens allowed for the forced answer after the cue")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        return accept_renamed(data, "budget")
 
     @field_validator("buckets")
     @classmethod
@@ -282,7 +339,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "traces": ("data", "teacher", "traces", "budget.max_trace_tokens", "budget.data_policy", "student.model"),
     "train": ("traces", "student", "train", "contrastive", "budget.condition_training", "budget.buckets",
               "budget.compress"),
-    "eval": ("eval", "budget.inference_cap", "budget.forcing", "budget.answer_tokens"),
+    "eval": ("eval", "budget.reasoning_budget", "budget.forcing", "budget.answer_tokens"),
 }
 
 
@@ -365,7 +422,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 def build_config(data: dict | None = None, overrides: dict[str, Any] | None = None, source: str = "config") -> ReasonLiteConfig:
     data = json.loads(json.dumps(data or {}))  # deep copy
     for key, value in (overrides or {}).items():
-        set_dotted(data, key, value)
+        set_dotted(data, current_name(key), value)
     try:
         return ReasonLiteConfig.model_validate(data)
     except ValidationError as err:
@@ -418,7 +475,7 @@ def _drop_late_defaults(picked: dict) -> None:
 def config_hash(cfg: ReasonLiteConfig, sections: tuple[str, ...] | None = None) -> str:
     """Stable short hash of the whole config or of the given dotted sections."""
     full = cfg.model_dump(mode="json")
-    picked = dict(full) if sections is None else {s: get_dotted(full, s) for s in sections}
+    picked = hash_names(dict(full) if sections is None else {s: get_dotted(full, s) for s in sections})
     _drop_late_defaults(picked)
     blob = json.dumps(picked, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

@@ -40,8 +40,10 @@ from reasonlite.config import (
     ReasonLiteConfig,
     _did_you_mean,
     build_config,
+    current_name,
     format_validation_error,
     get_dotted,
+    hash_names,
 )
 
 console = Console()
@@ -76,7 +78,7 @@ def load_space(path: Path, base: ReasonLiteConfig) -> SearchSpace:
     for name, spec in space.params.items():
         for dotted in (name, *spec.also):
             try:
-                get_dotted(dumped, dotted)
+                get_dotted(dumped, current_name(dotted))
             except (KeyError, AttributeError, TypeError):
                 hint = _did_you_mean(tuple(dotted.split(".")))
                 fix = f"did you mean `{dotted.rsplit('.', 1)[0] + '.' if '.' in dotted else ''}{hint}`?" if hint else \
@@ -129,7 +131,7 @@ def check_storage_url(url: str) -> None:
 
 def base_config_hash(cfg: ReasonLiteConfig) -> str:
     """Hash of the config a study searches around (its name, folder and tune section aside)."""
-    data = cfg.model_dump(mode="json")
+    data = hash_names(cfg.model_dump(mode="json"))  # a renamed knob hashes under its old name: studies resume
     for key in ("name", "runs_dir", "tune"):
         data.pop(key, None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
