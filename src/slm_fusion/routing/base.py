@@ -6,8 +6,10 @@ awaits it the same way. A router whose decision computes (an embedding) runs tha
 with `asyncio.to_thread` inside its own `route`; a router that only matches text (rules) returns without ever
 suspending. It sees plain Python — the conversation, the last user turn, request headers, `user` — never OpenAI's
 JSON: `routing_request(body, headers)` is the one place that translates.
-Each router class declares a pydantic `Config` (unknown keys rejected) and `targets()`, the model names it can
-choose, so a config that names a missing model fails when it loads (`slm-fusion check`), not at request time.
+Each router class declares a pydantic `Config` (unknown keys rejected; `register` tags it with `type`, and
+`routing.specs` makes the union of them the type of a `routers:` entry, validated when the YAML loads) and
+`targets()`, the model names it can choose, checked when the routers are built (`slm-fusion check` builds them), so a
+config that names a missing model fails before serving, not at request time.
 """
 
 from __future__ import annotations
