@@ -242,8 +242,8 @@ def test_gateway_paths_are_relative_to_the_yaml(tmp_path, monkeypatch):
     assert cfg.models[0].model == str(conf / "m.gguf")
     assert cfg.models[1].model == "tiny-random-llama"  # aliases untouched
     assert cfg.models[1].reasoning.verifier_path == str(conf / "verifier")
-    assert cfg.virtual_models["learned"]["path"] == str(conf / "router.pkl")
-    assert cfg.virtual_models["s"]["exemplars_file"] == str(conf / "ex.jsonl")
+    assert cfg.virtual_models["learned"].path == str(conf / "router.pkl")
+    assert cfg.virtual_models["s"].exemplars_file == str(conf / "ex.jsonl")
 
 
 def test_merge_lora_refuses_a_full_model(files, tmp_path):

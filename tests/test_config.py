@@ -121,3 +121,52 @@ def test_late_knobs_enter_the_hash_only_when_set():
     assert stage_hash(a_conditioned, "traces") == stage_hash(b, "traces")
     c = build_config({**cot, "eval": {"calculator": True}})
     assert stage_hash(a, "train") == stage_hash(c, "train") and stage_hash(a, "eval") != stage_hash(c, "eval")
+
+
+def test_one_formatter_names_the_field_path_for_every_config():
+    """`format_validation_error` serves ReasonLite's and the gateway's configs; `field_path` is the one path helper."""
+    from pydantic import ValidationError
+
+    from reasonlite.config import field_path, format_validation_error
+    from slm_fusion.config import FusionConfig
+
+    assert field_path(("body", "messages", 0, "role"), skip=("body",)) == "messages.0.role"
+    assert field_path(()) == "(root)" and field_path(("body",), skip=("body",), empty="body") == "body"
+    with pytest.raises(ValidationError) as e:
+        FusionConfig.model_validate({"server": {"acess_log": False, "max_request_bytes": 10}})
+    text = format_validation_error(e.value, "gateway.yaml", schema=FusionConfig)
+    assert text.splitlines() == [
+        "invalid gateway.yaml:",
+        "  server.max_request_bytes: Input should be greater than or equal to 1024 (got 10)",
+        "  server.acess_log: unknown field; did you mean `access_log`?",
+    ]
+    with pytest.raises(ValidationError) as e:  # a cross-field check names its own path: shown as written
+        FusionConfig.model_validate({"routing": {"fallbacks": {"a": ["b"]}}})
+    assert format_validation_error(e.value, schema=FusionConfig).splitlines()[1] == \
+        "  routing.fallbacks.a: model 'a' is not configured; use one of []"
+
+
+def test_the_inference_cap_has_the_gateways_name_and_the_old_one_still_loads(tmp_path, monkeypatch, caplog):
+    """`budget.reasoning_budget` (the gateway's `reasoning.reasoning_budget`); `budget.inference_cap` loads with one
+    warning line for one release, in a YAML and as an override, and hashes are those recorded before the rename."""
+    import logging
+
+    import reasonlite.config as rc
+    from reasonlite.tune import base_config_hash
+
+    monkeypatch.setattr(rc, "_warned_renames", set())
+    old = tmp_path / "old.yaml"
+    old.write_text("budget: {inference_cap: 160}\n")
+    with caplog.at_level(logging.WARNING, logger="reasonlite.config"):
+        cfg = load_config(old)
+        assert load_config(None, {"budget.inference_cap": 160}) == cfg
+    assert cfg.budget.reasoning_budget == 160 and "inference_cap" not in cfg.budget.model_dump()
+    warned = [r.getMessage() for r in caplog.records if "inference_cap" in r.getMessage()]
+    line = "warning: budget.inference_cap is deprecated, rename it budget.reasoning_budget (the old name goes in the next release)"
+    assert warned == [line]  # one line, once per process
+    assert build_config({"budget": {"reasoning_budget": 160}}) == cfg
+    with pytest.raises(ConfigError, match="same knob"):
+        build_config({"budget": {"inference_cap": 1, "reasoning_budget": 2}})
+    # Recorded with the code before the rename (budget.inference_cap: 160): finished stages and tune studies stay valid.
+    assert stage_hash(cfg, "eval") == "3bf438eba99c119b" and stage_hash(cfg, "train") == "c82094676286cb81"
+    assert config_hash(cfg) == "18c6261364eff4e4" and base_config_hash(cfg) == "c9d3e49641a19403"

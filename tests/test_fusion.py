@@ -24,7 +24,9 @@ def client(upstream):
                    upstream_model("b42", u, "answer-42"), upstream_model("echo", u, "echo"),
                    upstream_model("broken", u, "fail-500")],
         "server": {"access_log": False},
+        "routers": {"voted": {"type": "fusion", "fusion": "vote", "models": ["a7", "a42", "b42"]}},
         "virtual_models": {
+            "registered": {"router": "voted"},  # output fusion built by the router registry like any router
             "ensemble": {"fusion": "vote", "models": ["a7", "a42", "b42"]},
             "first": {"fusion": "first_valid", "models": ["echo", "a7", "a42"]},
             "degraded": {"fusion": "vote", "models": ["broken", "a42", "b42"]},
@@ -51,6 +53,18 @@ def test_majority_vote_returns_winner_and_agreement(client, upstream):
     assert h["x-slm-fusion-route"].startswith("ensemble;path=a7>a42>b42;score=0.667")
     # every specialist was asked exactly once
     assert upstream.hits["answer-7"] == before["answer-7"] + 1 and upstream.hits["answer-42"] == before["answer-42"] + 2
+
+
+def test_fusion_is_a_registered_router_kind(client):
+    """`type: fusion` in `routers:` is built by `build_router` and answers exactly as the short form does."""
+    from slm_fusion.routing import ROUTERS
+    from slm_fusion.routing.fusion import OutputFusion
+
+    assert ROUTERS["fusion"] is OutputFusion
+    r, h = _ask(client, "registered")
+    assert r.choices[0].message.content == "The answer is 42."
+    assert r.model_extra["slm_fusion"]["votes"] == {"42": 2, "7": 1} and h["x-slm-fusion-agreement"] == "0.667"
+    assert h["x-slm-fusion-route"].startswith("voted;path=a7>a42>b42")
 
 
 def test_first_valid_skips_completions_without_answer(client):

@@ -81,3 +81,26 @@ def test_ray_serve_options_come_from_the_model_config():
 def test_cli_address_needs_the_ray_engine(tmp_path):
     out = CliRunner().invoke(app, ["serve", str(write(tmp_path, "models: []\n")), "--address", "auto"])
     assert out.exit_code == 2 and "--address joins a Ray cluster: add --engine ray" in out.output
+
+
+ROUTING_MODELS = ("models:\n  - {name: small, backend: openai, model: s, base_url: http://127.0.0.1:9/v1}\n"
+                  "  - {name: big, backend: openai, model: b, base_url: http://127.0.0.1:9/v1}\n")
+
+
+@pytest.mark.parametrize("routing, line", [
+    ("routers:\n  r: {type: rulez, default: small}\n",
+     "routers.r: `type` must name a router class: one of cascade, classifier, fusion, rules, semantic"),
+    ("routers:\n  r: {type: rules, default: small, rulez: []}\n", "routers.r.rules.rulez: unknown field"),
+    ("virtual_models:\n  auto: {router: cascade, models: [small, big], treshold: 0.5}\n",
+     "virtual_models.auto.cascade.treshold: unknown field"),
+    ("virtual_models:\n  auto: {router: rules, default: ghost}\n",
+     "virtual_models.auto: model 'ghost' is not configured; use one of ['big', 'small'] or add it to `models:`"),
+    ("routers:\n  r: {type: rules, default: small}\nvirtual_models:\n  auto: {router: q}\n",
+     "virtual_models.auto.router: 'q' is neither a router in `routers:` (['r'])"),
+])
+def test_check_names_the_bad_routing_field(tmp_path, routing, line):
+    """`slm-fusion check` on a bad routing section: exit 2 and one line naming the field path and the fix."""
+    out = CliRunner().invoke(app, ["check", str(write(tmp_path, ROUTING_MODELS + routing))])
+    assert out.exit_code == 2, out.output
+    assert line in " ".join(out.output.split()), out.output  # rich may wrap a long line
+    assert "Traceback" not in out.output

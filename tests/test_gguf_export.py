@@ -160,7 +160,7 @@ def run_folder(sharp, tmp_path) -> Path:
     model, tokenizer, _ = sharp
     cfg = build_config({"name": "tiny-pal", "runs_dir": str(tmp_path / "runs"),
                         "student": {"model": "tiny-random-llama", "format": "pal"},
-                        "budget": {"inference_cap": 64}})
+                        "budget": {"reasoning_budget": 64}})
     run = tmp_path / "runs" / "tiny-pal"
     export_student(model, tokenizer, cfg, run / "train" / "model")
     (run / "config.yaml").write_text(dump_config(cfg))

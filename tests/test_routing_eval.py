@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -61,14 +62,14 @@ def test_router_accuracy_is_counted_in_model_space_with_a_labels_map():
         name, kind = "sem", "semantic"
         cfg = SimpleNamespace(labels={"math": "smol-math", "general": "smol-gguf"})
 
-        def route(self, request):
+        async def route(self, request):
             if "sum" in request.text:
                 return RouteDecision(model="smol-math", score=0.9, reason="", router="sem", path=[], label="math")
             return RouteDecision(model="smol-gguf", score=0.1, reason="default", router="sem", path=[])
 
     rows = [LabelledPrompt(prompt="sum these", model="math"), LabelledPrompt(prompt="a poem", model="general"),
             LabelledPrompt(prompt="hello", model="smol-gguf"), LabelledPrompt(prompt="sum it", model="general")]
-    result = evaluate_router(Labelled(), rows, warmup=0)
+    result = asyncio.run(evaluate_router(Labelled(), rows, warmup=0))
     assert result["labels"] == ["smol-gguf", "smol-math"]  # no label names mixed in
     assert result["accuracy"] == 0.75
     assert result["confusion"]["smol-gguf"] == {"smol-gguf": 2, "smol-math": 1}

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import pickle
 
 import pytest
+from pydantic import ValidationError
 
+from reasonlite.config import format_validation_error
 from slm_fusion import protocol as P
 from slm_fusion.config import FusionConfig
 from slm_fusion.errors import InvalidRequest, UpstreamError
@@ -66,16 +69,26 @@ def _req(text: str, **kw) -> RoutingRequest:
     ],
 )
 def test_rules_first_match_wins(rules, text, kw, model, why):
-    d = rules.route(_req(text, **kw))
+    d = asyncio.run(rules.route(_req(text, **kw)))
     assert d.model == model
     assert why in d.reason
     assert d.router == "r"
     assert d.header().startswith("r;score=")
 
 
+def test_rules_decide_without_suspending(rules):
+    """The rules path never leaves the event loop (no thread hop): its coroutine finishes on the first step, through
+    the virtual model the gateway awaits too."""
+    vm = build_routers(_config(routers={"r": RULES}, virtual_models={"auto": {"router": "r"}}))["auto"]
+    for coro in (rules.route(_req("How many in total?")), vm.route(_req("How many in total?"))):
+        with pytest.raises(StopIteration) as done:
+            coro.send(None)
+        assert done.value.value.model == "math"
+
+
 def test_rule_order_matters(rules):
     # Both the code regex and the math keywords match: the earlier rule (coder) wins.
-    d = rules.route(_req("def f(): how many items in total?"))
+    d = asyncio.run(rules.route(_req("def f(): how many items in total?")))
     assert d.model == "coder"
 
 
@@ -94,29 +107,73 @@ def test_routing_request_from_wire_bodies():
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
+        ({"virtual_models": {"auto": {"router": "missing"}}}, "virtual_models.auto.router: 'missing' is neither"),
+        ({"virtual_models": {"general": {"router": "rules", "default": "general"}}},
+         "virtual_models.general: name clashes with a configured"),
+        ({"routers": {"general": {"type": "rules", "default": "general"}}}, "routers.general: name clashes"),
+        ({"routers": {"r": {"type": "bogus"}}}, "routers.r: `type` must name a router class: one of cascade,"),
+        ({"routers": {"r": {"default": "general"}}}, "routers.r: `type` must name a router class"),
+        ({"routers": {"r": {"type": "rules", "default": "general", "rules": [{"model": "big", "regex": "("}]}}},
+         "routers.r.rules.rules.0.regex: not a valid regex"),
+        ({"routers": {"r": {"type": "rules", "default": "general", "colour": "red"}}},
+         "routers.r.rules.colour: unknown field"),
+        ({"virtual_models": {"v": {"router": "semantic", "exemplars": {"math": ["x"]}}}},
+         "virtual_models.v.semantic.default: Field required"),
+        ({"routers": {"r": RULES}, "virtual_models": {"v": {"router": "r", "default": "big"}}},
+         "virtual_models.v: router 'r' is defined in `routers:`; move ['default'] there"),
+        ({"virtual_models": {"v": {"models": ["general", "big"]}}}, "virtual_models.v: give `router: NAME`"),
+        ({"virtual_models": [{"name": "v", "router": "rules", "default": "big"}, {"name": "v", "fusion": "vote"}]},
+         "duplicate name 'v'"),
+        ({"routing": {"fallbacks": {"general": ["ghost"]}}}, "routing.fallbacks.general: model 'ghost' is not"),
+        ({"routing": {"fallbacks": {"general": ["general"]}}}, "its own fallback"),
+        ({"routing": {"embedding_threads": 0}}, "routing.embedding_threads"),
+    ],
+)
+def test_bad_routing_config_fails_when_the_config_loads(extra, message):
+    """Everything the YAML alone decides fails in `FusionConfig` validation, before any router is built."""
+    with pytest.raises(ValidationError) as e:
+        _config(**extra)
+    assert message in format_validation_error(e.value, schema=FusionConfig)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
         ({"routers": {"r": {**RULES, "default": "nope"}}, "virtual_models": {"auto": {"router": "r"}}},
          "model 'nope' is not configured"),
-        ({"virtual_models": {"auto": {"router": "missing"}}}, "neither a router"),
         ({"virtual_models": {"auto": {"router": "rules", "default": "general", "rules": [{"model": "x"}]}}},
          "model 'x' is not configured"),
-        ({"virtual_models": {"general": {"router": "rules", "default": "general"}}}, "clashes with a configured"),
-        ({"routers": {"r": {"type": "bogus"}}}, "'bogus' is not a router"),
-        ({"routers": {"r": {"type": "rules", "default": "general", "rules": [{"model": "big", "regex": "("}]}}},
-         "not a valid regex"),
-        ({"routers": {"r": {"type": "rules", "default": "general", "colour": "red"}}}, "colour"),
         ({"routers": {"s": {"type": "semantic", "default": "general", "exemplars": {"math": []}}}},
          "empty exemplar set"),
         ({"routers": {"c": {"type": "classifier", "path": "/nonexistent/router.pkl"}}}, "router train"),
         ({"virtual_models": {"ens": {"fusion": "vote", "models": ["general", "ghost"]}}}, "'ghost' is not configured"),
-        ({"routing": {"fallbacks": {"general": ["ghost"]}}}, "routing.fallbacks.general"),
-        ({"routing": {"fallbacks": {"general": ["general"]}}}, "its own fallback"),
         ({"routers": {"k": {"type": "cascade", "models": ["general", "big"], "classifier": "nope"}}},
          "not a classifier router"),
     ],
 )
-def test_bad_routing_config_fails_at_load(extra, message):
+def test_bad_routing_config_fails_when_the_routers_are_built(extra, message):
     with pytest.raises(RoutingConfigError, match=message.replace("(", r"\(")):
         build_routers(_config(**extra))
+
+
+def test_routing_sections_are_typed_when_the_config_loads():
+    from slm_fusion.routing import RouterRef, RoutingSettings
+    from slm_fusion.routing.fusion import OutputFusion
+    from slm_fusion.routing.rules import RulesRouter
+
+    cfg = _config(routers={"r": RULES},
+                  virtual_models=[{"name": "auto", "router": "r"}, {"name": "inline", "router": "rules", "default": "big"},
+                                  {"name": "ens", "fusion": "first_valid", "models": ["general", "big"]}],
+                  routing={"fallbacks": {"general": ["big"]}})
+    assert isinstance(cfg.routers["r"], RulesRouter.Config) and cfg.routers["r"].rules[2].model == "coder"
+    assert cfg.virtual_models["auto"] == RouterRef(router="r")
+    assert isinstance(cfg.virtual_models["inline"], RulesRouter.Config) and cfg.virtual_models["inline"].type == "rules"
+    assert isinstance(cfg.virtual_models["ens"], OutputFusion.Config) and cfg.virtual_models["ens"].fusion == "first_valid"
+    assert isinstance(cfg.routing, RoutingSettings) and cfg.routing.chain("general") == ["general", "big"]
+    # A dumped config loads back to the same sections (the canonical shape validates as written), and a pickled
+    # one too (Ray ships the config to its replicas).
+    assert FusionConfig.model_validate(cfg.model_dump()).virtual_models == cfg.virtual_models
+    assert pickle.loads(pickle.dumps(cfg)).routers == cfg.routers
 
 
 def test_deployment_health_cooldown_expires():

@@ -8,6 +8,7 @@ from pathlib import Path
 import joblib
 import numpy as np
 import pytest
+from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from slm_fusion.backends.base import Generation
@@ -74,7 +75,7 @@ def test_semantic_routes_hand_made_prompts(embedder, method):
     router = _build({"topic": {"type": "semantic", "default": "big", "method": method, "k": 5,
                                "threshold": 0.1, "exemplars_file": str(LABELLED)}})["topic"].router
     for model, prompt in PROMPTS.items():
-        d = router.route(_req(prompt))
+        d = asyncio.run(router.route(_req(prompt)))
         assert d.model == model, (method, prompt, d)
         assert 0.1 <= d.score <= 1.0 and d.router == "topic"
 
@@ -84,10 +85,31 @@ def test_semantic_threshold_falls_back_to_default(embedder, tmp_path):
     txt.write_text("How many apples are left after selling 5 of 12?\nWhat is 15 percent of 80?\n")
     router = _build({"s": {"type": "semantic", "default": "general", "threshold": 0.5, "k": 1,
                            "exemplars": {"math": str(txt), "retail": ["A shop sells mugs for $4 each."]}}})["s"].router
-    near = router.route(_req("How many apples remain after selling 7 of 20?"))
+    near = asyncio.run(router.route(_req("How many apples remain after selling 7 of 20?")))
     assert near.model == "math"
-    far = router.route(_req("Translate 'good night' into German."))
+    far = asyncio.run(router.route(_req("Translate 'good night' into German.")))
     assert far.model == "general" and "default" in far.reason and far.score < 0.5
+
+
+def test_semantic_embeds_off_the_event_loop(embedder, monkeypatch):
+    """`route` is a coroutine whose embedding runs in a worker thread, so the loop keeps serving meanwhile."""
+    import threading
+
+    router = _build({"topic": {"type": "semantic", "default": "big", "exemplars_file": str(LABELLED)}})["topic"].router
+    threads: list[int] = []
+    embed_one = router.embedder.embed_one
+
+    def recording(text):
+        threads.append(threading.get_ident())
+        return embed_one(text)
+
+    monkeypatch.setattr(router.embedder, "embed_one", recording)
+
+    async def decide():
+        return threading.get_ident(), await router.route(_req(PROMPTS["math"]))
+
+    loop_thread, d = asyncio.run(decide())
+    assert d.model == "math" and len(threads) == 1 and threads[0] != loop_thread
 
 
 def test_classifier_round_trip(classifier_file, embedder):
@@ -98,7 +120,7 @@ def test_classifier_round_trip(classifier_file, embedder):
     x = embedder.embed(list(PROMPTS.values()))
     direct = bundle["classifier"].predict(x)
     for (model, prompt), expected in zip(PROMPTS.items(), direct, strict=True):
-        d = router.route(_req(prompt))
+        d = asyncio.run(router.route(_req(prompt)))
         assert d.model == model == expected
         probs = router.probabilities(prompt)
         assert abs(sum(probs.values()) - 1) < 1e-6 and d.score == pytest.approx(probs[model])
@@ -131,9 +153,8 @@ def test_embedding_threads_come_from_the_routing_section(embedder):
         if router.embedder.session is not None:
             assert router.embedder.session.get_session_options().intra_op_num_threads == 2
         assert np.allclose(router.embedder.embed(["same vectors?"]), embedder.embed(["same vectors?"]), atol=1e-5)
-        bad = FusionConfig.model_validate({"models": MODELS, "routing": {"embedding_threads": 0}})
-        with pytest.raises(RoutingConfigError, match="embedding_threads"):
-            build_routers(bad)
+        with pytest.raises(ValidationError, match="embedding_threads"):  # refused when the config loads
+            FusionConfig.model_validate({"models": MODELS, "routing": {"embedding_threads": 0}})
     finally:
         embeddings.set_embedding_threads(1)
 
@@ -141,7 +162,7 @@ def test_embedding_threads_come_from_the_routing_section(embedder):
 def test_classifier_threshold_uses_default(classifier_file):
     router = _build({"c": {"type": "classifier", "path": str(classifier_file), "threshold": 0.999,
                            "default": "big"}})["c"].router
-    d = router.route(_req("hmm"))
+    d = asyncio.run(router.route(_req("hmm")))
     assert d.model == "big" and "default" in d.reason
 
 
@@ -179,11 +200,11 @@ def test_cascade_consults_classifier_before_generating(classifier_file):
         return [Generation(text="The answer is 3.", finish_reason="stop", prompt_tokens=1, completion_tokens=1)] * (
             kw.get("n") or 1)
 
-    plan = vm.router.route(_req(PROMPTS["general"]))  # the classifier says: not a retail prompt
+    plan = asyncio.run(vm.router.route(_req(PROMPTS["general"])))  # the classifier says: not a retail prompt
     asyncio.run(plan.execute(call))
     assert calls == ["big"] and plan.path == ["big"] and "p(retail)" in plan.reason
     calls.clear()
-    plan = vm.router.route(_req(PROMPTS["retail"]))
+    plan = asyncio.run(vm.router.route(_req(PROMPTS["retail"])))
     asyncio.run(plan.execute(call))
     assert calls == ["retail"] and plan.path == ["retail"]
 

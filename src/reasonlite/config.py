@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -124,15 +126,71 @@ class TracesConfig(Section):
     augment: AugmentConfig = Field(default_factory=AugmentConfig, description="program-aided augmentation of verified programs (no teacher)")
 
 
+# Knobs renamed so that one knob has one name in reasonlite's YAML and the gateway's (old dotted name -> new): the
+# old name is accepted for one release with a one-line warning, and hashes keep using it (`config_hash`), so the
+# rename re-runs no finished stage and a tune study started before it still resumes.
+RENAMED_KNOBS: dict[str, str] = {"budget.inference_cap": "budget.reasoning_budget"}
+_warned_renames: set[str] = set()
+log = logging.getLogger("reasonlite.config")
+
+
+def current_name(dotted: str) -> str:
+    """The knob's name today (`budget.inference_cap` -> `budget.reasoning_budget`, with the one-line warning)."""
+    new = RENAMED_KNOBS.get(dotted)
+    if new is None:
+        return dotted
+    if dotted not in _warned_renames:  # once per process: tune builds a config per trial
+        _warned_renames.add(dotted)
+        log.warning("warning: %s is deprecated, rename it %s (the old name goes in the next release)", dotted, new)
+    return new
+
+
+def accept_renamed(data: Any, section: str) -> Any:
+    """`data` (one section's raw mapping) with each old knob name of `section` moved to its new name."""
+    if not isinstance(data, dict):
+        return data
+    for old, new in RENAMED_KNOBS.items():
+        old_section, old_field = old.rsplit(".", 1)
+        new_field = new.rsplit(".", 1)[1]
+        if old_section != section or old_field not in data:
+            continue
+        if new_field in data:
+            raise ValueError(f"{old} and {new} are the same knob (old and new name): keep only {new}")
+        current_name(old)
+        data = {**data, new_field: data[old_field]}
+        del data[old_field]
+    return data
+
+
+def hash_names(picked: dict) -> dict:
+    """`picked` (dotted section -> dumped value) with renamed knobs under their old names, for stable hashes."""
+    out = dict(picked)
+    for old, new in RENAMED_KNOBS.items():
+        if new in out:
+            out[old] = out.pop(new)
+        section, old_field = old.rsplit(".", 1)
+        new_field = new.rsplit(".", 1)[1]
+        if isinstance(out.get(section), dict) and new_field in out[section]:
+            inner = dict(out[section])
+            inner[old_field] = inner.pop(new_field)
+            out[section] = inner
+    return out
+
+
 class BudgetConfig(Section):
     max_trace_tokens: int | None = Field(None, ge=1, description="data side: rationale token budget (student tokenizer); None = no cap")
     data_policy: Literal["drop", "prefer_shortest", "truncate"] = Field("drop", description="what to do with traces over max_trace_tokens")
     condition_training: bool = Field(False, description="train side: state a token budget in the prompt, drawn from the trace's length bucket")
     buckets: list[int] = Field([32, 64, 128, 256, 512], description="length buckets for budget-conditioned prompts")
     compress: bool = Field(False, description="cot, with condition_training: also train on each rationale's compressed form (its equations, single-use results inlined) at that form's bucket")
-    inference_cap: int | None = Field(None, ge=1, description="inference side: hard cap on reasoning tokens; None = max_new_tokens")
+    reasoning_budget: int | None = Field(None, ge=1, description="inference side: hard cap on reasoning tokens (the gateway's reasoning.reasoning_budget); None = max_new_tokens")
     forcing: bool = Field(True, description="when the cap is hit before an answer, append the answer cue and generate the answer")
     answer_tokens: int = Field(16, ge=1, description="tokens allowed for the forced answer after the cue")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        return accept_renamed(data, "budget")
 
     @field_validator("buckets")
     @classmethod
@@ -281,7 +339,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "traces": ("data", "teacher", "traces", "budget.max_trace_tokens", "budget.data_policy", "student.model"),
     "train": ("traces", "student", "train", "contrastive", "budget.condition_training", "budget.buckets",
               "budget.compress"),
-    "eval": ("eval", "budget.inference_cap", "budget.forcing", "budget.answer_tokens"),
+    "eval": ("eval", "budget.reasoning_budget", "budget.forcing", "budget.answer_tokens"),
 }
 
 
@@ -289,24 +347,40 @@ class ConfigError(ValueError):
     """A config that failed validation; the message lists each bad dotted path with the fix."""
 
 
-def format_validation_error(err: ValidationError, source: str = "config") -> str:
+def field_path(loc: Sequence[int | str], skip: Collection[str] = (), empty: str = "(root)") -> str:
+    """The dotted field path of one pydantic error location (`train.learning_rate`, `models.0.name`): the one way
+    every config and HTTP error names its field. `skip` drops wrapper parts (FastAPI's `body`)."""
+    return ".".join(str(p) for p in loc if p not in skip) or empty
+
+
+def format_validation_error(err: ValidationError, source: str = "config", schema: type[BaseModel] | None = None,
+                            listing: str = "`reasonlite config show` lists every field") -> str:
+    """One line per error, `path: what is wrong (got value)`, under `invalid {source}:`. An unknown field gets the
+    closest field of `schema` (default `ReasonLiteConfig`) as a suggestion, else `listing`; a message a validator
+    wrote with its own dotted path (cross-field checks, located at the model) is shown as written."""
     lines = [f"invalid {source}:"]
     for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"]) or "(root)"
+        path = field_path(e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            hint = _did_you_mean(e["loc"])
-            msg = (f"unknown field; did you mean `{hint}`?" if hint else
-                   "unknown field; check the spelling (`reasonlite config show` lists every field)")
-        lines.append(f"  {path}: {msg} (got {e.get('input')!r})" if e["type"] != "extra_forbidden" else f"  {path}: {msg}")
+            hint = _did_you_mean(e["loc"], schema)
+            lines.append(f"  {path}: " + (f"unknown field; did you mean `{hint}`?" if hint else
+                                         f"unknown field; check the spelling ({listing})"))
+        elif msg.startswith((f"{path}:", f"{path}.")) or (not e["loc"] and ": " in msg):
+            lines.append(f"  {msg}")
+        elif e["type"] == "missing":
+            lines.append(f"  {path}: {msg}")
+        else:
+            got = repr(e.get("input"))
+            lines.append(f"  {path}: {msg} (got {got if len(got) <= 120 else got[:117] + '...'})")
     return "\n".join(lines)
 
 
-def _did_you_mean(loc: tuple) -> str | None:
+def _did_you_mean(loc: tuple, schema: type[BaseModel] | None = None) -> str | None:
     """The field of the section at `loc[:-1]` closest to the unknown `loc[-1]` (`train.lr` -> `learning_rate`)."""
     import difflib
 
-    model: Any = ReasonLiteConfig
+    model: Any = schema or ReasonLiteConfig
     for key in loc[:-1]:
         field = getattr(model, "model_fields", {}).get(key)
         model = getattr(field, "annotation", None) if field else None
@@ -348,7 +422,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 def build_config(data: dict | None = None, overrides: dict[str, Any] | None = None, source: str = "config") -> ReasonLiteConfig:
     data = json.loads(json.dumps(data or {}))  # deep copy
     for key, value in (overrides or {}).items():
-        set_dotted(data, key, value)
+        set_dotted(data, current_name(key), value)
     try:
         return ReasonLiteConfig.model_validate(data)
     except ValidationError as err:
@@ -401,7 +475,7 @@ def _drop_late_defaults(picked: dict) -> None:
 def config_hash(cfg: ReasonLiteConfig, sections: tuple[str, ...] | None = None) -> str:
     """Stable short hash of the whole config or of the given dotted sections."""
     full = cfg.model_dump(mode="json")
-    picked = dict(full) if sections is None else {s: get_dotted(full, s) for s in sections}
+    picked = hash_names(dict(full) if sections is None else {s: get_dotted(full, s) for s in sections})
     _drop_late_defaults(picked)
     blob = json.dumps(picked, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

@@ -434,7 +434,7 @@ def eval_command(target: str, data: str | None = None, fmt: str | None = None, b
         out = out or Path(cfg.runs_dir) / f"eval-{_slug(target)}"
     budget_list = _parse_budgets(budgets)
     if budget_list is None:
-        budget_list = list(dict.fromkeys([cfg.budget.inference_cap, *cfg.eval.budgets]))
+        budget_list = list(dict.fromkeys([cfg.budget.reasoning_budget, *cfg.eval.budgets]))
     n = n if n != 1 else cfg.eval.n
     limit = limit or cfg.eval.limit
     if data:

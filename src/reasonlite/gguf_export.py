@@ -172,7 +172,7 @@ def export_gguf(model, tokenizer, out: str | Path, quant: str = "q8_0", name: st
 
 
 def export_student_gguf(student_dir: str | Path, out_dir: str | Path, quant: str = "q8_0",
-                        name: str = "student", inference_cap: int | None = None) -> Path:
+                        name: str = "student", reasoning_budget: int | None = None) -> Path:
     """Load the exported student (merged folder or LoRA adapter, merged on load) and write `<out_dir>/<name>-<quant>
     .gguf`, its `reasonlite.json` and an Ollama `Modelfile`; returns the GGUF path."""
     import torch
@@ -191,7 +191,7 @@ def export_student_gguf(student_dir: str | Path, out_dir: str | Path, quant: str
     out_dir = Path(out_dir)
     path = out_dir / f"{name}-{quant}.gguf"
     meta = {**read_student_meta(student_dir), "gguf": path.name, "quant": quant, "exported_from": str(student_dir),
-            "inference_cap": inference_cap}
+            "reasoning_budget": reasoning_budget}
     modelfile = modelfile_text(path.name, tokenizer, meta)  # before the GGUF: a template it cannot translate fails fast
     export_gguf(model, tokenizer, path, quant=quant, name=name)
     (out_dir / GGUF_META).write_text(json.dumps(meta, indent=2))
@@ -223,6 +223,6 @@ def export_run(run: str | Path, quant: str = "q8_0", out: str | Path | None = No
     cfg = load_config(run / "config.yaml") if is_run else None
     out_dir = Path(out) if out is not None else (run / "export" if is_run else student.parent / f"{student.name}-gguf")
     path = export_student_gguf(student, out_dir, quant=quant, name=cfg.name if cfg else student.name,
-                               inference_cap=cfg.budget.inference_cap if cfg else None)
+                               reasoning_budget=cfg.budget.reasoning_budget if cfg else None)
     serve = write_serve_config(run, student, cfg) if cfg is not None and out_dir == run / "export" else None
     return path, serve

@@ -43,7 +43,8 @@ def _question_wrap(meta: dict) -> tuple[str, str]:
     """(before, after) the user's question: `formats.build_messages` for the student's format and budget."""
     fmt = meta.get("format") or "cot"
     before, after = (f"{TASK_PREFIX['label']} ", "") if fmt == "step_by_step" else ("", f"\n{INSTRUCTIONS[fmt]}")
-    budget = stated_budget(meta.get("inference_cap"), bool(meta.get("budget_conditioned")), meta.get("budget_buckets"))
+    cap = meta.get("reasoning_budget", meta.get("inference_cap"))  # `inference_cap`: exports before the rename
+    budget = stated_budget(cap, bool(meta.get("budget_conditioned")), meta.get("budget_buckets"))
     if budget is not None:
         after += f"\n{budget_line(budget)}"
     return before, after

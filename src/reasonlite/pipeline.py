@@ -111,7 +111,7 @@ def _eval_stage(cfg: ReasonLiteConfig, model_dir: Path, out: Path) -> dict:
     targets = {"student": str(model_dir)}
     if cfg.eval.compare_base:
         targets["base"] = cfg.student.model
-    budgets = [cfg.budget.inference_cap, *[b for b in cfg.eval.budgets if b != cfg.budget.inference_cap]]
+    budgets = [cfg.budget.reasoning_budget, *[b for b in cfg.eval.budgets if b != cfg.budget.reasoning_budget]]
     summary: dict = {"splits": {}, "budgets": budgets}
     for target_name, ref in targets.items():
         student = Student(ref, fmt=cfg.student.format, forcing=cfg.budget.forcing,
@@ -147,7 +147,7 @@ def _eval_stage(cfg: ReasonLiteConfig, model_dir: Path, out: Path) -> dict:
 def _write_run_report(cfg: ReasonLiteConfig, summary: dict, out: Path) -> None:
     lines = [f"# ReasonLite run `{cfg.name}`", "",
              (f"Student `{cfg.student.model}` trained as `{cfg.student.format}` on `{cfg.data.source}` "
-              f"(teacher `{cfg.teacher.kind}`), inference cap {cfg.budget.inference_cap}."), "",
+              f"(teacher `{cfg.teacher.kind}`), inference cap {cfg.budget.reasoning_budget}."), "",
              "| split | model | accuracy | mean tokens | p95 tokens | latency s/q | exec errors |",
              "|---|---|---|---|---|---|---|"]
     for split, per_model in summary["splits"].items():
@@ -219,7 +219,7 @@ def write_serve_config(run_dir: Path, model_dir: Path, cfg: ReasonLiteConfig) ->
 
     # the prompt is rewritten into the student's training prompt; step_by_step answers with [label]
     reasoning = {"format": "answer" if cfg.student.format == "step_by_step" else cfg.student.format,
-                 "student_prompt": True, "reasoning_budget": cfg.budget.inference_cap,
+                 "student_prompt": True, "reasoning_budget": cfg.budget.reasoning_budget,
                  "answer_tokens": cfg.budget.answer_tokens}
     models = [{"name": cfg.name, "backend": "transformers", "model": str(model_dir.resolve()), "reasoning": reasoning}]
     gguf = exported_gguf(run_dir / "export")
@@ -241,7 +241,7 @@ DEMO_DEFAULTS = {
     "student": {"model": "smollm2-135m-instruct", "format": "pal"},
     # The setting benchmarks/bench_distill.py measured at 100% on held-out questions of the training templates.
     "train": {"max_steps": 60, "learning_rate": 2e-3, "max_length": 320},
-    "budget": {"inference_cap": 160},
+    "budget": {"reasoning_budget": 160},
     "eval": {"splits": ["test", "test_heldout_families", "test_reworded"], "compare_base": True},
 }
 
@@ -271,7 +271,7 @@ def print_outputs(result: PipelineResult) -> None:
 def run_demo(overrides: list[str] | None = None) -> PipelineResult:
     cfg = build_config(DEMO_DEFAULTS, dict(parse_override(o) for o in overrides or []), source="demo defaults")
     console.print("[bold]ReasonLite quickstart[/bold]: retail-math, dataset teacher (gold programs), "
-                  f"{cfg.student.model} student, PAL distillation, inference cap {cfg.budget.inference_cap} tokens.")
+                  f"{cfg.student.model} student, PAL distillation, inference cap {cfg.budget.reasoning_budget} tokens.")
     t0 = time.perf_counter()
     result = run_pipeline(cfg)
     print_summary(result)

@@ -35,7 +35,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from reasonlite.config import ConfigError, ReasonLiteConfig, _did_you_mean, build_config, get_dotted
+from reasonlite.config import (
+    ConfigError,
+    ReasonLiteConfig,
+    _did_you_mean,
+    build_config,
+    current_name,
+    format_validation_error,
+    get_dotted,
+    hash_names,
+)
 
 console = Console()
 
@@ -63,13 +72,13 @@ def load_space(path: Path, base: ReasonLiteConfig) -> SearchSpace:
     try:
         space = SearchSpace.model_validate(yaml.safe_load(Path(path).read_text()) or {})
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
-        raise ConfigError(f"invalid search space {path}: {problems}") from None
+        raise ConfigError(format_validation_error(e, f"search space {path}", schema=SearchSpace,
+                                                  listing="see examples/tune_space.yaml")) from None
     dumped = base.model_dump()
     for name, spec in space.params.items():
         for dotted in (name, *spec.also):
             try:
-                get_dotted(dumped, dotted)
+                get_dotted(dumped, current_name(dotted))
             except (KeyError, AttributeError, TypeError):
                 hint = _did_you_mean(tuple(dotted.split(".")))
                 fix = f"did you mean `{dotted.rsplit('.', 1)[0] + '.' if '.' in dotted else ''}{hint}`?" if hint else \
@@ -122,7 +131,7 @@ def check_storage_url(url: str) -> None:
 
 def base_config_hash(cfg: ReasonLiteConfig) -> str:
     """Hash of the config a study searches around (its name, folder and tune section aside)."""
-    data = cfg.model_dump(mode="json")
+    data = hash_names(cfg.model_dump(mode="json"))  # a renamed knob hashes under its old name: studies resume
     for key in ("name", "runs_dir", "tune"):
         data.pop(key, None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

@@ -29,6 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from reasonlite.config import field_path
 from slm_fusion import protocol as P
 from slm_fusion.backends.base import Backend
 from slm_fusion.config import FusionConfig, ModelBase
@@ -184,13 +185,13 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
         errors = exc.errors()
         first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         if first.get("type") == "json_invalid":
             return _error_response(InvalidRequest(f"could not parse the JSON body: {first.get('msg')}"))
-        param = ".".join(loc) or None
-        message = "; ".join(
-            f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}" for e in errors[:5]
-        )
+        # OpenAI's shape: `param` is the first bad field, the message lists up to five (not the config formatter's
+        # multi-line text); FastAPI's `body` wrapper is no part of the field's name.
+        param = field_path(first.get("loc", ()), skip=("body",), empty="") or None
+        message = "; ".join(f"{field_path(e.get('loc', ()), skip=('body',), empty='body')}: {e.get('msg')}"
+                            for e in errors[:5])
         return _error_response(ValidationFailed(message, param=param))
 
     @app.exception_handler(StarletteHTTPException)

@@ -10,8 +10,9 @@ models:
   - {name: big, backend: openai, model: gpt-4o-mini, base_url: http://127.0.0.1:9000/v1}
 embeddings: {name: all-minilm-l6-v2}
 ui: {enabled: true, runs_dir: runs}   # the web console at /ui (slm_fusion.ui)
-routers: {}          # owned by slm_fusion.routing
-virtual_models: {}   # owned by slm_fusion.routing
+routers: {}          # typed by slm_fusion.routing.specs: one entry per router, `type` picks its class
+virtual_models: {}   # {router: NAME} or a router inline; validated with the rest of the file
+routing: {}          # fallbacks and replica cooldowns (slm_fusion.routing.replicas)
 ```
 """
 
@@ -22,7 +23,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from reasonlite.config import format_validation_error
+from slm_fusion.routing.specs import (
+    RouterSpec,
+    RoutingSettings,
+    VirtualModelSpec,
+    canonical_virtual_models,
+    check_names,
+)
 
 
 class _Strict(BaseModel):
@@ -262,13 +272,13 @@ class FusionConfig(_Strict):
     models: list[ModelConfig] = Field(default_factory=list)
     embeddings: EmbeddingsConfig | None = None
     context: ContextConfig | None = Field(None, description="Files, vector stores and retrieval; needs `embeddings`.")
-    routers: dict[str, Any] = Field(default_factory=dict, description="Router definitions (slm_fusion.routing).")
-    virtual_models: dict[str, Any] | list[Any] = Field(
-        default_factory=dict, description="Virtual model names served through a router (slm_fusion.routing)."
-    )
-    routing: dict[str, Any] = Field(
-        default_factory=dict, description="Fallbacks and replica cooldowns: fallbacks, allowed_fails, cooldown_s."
-    )
+    routers: dict[str, RouterSpec] = Field(
+        default_factory=dict, description="Router definitions by name; `type` picks the router class (slm_fusion.routing).")
+    virtual_models: dict[str, VirtualModelSpec] = Field(
+        default_factory=dict, description="Virtual model names served through a router: {router: NAME} or a router "
+                                          "inline (a list of entries with `name` is accepted too).")
+    routing: RoutingSettings = Field(
+        default_factory=RoutingSettings, description="Fallbacks and replica cooldowns: fallbacks, allowed_fails, cooldown_s.")
     ui: UIConfig = Field(default_factory=UIConfig, description="The web console at /ui (slm_fusion.ui).")
 
     @field_validator("models")
@@ -280,6 +290,16 @@ class FusionConfig(_Strict):
                 raise ValueError(f"models: duplicate name '{m.name}'; each model needs a unique `name`")
             seen.add(m.name)
         return models
+
+    @field_validator("virtual_models", mode="before")
+    @classmethod
+    def _virtual_models_canonical(cls, raw: Any, info: ValidationInfo) -> Any:
+        return canonical_virtual_models(raw, set(info.data.get("routers") or {}))
+
+    @model_validator(mode="after")
+    def _routing_names(self) -> FusionConfig:
+        check_names(self.routers, self.virtual_models, {m.name for m in self.models}, self.routing)
+        return self
 
     @model_validator(mode="after")
     def _embedding_name_free(self) -> FusionConfig:
@@ -358,8 +378,5 @@ def load_fusion_config(path: str | Path) -> FusionConfig:
     try:
         return FusionConfig.model_validate(raw)
     except ValidationError as e:
-        lines = [f"{path}: invalid config"]
-        for err in e.errors():
-            where = ".".join(str(p) for p in err["loc"])
-            lines.append(f"  {where}: {err['msg']}")
-        raise ConfigError("\n".join(lines)) from None
+        raise ConfigError(format_validation_error(e, f"config {path}", schema=FusionConfig,
+                                                  listing="the model and section classes in slm_fusion/config.py list every field")) from None

@@ -120,7 +120,7 @@ class Embedder:
 
 def attach_health(config: FusionConfig, handles: dict[str, ModelHandle]) -> routing.RoutingSettings:
     """`routing:` (fallbacks, allowed_fails, cooldown_s) from slm_fusion.routing; gives each model replica health."""
-    settings = routing.routing_settings(config)
+    settings = config.routing
     for handle in handles.values():
         handle.health = routing.DeploymentHealth(len(handle.backends), settings.allowed_fails, settings.cooldown_s)
     return settings

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import inspect
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -41,7 +40,7 @@ class Gateway:
         config: FusionConfig,
         *,
         backends: dict[str, list[Backend]] | None = None,
-        routers: dict[str, Any] | None = None,
+        routers: dict[str, routing.Router] | None = None,
         reasoning: Any | None = None,
         tracer_provider: Any | None = None,
     ) -> None:
@@ -104,7 +103,7 @@ class Gateway:
     # ------------------------------------------------------------------ the seam for routers
     async def resolve_target(
         self, request: P.ChatCompletionRequest | P.CompletionRequest, headers: Any = None
-    ) -> tuple[ModelHandle, Any]:
+    ) -> tuple[ModelHandle, routing.RouteDecision | None]:
         """Model name → (handle of a configured model, routing decision or None)."""
         name = request.model
         handle = self.handles.get(name)
@@ -117,22 +116,16 @@ class Gateway:
                                      f"model from {self.model_names()}", param="model", code="model_not_chat")
             raise ModelNotFound(name, self.model_names())
         with tracing.span(self.tracer, "slm_fusion.routing", {"gen_ai.request.model": name}) as traced:
-            # Routers from slm_fusion.routing also look at request headers (rules on `x-...` values).
-            decision = router.route(request, headers) if getattr(router, "wants_headers", False) \
-                else router.route(request)
-            if inspect.isawaitable(decision):
-                decision = await decision
-            target = decision if isinstance(decision, str) else getattr(decision, "model", None)
+            # The headers travel inside the request (rules may match on `x-...` values).
+            decision = await router.route(routing.routing_request(request, headers))
             if traced is not None:
-                traced.set_attributes({k: v for k, v in {
-                    "slm_fusion.router": getattr(decision, "router", None), "slm_fusion.route.model": target,
-                    "slm_fusion.route.score": getattr(decision, "score", None),
-                    "slm_fusion.route.reason": getattr(decision, "reason", None),
-                    "slm_fusion.route.plan": isinstance(decision, routing.ExecutionPlan)}.items()
-                    if isinstance(v, str | int | float | bool)})
-        handle = self.handles.get(target) if isinstance(target, str) else None
+                traced.set_attributes({
+                    "slm_fusion.router": decision.router, "slm_fusion.route.model": decision.model,
+                    "slm_fusion.route.score": decision.score, "slm_fusion.route.reason": decision.reason,
+                    "slm_fusion.route.plan": isinstance(decision, routing.ExecutionPlan)})
+        handle = self.handles.get(decision.model)
         if handle is None:
-            raise ModelNotFound(f"{target} (chosen by the router of '{name}')", list(self.handles))
+            raise ModelNotFound(f"{decision.model} (chosen by the router of '{name}')", list(self.handles))
         return handle, decision
 
     # ------------------------------------------------------------------ the seam for the reasoning layer
@@ -399,7 +392,7 @@ def _backend_attributes(handle: ModelHandle, backend: Backend) -> dict[str, Any]
             "slm_fusion.upstream_model": handle.config.model, "slm_fusion.replica": handle.backends.index(backend)}
 
 
-def _default_routers(config: FusionConfig) -> dict[str, Any]:
+def _default_routers(config: FusionConfig) -> dict[str, routing.Router]:
     if not config.virtual_models:
         return {}
     return routing.build_routers(config)

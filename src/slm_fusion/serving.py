@@ -17,6 +17,7 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import ValidationError
 
+from reasonlite.config import field_path
 from slm_fusion import protocol as P
 from slm_fusion import tracing
 from slm_fusion.backends.base import GenerationRequest
@@ -241,7 +242,7 @@ async def respond(gw: Gateway, body: P.ResponsesRequest, request: Request) -> Re
         chat = body.to_chat()
     except ValidationError as e:
         err = e.errors()[0]
-        raise InvalidRequest(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}",
+        raise InvalidRequest(f"{field_path(err['loc'])}: {err['msg']}",
                              param=str(err["loc"][0]) if err["loc"] else None) from None
     except ValueError as e:
         raise InvalidRequest(str(e), param=str(e).split("[", 1)[0].split(":", 1)[0]) from None

@@ -1,5 +1,5 @@
-"""Routing: `Router.route(request) -> RouteDecision` and a registry of routers (`rules`, `semantic`, `classifier`,
-`cascade`), virtual model names that use them, output fusion, replica choice and fallbacks.
+"""Routing: `await Router.route(request) -> RouteDecision | ExecutionPlan` and a registry of routers (`rules`,
+`semantic`, `classifier`, `cascade`, `fusion`), virtual model names that use them, replica choice and fallbacks.
 """
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from slm_fusion.routing import cascade, classifier, rules, semantic  # noqa: F401 — importing registers the routers
+from slm_fusion.routing import cascade, classifier, fusion, rules, semantic  # noqa: F401 — importing registers them
 from slm_fusion.routing.base import (
     ROUTERS,
     CallModel,
@@ -26,25 +26,21 @@ from slm_fusion.routing.base import (
 )
 from slm_fusion.routing.embeddings import set_embedding_threads
 from slm_fusion.routing.replicas import DeploymentHealth, RoutingSettings, is_retryable, with_fallbacks
+from slm_fusion.routing.specs import RouterRef, RouterSpec, VirtualModelSpec
 from slm_fusion.routing.virtual import VirtualModel, build_virtual_models
 
 
 def build_routers(config: Any, base_dir: str | Path | None = None, load_models: bool = True) -> dict[str, VirtualModel]:
-    """Virtual model name -> `VirtualModel`, from a `FusionConfig` (raises RoutingConfigError on a bad config)."""
-    models = {m.name for m in config.models}
-    settings = RoutingSettings.parse(getattr(config, "routing", None), models)
-    set_embedding_threads(settings.embedding_threads)
-    return build_virtual_models(config.routers, config.virtual_models, models,
+    """Virtual model name -> `VirtualModel`, from a validated `FusionConfig` (RoutingConfigError: an exemplar or
+    classifier file that cannot work, or a model they name that is not configured)."""
+    set_embedding_threads(config.routing.embedding_threads)
+    return build_virtual_models(config.routers, config.virtual_models, {m.name for m in config.models},
                                 Path(base_dir) if base_dir else None, load_models=load_models)
-
-
-def routing_settings(config: Any) -> RoutingSettings:
-    return RoutingSettings.parse(getattr(config, "routing", None), {m.name for m in config.models})
 
 
 __all__ = [
     "ROUTERS", "CallModel", "DeploymentHealth", "ExecutionPlan", "LabelledPrompt", "RouteDecision", "Router",
-    "RouterBase", "RouterContext", "RoutingConfigError", "RoutingRequest", "RoutingSettings", "VirtualModel",
-    "build_router", "build_routers", "build_virtual_models", "is_retryable", "load_labelled", "register",
-    "routing_request", "routing_settings", "with_fallbacks",
+    "RouterBase", "RouterContext", "RouterRef", "RouterSpec", "RoutingConfigError", "RoutingRequest",
+    "RoutingSettings", "VirtualModel", "VirtualModelSpec", "build_router", "build_routers", "build_virtual_models",
+    "is_retryable", "load_labelled", "register", "routing_request", "with_fallbacks",
 ]

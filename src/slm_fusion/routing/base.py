@@ -1,9 +1,15 @@
-"""The router protocol: `route(RoutingRequest) -> RouteDecision`, and the registry mapping config names to classes.
+"""The router protocol: `async route(RoutingRequest) -> RouteDecision | ExecutionPlan`, and the registry mapping
+config names to classes.
 
-A router is one method (as in RouteLLM). It sees plain Python — the conversation, the last user turn, request
-headers, `user` — never OpenAI's JSON: `routing_request(body, headers)` is the one place that translates.
-Each router class declares a pydantic `Config` (unknown keys rejected) and `targets()`, the model names it can
-choose, so a config that names a missing model fails when it loads (`slm-fusion check`), not at request time.
+A router is one method (as in RouteLLM), always a coroutine, so every caller (the gateway, a cascade, `route-eval`)
+awaits it the same way. A router whose decision computes (an embedding) runs that part off the event loop itself,
+with `asyncio.to_thread` inside its own `route`; a router that only matches text (rules) returns without ever
+suspending. It sees plain Python — the conversation, the last user turn, request headers, `user` — never OpenAI's
+JSON: `routing_request(body, headers)` is the one place that translates.
+Each router class declares a pydantic `Config` (unknown keys rejected; `register` tags it with `type`, and
+`routing.specs` makes the union of them the type of a `routers:` entry, validated when the YAML loads) and
+`targets()`, the model names it can choose, checked when the routers are built (`slm-fusion check` builds them), so a
+config that names a missing model fails before serving, not at request time.
 """
 
 from __future__ import annotations
@@ -11,9 +17,9 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from reasonlite.jsonl import JsonlError, iter_jsonl
 
@@ -79,8 +85,10 @@ class RouteDecision:
 
 class Router(Protocol):
     name: str
+    kind: str
 
-    def route(self, request: RoutingRequest) -> RouteDecision: ...
+    async def route(self, request: RoutingRequest) -> RouteDecision | ExecutionPlan:
+        """The decision for one request; its `model` is always a configured model name."""
 
     def targets(self) -> set[str]:
         """Every model this router may choose (checked against the configured models at load time)."""
@@ -108,26 +116,24 @@ class RouterContext:
 
 
 class RouterBase:
-    """Shared plumbing: parse `Config` from the YAML dict, then `setup()`."""
+    """Shared plumbing: keep the validated `Config` (validated with the whole config file, see
+    `routing.specs`), then `setup()` and check the models it can choose."""
 
     kind: ClassVar[str] = ""
-    blocking: ClassVar[bool] = False  # True: route() computes (embeddings), run it off the event loop
 
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
-    def __init__(self, name: str, spec: dict[str, Any], ctx: RouterContext) -> None:
+    def __init__(self, name: str, cfg: BaseModel, ctx: RouterContext, where: str = "") -> None:
+        self.where = where or f"routers.{name}"  # the entry's path in the YAML, for error messages
+        if not isinstance(cfg, self.Config):
+            raise TypeError(f"{self.where}: a {self.kind} router needs its {self.Config.__name__}, "
+                            f"got {type(cfg).__name__}")
         self.name = name
-        try:
-            self.cfg = self.Config.model_validate(spec)
-        except ValidationError as e:
-            lines = [f"routers.{name} ({self.kind}): invalid router config"]
-            for err in e.errors():
-                lines.append(f"  {'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}")
-            raise RoutingConfigError("\n".join(lines)) from None
+        self.cfg: Any = cfg
         self.setup(ctx)
         for model in self.targets():
-            ctx.check_model(model, f"routers.{name}")
+            ctx.check_model(model, self.where)
 
     def setup(self, ctx: RouterContext) -> None:
         """Load what the router needs (exemplars, a trained classifier) and check it; raise RoutingConfigError."""
@@ -135,7 +141,7 @@ class RouterBase:
     def targets(self) -> set[str]:
         raise NotImplementedError
 
-    def route(self, request: RoutingRequest) -> RouteDecision:
+    async def route(self, request: RoutingRequest) -> RouteDecision | ExecutionPlan:
         raise NotImplementedError
 
     def decide(self, model: str, score: float, reason: str, label: str | None = None) -> RouteDecision:
@@ -147,25 +153,29 @@ ROUTERS: dict[str, type[RouterBase]] = {}
 
 
 def register(kind: str) -> Callable[[type[RouterBase]], type[RouterBase]]:
-    """Class decorator: `@register("rules")` makes `type: rules` usable in the config."""
+    """Class decorator: `@register("rules")` makes `type: rules` usable in the config.
+
+    The class's `Config` gains `type: Literal["rules"]`, the tag of the discriminated union `routing.specs` builds
+    over every registered `Config`, so a `routers:` entry is validated as its own class when the YAML loads.
+    """
 
     def wrap(cls: type[RouterBase]) -> type[RouterBase]:
         cls.kind = kind
+        tagged = create_model(
+            f"{cls.__name__}Config", __base__=cls.Config, __module__=cls.__module__,
+            type=(Literal[kind], Field(description=f"`{kind}`: the router class this entry configures.")))
+        tagged.__qualname__ = f"{cls.__qualname__}.Config"  # where pickle (Ray, processes) finds it
+        cls.Config = tagged  # type: ignore[misc]
         ROUTERS[kind] = cls
         return cls
 
     return wrap
 
 
-def build_router(name: str, spec: dict[str, Any], ctx: RouterContext) -> RouterBase:
-    """`spec` is the YAML mapping of one router; its `type` picks the class."""
-    if not isinstance(spec, dict):
-        raise RoutingConfigError(f"routers.{name}: must be a mapping with a `type` (one of {sorted(ROUTERS)})")
-    spec = dict(spec)
-    kind = spec.pop("type", None)
-    if kind not in ROUTERS:
-        raise RoutingConfigError(f"routers.{name}.type: '{kind}' is not a router; use one of {sorted(ROUTERS)}")
-    return ROUTERS[kind](name, spec, ctx)
+def build_router(name: str, spec: BaseModel, ctx: RouterContext, where: str = "") -> RouterBase:
+    """`spec` is one validated router `Config` (an entry of `routers:`, or written inline at `where`); its `type`
+    picks the class."""
+    return ROUTERS[spec.type](name, spec, ctx, where)  # type: ignore[attr-defined]
 
 
 @dataclass

@@ -138,21 +138,20 @@ class CascadeRouter(RouterBase):
             router = ctx.routers.get(self.cfg.classifier)
             if router is None or getattr(router, "kind", "") != "classifier":
                 raise RoutingConfigError(
-                    f"routers.{self.name}.classifier: '{self.cfg.classifier}' is not a classifier router defined "
+                    f"{self.where}.classifier: '{self.cfg.classifier}' is not a classifier router defined "
                     "earlier in `routers:`; define it first"
                 )
             self.classifier = router
-        self.blocking = self.classifier is not None
 
     def targets(self) -> set[str]:
         return set(self.cfg.models)
 
-    def route(self, request: RoutingRequest) -> ExecutionPlan:
+    async def route(self, request: RoutingRequest) -> ExecutionPlan:
         models = list(self.cfg.models)
         skipped: list[str] = []
         probs: dict[str, float] = {}
         if self.classifier is not None and "classifier" in self.signals:
-            probs = self.classifier.model_probabilities(request.text)
+            probs = await asyncio.to_thread(self.classifier.model_probabilities, request.text)  # embeds: off the loop
             while len(models) > 1 and probs.get(models[0], 0.0) < self.cfg.min_probability:
                 skipped.append(f"p({models[0]})={probs.get(models[0], 0.0):.2f}<{self.cfg.min_probability}")
                 models.pop(0)

@@ -18,6 +18,7 @@ routers:
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
 from pathlib import Path
@@ -118,8 +119,6 @@ def load_classifier(path: str | Path, embedding: str | None = None, load_model: 
 
 @register("classifier")
 class ClassifierRouter(RouterBase):
-    blocking = True
-
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")
         path: str = Field(..., description="Router file from `slm-fusion router train`.")
@@ -132,7 +131,7 @@ class ClassifierRouter(RouterBase):
 
     def setup(self, ctx: RouterContext) -> None:
         if self.cfg.threshold > 0 and self.cfg.default is None:
-            raise RoutingConfigError(f"routers.{self.name}: `threshold` > 0 needs a `default` model")
+            raise RoutingConfigError(f"{self.where}: `threshold` > 0 needs a `default` model")
         self.bundle = load_classifier(ctx.path(self.cfg.path), self.cfg.embedding, load_model=ctx.load_models)
         self.clf = self.bundle["classifier"]
         self.labels: list[str] = self.bundle["labels"]
@@ -144,6 +143,7 @@ class ClassifierRouter(RouterBase):
         return mapped | ({self.cfg.default} if self.cfg.default else set())
 
     def probabilities(self, text: str) -> dict[str, float]:
+        """Blocking (embeds `text`): call it from a thread, as `route` does."""
         probs = self.clf.predict_proba(self.embedder.embed_one(text)[None, :])[0]
         return {label: float(p) for label, p in zip(self.labels, probs, strict=True)}
 
@@ -155,8 +155,8 @@ class ClassifierRouter(RouterBase):
             out[model] = out.get(model, 0.0) + p
         return out
 
-    def route(self, request: RoutingRequest) -> RouteDecision:
-        probs = self.probabilities(request.text)
+    async def route(self, request: RoutingRequest) -> RouteDecision:
+        probs = await asyncio.to_thread(self.probabilities, request.text)  # the embedding stays off the event loop
         label = max(probs, key=probs.__getitem__)
         p = probs[label]
         if p < self.cfg.threshold and self.cfg.default:

@@ -68,12 +68,12 @@ def route_eval(
 
 def check_routing(cfg) -> None:
     """Build every router (exemplars, classifier files, models named) so errors show now; embeddings stay unloaded."""
-    from slm_fusion.routing import build_routers, routing_settings
+    from slm_fusion.routing import build_routers
 
-    if not (cfg.routers or cfg.virtual_models or cfg.routing):
+    settings = cfg.routing
+    if not (cfg.routers or cfg.virtual_models or settings.fallbacks):
         return
     virtual = build_routers(cfg, load_models=False)
-    settings = routing_settings(cfg)
     table = Table(title="virtual models")
     for col in ("name", "router", "kind", "can route to"):
         table.add_column(col)

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from slm_fusion.routing.base import LabelledPrompt, RoutingRequest
+from slm_fusion.routing.base import LabelledPrompt, Router, RoutingRequest
 from slm_fusion.routing.cascade import Assessment, assess_sync, low_confidence
 
 GENERAL_PROMPTS = [
@@ -188,22 +188,22 @@ def _percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.array(values), q)) if values else float("nan")
 
 
-def evaluate_router(router: Any, rows: list[LabelledPrompt], warmup: int = 3) -> dict[str, Any]:
+async def evaluate_router(router: Router, rows: list[LabelledPrompt], warmup: int = 3) -> dict[str, Any]:
     """Accuracy, confusion matrix and decision latency of one router on labelled rows.
 
-    Latency is per decision, embedding included: the embedding cache is bypassed by clearing it between rows,
-    so every decision pays the full cost a new prompt pays.
+    Latency is per decision as the gateway awaits it, embedding (and its thread hop) included: the embedding cache
+    is bypassed by clearing it between rows, so every decision pays the full cost a new prompt pays.
     """
     embedder = getattr(router, "embedder", None)
     for r in rows[:warmup]:
-        router.route(RoutingRequest(messages=[{"role": "user", "content": r.prompt}], text=r.prompt))
+        await router.route(RoutingRequest(messages=[{"role": "user", "content": r.prompt}], text=r.prompt))
     latencies, predicted = [], []
     for r in rows:
         if embedder is not None:
             embedder.clear_cache()
         request = RoutingRequest(messages=[{"role": "user", "content": r.prompt}], text=r.prompt)
         t0 = time.perf_counter()
-        decision = router.route(request)
+        decision = await router.route(request)
         latencies.append((time.perf_counter() - t0) * 1000)
         predicted.append(decision.model)  # always a configured model name, whichever way the router decided
     # Scored in model space, as served: a gold class label (`math`) counts as the model its `labels:` map names,
@@ -388,7 +388,7 @@ def run_route_eval(config_path: str | Path, data: str | Path, out_dir: str | Pat
             continue
         if getattr(router, "kind", "") == "fusion":
             continue
-        report = evaluate_router(router, rows)
+        report = asyncio.run(evaluate_router(router, rows))
         report["virtual_model"] = name
         result["routers"].append(report)
     paths = write_report(result, out_dir)

@@ -1,8 +1,10 @@
-"""Output fusion: a virtual model that asks several specialists at once and fuses their answers.
+"""`fusion` router (output fusion): ask several specialists at once and fuse their answers.
 
 ```yaml
 virtual_models:
-  ensemble: {fusion: vote, models: [smol-pal, smol-cot, gemma]}
+  ensemble: {fusion: vote, models: [smol-pal, smol-cot, gemma]}   # short form: `fusion:` names the method
+routers:                                                           # or like any router, by its registered type
+  ensemble: {type: fusion, fusion: first_valid, models: [smol-pal, gemma]}
 ```
   vote         majority vote over the extracted answers (a PAL completion's program is executed first); the winning
                completion is returned, the agreement is the confidence
@@ -18,13 +20,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from slm_fusion.routing.base import CallModel, ExecutionPlan, RouterBase, RouterContext, RoutingRequest
+from slm_fusion.routing.base import CallModel, ExecutionPlan, RouterBase, RouterContext, RoutingRequest, register
 from slm_fusion.routing.cascade import assess_sync
 
 
+@register("fusion")
 class OutputFusion(RouterBase):
-    kind = "fusion"
-
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")
         fusion: Literal["vote", "first_valid"] = Field("vote", description="How the specialists' answers are fused.")
@@ -36,7 +37,7 @@ class OutputFusion(RouterBase):
     def targets(self) -> set[str]:
         return set(self.cfg.models)
 
-    def route(self, request: RoutingRequest) -> ExecutionPlan:
+    async def route(self, request: RoutingRequest) -> ExecutionPlan:
         return ExecutionPlan(model=self.cfg.models[0], score=0.0, reason=self.cfg.fusion, router=self.name,
                              path=list(self.cfg.models), runner=self._run)
 

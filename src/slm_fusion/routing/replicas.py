@@ -18,11 +18,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
-from slm_fusion.routing.base import RoutingConfigError
+from pydantic import BaseModel, ConfigDict, Field
 
 T = TypeVar("T")
 
@@ -37,24 +35,6 @@ class RoutingSettings(BaseModel):
     embedding_threads: int = Field(
         1, ge=1, description="Intra-op threads of the routing embedder: 2 decides ~1.5x faster, but competes with "
                              "model backends for CPU.")
-
-    @classmethod
-    def parse(cls, raw: dict[str, Any] | None, models: set[str]) -> RoutingSettings:
-        try:
-            settings = cls.model_validate(raw or {})
-        except ValidationError as e:
-            lines = ["routing: invalid section"]
-            lines += [f"  {'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()]
-            raise RoutingConfigError("\n".join(lines)) from None
-        for model, chain in settings.fallbacks.items():
-            for name in [model, *chain]:
-                if name not in models:
-                    raise RoutingConfigError(
-                        f"routing.fallbacks.{model}: model '{name}' is not configured; use one of {sorted(models)}"
-                    )
-            if model in chain:
-                raise RoutingConfigError(f"routing.fallbacks.{model}: a model cannot be its own fallback")
-        return settings
 
     def chain(self, model: str) -> list[str]:
         return [model, *self.fallbacks.get(model, [])]

@@ -120,7 +120,8 @@ class RulesRouter(RouterBase):
     def targets(self) -> set[str]:
         return {r.model for r in self.cfg.rules} | {self.cfg.default}
 
-    def route(self, request: RoutingRequest) -> RouteDecision:
+    async def route(self, request: RoutingRequest) -> RouteDecision:
+        # Regexes over one prompt take microseconds: decided on the event loop, never suspending (no thread hop).
         for rule in self.rules:
             why = rule.match(request)
             if why is not None:

@@ -17,6 +17,7 @@ routers:
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 from typing import Literal
 
@@ -52,8 +53,6 @@ def _prompts_from_file(path) -> list[str]:
 
 @register("semantic")
 class SemanticRouter(RouterBase):
-    blocking = True
-
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")
         default: str = Field(..., description="Model used when no exemplar set is similar enough.")
@@ -72,7 +71,7 @@ class SemanticRouter(RouterBase):
     def setup(self, ctx: RouterContext) -> None:
         if self.cfg.embedding not in EMBEDDING_MODELS:
             raise RoutingConfigError(
-                f"routers.{self.name}.embedding: unknown '{self.cfg.embedding}'; use one of {sorted(EMBEDDING_MODELS)}"
+                f"{self.where}.embedding: unknown '{self.cfg.embedding}'; use one of {sorted(EMBEDDING_MODELS)}"
             )
         by_model: dict[str, list[str]] = defaultdict(list)
         for model, prompts in self.cfg.exemplars.items():
@@ -83,12 +82,12 @@ class SemanticRouter(RouterBase):
                 by_model[row.model].append(row.prompt)
         if not by_model:
             raise RoutingConfigError(
-                f"routers.{self.name}: no exemplars; give `exemplars: {{model: [prompts...]}}` or `exemplars_file`"
+                f"{self.where}: no exemplars; give `exemplars: {{model: [prompts...]}}` or `exemplars_file`"
             )
         for model, prompts in by_model.items():
             if not prompts:
-                raise RoutingConfigError(f"routers.{self.name}.exemplars.{model}: empty exemplar set; add prompts")
-            ctx.check_model(self.cfg.labels.get(model, model), f"routers.{self.name}.exemplars ({model})")
+                raise RoutingConfigError(f"{self.where}.exemplars.{model}: empty exemplar set; add prompts")
+            ctx.check_model(self.cfg.labels.get(model, model), f"{self.where}.exemplars ({model})")
         self.labels = sorted(by_model)
         if not ctx.load_models:
             return
@@ -120,8 +119,10 @@ class SemanticRouter(RouterBase):
         best = int(np.argmax(scores))
         return best, float(scores[best]), f"knn top-{self.cfg.k} mean"
 
-    def route(self, request: RoutingRequest) -> RouteDecision:
-        best, score, how = self.scores(self.embedder.embed_one(request.text))
+    async def route(self, request: RoutingRequest) -> RouteDecision:
+        # The embedding takes milliseconds of CPU: off the event loop. Scoring it against the exemplars is one matmul.
+        vector = await asyncio.to_thread(self.embedder.embed_one, request.text)
+        best, score, how = self.scores(vector)
         label = self.labels[best]
         if score < self.cfg.threshold:
             return self.decide(self.cfg.default, score, f"nearest {label} {score:.2f}<{self.cfg.threshold}: default")

@@ -6,102 +6,62 @@ routers:
 virtual_models:
   auto: {router: topic}                                      # a router defined in `routers:`
   by-length: {router: rules, default: smol, rules: [...]}    # or a router type with its config inline
-  ensemble: {fusion: vote, models: [smol, smol-gguf, big]}   # output fusion (slm_fusion.routing.fusion)
+  ensemble: {fusion: vote, models: [smol, smol-gguf, big]}   # output fusion: short for {router: fusion, fusion: vote, ...}
 ```
-An explicit real model name never goes through a router. Everything is checked when the config loads.
+An explicit real model name never goes through a router. The sections are typed (`routing.specs`) and validated
+when the config loads; building checks what needs files (exemplars, classifier labels).
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from slm_fusion.routing.base import (
-    ROUTERS,
+    ExecutionPlan,
     RouteDecision,
     RouterBase,
     RouterContext,
-    RoutingConfigError,
+    RoutingRequest,
     build_router,
-    routing_request,
 )
-from slm_fusion.routing.fusion import OutputFusion
+from slm_fusion.routing.specs import RouterRef
 
 
 class VirtualModel:
-    """The object the gateway calls for a virtual name: `await route(body, headers)` -> decision."""
-
-    wants_headers = True  # the gateway passes request headers (rules may match on them)
+    """A name clients send as `model`, and the router that resolves it: a `Router` itself (`await route(request)`),
+    so the gateway treats every virtual model alike."""
 
     def __init__(self, name: str, router: RouterBase) -> None:
         self.name = name
         self.router = router
+        self.kind = router.kind
 
     def targets(self) -> set[str]:
         return self.router.targets()
 
-    async def route(self, body: Any, headers: Mapping[str, str] | None = None) -> RouteDecision:
-        request = routing_request(body, headers)
+    async def route(self, request: RoutingRequest) -> RouteDecision | ExecutionPlan:
         request.model = self.name
-        if getattr(self.router, "blocking", False):  # embeddings take milliseconds: keep the event loop free
-            return await asyncio.to_thread(self.router.route, request)
-        return self.router.route(request)
-
-
-def _virtual_items(raw: dict[str, Any] | list[Any]) -> list[tuple[str, dict[str, Any]]]:
-    if isinstance(raw, dict):
-        return list(raw.items())
-    items = []
-    for i, entry in enumerate(raw):
-        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
-            raise RoutingConfigError(f"virtual_models[{i}]: each entry needs a `name`")
-        spec = dict(entry)
-        items.append((spec.pop("name"), spec))
-    return items
+        return await self.router.route(request)
 
 
 def build_virtual_models(
-    routers: dict[str, Any], virtual_models: dict[str, Any] | list[Any], models: set[str],
+    routers: dict[str, Any], virtual_models: dict[str, Any], models: set[str],
     base_dir: Path | None = None, load_models: bool = True,
 ) -> dict[str, VirtualModel]:
-    """Build every router and virtual model; RoutingConfigError names the bad entry and the fix.
+    """Build every router and virtual model from the validated sections (`routing.specs`: `RouterSpec` and
+    `VirtualModelSpec` values); RoutingConfigError names the bad entry and the fix.
 
     `load_models=False` checks everything (models, files, labels, embedding ids) without loading embedding models.
     """
 
     ctx = RouterContext(models=set(models), base_dir=base_dir or Path.cwd(), load_models=load_models)
-    for name, spec in (routers or {}).items():
-        if name in models:
-            raise RoutingConfigError(f"routers.{name}: name clashes with a configured model; rename the router")
+    for name, spec in routers.items():
         ctx.routers[name] = build_router(name, spec, ctx)
     out: dict[str, VirtualModel] = {}
-    for name, spec in _virtual_items(virtual_models or {}):
-        where = f"virtual_models.{name}"
-        if name in models:
-            raise RoutingConfigError(f"{where}: name clashes with a configured model; pick another name")
-        if not isinstance(spec, dict):
-            raise RoutingConfigError(f"{where}: must be a mapping like {{router: NAME}} or {{fusion: vote, models: [...]}}")
-        spec = dict(spec)
-        if "fusion" in spec:
-            router: RouterBase = OutputFusion(name, spec, ctx)
-        elif "router" in spec:
-            ref = spec.pop("router")
-            if ref in ctx.routers:
-                if spec:
-                    raise RoutingConfigError(
-                        f"{where}: router '{ref}' is defined in `routers:`; move {sorted(spec)} there"
-                    )
-                router = ctx.routers[ref]
-            elif ref in ROUTERS:
-                router = build_router(name, {"type": ref, **spec}, ctx)
-            else:
-                raise RoutingConfigError(
-                    f"{where}.router: '{ref}' is neither a router in `routers:` ({sorted(ctx.routers)}) "
-                    f"nor a router type ({sorted(ROUTERS)})"
-                )
-        else:
-            raise RoutingConfigError(f"{where}: give `router: NAME` or `fusion: vote|first_valid` with `models`")
+    for name, spec in virtual_models.items():
+        # `{router: NAME}` shares the router built above; a router written inline is built for this name.
+        router = ctx.routers[spec.router] if isinstance(spec, RouterRef) \
+            else build_router(name, spec, ctx, where=f"virtual_models.{name}")
         out[name] = VirtualModel(name, router)
     return out
