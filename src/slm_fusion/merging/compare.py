@@ -16,7 +16,6 @@ model). Writes compare_routing.json / .md beside merge_eval's report and ends wi
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -80,18 +79,15 @@ def _model_dir(ref: str) -> Path:
 
 def route_all(texts: list[str], exemplars: dict[str, list[str]]) -> list[str]:
     """The semantic router, built from the exemplars, decides for every text; returns the chosen labels."""
-    from slm_fusion.routing.base import RouterContext, build_router, routing_request
+    from slm_fusion.routing.base import ROUTERS, RouterContext, build_router, routing_request
 
-    ctx = RouterContext(models=set(exemplars))
-    router = build_router("compare", {"type": "semantic", "default": next(iter(exemplars)), "exemplars": exemplars},
-                          ctx)
-    out = []
-    for text in texts:
-        decision = router.route(routing_request(text))
-        if inspect.isawaitable(decision):
-            decision = asyncio.run(decision)
-        out.append(decision.model)
-    return out
+    spec = ROUTERS["semantic"].Config.model_validate({"type": "semantic", "default": next(iter(exemplars)),
+                                                      "exemplars": exemplars})
+    router = build_router("compare", spec, RouterContext(models=set(exemplars)))
+    async def decide() -> list[str]:
+        return [(await router.route(routing_request(text))).model for text in texts]
+
+    return asyncio.run(decide())
 
 
 def _prompts(tokenizer, questions: list[str]) -> list[str]:

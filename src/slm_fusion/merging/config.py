@@ -192,8 +192,7 @@ def load_merge_config(path: str | Path) -> MergeConfig:
     try:
         return MergeConfig.model_validate(data)
     except ValidationError as err:
-        lines = []
-        for e in err.errors():
-            loc = ".".join(str(p) for p in e["loc"]) or "(config)"
-            lines.append(f"  {loc}: {e['msg']}")
-        raise MergeConfigError(f"invalid merge config {path}:\n" + "\n".join(lines)) from None
+        from reasonlite.config import format_validation_error
+
+        raise MergeConfigError(format_validation_error(err, f"merge config {path}", schema=MergeConfig,
+                                                       listing="see examples/merge.yaml")) from None
