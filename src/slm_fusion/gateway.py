@@ -373,9 +373,16 @@ class Gateway:
                                          "\\ud800); send well-formed UTF-16 pairs",
                                          param="messages" if isinstance(body, P.ChatCompletionRequest) else "prompt"
                                          ) from None
-        if extra.get("logprobs") and not isinstance(body, P.ChatCompletionRequest):
-            raise InvalidRequest(f"{name} returns logprobs on chat completions only (`logprobs: true`, "
-                                 "`top_logprobs`); use /v1/chat/completions", param="logprobs")
+        asked = extra.get("logprobs")
+        if asked is not None and isinstance(body, P.ChatCompletionRequest) and not isinstance(asked, bool):
+            raise InvalidRequest("logprobs (chat) must be true or false; say how many alternatives with top_logprobs",
+                                 param="logprobs")
+        if asked is not None and not isinstance(body, P.ChatCompletionRequest):
+            if not getattr(handle.backends[0], "supports_completion_logprobs", False):
+                raise InvalidRequest(f"{name} returns logprobs on chat completions only (`logprobs: true`, "
+                                     "`top_logprobs`); use /v1/chat/completions", param="logprobs")
+            if not isinstance(asked, int) or isinstance(asked, bool) or not 0 <= asked <= 5:
+                raise InvalidRequest("logprobs (text completions) must be an integer from 0 to 5", param="logprobs")
         top = extra.get("top_logprobs")
         if top is not None and (not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= 20):
             raise InvalidRequest("top_logprobs must be an integer from 0 to 20", param="top_logprobs")

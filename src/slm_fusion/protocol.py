@@ -400,6 +400,22 @@ def chunk_choices(obj: Any, chat: bool) -> tuple[list[tuple], dict[str, Any] | N
     return out, usage
 
 
+def completion_logprobs(logprobs: dict[str, Any] | None, offset: int = 0) -> tuple[dict[str, Any] | None, int]:
+    """A local backend's per-token entries (chat's `{"content": [...]}` shape) in a text completion's legacy shape
+    (`tokens`, `token_logprobs`, `top_logprobs` as {token: logprob}, `text_offset` counted from `offset`), and the
+    offset after its last token. An upstream's answer, already in that shape, is returned unchanged."""
+    if not logprobs or "content" not in logprobs:
+        return logprobs, offset
+    entries = logprobs["content"]
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(e["token"])
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+            "text_offset": offsets}, offset
+
+
 def upstream_error_message(content: bytes) -> str:
     """The message of an upstream's error body (OpenAI shape), else its first 200 characters."""
     try:
