@@ -25,7 +25,7 @@ from slm_fusion.backends.base import (
 )
 from slm_fusion.config import FusionConfig
 from slm_fusion.context import ContextStore
-from slm_fusion.deployments import Embedder, ModelHandle, attach_health
+from slm_fusion.deployments import ModelHandle, attach_health, make_embedder
 from slm_fusion.errors import GatewayTimeout, InvalidRequest, ModelNotFound
 from slm_fusion.keys import KeyAccounting
 from slm_fusion.metrics import GatewayMetrics
@@ -63,7 +63,7 @@ class Gateway:
         self.routers = routers if routers is not None else _default_routers(config)
         self.routing = attach_health(config, self.handles)  # fallbacks and replica cooldowns
         self.reasoning = reasoning if reasoning is not None else make_reasoning_layer(config)
-        self.embedder = Embedder(config.embeddings) if config.embeddings else None
+        self.embedder = make_embedder(config.embeddings) if config.embeddings else None
         self.context: ContextStore | None = None  # files and vector stores (slm_fusion.context), opened in start()
         self.created = int(time.time())
         # The last route decisions (virtual models, fallbacks), newest last: the web console's Routing page.
@@ -93,6 +93,8 @@ class Gateway:
             for b in handle.backends:
                 with contextlib.suppress(Exception):
                     await b.aclose()
+        if self.embedder is not None:
+            await self.embedder.aclose()
         if self.keys is not None:
             await self.keys.aclose()  # the last ledger rows: a clean shutdown loses none
         if self.tracer_provider is not None and self._owns_provider:

@@ -162,7 +162,8 @@ def override_fields(fields: dict[str, Any], **overrides: Any) -> dict[str, Any]:
 class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str = Field(..., min_length=1)
-    input: str | list[str] = Field(..., description="Text or list of texts (token-id inputs are not supported).")
+    input: str | list[str] | list[int] | list[list[int]] = Field(
+        ..., description="Text, texts, or token ids (token ids only for an upstream embedding model).")
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
     user: str | None = None
