@@ -344,14 +344,20 @@ def _valid_item(text: str) -> bool:
 async def _structured_run(constrained: bool, max_tokens: int, prompts: list[str]) -> dict:
     extra = {"response_format": {"type": "json_schema", "json_schema": {"name": "item", "schema": ITEM_SCHEMA}}}
     fields = extra if constrained else {}
-    async with _smol_gateway(8) as (_, client):
+    async with _smol_gateway(8) as (gw, client):
         await _ask(client, "Hi", max_tokens, **fields)  # warm-up: also builds the grammar's tokenizer (once per model)
+        backend = gw.handles["smol"].backends[0]
+        busy, mask = backend.busy_s, backend.grammars.mask_s
         t0 = time.perf_counter()
         out = await asyncio.gather(*(_ask(client, p, max_tokens, **fields) for p in prompts))
         seconds = time.perf_counter() - t0
+        busy, mask = backend.busy_s - busy, backend.grammars.mask_s - mask
     tokens = sum(n for _, n in out)
+    # The grammar's own share of the decode worker's time, measured inside the run: unlike the tok/s ratio of two
+    # runs it does not move with the load other jobs put on the machine between them.
     return {"valid": sum(_valid_item(t) for t, _ in out), "n": len(out), "tokens": tokens, "seconds": seconds,
-            "tok_per_s": tokens / seconds, "sample": out[0][0][:120]}
+            "tok_per_s": tokens / seconds, "mask_ms_per_token": 1000 * mask / tokens, "mask_share": mask / busy,
+            "sample": out[0][0][:120]}
 
 
 PRICE_TOOL = {"type": "function", "function": {
@@ -400,8 +406,67 @@ def bench_structured(quick: bool) -> dict:
     console.print("[cyan]function calling: SmolLM2, tool_choice required (constrained) vs auto[/cyan]")
     asks = TOOL_ASKS[:2] if quick else TOOL_ASKS
     tools = {choice: asyncio.run(_tools_run(choice, 48, asks)) for choice in ("required", "auto")}
+    masks = bench_mask_cost(rounds=2 if quick else 5)
     return {"max_tokens": max_tokens, "prompt_only": plain, "enforced": constrained,
-            "tok_per_s_ratio": constrained["tok_per_s"] / plain["tok_per_s"], "tools": tools}
+            "tok_per_s_ratio": constrained["tok_per_s"] / plain["tok_per_s"],
+            # the grammar's cost per token against the unconstrained run's decode time per token (same run)
+            "mask_cost_vs_plain_token": constrained["mask_ms_per_token"] / (1000 / plain["tok_per_s"]),
+            "tools": tools, "mask_cost": masks}
+
+
+def bench_mask_cost(rounds: int, batch: int = 8) -> dict:
+    """The grammar mask alone, SmolLM2's tokenizer (49k vocabulary), a batch of `batch` rows following real JSON
+    replies token by token: `Grammars.mask` (one llguidance fill for the batch into a reused bitmask, one apply) vs
+    the row-by-row way it replaced (a bitmask per row, filled and applied one row at a time), alternating, in one
+    process. Microseconds per row and token."""
+    import llguidance.torch as lt
+    import torch
+
+    from reasonlite.models import load_tokenizer
+    from slm_fusion.backends.structured import Grammars, grammar_for
+
+    torch.set_num_threads(1)
+    tok = load_tokenizer("smollm2-135m-instruct")
+    grammars = Grammars(tok, len(tok))
+    grammar = grammar_for({"type": "json_schema", "json_schema": {"name": "item", "schema": ITEM_SCHEMA}})
+    grammars.check(grammar)
+    replies = [tok.encode(f'{{"in_stock":{str(n % 2 == 0).lower()},"item":"{thing}","quantity":{n}}}',
+                          add_special_tokens=False)
+               for n, thing in ((12, "apples"), (0, "pears"), (7, "lamps"), (30, "pens"), (3, "chairs"),
+                                (1, "bikes"), (45, "cups"), (9, "books"))][:batch]
+    steps = min(len(r) for r in replies)
+    logits = torch.randn(batch, len(tok))
+
+    def follow(apply_masks) -> float:
+        rows = [grammars.constraint(grammar) for _ in range(batch)]
+        spent = 0.0
+        for i in range(steps):
+            t0 = time.perf_counter()
+            apply_masks(rows)
+            spent += time.perf_counter() - t0
+            for r, reply in zip(rows, replies):
+                r.accept(reply[i])
+        return 1e6 * spent / (steps * batch)
+
+    one_by_one = [lt.allocate_token_bitmask(1, len(tok)) for _ in range(batch)]
+
+    def per_row(rows) -> None:
+        for b, r in enumerate(rows):
+            lt.fill_next_token_bitmask(r.matcher, one_by_one[b], 0)
+            lt.apply_token_bitmask_inplace(logits[b][None, :], one_by_one[b])
+
+    def batched(rows) -> None:
+        grammars.mask(logits, rows)
+
+    follow(per_row), follow(batched)  # warm-up: llguidance's apply kernel is compiled on first use
+    runs: dict[str, list[float]] = {"per_row": [], "batched": []}
+    for i in range(rounds):
+        for name, fn in ((("per_row", per_row), ("batched", batched)) if i % 2 == 0
+                         else (("batched", batched), ("per_row", per_row))):
+            runs[name].append(follow(fn))
+    out = {name: statistics.median(v) for name, v in runs.items()}
+    return {"batch": batch, "rounds": rounds, "us_per_row_token": out, "runs": runs,
+            "speedup": out["per_row"] / out["batched"]}
 
 
 # -------------------------------------------------------------------------------------------------- soak
@@ -497,6 +562,19 @@ def _report(r: dict) -> None:
         console.print(f"structured outputs, SmolLM2 transformers, {e['n']} requests: replies matching the schema "
                       f"{e['valid']}/{e['n']} enforced vs {p['valid']}/{p['n']} asked in the prompt only; decode "
                       f"{e['tok_per_s']:.1f} vs {p['tok_per_s']:.1f} tok/s ({st['tok_per_s_ratio']:.2f}x)")
+        if "mask_ms_per_token" in e:
+            console.print(f"  grammar mask: {e['mask_ms_per_token']:.3f} ms per constrained token, "
+                          f"{100 * e['mask_share']:.1f}% of the decode worker's time; "
+                          f"{100 * st['mask_cost_vs_plain_token']:.1f}% of an unconstrained token's decode time")
+    m = (st or {}).get("mask_cost")
+    if m:
+        t = Table(title=f"grammar mask alone, batch {m['batch']}, median of {m['rounds']} alternating rounds")
+        for col in ("way", "us per row and token"):
+            t.add_column(col)
+        for name, us in m["us_per_row_token"].items():
+            t.add_row(name, f"{us:.0f}")
+        t.add_row("per_row / batched", f"{m['speedup']:.2f}x")
+        console.print(t)
     for t in (st or {}).get("tools", {}).values():
         console.print(f"function calling, SmolLM2 transformers, tool_choice {t['tool_choice']}: {t['tool_calls']}/"
                       f"{t['n']} replies are get_price calls, {t['right_arguments']}/{t['n']} with the question's "

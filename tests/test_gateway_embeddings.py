@@ -32,6 +32,12 @@ def test_embeddings_float_and_base64(client):
     assert len(short.data[0].embedding) == 64
 
 
+def test_token_id_input_is_the_clients_400_on_the_local_model(client):
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.embeddings.create(model="minilm", input=[101, 102], encoding_format="float")
+    assert bad.value.body["param"] == "input" and "token ids" in bad.value.body["message"]
+
+
 def test_embeddings_unknown_model(client):
     with pytest.raises(openai.NotFoundError):
         client.embeddings.create(model="nope", input="x")

@@ -1,12 +1,16 @@
 """Function calling on a local model (slm_fusion.tools) through the official `openai` client: a forced call is
 constrained while decoding, so even a *random* model's calls always name a listed function with arguments that match
-its schema; `auto` replies that are calls become tool_calls; tool-call history is accepted; bad tool_choice is a 400."""
+its schema (and its `json_schema` replies always validate); `auto` replies that are calls become tool_calls;
+tool-call history is accepted; bad tool_choice is a 400."""
 
 from __future__ import annotations
 
 import json
+import typing
+from concurrent.futures import ThreadPoolExecutor
 
 import openai
+import pydantic
 import pytest
 from gateway_helpers import TINY, serve_gateway
 
@@ -28,7 +32,9 @@ ASK = [{"role": "user", "content": "How much are 3 mugs?"}]
 
 @pytest.fixture(scope="module")
 def client():
-    with serve_gateway({"models": [{**TINY, "max_output_tokens": 48}]}) as served:
+    # room for 100 rows at once: the 100-sample tests send ten requests of n=10 together
+    with serve_gateway({"models": [{**TINY, "max_output_tokens": 48, "max_batch_size": 100,
+                                    "max_concurrency": 10}]}) as served:
         yield openai.OpenAI(base_url=served.v1, api_key="x", max_retries=0)
 
 
@@ -44,16 +50,39 @@ def _valid_call(call, allowed: set[str]) -> dict:
 
 
 def test_required_calls_from_a_random_model_always_parse_and_match_the_schema(client):
-    choices = []
-    for seed in range(3):  # 24 calls sampled at temperature 1.0
-        resp = client.chat.completions.create(model="tiny", messages=ASK, tools=[PRICE, STOCK],
-                                              tool_choice="required", temperature=1.0, n=8, seed=seed,
-                                              max_tokens=48)
-        choices += resp.choices
-    assert len(choices) == 24
+    """100 of 100 calls sampled at temperature 1.0 (ten concurrent requests of n=10, decoded together)."""
+    def ask(seed: int):
+        return client.chat.completions.create(model="tiny", messages=ASK, tools=[PRICE, STOCK], tool_choice="required",
+                                              temperature=1.0, n=10, seed=seed, max_tokens=48).choices
+
+    with ThreadPoolExecutor(10) as pool:
+        choices = [c for got in pool.map(ask, range(10)) for c in got]
+    assert len(choices) == 100
     for c in choices:
         assert c.finish_reason == "tool_calls" and c.message.content is None and len(c.message.tool_calls) == 1
         _valid_call(c.message.tool_calls[0], {"get_price", "in_stock"})
+    assert len({c.message.tool_calls[0].function.arguments for c in choices}) > 1  # sampled, not one greedy call
+
+
+class Order(pydantic.BaseModel):
+    item: typing.Literal["pen", "mug", "lamp"]
+    quantity: int = pydantic.Field(ge=1, le=9)
+    gift: bool
+    note: str = pydantic.Field(max_length=12)
+
+
+def test_json_schema_outputs_from_a_random_model_always_parse_and_validate(client):
+    """100 of 100 `json_schema` (strict) replies sampled at temperature 1.0 validate, parsed by the official SDK."""
+    def ask(seed: int):
+        return client.chat.completions.parse(model="tiny", messages=ASK, response_format=Order, temperature=1.0,
+                                             n=10, seed=seed, max_tokens=48).choices
+
+    with ThreadPoolExecutor(10) as pool:
+        choices = [c for got in pool.map(ask, range(10)) for c in got]
+    assert len(choices) == 100
+    for c in choices:
+        assert c.finish_reason == "stop" and isinstance(c.message.parsed, Order), c.message.content
+    assert len({c.message.content for c in choices}) > 1
 
 
 def test_a_named_function_is_the_one_called(client):

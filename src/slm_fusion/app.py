@@ -34,6 +34,7 @@ from slm_fusion import protocol as P
 from slm_fusion.backends.base import Backend
 from slm_fusion.config import FusionConfig, ModelBase
 from slm_fusion.context.routes import add_context_routes
+from slm_fusion.deployments import UpstreamEmbedder
 from slm_fusion.errors import FusionError, InvalidRequest, ModelNotFound, NotFound, ValidationFailed, error_body
 from slm_fusion.gateway import Gateway
 from slm_fusion.middleware import GatewayMiddleware, configure_logging
@@ -118,7 +119,17 @@ def create_app(
             raise ModelNotFound(body.model, available)
         admit_model(gw, request, body.model)
         request.scope["fusion.model"] = body.model
+        if isinstance(gw.embedder, UpstreamEmbedder):  # the body as sent, the upstream's answer as given
+            fields = getattr(request, "_json", None)  # Starlette's parse of the body, kept by FastAPI
+            async with asyncio.timeout(server.request_timeout_s):
+                content, tokens = await gw.embedder.forward(fields if isinstance(fields, dict)
+                                                            else body.model_dump(exclude_unset=True))
+            count_tokens(gw, request, body.model, tokens, 0)
+            return Response(content, media_type="application/json")
         texts = [body.input] if isinstance(body.input, str) else body.input
+        if any(not isinstance(t, str) for t in texts):
+            raise InvalidRequest(f"model '{body.model}' embeds text only: send `input` as a string or a list of "
+                                 "strings, not token ids", param="input")
         if not texts or len(texts) > gw.embedder.config.max_inputs:
             raise InvalidRequest(f"`input` must hold 1..{gw.embedder.config.max_inputs} texts", param="input")
         async with asyncio.timeout(server.request_timeout_s):
@@ -160,7 +171,7 @@ def _model_cards(gw: Gateway) -> list[P.ModelCard]:
                          default_max_tokens=_default_cap(h.config)) for n, h in gw.handles.items()]
     cards += [P.ModelCard(id=n, created=gw.created, kind="virtual") for n in gw.routers if n not in gw.handles]
     if gw.embedder:
-        cards.append(P.ModelCard(id=gw.embedder.config.name, created=gw.created, backend="sentence-transformers",
+        cards.append(P.ModelCard(id=gw.embedder.config.name, created=gw.created, backend=gw.embedder.config.backend,
                                  kind="embedding"))
     return cards
 

@@ -202,8 +202,29 @@ class ServerConfig(_Strict):
 
 class EmbeddingsConfig(_Strict):
     name: str = Field("all-minilm-l6-v2", description="Name clients pass as `model` to /v1/embeddings.")
-    device: str = "cpu"
-    max_inputs: int = Field(256, ge=1, description="Most texts in one request.")
+    backend: Literal["sentence-transformers", "openai"] = Field(
+        "sentence-transformers", description="sentence-transformers: all-MiniLM-L6-v2 in process; openai: requests "
+                                             "forwarded to an OpenAI-compatible upstream's /v1/embeddings.")
+    device: str = Field("cpu", description="sentence-transformers: torch device.")
+    max_inputs: int = Field(256, ge=1, description="sentence-transformers: most texts in one request.")
+    base_url: str | None = Field(None, description="openai: upstream base URL including /v1.")
+    model: str | None = Field(None, description="openai: the upstream's model name, when it differs from `name`.")
+    api_key: str | None = Field(None, description="openai: upstream key (prefer api_key_env).")
+    api_key_env: str | None = Field(None, description="openai: environment variable holding the upstream key.")
+
+    @model_validator(mode="after")
+    def _upstream_needs_url(self) -> EmbeddingsConfig:
+        if self.backend == "openai" and not self.base_url:
+            raise ValueError("embeddings.backend 'openai' needs embeddings.base_url (the upstream's URL with /v1)")
+        if self.backend != "openai" and (self.base_url or self.model):
+            raise ValueError("embeddings.base_url and embeddings.model are for backend 'openai': set "
+                             "`backend: openai` or drop them")
+        return self
+
+    def upstream(self) -> OpenAIModel:
+        """The upstream as an `openai` model config (its connection settings and error handling are reused)."""
+        return OpenAIModel(name=self.name, backend="openai", model=self.model or self.name, base_url=self.base_url,
+                           api_key=self.api_key, api_key_env=self.api_key_env)
 
 
 class ContextConfig(_Strict):
@@ -307,6 +328,9 @@ class FusionConfig(_Strict):
             raise ValueError(f"embeddings.name '{self.embeddings.name}' clashes with a chat model; rename one")
         if self.context and not self.embeddings:
             raise ValueError("context needs an embedding model to index and search with: add `embeddings: {}`")
+        if self.context and self.embeddings.backend != "sentence-transformers":
+            raise ValueError("context indexes with the in-process embedding model (its tokenizer sizes the chunks): "
+                             "use `embeddings.backend: sentence-transformers` or drop `context`")
         return self
 
     def model(self, name: str) -> ModelBase | None:

@@ -91,6 +91,7 @@ class ServeBackend:
         cls = backend_class(config.backend)
         self.supports_response_format = getattr(cls, "supports_response_format", False)
         self.supports_logprobs = getattr(cls, "supports_logprobs", False)
+        self.supports_completion_logprobs = getattr(cls, "supports_completion_logprobs", False)
         self._twin: Backend | None = None
 
     async def start(self) -> None:

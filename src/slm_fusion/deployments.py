@@ -1,5 +1,5 @@
 """Deployments: each configured model's backend replicas, the bounded queue in front of them, replica health
-(failures and cooldowns), and the embedding model. Resilience lives here, not in routing: a router picks a model,
+(failures and cooldowns), and the embedding model (in process, or an upstream's). Resilience lives here, not in routing: a router picks a model,
 a deployment decides which replica runs it and when one is benched."""
 
 from __future__ import annotations
@@ -10,10 +10,12 @@ import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
+import orjson
+
 from slm_fusion import routing
 from slm_fusion.backends.base import Backend
 from slm_fusion.config import EmbeddingsConfig, FusionConfig, ModelBase
-from slm_fusion.errors import QueueFull
+from slm_fusion.errors import InvalidRequest, QueueFull, UpstreamError
 from slm_fusion.metrics import GatewayMetrics
 
 
@@ -110,12 +112,56 @@ class Embedder:
         """Unit-length vectors, blocking (the context store calls it from its own thread)."""
         return self._encode(texts)[0]
 
+    async def aclose(self) -> None:
+        """Nothing to close: the model's memory goes with the gateway."""
+
     def offsets(self, text: str) -> list[tuple[int, int]]:
         """Character spans of the text's tokens in the embedding model's tokenizer (chunk sizes are counted in them)."""
         model = self._load()
         with self._lock:
             return [tuple(o) for o in model.tokenizer(text, add_special_tokens=False,
                                                        return_offsets_mapping=True)["offset_mapping"]]
+
+
+class UpstreamEmbedder:
+    """/v1/embeddings of an OpenAI-compatible upstream (`embeddings.backend: openai`): the client's body goes out as
+    sent (only `model` renamed when `embeddings.model` differs) and the upstream's answer comes back byte for byte,
+    so every encoding_format, `dimensions` and future field works as the upstream implements it."""
+
+    def __init__(self, config: EmbeddingsConfig) -> None:
+        from slm_fusion.backends.openai_upstream import OpenAIBackend
+
+        self.config = config
+        self.backend = OpenAIBackend(config.upstream())
+        self._started = asyncio.Lock()
+
+    async def forward(self, fields: dict[str, Any]) -> tuple[bytes, int]:
+        """The upstream's answer (its JSON bytes) and the prompt tokens it reports."""
+        if self.backend._client is None:
+            async with self._started:  # the client pool is made on first use, inside the serving event loop
+                if self.backend._client is None:
+                    await self.backend.start()
+        upstream_model = self.backend.config.model
+        body = fields if fields.get("model") == upstream_model else {**fields, "model": upstream_model}
+        try:
+            data = orjson.dumps(body)
+        except TypeError as e:  # orjson: lone surrogates, integers beyond 64 bits
+            raise InvalidRequest(f"the request cannot be forwarded as JSON: {e} (send valid Unicode text and "
+                                 "integers within 64 bits)") from None
+        content = await self.backend.post("embeddings", data)
+        try:
+            usage = orjson.loads(content).get("usage") or {}
+            return content, int(usage.get("prompt_tokens") or 0)
+        except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
+            raise UpstreamError(f"the upstream of embedding model '{self.config.name}' answered with a body that "
+                                "is not an OpenAI embeddings response") from None
+
+    async def aclose(self) -> None:
+        await self.backend.aclose()
+
+
+def make_embedder(config: EmbeddingsConfig) -> Embedder | UpstreamEmbedder:
+    return UpstreamEmbedder(config) if config.backend == "openai" else Embedder(config)
 
 
 def attach_health(config: FusionConfig, handles: dict[str, ModelHandle]) -> routing.RoutingSettings:

@@ -24,7 +24,7 @@ from slm_fusion.backends.base import (
 )
 from slm_fusion.config import FusionConfig
 from slm_fusion.context import ContextStore
-from slm_fusion.deployments import Embedder, ModelHandle, attach_health
+from slm_fusion.deployments import ModelHandle, attach_health, make_embedder
 from slm_fusion.errors import GatewayTimeout, InvalidRequest, ModelNotFound
 from slm_fusion.keys import KeyAccounting
 from slm_fusion.metrics import GatewayMetrics
@@ -62,7 +62,7 @@ class Gateway:
         self.routers = routers if routers is not None else _default_routers(config)
         self.routing = attach_health(config, self.handles)  # fallbacks and replica cooldowns
         self.reasoning = reasoning if reasoning is not None else make_reasoning_layer(config)
-        self.embedder = Embedder(config.embeddings) if config.embeddings else None
+        self.embedder = make_embedder(config.embeddings) if config.embeddings else None
         self.context: ContextStore | None = None  # files and vector stores (slm_fusion.context), opened in start()
         self.created = int(time.time())
         # The last route decisions (virtual models, fallbacks), newest last: the web console's Routing page.
@@ -92,6 +92,8 @@ class Gateway:
             for b in handle.backends:
                 with contextlib.suppress(Exception):
                     await b.aclose()
+        if self.embedder is not None:
+            await self.embedder.aclose()
         if self.keys is not None:
             await self.keys.aclose()  # the last ledger rows: a clean shutdown loses none
         if self.tracer_provider is not None and self._owns_provider:
@@ -366,9 +368,16 @@ class Gateway:
                                          "\\ud800); send well-formed UTF-16 pairs",
                                          param="messages" if isinstance(body, P.ChatCompletionRequest) else "prompt"
                                          ) from None
-        if extra.get("logprobs") and not isinstance(body, P.ChatCompletionRequest):
-            raise InvalidRequest(f"{name} returns logprobs on chat completions only (`logprobs: true`, "
-                                 "`top_logprobs`); use /v1/chat/completions", param="logprobs")
+        asked = extra.get("logprobs")
+        if asked is not None and isinstance(body, P.ChatCompletionRequest) and not isinstance(asked, bool):
+            raise InvalidRequest("logprobs (chat) must be true or false; say how many alternatives with top_logprobs",
+                                 param="logprobs")
+        if asked is not None and not isinstance(body, P.ChatCompletionRequest):
+            if not getattr(handle.backends[0], "supports_completion_logprobs", False):
+                raise InvalidRequest(f"{name} returns logprobs on chat completions only (`logprobs: true`, "
+                                     "`top_logprobs`); use /v1/chat/completions", param="logprobs")
+            if not isinstance(asked, int) or isinstance(asked, bool) or not 0 <= asked <= 5:
+                raise InvalidRequest("logprobs (text completions) must be an integer from 0 to 5", param="logprobs")
         top = extra.get("top_logprobs")
         if top is not None and (not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= 20):
             raise InvalidRequest("top_logprobs must be an integer from 0 to 20", param="top_logprobs")

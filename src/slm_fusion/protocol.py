@@ -162,7 +162,8 @@ def override_fields(fields: dict[str, Any], **overrides: Any) -> dict[str, Any]:
 class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str = Field(..., min_length=1)
-    input: str | list[str] = Field(..., description="Text or list of texts (token-id inputs are not supported).")
+    input: str | list[str] | list[int] | list[list[int]] = Field(
+        ..., description="Text, texts, or token ids (token ids only for an upstream embedding model).")
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
     user: str | None = None
@@ -398,6 +399,22 @@ def chunk_choices(obj: Any, chat: bool) -> tuple[list[tuple], dict[str, Any] | N
             raise UpstreamShapeError("upstream sent a stream choice whose content or index has the wrong type")
         out.append((index, text or "", c.get("finish_reason"), tool_calls or None, c.get("logprobs")))
     return out, usage
+
+
+def completion_logprobs(logprobs: dict[str, Any] | None, offset: int = 0) -> tuple[dict[str, Any] | None, int]:
+    """A local backend's per-token entries (chat's `{"content": [...]}` shape) in a text completion's legacy shape
+    (`tokens`, `token_logprobs`, `top_logprobs` as {token: logprob}, `text_offset` counted from `offset`), and the
+    offset after its last token. An upstream's answer, already in that shape, is returned unchanged."""
+    if not logprobs or "content" not in logprobs:
+        return logprobs, offset
+    entries = logprobs["content"]
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(e["token"])
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+            "text_offset": offsets}, offset
 
 
 def upstream_error_message(content: bytes) -> str:

@@ -101,7 +101,8 @@ async def complete(gw: Gateway, body: Any, request: Request, *, chat: bool,
         resp = P.CompletionResponse(
             id=f"cmpl-{uuid.uuid4().hex}", model=body.model, usage=usage, system_fingerprint=fingerprint,
             choices=[P.CompletionChoice(index=i, text=prefix + g.text, finish_reason=g.finish_reason,
-                                        logprobs=g.logprobs) for i, g in enumerate(gens)],
+                                        logprobs=P.completion_logprobs(g.logprobs, len(prefix))[0])
+                     for i, g in enumerate(gens)],
         )
     # Routing extras (e.g. output fusion's `slm_fusion: {agreement, votes}`) ride along as extra response fields.
     extra = {k: v for k, v in (getattr(decision, "extra", None) or {}).items() if not k.startswith("_")}
@@ -166,11 +167,16 @@ async def _stream(
                                        system_fingerprint=fingerprint)
         return b"data: " + obj.__pydantic_serializer__.to_json(obj) + b"\n\n"
 
+    # text completions' logprobs: where each choice's next token starts (`text_offset`), after an echoed prompt
+    offsets = dict.fromkeys(range(gen.n), len(gen.prompt) if not chat and body.echo else 0)
+
     def choice(index: int, text: str | None, finish: str | None, role: bool = False, tool_calls: Any = None,
                logprobs: Any = None) -> Any:
         if chat:
             delta = P.ChoiceDelta(role="assistant" if role else None, content=text, tool_calls=tool_calls)
             return P.ChatChunkChoice(index=index, delta=delta, finish_reason=finish, logprobs=logprobs)
+        if logprobs:  # text offsets run on over the choice's chunks
+            logprobs, offsets[index] = P.completion_logprobs(logprobs, offsets.get(index, 0))
         return P.CompletionChoice(index=index, text=text or "", finish_reason=finish, logprobs=logprobs)
 
     async def events() -> AsyncIterator[bytes]:

@@ -7,8 +7,10 @@ config's `chat_template`) rendered by transformers' `render_jinja_template` — 
 Decoding: llama-cpp-python's high-level `Llama` runs one sequence at a time, so the decode loop is written here on
 its low-level API (the one llama.cpp's own server uses for its parallel slots): one context holds `slots` sequences,
 each with its own `n_ctx` cells; one worker thread admits requests between decode steps, computes their prompts, and
-decodes one token for every live sequence per `llama_decode` call. Each sequence has its own sampler chain (grammar
-for `response_format`, penalties, top-p, temperature, seeded distribution), stop sequences and max_tokens. A request's
+decodes one token for every live sequence per `llama_decode` call. Each sequence has its own grammar (for
+`response_format` and tool calls) and sampler chain (penalties, top-p, temperature, seeded distribution), stop
+sequences and max_tokens. A token is drawn as `llama_sampler_sample` does it, with the grammar applied on its own
+first: the logits after the grammar are the distribution `logprobs` report (as the transformers backend). A request's
 n choices share one prompt computation (`llama_memory_seq_cp`). A finished sequence's slot keeps its prompt's cells;
 a new prompt goes to the free slot holding its longest common prefix and only the rest is computed (llama.cpp
 server's slot prompt cache, the same idea). As llama.cpp's server documents for its `cache_prompt`, a prompt computed
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import ctypes
 import functools
 import queue
 import threading
@@ -34,6 +37,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from slm_fusion.backends.base import (
     Generation,
@@ -59,6 +64,7 @@ class _Job:
     max_tokens: int
     grammar: Any  # LlamaGrammar or None
     bridge: ThreadBridge
+    top_logprobs: int | None = None  # log-probabilities asked for, with this many alternatives per token
     cancelled: bool = False
     completion_tokens: int = 0
 
@@ -68,17 +74,21 @@ class _Row:
     job: _Job
     choice: int
     seq: int
-    sampler: Any
+    grammar: Any  # llama_sampler of the job's grammar, or None
+    sampler: Any  # llama_sampler chain drawing the token from what the grammar allows
     pos: int  # position of the next token
     decoder: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
     produced: int = 0
     text: str = ""
     emitted: int = 0
     pending: int | None = None  # the sampled token not yet fed back to the model
+    logprobs: list[dict[str, Any]] = field(default_factory=list)  # entries not yet sent with a chunk
 
 
 class LlamaCppBackend:
     supports_response_format = True  # json_object / json_schema, as a llama.cpp grammar (GBNF) while decoding
+    supports_logprobs = True  # chat `logprobs` / `top_logprobs`, from the distribution each token was drawn from
+    supports_completion_logprobs = True  # text completions' `logprobs` too
 
     def __init__(self, config: LlamaCppModel) -> None:
         self.config = config
@@ -90,6 +100,7 @@ class LlamaCppBackend:
         self._ctx = None
         self._vocab = None
         self._batch = None
+        self._candidates: _Candidates | None = None
         self._carry: _Job | None = None
         # free slots (sequence ids), least recently used first, each with the prompt its cells still hold
         self._free: OrderedDict[int, tuple[int, ...]] = OrderedDict()
@@ -136,6 +147,7 @@ class LlamaCppBackend:
         self._mem = llama_cpp.llama_get_memory(self._ctx)
         self._batch = llama_cpp.llama_batch_init(max(self.config.n_batch, slots), 0, 1)
         self._free = OrderedDict((seq, ()) for seq in range(slots))
+        self._candidates = _Candidates(llama_cpp.llama_vocab_n_tokens(self._vocab))
 
     async def aclose(self) -> None:
         if self._thread is not None:
@@ -192,11 +204,12 @@ class LlamaCppBackend:
         return ids, min(req.max_tokens, room), grammar
 
     async def generate(self, req: GenerationRequest) -> list[Generation]:
-        return await collect(self.stream(req), req.n)
+        return await collect(self.stream(req), req.n, logprobs=_top_logprobs(req) is not None)
 
     async def stream(self, req: GenerationRequest) -> AsyncIterator[TokenChunk]:
         ids, max_tokens, grammar = self._prepare(req)
-        job = _Job(req, ids, max_tokens, grammar, ThreadBridge(asyncio.get_running_loop()))
+        job = _Job(req, ids, max_tokens, grammar, ThreadBridge(asyncio.get_running_loop()),
+                   top_logprobs=_top_logprobs(req))
         self._inbox.put(job)
         pending = req.n
         try:
@@ -277,7 +290,8 @@ class LlamaCppBackend:
             llama_cpp.llama_memory_seq_rm(self._mem, seq, -1, -1)
             llama_cpp.llama_memory_seq_cp(self._mem, first, seq, -1, -1)
             seqs.append(seq)
-        rows = [_Row(job, i, seq, self._sampler(job, i), pos=len(ids)) for i, seq in enumerate(seqs)]
+        rows = [_Row(job, i, seq, self._grammar_sampler(job), self._sampler(job, i), pos=len(ids))
+                for i, seq in enumerate(seqs)]
         return [r for r in rows if not self._sample(r, -1)]
 
     def _pick_slot(self, ids: list[int]) -> tuple[int, int]:
@@ -341,7 +355,7 @@ class LlamaCppBackend:
         if job.cancelled:
             self._release(r)
             return True
-        token = llama_cpp.llama_sampler_sample(r.sampler, self._ctx, index)
+        token, logprobs = self._draw(r, index)
         finish = None
         if llama_cpp.llama_vocab_is_eog(self._vocab, token):
             finish = "stop"
@@ -349,7 +363,10 @@ class LlamaCppBackend:
         else:
             r.produced += 1
             job.completion_tokens += 1
-            r.text += r.decoder.decode(self.llm.detokenize([token]))
+            piece = self.llm.detokenize([token])
+            if logprobs is not None:  # OpenAI lists the content tokens only
+                r.logprobs.append(self._logprob_entry(logprobs, token, piece, job.top_logprobs))
+            r.text += r.decoder.decode(piece)
             stops = job.req.stop
             cut = find_stop(r.text, r.emitted, stops) if stops else None
             if cut is not None:
@@ -358,22 +375,57 @@ class LlamaCppBackend:
                 finish = "length"
                 r.text += r.decoder.decode(b"", final=True)
         if finish is not None:
-            job.bridge.put(TokenChunk(index=r.choice, text=r.text[r.emitted:], finish_reason=finish))
+            job.bridge.put(TokenChunk(index=r.choice, text=r.text[r.emitted:], finish_reason=finish,
+                                      logprobs=_take_logprobs(r)))
             self._release(r)
             return True
         r.pending = token
         safe = len(r.text) - hold_back(job.req.stop)
         if safe > r.emitted:
-            job.bridge.put(TokenChunk(index=r.choice, text=r.text[r.emitted:safe]))
+            job.bridge.put(TokenChunk(index=r.choice, text=r.text[r.emitted:safe], logprobs=_take_logprobs(r)))
             r.emitted = safe
         return False
+
+    def _draw(self, r: _Row, index: int) -> tuple[int, Any]:
+        """The row's next token from the logits at batch `index`, as `llama_sampler_sample` draws it but with the
+        grammar applied first on its own; and, when the job asks for logprobs, the log-softmax of the logits the
+        grammar left (the distribution the token was drawn from), else None."""
+        import llama_cpp
+
+        cand = self._candidates
+        cand.load(llama_cpp.llama_get_logits_ith(self._ctx, index))
+        if r.grammar is not None:
+            llama_cpp.llama_sampler_apply(r.grammar, cand.ref)
+        logprobs = None
+        if r.job.top_logprobs is not None:
+            logits = cand.rows["logit"].astype(np.float64)  # a copy: the chain below may reorder the buffer
+            top = logits.max()
+            logprobs = logits - (top + np.log(np.exp(logits - top).sum()))
+        llama_cpp.llama_sampler_apply(r.sampler, cand.ref)
+        token = int(cand.array.data[cand.array.selected].id)  # `data` may point elsewhere after the chain
+        if r.grammar is not None:
+            llama_cpp.llama_sampler_accept(r.grammar, token)
+        llama_cpp.llama_sampler_accept(r.sampler, token)
+        return token, logprobs
+
+    def _logprob_entry(self, logprobs: Any, token: int, piece: bytes, top: int) -> dict[str, Any]:
+        """OpenAI's per-token entry: the token, its log-probability, its bytes, and the `top` most likely tokens."""
+        def item(t: int, raw: bytes) -> dict[str, Any]:
+            # a token the grammar forbids has -inf, which JSON cannot hold: OpenAI's own floor for it is -9999.0
+            lp = max(float(logprobs[t]), -9999.0)
+            return {"token": raw.decode("utf-8", "replace"), "logprob": lp, "bytes": list(raw)}
+
+        best = np.argpartition(-logprobs, top)[:top] if 0 < top < len(logprobs) else np.arange(top)
+        best = best[np.argsort(-logprobs[best], kind="stable")]
+        return {**item(token, piece),
+                "top_logprobs": [item(int(t), self.llm.detokenize([int(t)])) for t in best]}
 
     def _release(self, r: _Row) -> None:
         import llama_cpp
 
         prompt = r.job.prompt_ids
         llama_cpp.llama_memory_seq_rm(self._mem, r.seq, len(prompt), -1)  # the prompt's cells stay for reuse
-        llama_cpp.llama_sampler_free(r.sampler)
+        _free_samplers(r)
         self._free[r.seq] = tuple(prompt)
 
     def _reset(self, rows: list[_Row]) -> None:
@@ -381,19 +433,24 @@ class LlamaCppBackend:
         import llama_cpp
 
         for r in rows:
-            llama_cpp.llama_sampler_free(r.sampler)
+            _free_samplers(r)
         llama_cpp.llama_memory_clear(self._mem, True)
         self._free = OrderedDict((seq, ()) for seq in range(self.config.slots))
 
+    def _grammar_sampler(self, job: _Job) -> Any:
+        import llama_cpp
+
+        if job.grammar is None:
+            return None
+        return llama_cpp.llama_sampler_init_grammar(self._vocab, job.grammar._grammar.encode(), b"root")
+
     def _sampler(self, job: _Job, choice: int) -> Any:
-        """The row's sampler chain: grammar, penalties, top-p, temperature, seeded draw (or greedy)."""
+        """The row's sampler chain after its grammar: penalties, top-p, temperature, seeded draw (or greedy)."""
         import llama_cpp
 
         req = job.req
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         add = functools.partial(llama_cpp.llama_sampler_chain_add, chain)
-        if job.grammar is not None:
-            add(llama_cpp.llama_sampler_init_grammar(self._vocab, job.grammar._grammar.encode(), b"root"))
         presence, frequency = req.extra.get("presence_penalty") or 0.0, req.extra.get("frequency_penalty") or 0.0
         if presence or frequency:
             add(llama_cpp.llama_sampler_init_penalties(64, 1.0, float(frequency), float(presence)))
@@ -406,6 +463,55 @@ class LlamaCppBackend:
         seed = (req.seed + choice) % (1 << 32) if req.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED
         add(llama_cpp.llama_sampler_init_dist(seed))  # llama.cpp seeds are uint32
         return chain
+
+
+class _Candidates:
+    """One reusable `llama_token_data_array` over a numpy buffer (the worker thread's only), loaded with a step's
+    logits as `llama_sampler_sample` does, so the grammar and the chain can be applied to it separately."""
+
+    def __init__(self, n_vocab: int) -> None:
+        import llama_cpp
+
+        self.n_vocab = n_vocab
+        self.rows = np.zeros(n_vocab, dtype=np.dtype([("id", np.intc), ("logit", np.single), ("p", np.single)],
+                                                     align=True))
+        self.ids = np.arange(n_vocab, dtype=np.intc)
+        self.array = llama_cpp.llama_token_data_array(data=self.rows.ctypes.data_as(llama_cpp.llama_token_data_p),
+                                                      size=n_vocab, selected=-1, sorted=False)
+        self.ref = ctypes.byref(self.array)
+        self._data = self.array.data
+
+    def load(self, logits: Any) -> None:
+        self.rows["id"] = self.ids
+        self.rows["logit"] = np.ctypeslib.as_array(logits, shape=(self.n_vocab,))
+        self.rows["p"] = 0.0
+        self.array.data, self.array.size, self.array.selected, self.array.sorted = self._data, self.n_vocab, -1, False
+
+
+def _free_samplers(r: _Row) -> None:
+    import llama_cpp
+
+    if r.grammar is not None:
+        llama_cpp.llama_sampler_free(r.grammar)
+    llama_cpp.llama_sampler_free(r.sampler)
+
+
+def _top_logprobs(req: GenerationRequest) -> int | None:
+    """None unless logprobs are asked; then how many alternatives per token: chat's `logprobs: true` with
+    `top_logprobs`, or a text completion's `logprobs: <int>`."""
+    asked = req.extra.get("logprobs")
+    if asked is True:
+        return int(req.extra.get("top_logprobs") or 0)
+    if isinstance(asked, int) and not isinstance(asked, bool):
+        return asked
+    return None
+
+
+def _take_logprobs(r: _Row) -> dict[str, Any] | None:
+    if r.job.top_logprobs is None or not r.logprobs:
+        return None
+    taken, r.logprobs = r.logprobs, []
+    return {"content": taken}
 
 
 GGUF_ALIASES = {"smollm2-135m-instruct": "smollm2_gguf", "gemma3-270m": "gemma3_gguf"}

@@ -11,6 +11,8 @@ proxy's own. The requested `model` picks a behaviour, which lets tests exercise 
   * `leak`      → HTTP 500 whose message quotes the upstream's own URL;
   * `tools`     → a `get_weather` function call (`tool_calls`; streamed as id/name then argument fragments);
   * anything else → the fixed answer (`n` choices, usage, SSE streaming with `[DONE]`).
+`POST /v1/embeddings` answers 4-dimensional vectors made from each input's length (float lists, or base64 of
+little-endian float32 with `encoding_format: base64`); `fail-500`, `leak` and `rate-429` fail there too.
 `logprobs: true` in a request adds per-token logprobs to the answer. The last request bodies are kept in
 `received` and their headers in `received_headers` (tests check what the gateway forwarded). `POST /v1/traces`
 answers 200 and discards the body: an OTLP/HTTP sink for the tracing benchmark.
@@ -20,7 +22,9 @@ Run standalone: `python -m slm_fusion.backends.mock_upstream --port 9000`.
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
+import struct
 import threading
 import time
 from typing import Any
@@ -36,6 +40,22 @@ TOOL_CALL = {"id": "call_mock1", "type": "function",
 
 def _logprobs(words: list[str]) -> dict:
     return {"content": [{"token": w, "logprob": -0.5, "bytes": list(w.encode()), "top_logprobs": []} for w in words]}
+
+
+def _embeddings(req: dict) -> dict:
+    inputs = req.get("input")
+    inputs = [inputs] if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)) else inputs or []
+    data = []
+    for i, text in enumerate(inputs):
+        vector = [len(text) / 10, 1.0 / (1 + i), -0.25, 0.5]
+        if req.get("encoding_format") == "base64":
+            embedding: Any = base64.b64encode(struct.pack("<4f", *vector)).decode()
+        else:
+            embedding = vector
+        data.append({"object": "embedding", "index": i, "embedding": embedding})
+    tokens = sum(len(t) if isinstance(t, list) else len(t.split()) for t in inputs)
+    return {"object": "list", "data": data, "model": req.get("model"),
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
 
 class MockUpstream:
@@ -70,7 +90,7 @@ class MockUpstream:
             await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"0")]})
             await send({"type": "http.response.body", "body": b""})
             return
-        if scope["method"] != "POST" or not path.endswith(("/chat/completions", "/completions")):
+        if scope["method"] != "POST" or not path.endswith(("/chat/completions", "/completions", "/embeddings")):
             await _send_json(send, 404, {"error": {"message": "not found", "type": "invalid_request_error"}})
             return
         body = b""
@@ -98,6 +118,9 @@ class MockUpstream:
         if model == "rate-429":
             await _send_json(send, 429, {"error": {"message": "slow down", "type": "rate_limit_error"}},
                              [(b"retry-after", b"7")])
+            return
+        if path.endswith("/embeddings"):
+            await _send_json(send, 200, _embeddings(req))
             return
         if model == "cut":
             await send({"type": "http.response.start", "status": 200,

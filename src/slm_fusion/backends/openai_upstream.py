@@ -76,16 +76,23 @@ class OpenAIBackend:
     def _default_cap(self) -> int | None:
         return self.config.default_max_tokens if "default_max_tokens" in self.config.model_fields_set else None
 
-    async def generate(self, req: GenerationRequest) -> list[Generation]:
-        path, body = self._body(req, stream=False)
+    async def post(self, path: str, body: bytes) -> bytes:
+        """One non-streaming POST (retried only when it provably never left) and the upstream's 200 answer; any
+        failure as a gateway error."""
         try:
-            resp = await self._send(self.client.build_request("POST", path, content=body, headers=tracing.upstream_headers()), stream=False)
+            resp = await self._send(self.client.build_request("POST", path, content=body,
+                                                              headers=tracing.upstream_headers()), stream=False)
         except httpx.HTTPError as e:
             raise self._transport_error(e) from None
         if resp.status_code != 200:
             raise self._status_error(resp.status_code, resp.content, resp.headers)
+        return resp.content
+
+    async def generate(self, req: GenerationRequest) -> list[Generation]:
+        path, body = self._body(req, stream=False)
+        content = await self.post(path, body)
         try:
-            choices, usage = P.completion_choices(orjson.loads(resp.content), chat=req.messages is not None)
+            choices, usage = P.completion_choices(orjson.loads(content), chat=req.messages is not None)
         except (orjson.JSONDecodeError, P.UpstreamShapeError) as e:
             message = str(e) if isinstance(e, P.UpstreamShapeError) else "upstream returned a body that is not JSON"
             raise UpstreamError(message) from None

@@ -10,7 +10,12 @@ go to content, not to indentation a small model would happily fill.
     grammars = Grammars(hf_tokenizer, vocab_size)                 # once per backend (building it takes ~1 s)
     grammars.check(grammar)                                       # a schema llguidance cannot use: 400, up front
     row = grammars.constraint(grammar)                            # one per generated choice
-    row.mask(logits_row); ...; done = row.accept(token)
+    grammars.mask(logits, [row, None, ...]); ...; done = row.accept(token)   # per step, the whole batch at once
+
+Per step the masks of all constrained rows are computed by llguidance's thread pool into one reused bitmask and
+applied in one call (llguidance's compiled kernel), not row by row in Python: per constrained row and token that
+takes ~0.2 ms instead of ~0.45 ms (SmolLM2's 49k vocabulary, batch of 8, one CPU thread; most of it was the
+one-row apply, ~0.13 ms each).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import functools
 import json
 import threading
+import time
 from typing import Any
 
 from slm_fusion.errors import InvalidRequest
@@ -77,24 +83,16 @@ def _compiled(schema_json: str) -> str:
 class Constraint:
     """The grammar state of one generated choice."""
 
-    __slots__ = ("_bitmask", "_matcher")
+    __slots__ = ("matcher",)
 
-    def __init__(self, matcher: Any, bitmask: Any) -> None:
-        self._matcher = matcher
-        self._bitmask = bitmask
-
-    def mask(self, logits_row: Any) -> None:
-        """Forbid (in place) every token that would make the output invalid."""
-        import llguidance.torch as lt
-
-        lt.fill_next_token_bitmask(self._matcher, self._bitmask, 0)
-        lt.apply_token_bitmask_inplace(logits_row[None, :], self._bitmask.to(logits_row.device))
+    def __init__(self, matcher: Any) -> None:
+        self.matcher = matcher
 
     def accept(self, token: int) -> bool:
         """Advance by the sampled token; True when the grammar is complete and nothing more may follow."""
-        if not self._matcher.consume_token(token):
-            raise RuntimeError(f"constrained decoding: token {token} refused ({self._matcher.get_error()})")
-        return self._matcher.is_stopped()
+        if not self.matcher.consume_token(token):
+            raise RuntimeError(f"constrained decoding: token {token} refused ({self.matcher.get_error()})")
+        return self.matcher.is_stopped()
 
 
 class Grammars:
@@ -106,6 +104,9 @@ class Grammars:
         self._ll: Any = None
         self._lock = threading.Lock()
         self._checked: set[str] = set()
+        self._executor: Any = None  # llguidance's mask thread pool, made with the tokenizer
+        self._bitmask: Any = None  # (rows, vocab/32) int32, grown to the largest batch seen and reused
+        self.mask_s = 0.0  # observability for benchmarks: time spent computing and applying masks
 
     def _tokenizer(self) -> Any:
         with self._lock:
@@ -113,6 +114,8 @@ class Grammars:
                 import llguidance.hf
 
                 self._ll = llguidance.hf.from_tokenizer(self._hf, n_vocab=self._vocab_size)
+                self._executor = llguidance.LLExecutor()
+                _compile_apply_kernel(self._vocab_size)
             return self._ll
 
     def check(self, grammar: str) -> None:
@@ -130,8 +133,46 @@ class Grammars:
         self._checked.add(grammar)
 
     def constraint(self, grammar: str) -> Constraint:
-        import llguidance.torch as lt
         from llguidance import LLMatcher
 
-        tok = self._tokenizer()
-        return Constraint(LLMatcher(tok, grammar), lt.allocate_token_bitmask(1, tok.vocab_size))
+        return Constraint(LLMatcher(self._tokenizer(), grammar))
+
+    def mask(self, logits: Any, constraints: list[Constraint | None]) -> None:
+        """Forbid (in place) in each row of `logits` (batch, vocab) every token its constraint refuses; rows whose
+        constraint is None are left as they are. Called by the decode thread only (the bitmask is reused)."""
+        import llguidance.torch as lt
+        import torch
+
+        rows = [b for b, c in enumerate(constraints) if c is not None]
+        if not rows:
+            return
+        began = time.perf_counter()
+        if self._bitmask is None or self._bitmask.shape[0] < len(rows):
+            self._bitmask = lt.allocate_token_bitmask(len(rows), self._tokenizer().vocab_size)
+        bitmask = self._bitmask[:len(rows)]
+        lt.fill_next_token_bitmask_par(self._executor, [(constraints[b].matcher, k) for k, b in enumerate(rows)],
+                                       bitmask)
+        bitmask = bitmask.to(logits.device)
+        # The kernel is compiled for contiguous (rows, vocab) tensors: a strided view (the last position of a
+        # prefill's logits) would make torch.compile recompile for every new stride, ~30 ms a row each time.
+        with torch.inference_mode():
+            if len(rows) == len(constraints) and logits.is_contiguous():
+                lt.apply_token_bitmask_inplace(logits, bitmask)
+            else:  # the constrained rows, gathered (contiguous) and written back
+                picked = logits[rows]
+                lt.apply_token_bitmask_inplace(picked, bitmask)
+                logits[rows] = picked
+        self.mask_s += time.perf_counter() - began
+
+
+def _compile_apply_kernel(vocab_size: int) -> None:
+    """llguidance's apply kernel is `torch.compile`d on first use, once for one row and once for any other batch
+    size (a second or more each): done here, with the tokenizer (off the decode loop), not in the first batches."""
+    import llguidance.torch as lt
+    import torch
+
+    for rows in (1, 2):
+        bitmask = lt.allocate_token_bitmask(rows, vocab_size)  # a plain tensor, as `Grammars.mask`'s
+        with torch.inference_mode():  # logits as the decode loop's (another dispatch key would be another compile)
+            lt.apply_token_bitmask_inplace(torch.zeros(rows, vocab_size), bitmask)
+

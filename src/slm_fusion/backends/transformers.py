@@ -424,9 +424,7 @@ class TransformersBackend:
     def _sample(self, logits: Any, rows: list[_Row], tok: Any = None) -> Any:
         import torch
 
-        for b, r in enumerate(rows):
-            if r.constraint is not None:
-                r.constraint.mask(logits[b])
+        self.grammars.mask(logits, [r.constraint for r in rows])
         next_ids = logits.argmax(dim=-1)
         wanted = [b for b, r in enumerate(rows) if r.job.top_logprobs is not None]
         logprobs = logits[wanted].log_softmax(-1) if wanted else None
