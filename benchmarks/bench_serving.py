@@ -317,13 +317,25 @@ def bench_multilora(quick: bool) -> dict:
             for p in paths:  # load all three (and warm up)
                 await engine.generate(req(0, p))
             resident = nbytes(engine.model)
-            timings = {}
-            for name, chosen in (("one_adapter", [paths[0]] * 8), ("three_adapters", [paths[i % 3] for i in range(8)])):
-                start = time.perf_counter()
-                gens = await asyncio.gather(*(engine.generate(req(i, a)) for i, a in enumerate(chosen)))
-                seconds = time.perf_counter() - start
-                tokens = sum(g[0].completion_tokens for g in gens)
-                timings[name] = {"tokens": tokens, "seconds": round(seconds, 2), "tok_per_s": round(tokens / seconds, 1)}
+            from slm_fusion.backends.lora_batch import BatchedLoRA
+
+            one, mixed = [paths[0]] * 8, [paths[i % 3] for i in range(8)]
+            cases = {"one_adapter": (one, True), "three_adapters": (mixed, True), "three_adapters_peft": (mixed, False)}
+            runs: dict[str, list[tuple[int, float]]] = {name: [] for name in cases}
+            for _ in range(1 if quick else 2):  # rounds, cases interleaved: the box's load drifts
+                for name, (chosen, gathered) in cases.items():
+                    lora = BatchedLoRA(engine.model)
+                    if gathered:  # one gathered bmm per layer ...
+                        lora.install()
+                    else:  # ... or PEFT's per-adapter sub-batches
+                        lora.uninstall()
+                    start = time.perf_counter()
+                    gens = await asyncio.gather(*(engine.generate(req(i, a)) for i, a in enumerate(chosen)))
+                    runs[name].append((sum(g[0].completion_tokens for g in gens), time.perf_counter() - start))
+            BatchedLoRA(engine.model).install()
+            timings = {name: {"tokens": sum(t for t, _ in r), "seconds": round(sum(s for _, s in r), 2),
+                              "tok_per_s": round(sum(t for t, _ in r) / sum(s for _, s in r), 1)}
+                       for name, r in runs.items()}
             return base_bytes, resident, timings
         finally:
             await engine.aclose()
@@ -331,7 +343,9 @@ def bench_multilora(quick: bool) -> dict:
     base_bytes, resident, timings = asyncio.run(main())
     return {"base_mb": round(base_bytes / 2**20, 1), "with_3_adapters_mb": round(resident / 2**20, 1),
             "memory_ratio": round(resident / base_bytes, 3), **timings,
-            "mixed_vs_one_adapter": round(timings["three_adapters"]["tok_per_s"] / timings["one_adapter"]["tok_per_s"], 3)}
+            "mixed_vs_one_adapter": round(timings["three_adapters"]["tok_per_s"] / timings["one_adapter"]["tok_per_s"], 3),
+            "peft_mixed_vs_one_adapter": round(timings["three_adapters_peft"]["tok_per_s"]
+                                               / timings["one_adapter"]["tok_per_s"], 3)}
 
 
 # ------------------------------------------------------------------------------------------------- report
@@ -381,7 +395,10 @@ def _table(res: dict) -> list[dict]:
         rows.append({"case": f"multi-LoRA: 3 adapters resident = {m['memory_ratio']}x the base's parameter bytes",
                      "engine": "transformers, 8 on one adapter", "tok/s": m["one_adapter"]["tok_per_s"]})
         rows.append({"case": f"multi-LoRA: 8 over 3 adapters = {m['mixed_vs_one_adapter']}x one adapter's tok/s",
-                     "engine": "transformers, 8 over 3 adapters", "tok/s": m["three_adapters"]["tok_per_s"]})
+                     "engine": "transformers, 8 over 3 adapters (gathered bmm)", "tok/s": m["three_adapters"]["tok_per_s"]})
+        rows.append({"case": f"multi-LoRA: PEFT's sub-batches = {m['peft_mixed_vs_one_adapter']}x one adapter's tok/s",
+                     "engine": "transformers, 8 over 3 adapters (PEFT)",
+                     "tok/s": m["three_adapters_peft"]["tok_per_s"]})
     return [{c: row.get(c, "") for c in COLUMNS} for row in rows]  # one shape: run.py's Markdown takes row 0's keys
 
 

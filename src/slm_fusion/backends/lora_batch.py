@@ -36,6 +36,11 @@ class BatchedLoRA:
         for layer in self.layers:
             layer._mixed_batch_forward = self._forward_for(layer)  # instance attribute: PEFT's forward calls it
 
+    def uninstall(self) -> None:
+        """Back to PEFT's per-adapter sub-batches (the benchmark's A/B)."""
+        for layer in self.layers:
+            layer.__dict__.pop("_mixed_batch_forward", None)
+
     def invalidate(self) -> None:
         """Adapters were loaded or unloaded: drop the stacked weights."""
         self._stacks.clear()
