@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from optuna_helpers import age_running_heartbeats
+from optuna_helpers import age_running_heartbeats, wait_for_a_running_trial
 
 from reasonlite.config import ConfigError, build_config, load_config
 from reasonlite.pipeline import run_stage, stage_folder
@@ -230,24 +229,9 @@ def test_kill_during_a_tune_trial_then_resume_counts_each_config_once(tmp_path):
     proc = subprocess.Popen([*cmd, "--trials", "2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     db = tmp_path / "runs" / "tune-crash" / "study.db"
-    deadline = time.time() + 300
     # SIGKILL while the first trial runs: RUNNING, its parameters drawn and its heartbeat beating (a kill before the
     # first beat is test_tune.py::test_a_trial_killed_before_its_first_heartbeat_is_failed_and_retried)
-    running = ("SELECT count(*) FROM trials t WHERE t.state = 'RUNNING' "
-               "AND EXISTS (SELECT 1 FROM trial_params p WHERE p.trial_id = t.trial_id) "
-               "AND EXISTS (SELECT 1 FROM trial_heartbeats h WHERE h.trial_id = t.trial_id)")
-    while True:
-        assert proc.poll() is None, proc.stdout.read()
-        assert time.time() < deadline
-        time.sleep(0.5)
-        if db.exists():  # read with plain sqlite3: opening it through Optuna would race the child creating tables
-            try:
-                with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-                    started = conn.execute(running).fetchone()[0]
-            except sqlite3.Error:  # the child may be creating the tables right now
-                started = 0
-            if started:
-                break
+    wait_for_a_running_trial(db, proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     # The dead trial's last heartbeat, moved an hour back (instead of waiting out the 2 x 1 s grace): it is stale.

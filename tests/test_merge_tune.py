@@ -5,16 +5,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
-import time
 
 import optuna
 import pytest
 import torch
 import yaml
-from optuna_helpers import age_running_heartbeats
+from optuna_helpers import age_running_heartbeats, wait_for_a_running_trial
 from typer.testing import CliRunner
 
 from slm_fusion.cli import app
@@ -132,22 +130,7 @@ def test_a_merge_tune_killed_mid_trial_resumes_and_retries_that_trial(specialist
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     db = out / "study.db"
-    running = ("SELECT count(*) FROM trials t WHERE t.state = 'RUNNING' "
-               "AND EXISTS (SELECT 1 FROM trial_params p WHERE p.trial_id = t.trial_id) "
-               "AND EXISTS (SELECT 1 FROM trial_heartbeats h WHERE h.trial_id = t.trial_id)")
-    deadline = time.time() + 300
-    while True:  # SIGKILL once the first trial is RUNNING with its parameters drawn and its heartbeat beating
-        assert proc.poll() is None, proc.stdout.read()
-        assert time.time() < deadline
-        time.sleep(0.2)
-        if db.exists():
-            try:
-                with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-                    started = conn.execute(running).fetchone()[0]
-            except sqlite3.Error:  # the child may be creating the tables right now
-                started = 0
-            if started:
-                break
+    wait_for_a_running_trial(db, proc, poll_s=0.2)  # SIGKILL once the first trial runs with a heartbeat
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert age_running_heartbeats(db) == 1  # stale now, instead of waiting out the grace period
