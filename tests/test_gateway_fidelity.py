@@ -304,6 +304,24 @@ def test_client_disconnect_frees_the_local_slot(local):
     assert time.monotonic() - start < 1.0
 
 
+def test_local_text_completions_return_logprobs_in_their_own_shape(local):
+    """transformers backend, /v1/completions `logprobs: N`: OpenAI's legacy shape (tokens, token_logprobs, top_logprobs,
+    text_offset), one entry per generated token, greedy = the top one, the stream carrying the same entries."""
+    client = openai.OpenAI(base_url=local.v1, api_key="unused", max_retries=0, timeout=60)
+    r = client.completions.create(model="tiny", prompt="one two three", max_tokens=6, temperature=0, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == r.usage.completion_tokens == 6
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(6)]
+    for logprob, top in zip(lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert len(top) == 2 and logprob <= 0 and max(top.values()) == logprob  # greedy took the top token
+    stream = client.completions.create(model="tiny", prompt="one two three", max_tokens=6, temperature=0, logprobs=2,
+                                       stream=True)
+    streamed = [(t, v) for c in stream if c.choices and c.choices[0].logprobs
+                for t, v in zip(c.choices[0].logprobs.tokens, c.choices[0].logprobs.token_logprobs, strict=True)]
+    assert streamed == list(zip(lp.tokens, lp.token_logprobs, strict=True))
+    assert client.completions.create(model="tiny", prompt="x", max_tokens=2, temperature=0).choices[0].logprobs is None
+
+
 def test_local_model_returns_logprobs_of_what_it_generated(local):
     """transformers backend: one entry per generated token, the greedy token is the most likely one, and the stream
     carries the same entries as the whole answer."""
@@ -322,7 +340,7 @@ def test_local_model_returns_logprobs_of_what_it_generated(local):
     assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
     plain = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=3, temperature=0)
     assert plain.choices[0].logprobs is None  # only when asked
-    for body, param in (({"prompt": "x", "logprobs": 2}, "logprobs"),
+    for body, param in (({"prompt": "x", "logprobs": 6}, "logprobs"),
                         ({"messages": MESSAGES, "logprobs": True, "top_logprobs": 99}, "top_logprobs")):
         bad = _post(local, {"model": "tiny", **body}, "/completions" if "prompt" in body else "/chat/completions")
         assert bad.status_code == 400 and bad.json()["error"]["param"] == param, bad.text

@@ -190,3 +190,15 @@ class ThreadBridge:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
         except RuntimeError:  # loop closed: the client is gone, nothing to deliver to
             pass
+
+
+def requested_logprobs(req: GenerationRequest) -> int | None:
+    """None unless logprobs are asked; then how many alternatives per token: chat's `logprobs: true` with
+    `top_logprobs`, or a text completion's `logprobs: <int>`."""
+    asked = req.extra.get("logprobs")
+    if asked is True:
+        return int(req.extra.get("top_logprobs") or 0)
+    if isinstance(asked, int) and not isinstance(asked, bool):
+        return asked
+    return None
+

@@ -48,6 +48,7 @@ from slm_fusion.backends.base import (
     collect,
     find_stop,
     hold_back,
+    requested_logprobs,
 )
 from slm_fusion.backends.prefix_cache import MIN_TOKENS, common_prefix
 from slm_fusion.backends.structured import schema_key
@@ -204,12 +205,12 @@ class LlamaCppBackend:
         return ids, min(req.max_tokens, room), grammar
 
     async def generate(self, req: GenerationRequest) -> list[Generation]:
-        return await collect(self.stream(req), req.n, logprobs=_top_logprobs(req) is not None)
+        return await collect(self.stream(req), req.n, logprobs=requested_logprobs(req) is not None)
 
     async def stream(self, req: GenerationRequest) -> AsyncIterator[TokenChunk]:
         ids, max_tokens, grammar = self._prepare(req)
         job = _Job(req, ids, max_tokens, grammar, ThreadBridge(asyncio.get_running_loop()),
-                   top_logprobs=_top_logprobs(req))
+                   top_logprobs=requested_logprobs(req))
         self._inbox.put(job)
         pending = req.n
         try:
@@ -494,17 +495,6 @@ def _free_samplers(r: _Row) -> None:
     if r.grammar is not None:
         llama_cpp.llama_sampler_free(r.grammar)
     llama_cpp.llama_sampler_free(r.sampler)
-
-
-def _top_logprobs(req: GenerationRequest) -> int | None:
-    """None unless logprobs are asked; then how many alternatives per token: chat's `logprobs: true` with
-    `top_logprobs`, or a text completion's `logprobs: <int>`."""
-    asked = req.extra.get("logprobs")
-    if asked is True:
-        return int(req.extra.get("top_logprobs") or 0)
-    if isinstance(asked, int) and not isinstance(asked, bool):
-        return asked
-    return None
 
 
 def _take_logprobs(r: _Row) -> dict[str, Any] | None:

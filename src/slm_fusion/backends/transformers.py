@@ -36,6 +36,7 @@ from slm_fusion.backends.base import (
     collect,
     find_stop,
     hold_back,
+    requested_logprobs,
 )
 from slm_fusion.backends.prefix_cache import PrefixCache
 from slm_fusion.backends.structured import Constraint, Grammars, grammar_for
@@ -109,6 +110,7 @@ def _merge(a: _Running | None, b: _Running | None) -> _Running | None:
 class TransformersBackend:
     supports_response_format = True  # json_object / json_schema, enforced while decoding (backends/structured.py)
     supports_logprobs = True  # chat `logprobs` / `top_logprobs`, from the distribution each token was drawn from
+    supports_completion_logprobs = True  # text completions' `logprobs` too
 
     def __init__(self, config: TransformersModel) -> None:
         self.config = config
@@ -207,7 +209,7 @@ class TransformersBackend:
         if grammar is not None:
             await asyncio.to_thread(self.grammars.check, grammar)
         job = _Job(req, prompt_ids, min(req.max_tokens, room), ThreadBridge(asyncio.get_running_loop()),
-                   grammar=grammar, top_logprobs=_top_logprobs(req))
+                   grammar=grammar, top_logprobs=requested_logprobs(req))
         self._inbox.put(job)
         pending = req.n
         try:
@@ -223,7 +225,7 @@ class TransformersBackend:
             job.cancelled = True  # no-op when finished; otherwise the worker drops these rows at its next step
 
     async def generate(self, req: GenerationRequest) -> list[Generation]:
-        return await collect(self.stream(req), req.n, logprobs=_top_logprobs(req) is not None)
+        return await collect(self.stream(req), req.n, logprobs=requested_logprobs(req) is not None)
 
     # ------------------------------------------------------------------------------------------ worker
     def _worker(self) -> None:
@@ -486,13 +488,6 @@ class TransformersBackend:
             job.bridge.put(TokenChunk(index=r.choice, text=r.text[r.emitted:safe], logprobs=_take_logprobs(r)))
             r.emitted = safe
         return False
-
-
-def _top_logprobs(req: GenerationRequest) -> int | None:
-    """None unless the chat request asks for `logprobs`; then how many alternatives per token (`top_logprobs`)."""
-    if not req.extra.get("logprobs"):
-        return None
-    return int(req.extra.get("top_logprobs") or 0)
 
 
 def _logprob_entry(tok: Any, logprobs: Any, token: int, top: int) -> dict[str, Any]:
