@@ -49,10 +49,24 @@ def _valid_call(call, allowed: set[str]) -> dict:
     return args
 
 
-def test_required_calls_from_a_random_model_always_parse_and_match_the_schema(client):
+@pytest.fixture(scope="module", params=["tiny", pytest.param("smol", marks=pytest.mark.integration)])
+def sampled(request):
+    """(client, model name) for the 100-sample tests: the random tiny model, and SmolLM2-135M (integration)."""
+    if request.param == "tiny":
+        yield request.getfixturevalue("client"), "tiny"
+        return
+    smol = {"name": "smol", "backend": "transformers", "model": "smollm2-135m-instruct", "max_output_tokens": 48,
+            "max_batch_size": 100, "max_concurrency": 10, "torch_threads": 2}
+    with serve_gateway({"models": [smol]}) as served:
+        yield openai.OpenAI(base_url=served.v1, api_key="x", max_retries=0, timeout=600), "smol"
+
+
+def test_required_calls_sampled_at_temperature_1_always_parse_and_match_the_schema(sampled):
     """100 of 100 calls sampled at temperature 1.0 (ten concurrent requests of n=10, decoded together)."""
+    client, model = sampled
+
     def ask(seed: int):
-        return client.chat.completions.create(model="tiny", messages=ASK, tools=[PRICE, STOCK], tool_choice="required",
+        return client.chat.completions.create(model=model, messages=ASK, tools=[PRICE, STOCK], tool_choice="required",
                                               temperature=1.0, n=10, seed=seed, max_tokens=48).choices
 
     with ThreadPoolExecutor(10) as pool:
@@ -71,10 +85,12 @@ class Order(pydantic.BaseModel):
     note: str = pydantic.Field(max_length=12)
 
 
-def test_json_schema_outputs_from_a_random_model_always_parse_and_validate(client):
+def test_json_schema_outputs_sampled_at_temperature_1_always_parse_and_validate(sampled):
     """100 of 100 `json_schema` (strict) replies sampled at temperature 1.0 validate, parsed by the official SDK."""
+    client, model = sampled
+
     def ask(seed: int):
-        return client.chat.completions.parse(model="tiny", messages=ASK, response_format=Order, temperature=1.0,
+        return client.chat.completions.parse(model=model, messages=ASK, response_format=Order, temperature=1.0,
                                              n=10, seed=seed, max_tokens=48).choices
 
     with ThreadPoolExecutor(10) as pool:
