@@ -40,8 +40,8 @@ BASE = "smollm2-135m-instruct"
 console = Console(width=160)
 
 FULL = {"retail": {"n_train": 1000, "max_steps": 120}, "gsm8k": {"n_train": 7473, "max_steps": 200},
-        "batch_size": 8, "lora_r": 16, "retail_per_split": 20, "gsm8k_eval": 100, "trials": 10, "dev_limit": 20,
-        "methods": ["linear", "task_arithmetic", "ties", "dare_ties"]}
+        "batch_size": 8, "lora_r": 16, "retail_per_split": 15, "gsm8k_eval": 60, "trials": 6, "dev_limit": 20,
+        "methods": ["linear", "task_arithmetic", "ties"]}
 QUICK = {"retail": {"n_train": 16, "max_steps": 2}, "gsm8k": {"n_train": 16, "max_steps": 2},
          "batch_size": 4, "lora_r": 4, "retail_per_split": 2, "gsm8k_eval": 4, "trials": 2, "dev_limit": 3,
          "methods": ["linear", "ties"]}
