@@ -26,6 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from reasonlite.config import format_validation_error
+from slm_fusion.context.settings import MODEL_CONTEXT_DESCRIPTION, ModelContext, RetrievalSettings
 from slm_fusion.routing.specs import (
     RouterSpec,
     RoutingSettings,
@@ -91,6 +92,7 @@ class ModelBase(_Strict):
     reasoning: ReasoningDefaults = Field(
         default_factory=ReasoningDefaults, description="Reasoning-layer defaults (budget, pal, vote) for this model."
     )
+    context: ModelContext | None = Field(None, description=MODEL_CONTEXT_DESCRIPTION)
 
 
 class AutoscalingConfig(_Strict):
@@ -206,15 +208,13 @@ class EmbeddingsConfig(_Strict):
     max_inputs: int = Field(256, ge=1, description="Most texts in one request.")
 
 
-class ContextConfig(_Strict):
-    """Files and vector stores (`/v1/files`, `/v1/vector_stores`) and retrieval into chat (slm_fusion.context)."""
+class ContextConfig(RetrievalSettings):
+    """Files and vector stores (`/v1/files`, `/v1/vector_stores`) and retrieval into chat (slm_fusion.context); the
+    retrieval knobs (`RetrievalSettings`: top_k, max_context_tokens, min_score, hybrid_weight) are the defaults of
+    every model's and request's `context`."""
 
     path: str = Field("context.db", description="SQLite file holding files, chunks, vectors and the BM25 index (relative to the YAML).")
     max_file_bytes: int = Field(20_000_000, ge=1, description="Largest file `/v1/files` accepts (413 above).")
-    top_k: int = Field(5, ge=1, le=50, description="Chunks retrieved per request when the request does not say.")
-    max_context_tokens: int = Field(1500, ge=16, description="Retrieved text packed into the prompt, at most (serving model's tokens).")
-    min_score: float = Field(0.0, ge=0.0, le=1.0, description="Chunks scoring below this are not used.")
-    hybrid_weight: float = Field(0.5, ge=0.0, le=1.0, description="Weight of the dense (embedding) ranking against BM25 in the fused score.")
 
 
 class UIConfig(_Strict):
@@ -309,8 +309,22 @@ class FusionConfig(_Strict):
             raise ValueError("context needs an embedding model to index and search with: add `embeddings: {}`")
         return self
 
+    @model_validator(mode="after")
+    def _declared_context_needs_a_store(self) -> FusionConfig:
+        declared = [f"models.{m.name}" for m in self.models if m.context is not None]
+        declared += [f"virtual_models.{n}" for n, v in self.virtual_models.items() if getattr(v, "context", None)]
+        if declared and self.context is None:
+            raise ValueError(f"{declared[0]}.context retrieves from vector stores, but the gateway has none: add "
+                             "`context: {}` (and `embeddings: {}`) to the YAML")
+        return self
+
     def model(self, name: str) -> ModelBase | None:
         return next((m for m in self.models if m.name == name), None)
+
+    def declared_context(self, name: str) -> ModelContext | None:
+        """The `context:` a model or virtual model of this name declares (None when it declares none)."""
+        spec = self.model(name) or self.virtual_models.get(name)
+        return getattr(spec, "context", None)
 
 
 class ConfigError(ValueError):
