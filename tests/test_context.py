@@ -132,6 +132,64 @@ def test_deleting_a_file_removes_its_chunks_everywhere(gateway):
     assert client.vector_stores.delete(vs.id).deleted
 
 
+def test_file_batches_index_many_files_and_poll_through_the_sdk(gateway):
+    client, _, _ = gateway
+    ids = [client.files.create(file=(f"promo{i}.txt", io.BytesIO(f"Promotion {i}: the Orbit kettle is {10 + i} "
+                                                                  "percent off this week.".encode())),
+                               purpose="assistants").id for i in range(3)]
+    vs = client.vector_stores.create(name="promos")
+    batch = client.vector_stores.file_batches.create_and_poll(
+        vector_store_id=vs.id, file_ids=ids, attributes={"kind": "promo"},
+        chunking_strategy={"type": "static", "static": {"max_chunk_size_tokens": 200, "chunk_overlap_tokens": 50}})
+    assert batch.object == "vector_store.files_batch" and batch.status == "completed"
+    assert (batch.file_counts.completed, batch.file_counts.in_progress, batch.file_counts.total) == (3, 0, 3)
+    assert client.vector_stores.file_batches.retrieve(batch.id, vector_store_id=vs.id).id == batch.id
+    files = client.vector_stores.file_batches.list_files(batch.id, vector_store_id=vs.id).data
+    assert sorted(f.id for f in files) == sorted(ids) and all(f.attributes == {"kind": "promo"} for f in files)
+    assert files[0].chunking_strategy.static.max_chunk_size_tokens == 200
+    assert client.vector_stores.file_batches.list_files(batch.id, vector_store_id=vs.id, filter="failed").data == []
+    hits = client.vector_stores.search(vector_store_id=vs.id, query="Promotion 2 Orbit kettle",
+                                       filters={"type": "eq", "key": "kind", "value": "promo"}).data
+    assert hits[0].filename == "promo2.txt"
+    # per-file attributes; cancelling a finished batch changes nothing
+    own = client.vector_stores.file_batches.create_and_poll(
+        vector_store_id=vs.id, files=[{"file_id": ids[0], "attributes": {"kind": "first"}}])
+    assert client.vector_stores.files.retrieve(ids[0], vector_store_id=vs.id).attributes == {"kind": "first"}
+    assert client.vector_stores.file_batches.cancel(own.id, vector_store_id=vs.id).status == "completed"
+
+
+def test_a_cancelled_batch_accounts_for_every_file(gateway):
+    client, _, _ = gateway
+    ids = [client.files.create(file=(f"page{i}.md", io.BytesIO((f"Catalog page {i}. " * 200).encode())),
+                               purpose="assistants").id for i in range(12)]
+    vs = client.vector_stores.create(name="catalog")
+    batch = client.vector_stores.file_batches.create(vector_store_id=vs.id, file_ids=ids)
+    cancelled = client.vector_stores.file_batches.cancel(batch.id, vector_store_id=vs.id)
+    done = client.vector_stores.file_batches.poll(batch.id, vector_store_id=vs.id, poll_interval_ms=50)
+    counts = done.file_counts  # however far indexing got before the cancel, each file is completed or cancelled
+    assert counts.in_progress == 0 and counts.completed + counts.cancelled == counts.total == 12
+    assert done.status == ("cancelled" if cancelled.status == "cancelled" else "completed")
+    listed = client.vector_stores.file_batches.list_files(batch.id, vector_store_id=vs.id, filter="cancelled").data
+    assert len(listed) == counts.cancelled
+
+
+def test_bad_file_batches_are_refused_before_anything_is_written(gateway, store_id):
+    client, _, _ = gateway
+    with pytest.raises(openai.NotFoundError) as e:
+        client.vector_stores.file_batches.create(vector_store_id=store_id, file_ids=["file-missing"])
+    assert e.value.body["param"] == "file_id"
+    with pytest.raises(openai.UnprocessableEntityError) as e:  # the gateway's status for a body that fails its schema
+        client.vector_stores.file_batches.create(vector_store_id=store_id, file_ids=[], files=[{"file_id": "x"}])
+    assert "either file_ids or files" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.vector_stores.file_batches.create(vector_store_id=store_id, file_ids=[
+            client.files.list().data[0].id], chunking_strategy={"type": "static", "static": {
+                "max_chunk_size_tokens": 5000, "chunk_overlap_tokens": 0}})
+    assert e.value.body["param"] == "chunking_strategy"
+    with pytest.raises(openai.NotFoundError):
+        client.vector_stores.file_batches.retrieve("vsfb_missing", vector_store_id=store_id)
+
+
 # ------------------------------------------------------------------------------------------ the store itself
 def _fake_store(path) -> ContextStore:
     def embed(texts):  # deterministic unit vectors from word hashes: enough to test the plumbing
@@ -196,3 +254,34 @@ def test_two_processes_share_one_store_file(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "1"  # the other process reads the committed index while this one holds it open
     store.close()
+
+
+def test_a_batch_records_a_failing_file_and_stops_when_cancelled(tmp_path):
+    import threading
+
+    store = _fake_store(tmp_path / "b.db")
+    sid = store.create_store("s", None)["id"]
+    fids = [store.add_file(f"f{i}.txt", f"file number {i}".encode(), "assistants")["id"] for i in range(4)]
+    real, entered, release = store.embed, threading.Event(), threading.Event()
+
+    def embed(texts):
+        if texts == ["file number 1"]:
+            raise RuntimeError("embedding model crashed")
+        if texts == ["file number 2"]:  # hold the batch on its third file until the test has cancelled it
+            entered.set()
+            release.wait(30)
+        return real(texts)
+
+    store.embed = embed
+    bid = store.create_batch(sid, [(f, None, None) for f in fids])["id"]
+    assert store.batch(sid, bid)["file_counts"] == {"in_progress": 4}
+    runner = threading.Thread(target=store.run_batch, args=(bid,))
+    runner.start()
+    assert entered.wait(30)
+    assert store.cancel_batch(sid, bid)["status"] == "cancelled"
+    release.set()
+    runner.join(30)
+    assert store.batch(sid, bid)["file_counts"] == {"completed": 2, "failed": 1, "cancelled": 1}
+    failed = store.batch_files(sid, bid, "failed")
+    assert [f["file_id"] for f in failed] == [fids[1]] and "embedding model crashed" in failed[0]["last_error"]
+    assert [f["file_id"] for f in store.batch_files(sid, bid, "cancelled")] == [fids[3]]

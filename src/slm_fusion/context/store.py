@@ -3,6 +3,7 @@
     files(id, filename, purpose, bytes, data, created_at)
     vector_stores(id, name, metadata, created_at)
     store_files(store_id, file_id, status, attributes, chunking, usage_bytes, last_error, created_at)
+    file_batches(id, store_id, status, created_at)      batch_files(batch_id, position, file_id, attributes, chunking)
     chunks(id, store_id, file_id, position, text, vector)          vector: float32 bytes, unit length
     chunks_fts (FTS5 over chunks.text, BM25 ranking)
 
@@ -12,6 +13,10 @@ chunks, only the `in_progress` row, and attaching the file again indexes it from
 ranking (cosine over the store's vectors, numpy, held in memory until the store changes; a flat index is exact) with
 BM25 from FTS5 over the top candidates of each: score = hybrid_weight * cosine + (1 - hybrid_weight) * bm25
 normalised to the best BM25 hit.
+
+A file batch is indexed file by file (`run_batch`, in the background of the worker that created it); its counts are
+its files' statuses, and `cancel_batch` (from any worker: the state is in the file) marks the files not yet started
+`cancelled`, which the running batch reads before each file.
 
 Hand-written because no maintained embedded store does both a BM25 index and vectors in one file that two processes
 may open (Chroma's known multi-process hang, LanceDB's manual compaction, sqlite-vec brute force without BM25).
@@ -45,6 +50,10 @@ CREATE TABLE IF NOT EXISTS store_files (store_id TEXT NOT NULL, file_id TEXT NOT
 CREATE TABLE IF NOT EXISTS chunks (id INTEGER PRIMARY KEY, store_id TEXT NOT NULL, file_id TEXT NOT NULL,
     position INTEGER NOT NULL, text TEXT NOT NULL, vector BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS chunks_by_store ON chunks (store_id, file_id);
+CREATE TABLE IF NOT EXISTS file_batches (id TEXT PRIMARY KEY, store_id TEXT NOT NULL, status TEXT NOT NULL,
+    created_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS batch_files (batch_id TEXT NOT NULL, position INTEGER NOT NULL, file_id TEXT NOT NULL,
+    attributes TEXT NOT NULL, chunking TEXT NOT NULL, PRIMARY KEY (batch_id, position));
 CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5 (text, content='chunks', content_rowid='id');
 CREATE TRIGGER IF NOT EXISTS chunks_ai AFTER INSERT ON chunks BEGIN
     INSERT INTO chunks_fts (rowid, text) VALUES (new.id, new.text);
@@ -97,6 +106,13 @@ def chunking_of(strategy: Any) -> dict[str, Any]:
         raise StoreError("chunking_strategy.static.chunk_overlap_tokens must be 0..max_chunk_size_tokens/2",
                          param="chunking_strategy")
     return {"type": "static", "static": {"max_chunk_size_tokens": size, "chunk_overlap_tokens": overlap}}
+
+
+def _attributes(attributes: Any) -> dict[str, Any]:
+    attributes = attributes or {}
+    if len(attributes) > 16:
+        raise StoreError("attributes: at most 16 key/value pairs", param="attributes")
+    return attributes
 
 
 def split_text(text: str, offsets: Sequence[tuple[int, int]], size: int, overlap: int) -> list[str]:
@@ -234,6 +250,9 @@ class ContextStore:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.execute("DELETE FROM chunks WHERE store_id = ?", (sid,))
             self._db.execute("DELETE FROM store_files WHERE store_id = ?", (sid,))
+            self._db.execute("DELETE FROM batch_files WHERE batch_id IN (SELECT id FROM file_batches WHERE "
+                             "store_id = ?)", (sid,))
+            self._db.execute("DELETE FROM file_batches WHERE store_id = ?", (sid,))
             self._db.execute("DELETE FROM vector_stores WHERE id = ?", (sid,))
             self._db.execute("COMMIT")
 
@@ -243,10 +262,7 @@ class ContextStore:
         """Chunk, embed and index a file into a store (again from the start if it was there)."""
         self.store(sid)
         meta = self.file(fid)
-        attributes = attributes or {}
-        if len(attributes) > 16:
-            raise StoreError("attributes: at most 16 key/value pairs", param="attributes")
-        chunking = chunking_of(chunking_strategy)
+        attributes, chunking = _attributes(attributes), chunking_of(chunking_strategy)
         self._q("INSERT OR REPLACE INTO store_files VALUES (?, ?, 'in_progress', ?, ?, 0, NULL, ?)",
                 (sid, fid, json.dumps(attributes), json.dumps(chunking), _now()))
         text = file_text(meta["filename"], self.file_content(fid))
@@ -263,6 +279,76 @@ class ContextStore:
                              "file_id = ?", (sum(len(t.encode()) for t in pieces), sid, fid))
             self._db.execute("COMMIT")
         return self.store_file(sid, fid)
+
+    # -- file batches -----------------------------------------------------------------------------------------------
+    def create_batch(self, sid: str, entries: Sequence[tuple[str, Any, Any]]) -> dict[str, Any]:
+        """A batch of (file id, attributes, chunking_strategy), checked whole before anything is written; its files
+        are `in_progress` in the store until `run_batch` indexes them."""
+        self.store(sid)
+        if not entries:
+            raise StoreError("file_batches: give file_ids (or files) with at least one id", param="file_ids")
+        rows = []
+        for fid, attributes, strategy in entries:
+            self.file(fid)
+            rows.append((fid, json.dumps(_attributes(attributes)), json.dumps(chunking_of(strategy))))
+        bid, now = f"vsfb_{uuid.uuid4().hex[:24]}", _now()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("INSERT INTO file_batches VALUES (?, ?, 'in_progress', ?)", (bid, sid, now))
+            self._db.executemany("INSERT INTO batch_files VALUES (?, ?, ?, ?, ?)",
+                                 [(bid, i, *row) for i, row in enumerate(rows)])
+            self._db.executemany("INSERT OR REPLACE INTO store_files VALUES (?, ?, 'in_progress', ?, ?, 0, NULL, ?)",
+                                 [(sid, fid, attrs, chunking, now) for fid, attrs, chunking in rows])
+            self._db.execute("COMMIT")
+        return self.batch(sid, bid)
+
+    def run_batch(self, bid: str) -> dict[str, Any]:
+        """Index a batch's files in order, stopping when it is cancelled; a file that cannot be indexed is `failed`
+        with its reason, and the batch goes on."""
+        sid = self._batch_row(None, bid)["store_id"]
+        for entry in self._q("SELECT * FROM batch_files WHERE batch_id = ? ORDER BY position", (bid,)):
+            if self._batch_row(sid, bid)["status"] == "cancelled":
+                break
+            try:
+                self.attach(sid, entry["file_id"], json.loads(entry["attributes"]), json.loads(entry["chunking"]))
+            except Exception as e:  # noqa: BLE001 — one file's failure is recorded on it, not raised
+                self._q("UPDATE store_files SET status = 'failed', last_error = ? WHERE store_id = ? AND file_id = ?",
+                        (str(e), sid, entry["file_id"]))
+        self._q("UPDATE file_batches SET status = 'completed' WHERE id = ? AND status = 'in_progress'", (bid,))
+        return self.batch(sid, bid)
+
+    def cancel_batch(self, sid: str, bid: str) -> dict[str, Any]:
+        """Stop a batch: its files not yet started become `cancelled` (the one being indexed finishes)."""
+        self._batch_row(sid, bid)
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            if self._db.execute("UPDATE file_batches SET status = 'cancelled' WHERE id = ? AND status = "
+                                "'in_progress'", (bid,)).rowcount:
+                self._db.execute("UPDATE store_files SET status = 'cancelled' WHERE store_id = ? AND status = "
+                                 "'in_progress' AND file_id IN (SELECT file_id FROM batch_files WHERE batch_id = ?)",
+                                 (sid, bid))
+            self._db.execute("COMMIT")
+        return self.batch(sid, bid)
+
+    def _batch_row(self, sid: str | None, bid: str) -> sqlite3.Row:
+        rows = self._q("SELECT * FROM file_batches WHERE id = ?", (bid,))
+        if not rows or (sid is not None and rows[0]["store_id"] != sid):
+            raise StoreError(f"No file batch with id '{bid}' in vector store '{sid}'", status=404, param="batch_id")
+        return rows[0]
+
+    def batch(self, sid: str, bid: str) -> dict[str, Any]:
+        row = self._batch_row(sid, bid)
+        counts = {r["status"]: r["n"] for r in self._q(
+            "SELECT s.status, count(*) AS n FROM batch_files b JOIN store_files s ON s.store_id = ? AND s.file_id = "
+            "b.file_id WHERE b.batch_id = ? GROUP BY s.status", (sid, bid))}
+        return {**dict(row), "file_counts": counts}
+
+    def batch_files(self, sid: str, bid: str, status: str | None = None) -> list[dict[str, Any]]:
+        self._batch_row(sid, bid)
+        files = [self.store_file(sid, r["file_id"]) for r in self._q(
+            "SELECT b.file_id FROM batch_files b JOIN store_files s ON s.store_id = ? AND s.file_id = b.file_id "
+            "WHERE b.batch_id = ? ORDER BY b.position", (sid, bid))]
+        return [f for f in files if status is None or f["status"] == status]
 
     def store_file(self, sid: str, fid: str) -> dict[str, Any]:
         rows = self._q("SELECT * FROM store_files WHERE store_id = ? AND file_id = ?", (sid, fid))
