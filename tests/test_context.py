@@ -190,6 +190,52 @@ def test_bad_file_batches_are_refused_before_anything_is_written(gateway, store_
         client.vector_stores.file_batches.retrieve("vsfb_missing", vector_store_id=store_id)
 
 
+def _pdf(pages: list[list[str]]) -> bytes:
+    """A PDF with a Helvetica text layer per page (no lines: a page with no text, like a scan), written by pypdf."""
+    from pypdf import PdfWriter
+    from pypdf.generic import DecodedStreamObject, DictionaryObject, NameObject
+
+    writer = PdfWriter()
+    font = {NameObject("/Type"): NameObject("/Font"), NameObject("/Subtype"): NameObject("/Type1"),
+            NameObject("/BaseFont"): NameObject("/Helvetica")}
+    for lines in pages:
+        page = writer.add_blank_page(612, 792)
+        if lines:
+            page[NameObject("/Resources")] = DictionaryObject({NameObject("/Font"): DictionaryObject({
+                NameObject("/F1"): DictionaryObject(font)})})
+            stream = DecodedStreamObject()
+            stream.set_data(("BT /F1 12 Tf 72 720 Td 14 TL " + " ".join(f"({line}) '" for line in lines) + " ET")
+                            .encode())
+            page.replace_contents(stream)
+    out = io.BytesIO()
+    writer.write(out)
+    return out.getvalue()
+
+
+def test_pdf_files_are_indexed_page_by_page(gateway):
+    client, _, _ = gateway
+    data = _pdf([["Warranty terms.", "The Contour desk lamp has a two year warranty."],
+                 [], ["Page three.", "The Aria mug is dishwasher safe."]])
+    fid = client.files.create(file=("terms.pdf", io.BytesIO(data)), purpose="assistants").id
+    assert client.files.content(fid).read() == data  # the file is kept as uploaded
+    vs = client.vector_stores.create(name="pdf", file_ids=[fid])
+    assert client.vector_stores.retrieve(vs.id).file_counts.completed == 1
+    hit = client.vector_stores.search(vector_store_id=vs.id, query="Is the Aria mug dishwasher safe?").data[0]
+    assert hit.filename == "terms.pdf"
+    assert "two year warranty" in hit.content[0].text and "dishwasher safe" in hit.content[0].text
+
+
+def test_a_pdf_without_text_or_a_broken_one_gets_a_clear_400(gateway):
+    client, _, _ = gateway
+    with pytest.raises(openai.BadRequestError) as e:
+        client.files.create(file=("scan.pdf", io.BytesIO(_pdf([[], []]))), purpose="assistants")
+    assert e.value.body["param"] == "file" and "no text layer" in e.value.body["message"]
+    assert "OCR" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.files.create(file=("broken.pdf", io.BytesIO(b"%PDF-1.7 not really")), purpose="assistants")
+    assert "not a readable PDF" in e.value.body["message"]
+
+
 # ------------------------------------------------------------------------------------------ the store itself
 def _fake_store(path) -> ContextStore:
     def embed(texts):  # deterministic unit vectors from word hashes: enough to test the plumbing

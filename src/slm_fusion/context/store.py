@@ -24,6 +24,7 @@ may open (Chroma's known multi-process hang, LanceDB's manual compaction, sqlite
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import sqlite3
@@ -131,12 +132,28 @@ def split_text(text: str, offsets: Sequence[tuple[int, int]], size: int, overlap
     return out
 
 
+def pdf_text(filename: str, data: bytes) -> str:
+    """The text layer of a PDF (pypdf), page after page, blank lines between pages."""
+    from pypdf import PdfReader
+
+    try:
+        pages = [page.extract_text() or "" for page in PdfReader(io.BytesIO(data)).pages]
+    except Exception as e:  # noqa: BLE001 — pypdf raises many types on damaged or encrypted files
+        raise StoreError(f"{filename} is not a readable PDF ({e}); upload an unencrypted PDF", param="file") from None
+    if not any(page.strip() for page in pages):
+        raise StoreError(f"{filename} has no text layer ({len(pages)} page(s) of images?): run OCR on it first "
+                         "(e.g. ocrmypdf) or upload its text", param="file")
+    return "\n\n".join(page.strip() for page in pages if page.strip())
+
+
 def file_text(filename: str, data: bytes) -> str:
     """The text of an uploaded file (the types `/v1/files` accepts for retrieval)."""
     suffix = Path(filename).suffix.lower()
+    if suffix == ".pdf":
+        return pdf_text(filename, data)
     if suffix not in TEXT_TYPES:
         raise StoreError(f"file type {suffix or '(none)'} is not supported for retrieval; upload one of "
-                         f"{', '.join(sorted(TEXT_TYPES))}", param="file")
+                         f"{', '.join(sorted(TEXT_TYPES | {'.pdf'}))}", param="file")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
