@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import openai
 import pytest
+from context_helpers import make_pdf
 from gateway_helpers import serve, serve_gateway, upstream_model
 
 from slm_fusion.backends.mock_upstream import MockUpstream
@@ -190,31 +191,9 @@ def test_bad_file_batches_are_refused_before_anything_is_written(gateway, store_
         client.vector_stores.file_batches.retrieve("vsfb_missing", vector_store_id=store_id)
 
 
-def _pdf(pages: list[list[str]]) -> bytes:
-    """A PDF with a Helvetica text layer per page (no lines: a page with no text, like a scan), written by pypdf."""
-    from pypdf import PdfWriter
-    from pypdf.generic import DecodedStreamObject, DictionaryObject, NameObject
-
-    writer = PdfWriter()
-    font = {NameObject("/Type"): NameObject("/Font"), NameObject("/Subtype"): NameObject("/Type1"),
-            NameObject("/BaseFont"): NameObject("/Helvetica")}
-    for lines in pages:
-        page = writer.add_blank_page(612, 792)
-        if lines:
-            page[NameObject("/Resources")] = DictionaryObject({NameObject("/Font"): DictionaryObject({
-                NameObject("/F1"): DictionaryObject(font)})})
-            stream = DecodedStreamObject()
-            stream.set_data(("BT /F1 12 Tf 72 720 Td 14 TL " + " ".join(f"({line}) '" for line in lines) + " ET")
-                            .encode())
-            page.replace_contents(stream)
-    out = io.BytesIO()
-    writer.write(out)
-    return out.getvalue()
-
-
 def test_pdf_files_are_indexed_page_by_page(gateway):
     client, _, _ = gateway
-    data = _pdf([["Warranty terms.", "The Contour desk lamp has a two year warranty."],
+    data = make_pdf([["Warranty terms.", "The Contour desk lamp has a two year warranty."],
                  [], ["Page three.", "The Aria mug is dishwasher safe."]])
     fid = client.files.create(file=("terms.pdf", io.BytesIO(data)), purpose="assistants").id
     assert client.files.content(fid).read() == data  # the file is kept as uploaded
@@ -228,7 +207,7 @@ def test_pdf_files_are_indexed_page_by_page(gateway):
 def test_a_pdf_without_text_or_a_broken_one_gets_a_clear_400(gateway):
     client, _, _ = gateway
     with pytest.raises(openai.BadRequestError) as e:
-        client.files.create(file=("scan.pdf", io.BytesIO(_pdf([[], []]))), purpose="assistants")
+        client.files.create(file=("scan.pdf", io.BytesIO(make_pdf([[], []]))), purpose="assistants")
     assert e.value.body["param"] == "file" and "no text layer" in e.value.body["message"]
     assert "OCR" in e.value.body["message"]
     with pytest.raises(openai.BadRequestError) as e:

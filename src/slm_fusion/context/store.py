@@ -297,6 +297,9 @@ class ContextStore:
             self._db.execute("COMMIT")
         return self.store_file(sid, fid)
 
+    def chunk_count(self, sid: str) -> int:
+        return self._q("SELECT count(*) AS n FROM chunks WHERE store_id = ?", (sid,))[0]["n"]
+
     # -- file batches -----------------------------------------------------------------------------------------------
     def create_batch(self, sid: str, entries: Sequence[tuple[str, Any, Any]]) -> dict[str, Any]:
         """A batch of (file id, attributes, chunking_strategy), checked whole before anything is written; its files
