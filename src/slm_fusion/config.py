@@ -215,6 +215,17 @@ class ContextConfig(RetrievalSettings):
 
     path: str = Field("context.db", description="SQLite file holding files, chunks, vectors and the BM25 index (relative to the YAML).")
     max_file_bytes: int = Field(20_000_000, ge=1, description="Largest file `/v1/files` accepts (413 above).")
+    url: str | None = Field(
+        None, description="postgresql://user@host/db: a PostgreSQL + pgvector store several gateway replicas share "
+                          "(instead of the SQLite file at `path`).")
+
+    @field_validator("url")
+    @classmethod
+    def _postgres_url(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("postgresql://", "postgresql+psycopg2://")):
+            raise ValueError(f"context.url '{url}' must start with postgresql:// (or leave it out for the SQLite "
+                             "file at context.path)")
+        return url
 
 
 class UIConfig(_Strict):

@@ -25,18 +25,18 @@ console = Console()
 store_app = typer.Typer(help="Context stores: ingest files, search them, list them (the gateway's `context:` file).",
                         no_args_is_help=True)
 
-DbOpt = Annotated[Path | None, typer.Option("--db", help="The store's SQLite file (default context.db); instead of "
-                                                         "--config.")]
+DbOpt = Annotated[str | None, typer.Option("--db", help="The store's SQLite file (default context.db) or a "
+                                                        "postgresql:// URL; instead of --config.")]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="Gateway YAML whose `context.path` and `embeddings` "
                                                                  "are used.")]
 
 
-def _open(db: Path | None, config: Path | None, must_exist: bool) -> tuple[Any, Any]:
+def _open(db: str | None, config: Path | None, must_exist: bool) -> tuple[Any, Any]:
     """The context store of --db or of the gateway YAML, with the gateway's embedding model, and the retrieval
     settings it searches with (the YAML's `context:`, else the defaults)."""
     from slm_fusion.config import EmbeddingsConfig, load_fusion_config
     from slm_fusion.context.settings import RetrievalSettings
-    from slm_fusion.context.store import ContextStore
+    from slm_fusion.context.store import open_store
     from slm_fusion.deployments import Embedder
 
     if db is not None and config is not None:
@@ -47,14 +47,14 @@ def _open(db: Path | None, config: Path | None, must_exist: bool) -> tuple[Any, 
         if cfg.context is None:
             raise typer.BadParameter(f"{config} has no `context:` section; add `context: {{path: context.db}}` and "
                                      "`embeddings: {}`, or pass --db PATH", param_hint="--config")
-        db, embeddings, max_file_bytes = Path(cfg.context.path), cfg.embeddings, cfg.context.max_file_bytes
+        db, embeddings, max_file_bytes = cfg.context.url or cfg.context.path, cfg.embeddings, cfg.context.max_file_bytes
         settings = cfg.context
-    db = db or Path("context.db")
-    if must_exist and not db.is_file():
+    db = db or "context.db"
+    if must_exist and not db.startswith("postgresql") and not Path(db).is_file():
         raise typer.BadParameter(f"no store file at {db}; ingest files first (`slm-fusion store ingest PATH --store "
                                  "NAME`) or point --db/--config at the gateway's file", param_hint="--db/--config")
     embedder = Embedder(embeddings)
-    return ContextStore(db, embedder.vectors, embedder.offsets, max_file_bytes), settings
+    return open_store(db, embedder.vectors, embedder.offsets, max_file_bytes), settings
 
 
 def _named(store: Any, name: str, create: bool) -> dict[str, Any]:
@@ -132,7 +132,7 @@ def ingest(
                     added += 1
                 progress.advance(task)
         console.print(f"vector store {sid} ('{target['name']}'): {added} file(s) indexed, {skipped} unchanged "
-                      f"skipped, {store.chunk_count(sid)} chunks in all ({store.path})")
+                      f"skipped, {store.chunk_count(sid)} chunks in all ({store.location})")
     finally:
         store.close()
 

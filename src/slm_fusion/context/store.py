@@ -24,6 +24,7 @@ may open (Chroma's known multi-process hang, LanceDB's manual compaction, sqlite
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import re
@@ -31,7 +32,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -185,18 +186,38 @@ def _fts_query(query: str) -> str | None:
     return " OR ".join(f'"{w}"' for w in dict.fromkeys(words)) or None
 
 
+def open_store(location: str | Path, embed: Callable[[list[str]], np.ndarray],
+               tokenize: Callable[[str], list[tuple[int, int]]], max_file_bytes: int = 20_000_000) -> ContextStore:
+    """The store at `location`: a postgresql:// URL (PostgreSQL + pgvector, slm_fusion.context.pgvector: several
+    gateway replicas share it), else a SQLite file."""
+    if str(location).startswith(("postgresql:", "postgresql+psycopg2:")):
+        from slm_fusion.context.pgvector import PgContextStore
+
+        return PgContextStore(str(location), embed, tokenize, max_file_bytes)
+    return ContextStore(location, embed, tokenize, max_file_bytes)
+
+
 class ContextStore:
-    """Files and vector stores in one SQLite file (see the module doc). Methods are blocking: call them in a thread."""
+    """Files and vector stores in one SQLite file (see the module doc). Methods are blocking: call them in a thread.
+    The database primitives (`_connect`, `_q`, `_tx`, `_dense`, `_lexical`, `_vector_value`, `UPSERT_STORE_FILE`)
+    are all another database has to replace (context.pgvector); the rest is plain SQL both speak."""
 
     def __init__(self, path: str | Path, embed: Callable[[list[str]], np.ndarray],
                  tokenize: Callable[[str], list[tuple[int, int]]], max_file_bytes: int = 20_000_000) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.location = str(path)  # what `slm-fusion store` prints: the file, or the database URL
         self.embed, self.tokenize, self.max_file_bytes = embed, tokenize, max_file_bytes
-        self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=30, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
         self._lock = threading.Lock()
         self._cache: dict[str, tuple[tuple, np.ndarray, np.ndarray]] = {}  # store id -> (version, ids, vectors)
+        self._connect()
+
+    # -- the database: what another backend (context.pgvector) replaces ----------------------------------------------
+    UPSERT_STORE_FILE = "INSERT OR REPLACE INTO store_files VALUES (?, ?, 'in_progress', ?, ?, 0, NULL, ?)"
+
+    def _connect(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=30, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.executescript(SCHEMA)
@@ -204,9 +225,26 @@ class ContextStore:
     def close(self) -> None:
         self._db.close()
 
-    def _q(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
+    def _q(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
+        """Rows of one statement (each readable as row["column"]); `?` marks the arguments."""
         with self._lock:
             return self._db.execute(sql, args).fetchall()
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[Callable[..., int]]:
+        """One write transaction: yields run(sql, args, many=False) -> rows changed; rolled back on an error."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield lambda sql, args=(), many=False: (self._db.executemany if many else self._db.execute)(
+                    sql, args).rowcount
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _vector_value(self, vector: np.ndarray) -> Any:
+        return np.asarray(vector, dtype=np.float32).tobytes()
 
     # -- files ------------------------------------------------------------------------------------------------------
     def add_file(self, filename: str, data: bytes, purpose: str) -> dict[str, Any]:
@@ -230,16 +268,14 @@ class ContextStore:
 
     def file_content(self, fid: str) -> bytes:
         self.file(fid)
-        return self._q("SELECT data FROM files WHERE id = ?", (fid,))[0]["data"]
+        return bytes(self._q("SELECT data FROM files WHERE id = ?", (fid,))[0]["data"])
 
     def delete_file(self, fid: str) -> None:
         self.file(fid)
-        with self._lock:  # the file leaves every store it was in, chunks and all
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute("DELETE FROM chunks WHERE file_id = ?", (fid,))
-            self._db.execute("DELETE FROM store_files WHERE file_id = ?", (fid,))
-            self._db.execute("DELETE FROM files WHERE id = ?", (fid,))
-            self._db.execute("COMMIT")
+        with self._tx() as run:  # the file leaves every store it was in, chunks and all
+            run("DELETE FROM chunks WHERE file_id = ?", (fid,))
+            run("DELETE FROM store_files WHERE file_id = ?", (fid,))
+            run("DELETE FROM files WHERE id = ?", (fid,))
 
     # -- vector stores ----------------------------------------------------------------------------------------------
     def create_store(self, name: str | None, metadata: dict[str, Any] | None) -> dict[str, Any]:
@@ -253,7 +289,8 @@ class ContextStore:
             raise StoreError(f"No vector store with id '{sid}'", status=404, param="vector_store_id")
         counts = {r["status"]: r["n"] for r in self._q(
             "SELECT status, count(*) AS n FROM store_files WHERE store_id = ? GROUP BY status", (sid,))}
-        usage = self._q("SELECT coalesce(sum(usage_bytes), 0) AS b FROM store_files WHERE store_id = ?", (sid,))
+        usage = self._q("SELECT CAST(coalesce(sum(usage_bytes), 0) AS BIGINT) AS b FROM store_files WHERE "
+                        "store_id = ?", (sid,))
         return {**{k: rows[0][k] for k in ("id", "name", "created_at")}, "metadata": json.loads(rows[0]["metadata"]),
                 "file_counts": counts,
                 "usage_bytes": usage[0]["b"]}
@@ -263,15 +300,12 @@ class ContextStore:
 
     def delete_store(self, sid: str) -> None:
         self.store(sid)
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute("DELETE FROM chunks WHERE store_id = ?", (sid,))
-            self._db.execute("DELETE FROM store_files WHERE store_id = ?", (sid,))
-            self._db.execute("DELETE FROM batch_files WHERE batch_id IN (SELECT id FROM file_batches WHERE "
-                             "store_id = ?)", (sid,))
-            self._db.execute("DELETE FROM file_batches WHERE store_id = ?", (sid,))
-            self._db.execute("DELETE FROM vector_stores WHERE id = ?", (sid,))
-            self._db.execute("COMMIT")
+        with self._tx() as run:
+            run("DELETE FROM chunks WHERE store_id = ?", (sid,))
+            run("DELETE FROM store_files WHERE store_id = ?", (sid,))
+            run("DELETE FROM batch_files WHERE batch_id IN (SELECT id FROM file_batches WHERE store_id = ?)", (sid,))
+            run("DELETE FROM file_batches WHERE store_id = ?", (sid,))
+            run("DELETE FROM vector_stores WHERE id = ?", (sid,))
 
     # -- indexing ---------------------------------------------------------------------------------------------------
     def attach(self, sid: str, fid: str, attributes: dict[str, Any] | None = None,
@@ -280,21 +314,20 @@ class ContextStore:
         self.store(sid)
         meta = self.file(fid)
         attributes, chunking = _attributes(attributes), chunking_of(chunking_strategy)
-        self._q("INSERT OR REPLACE INTO store_files VALUES (?, ?, 'in_progress', ?, ?, 0, NULL, ?)",
-                (sid, fid, json.dumps(attributes), json.dumps(chunking), _now()))
+        with self._tx() as run:
+            run(self.UPSERT_STORE_FILE, (sid, fid, json.dumps(attributes), json.dumps(chunking), _now()))
         text = file_text(meta["filename"], self.file_content(fid))
         static = chunking["static"]
         pieces = split_text(text, self.tokenize(text), static["max_chunk_size_tokens"], static["chunk_overlap_tokens"])
         vectors = self.embed(pieces) if pieces else np.zeros((0, 1), dtype=np.float32)
-        with self._lock:  # chunks, vectors and the completed status in one transaction
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute("DELETE FROM chunks WHERE store_id = ? AND file_id = ?", (sid, fid))
-            self._db.executemany("INSERT INTO chunks (store_id, file_id, position, text, vector) VALUES (?, ?, ?, ?, ?)",
-                                 [(sid, fid, i, t, np.asarray(v, dtype=np.float32).tobytes())
-                                  for i, (t, v) in enumerate(zip(pieces, vectors))])
-            self._db.execute("UPDATE store_files SET status = 'completed', usage_bytes = ? WHERE store_id = ? AND "
-                             "file_id = ?", (sum(len(t.encode()) for t in pieces), sid, fid))
-            self._db.execute("COMMIT")
+        with self._tx() as run:  # chunks, vectors and the completed status in one transaction
+            run("DELETE FROM chunks WHERE store_id = ? AND file_id = ?", (sid, fid))
+            if pieces:
+                run("INSERT INTO chunks (store_id, file_id, position, text, vector) VALUES (?, ?, ?, ?, ?)",
+                    [(sid, fid, i, t, self._vector_value(v)) for i, (t, v) in enumerate(zip(pieces, vectors))],
+                    many=True)
+            run("UPDATE store_files SET status = 'completed', usage_bytes = ? WHERE store_id = ? AND file_id = ?",
+                (sum(len(t.encode()) for t in pieces), sid, fid))
         return self.store_file(sid, fid)
 
     def chunk_count(self, sid: str) -> int:
@@ -312,14 +345,12 @@ class ContextStore:
             self.file(fid)
             rows.append((fid, json.dumps(_attributes(attributes)), json.dumps(chunking_of(strategy))))
         bid, now = f"vsfb_{uuid.uuid4().hex[:24]}", _now()
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute("INSERT INTO file_batches VALUES (?, ?, 'in_progress', ?)", (bid, sid, now))
-            self._db.executemany("INSERT INTO batch_files VALUES (?, ?, ?, ?, ?)",
-                                 [(bid, i, *row) for i, row in enumerate(rows)])
-            self._db.executemany("INSERT OR REPLACE INTO store_files VALUES (?, ?, 'in_progress', ?, ?, 0, NULL, ?)",
-                                 [(sid, fid, attrs, chunking, now) for fid, attrs, chunking in rows])
-            self._db.execute("COMMIT")
+        with self._tx() as run:
+            run("INSERT INTO file_batches VALUES (?, ?, 'in_progress', ?)", (bid, sid, now))
+            run("INSERT INTO batch_files VALUES (?, ?, ?, ?, ?)", [(bid, i, *row) for i, row in enumerate(rows)],
+                many=True)
+            run(self.UPSERT_STORE_FILE, [(sid, fid, attrs, chunking, now) for fid, attrs, chunking in rows],
+                many=True)
         return self.batch(sid, bid)
 
     def run_batch(self, bid: str) -> dict[str, Any]:
@@ -340,14 +371,10 @@ class ContextStore:
     def cancel_batch(self, sid: str, bid: str) -> dict[str, Any]:
         """Stop a batch: its files not yet started become `cancelled` (the one being indexed finishes)."""
         self._batch_row(sid, bid)
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            if self._db.execute("UPDATE file_batches SET status = 'cancelled' WHERE id = ? AND status = "
-                                "'in_progress'", (bid,)).rowcount:
-                self._db.execute("UPDATE store_files SET status = 'cancelled' WHERE store_id = ? AND status = "
-                                 "'in_progress' AND file_id IN (SELECT file_id FROM batch_files WHERE batch_id = ?)",
-                                 (sid, bid))
-            self._db.execute("COMMIT")
+        with self._tx() as run:
+            if run("UPDATE file_batches SET status = 'cancelled' WHERE id = ? AND status = 'in_progress'", (bid,)):
+                run("UPDATE store_files SET status = 'cancelled' WHERE store_id = ? AND status = 'in_progress' AND "
+                    "file_id IN (SELECT file_id FROM batch_files WHERE batch_id = ?)", (sid, bid))
         return self.batch(sid, bid)
 
     def _batch_row(self, sid: str | None, bid: str) -> sqlite3.Row:
@@ -384,11 +411,9 @@ class ContextStore:
 
     def detach(self, sid: str, fid: str) -> None:
         self.store_file(sid, fid)
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute("DELETE FROM chunks WHERE store_id = ? AND file_id = ?", (sid, fid))
-            self._db.execute("DELETE FROM store_files WHERE store_id = ? AND file_id = ?", (sid, fid))
-            self._db.execute("COMMIT")
+        with self._tx() as run:
+            run("DELETE FROM chunks WHERE store_id = ? AND file_id = ?", (sid, fid))
+            run("DELETE FROM store_files WHERE store_id = ? AND file_id = ?", (sid, fid))
 
     # -- search -----------------------------------------------------------------------------------------------------
     def _vectors(self, sid: str) -> tuple[np.ndarray, np.ndarray]:
@@ -404,6 +429,26 @@ class ContextStore:
             cached = self._cache[sid] = (key, ids, matrix)
         return cached[1], cached[2]
 
+    def _dense(self, store_ids: Sequence[str], q: np.ndarray, candidates: int) -> dict[int, float]:
+        """Chunk id -> cosine (clipped to 0..1) of the `candidates` nearest chunks of each store."""
+        dense: dict[int, float] = {}
+        for sid in store_ids:
+            ids, matrix = self._vectors(sid)
+            if len(ids):
+                sims = matrix @ q
+                top = np.argpartition(-sims, min(candidates, len(ids) - 1))[:candidates]
+                dense.update(zip(ids[top].tolist(), np.clip(sims[top], 0, 1).tolist()))
+        return dense
+
+    def _lexical(self, store_ids: Sequence[str], query: str, candidates: int) -> dict[int, float]:
+        """Chunk id -> BM25 score (higher is better) of the best keyword matches."""
+        fts = _fts_query(query)
+        if fts is None:
+            return {}
+        # FTS5's own `rank` order (bm25) stops at the limit; other stores' chunks drop out when hits are read
+        return {r["rowid"]: -r["rank"] for r in self._q(
+            "SELECT rowid, rank FROM chunks_fts WHERE chunks_fts MATCH ? ORDER BY rank LIMIT ?", [fts, candidates * 4])}
+
     def search(self, store_ids: Sequence[str], query: str, max_results: int = 10, filters: Any = None,
                score_threshold: float = 0.0, hybrid_weight: float = 0.5, candidates: int = 200) -> list[Hit]:
         """Best chunks of the stores for `query`: the top `candidates` of the dense ranking and of BM25, fused (see
@@ -414,20 +459,9 @@ class ContextStore:
             if sid not in known:
                 self.store(sid)
         q = np.asarray(self.embed([query])[0], dtype=np.float32)
-        dense: dict[int, float] = {}
-        for sid in store_ids:
-            ids, matrix = self._vectors(sid)
-            if len(ids):
-                sims = matrix @ q
-                top = np.argpartition(-sims, min(candidates, len(ids) - 1))[:candidates]
-                dense.update(zip(ids[top].tolist(), np.clip(sims[top], 0, 1).tolist()))
+        dense = self._dense(store_ids, q, candidates)
         marks = ",".join("?" * len(store_ids))
-        bm25: dict[int, float] = {}
-        fts = _fts_query(query)
-        if fts is not None:  # FTS5's own `rank` order (bm25) stops at the limit; other stores' chunks drop out below
-            bm25 = {r["rowid"]: -r["rank"] for r in self._q(
-                "SELECT rowid, rank FROM chunks_fts WHERE chunks_fts MATCH ? ORDER BY rank LIMIT ?",
-                [fts, candidates * 4])}
+        bm25 = self._lexical(store_ids, query, candidates)
         best = max(bm25.values(), default=0.0)
         fused = {cid: hybrid_weight * dense.get(cid, 0.0) + (1 - hybrid_weight) * (bm25.get(cid, 0.0) / best
                                                                                     if best > 0 else 0.0)
