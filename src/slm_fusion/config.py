@@ -26,6 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from reasonlite.config import format_validation_error
+from slm_fusion.context.settings import MODEL_CONTEXT_DESCRIPTION, ModelContext, RetrievalSettings
 from slm_fusion.routing.specs import (
     RouterSpec,
     RoutingSettings,
@@ -91,6 +92,7 @@ class ModelBase(_Strict):
     reasoning: ReasoningDefaults = Field(
         default_factory=ReasoningDefaults, description="Reasoning-layer defaults (budget, pal, vote) for this model."
     )
+    context: ModelContext | None = Field(None, description=MODEL_CONTEXT_DESCRIPTION)
 
 
 class AutoscalingConfig(_Strict):
@@ -227,15 +229,24 @@ class EmbeddingsConfig(_Strict):
                            api_key=self.api_key, api_key_env=self.api_key_env)
 
 
-class ContextConfig(_Strict):
-    """Files and vector stores (`/v1/files`, `/v1/vector_stores`) and retrieval into chat (slm_fusion.context)."""
+class ContextConfig(RetrievalSettings):
+    """Files and vector stores (`/v1/files`, `/v1/vector_stores`) and retrieval into chat (slm_fusion.context); the
+    retrieval knobs (`RetrievalSettings`: top_k, max_context_tokens, min_score, hybrid_weight) are the defaults of
+    every model's and request's `context`."""
 
     path: str = Field("context.db", description="SQLite file holding files, chunks, vectors and the BM25 index (relative to the YAML).")
     max_file_bytes: int = Field(20_000_000, ge=1, description="Largest file `/v1/files` accepts (413 above).")
-    top_k: int = Field(5, ge=1, le=50, description="Chunks retrieved per request when the request does not say.")
-    max_context_tokens: int = Field(1500, ge=16, description="Retrieved text packed into the prompt, at most (serving model's tokens).")
-    min_score: float = Field(0.0, ge=0.0, le=1.0, description="Chunks scoring below this are not used.")
-    hybrid_weight: float = Field(0.5, ge=0.0, le=1.0, description="Weight of the dense (embedding) ranking against BM25 in the fused score.")
+    url: str | None = Field(
+        None, description="postgresql://user@host/db: a PostgreSQL + pgvector store several gateway replicas share "
+                          "(instead of the SQLite file at `path`).")
+
+    @field_validator("url")
+    @classmethod
+    def _postgres_url(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("postgresql://", "postgresql+psycopg2://")):
+            raise ValueError(f"context.url '{url}' must start with postgresql:// (or leave it out for the SQLite "
+                             "file at context.path)")
+        return url
 
 
 class UIConfig(_Strict):
@@ -333,8 +344,22 @@ class FusionConfig(_Strict):
                              "use `embeddings.backend: sentence-transformers` or drop `context`")
         return self
 
+    @model_validator(mode="after")
+    def _declared_context_needs_a_store(self) -> FusionConfig:
+        declared = [f"models.{m.name}" for m in self.models if m.context is not None]
+        declared += [f"virtual_models.{n}" for n, v in self.virtual_models.items() if getattr(v, "context", None)]
+        if declared and self.context is None:
+            raise ValueError(f"{declared[0]}.context retrieves from vector stores, but the gateway has none: add "
+                             "`context: {}` (and `embeddings: {}`) to the YAML")
+        return self
+
     def model(self, name: str) -> ModelBase | None:
         return next((m for m in self.models if m.name == name), None)
+
+    def declared_context(self, name: str) -> ModelContext | None:
+        """The `context:` a model or virtual model of this name declares (None when it declares none)."""
+        spec = self.model(name) or self.virtual_models.get(name)
+        return getattr(spec, "context", None)
 
 
 class ConfigError(ValueError):

@@ -24,6 +24,7 @@ from slm_fusion.backends.base import (
 )
 from slm_fusion.config import FusionConfig
 from slm_fusion.context import ContextStore
+from slm_fusion.context.store import open_store
 from slm_fusion.deployments import ModelHandle, attach_health, make_embedder
 from slm_fusion.errors import GatewayTimeout, InvalidRequest, ModelNotFound
 from slm_fusion.keys import KeyAccounting
@@ -73,8 +74,8 @@ class Gateway:
         if self.keys is not None:
             await self.keys.start()
         if self.config.context is not None and self.context is None:
-            self.context = ContextStore(self.config.context.path, self.embedder.vectors, self.embedder.offsets,
-                                        self.config.context.max_file_bytes)
+            self.context = open_store(self.config.context.url or self.config.context.path, self.embedder.vectors,
+                                      self.embedder.offsets, self.config.context.max_file_bytes)
         for handle in self.handles.values():
             for b in handle.backends:
                 try:

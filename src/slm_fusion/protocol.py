@@ -709,12 +709,17 @@ def file_object(f: dict[str, Any]) -> dict[str, Any]:
             "filename": f["filename"], "purpose": f["purpose"], "status": "processed", "status_details": None}
 
 
+def file_counts(counts: dict[str, int]) -> dict[str, int]:
+    """`file_counts` of a vector store or a file batch, from {status: files}."""
+    return {k: counts.get(k, 0) for k in ("in_progress", "completed", "failed", "cancelled")} | \
+        {"total": sum(counts.values())}
+
+
 def vector_store_object(s: dict[str, Any]) -> dict[str, Any]:
     counts = s["file_counts"]
     return {"id": s["id"], "object": "vector_store", "created_at": s["created_at"], "name": s["name"],
             "usage_bytes": s["usage_bytes"], "status": "in_progress" if counts.get("in_progress") else "completed",
-            "file_counts": {"in_progress": counts.get("in_progress", 0), "completed": counts.get("completed", 0),
-                            "failed": counts.get("failed", 0), "cancelled": 0, "total": sum(counts.values())},
+            "file_counts": file_counts(counts),
             "metadata": s["metadata"], "last_active_at": s["created_at"], "expires_after": None, "expires_at": None}
 
 
@@ -723,6 +728,15 @@ def vector_store_file_object(f: dict[str, Any]) -> dict[str, Any]:
             "vector_store_id": f["store_id"], "status": f["status"], "usage_bytes": f["usage_bytes"],
             "last_error": None if f["last_error"] is None else {"code": "server_error", "message": f["last_error"]},
             "attributes": f["attributes"], "chunking_strategy": f["chunking"]}
+
+
+def file_batch_object(b: dict[str, Any]) -> dict[str, Any]:
+    """A `vector_store.files_batch`: in_progress until none of its files is, cancelled once cancelled."""
+    counts = file_counts(b["file_counts"])
+    status = b["status"] if b["status"] == "cancelled" or counts["in_progress"] else \
+        "failed" if counts["failed"] == counts["total"] else "completed"
+    return {"id": b["id"], "object": "vector_store.files_batch", "created_at": b["created_at"],
+            "vector_store_id": b["store_id"], "status": status, "file_counts": counts}
 
 
 def list_object(data: list[dict[str, Any]]) -> dict[str, Any]:
@@ -755,6 +769,37 @@ class VectorStoreFileCreate(BaseModel):
     file_id: str
     attributes: dict[str, str | float | bool] | None = None
     chunking_strategy: dict[str, Any] | None = None
+
+
+class FileBatchEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    file_id: str
+    attributes: dict[str, str | float | bool] | None = None
+    chunking_strategy: dict[str, Any] | None = None
+
+
+class FileBatchCreate(BaseModel):
+    """`POST /v1/vector_stores/{id}/file_batches`: `file_ids` with one `attributes` / `chunking_strategy` for all,
+    or `files`, each with its own."""
+
+    model_config = ConfigDict(extra="forbid")
+    file_ids: list[str] | None = None
+    files: list[FileBatchEntry] | None = None
+    attributes: dict[str, str | float | bool] | None = None
+    chunking_strategy: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _ids_or_files(self) -> FileBatchCreate:
+        if (self.file_ids is None) == (self.files is None):
+            raise ValueError("give either file_ids or files (each {file_id, attributes?, chunking_strategy?})")
+        if self.files is not None and (self.attributes is not None or self.chunking_strategy is not None):
+            raise ValueError("with files, give attributes and chunking_strategy per file, not for the batch")
+        return self
+
+    def entries(self) -> list[tuple[str, Any, Any]]:
+        if self.files is not None:
+            return [(f.file_id, f.attributes, f.chunking_strategy) for f in self.files]
+        return [(fid, self.attributes, self.chunking_strategy) for fid in self.file_ids or []]
 
 
 class RankingOptions(BaseModel):

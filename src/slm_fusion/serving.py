@@ -66,8 +66,12 @@ async def complete(gw: Gateway, body: Any, request: Request, *, chat: bool,
     # as sent, without a second parse or a dump of the validated model.
     raw = getattr(request, "_json", None) if sent is None else sent
     citations = None
-    if chat and (asked := (body.model_extra or {}).get("context")) is not None:
-        body, raw, citations = await _with_context(gw, handle, body, raw, asked)
+    if chat:
+        # A virtual model's own `context:` first, else the one of the model that serves the request.
+        declared = gw.config.declared_context(body.model) or gw.config.declared_context(handle.name)
+        asked = (body.model_extra or {}).get("context")
+        if asked is not None or declared is not None:
+            body, raw, citations = await _with_context(gw, handle, body, raw, asked, declared)
     gen = gw.generation_request(handle, body, P.sent_fields(body, raw))
     timeout = handle.timeout(gw.config.server.request_timeout_s)
     if body.stream:
@@ -119,13 +123,14 @@ async def complete(gw: Gateway, body: Any, request: Request, *, chat: bool,
     return model_response(resp, headers)
 
 
-async def _with_context(gw: Gateway, handle: ModelHandle, body: Any, raw: Any,
-                        asked: Any) -> tuple[Any, dict[str, Any], list[dict[str, Any]]]:
-    """Retrieval for a chat asking for `context` (slm_fusion.context): the request with the sources packed into a
-    system message, the fields to send upstream (without `context`), and the citations."""
+async def _with_context(gw: Gateway, handle: ModelHandle, body: Any, raw: Any, asked: Any,
+                        declared: Any) -> tuple[Any, dict[str, Any], list[dict[str, Any]]]:
+    """Retrieval for a chat asking for `context`, or sent to a model that declares one (slm_fusion.context): the
+    request with the sources packed into a system message, the fields to send upstream (without `context`), and
+    the citations."""
     from slm_fusion.context import augment, context_request
 
-    ctx = context_request(asked, gw.config.context)
+    ctx = context_request(asked, gw.config.context, declared)
     query = next((m.text() for m in reversed(body.messages) if m.role == "user"), "")
     with tracing.span(gw.tracer, "slm_fusion.retrieval", {"slm_fusion.vector_store_ids": list(ctx.vector_store_ids),
                                                           "slm_fusion.top_k": ctx.top_k}) as traced:

@@ -6,6 +6,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ValidationError
+
+from slm_fusion.context.settings import KNOBS, ModelContext, RetrievalSettings
 from slm_fusion.context.store import Hit, StoreError
 
 PREAMBLE = "Answer from these sources; say so when they do not hold the answer."
@@ -20,25 +23,37 @@ class ContextRequest:
     hybrid_weight: float
 
 
-def context_request(asked: Any, defaults: Any) -> ContextRequest | None:
-    """`extra_body.context` ({vector_store_ids, top_k, max_context_tokens, min_score, hybrid_weight}) over the
-    gateway's `context:` defaults; None when no store is asked for."""
-    if asked is None:
+def context_request(asked: Any, defaults: RetrievalSettings | None,
+                    declared: ModelContext | None = None) -> ContextRequest | None:
+    """What a chat retrieves, field by field: the request's `extra_body.context` ({vector_store_ids, top_k,
+    max_context_tokens, min_score, hybrid_weight}) over the `context:` its model declares, over the gateway's
+    `context:` defaults; None when neither the request nor its model names a store."""
+    if asked is None and declared is None:
         return None
-    if not isinstance(asked, dict) or not isinstance(asked.get("vector_store_ids"), list) \
-            or not asked["vector_store_ids"] or not all(isinstance(v, str) for v in asked["vector_store_ids"]):
+    if asked is not None and not isinstance(asked, dict):
         raise StoreError("context must be {\"vector_store_ids\": [\"vs_...\"], \"top_k\": N}", param="context")
-    unknown = set(asked) - {"vector_store_ids", "top_k", "max_context_tokens", "min_score", "hybrid_weight"}
+    asked = asked or {}
+    ids = asked.get("vector_store_ids", declared.vector_store_ids if declared is not None else None)
+    if not isinstance(ids, list) or not ids or not all(isinstance(v, str) for v in ids):
+        raise StoreError("context.vector_store_ids must be a non-empty list of ids: {\"vector_store_ids\": "
+                         "[\"vs_...\"]}", param="context")
+    unknown = set(asked) - {"vector_store_ids", *KNOBS}
     if unknown:
-        raise StoreError(f"context: unknown field(s) {', '.join(sorted(unknown))}", param="context")
+        raise StoreError(f"context: unknown field(s) {', '.join(sorted(unknown))}; known: vector_store_ids, "
+                         f"{', '.join(KNOBS)}", param="context")
     if defaults is None:
         raise StoreError("this gateway has no context store: add `context: {}` (and `embeddings: {}`) to its YAML",
                          param="context")
-    pick = {k: asked.get(k, getattr(defaults, k)) for k in ("top_k", "max_context_tokens", "min_score",
-                                                            "hybrid_weight")}
-    if not isinstance(pick["top_k"], int) or not 1 <= pick["top_k"] <= 50:
-        raise StoreError("context.top_k must be 1..50", param="context")
-    return ContextRequest(tuple(asked["vector_store_ids"]), **pick)
+    knobs = {k: getattr(defaults, k) for k in KNOBS}
+    if declared is not None:
+        knobs.update({k: getattr(declared, k) for k in declared.model_fields_set & set(KNOBS)})
+    knobs.update({k: asked[k] for k in KNOBS if k in asked})
+    try:  # the request's knobs are checked against the same declarations as the YAML's
+        checked = RetrievalSettings.model_validate(knobs, strict=True)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise StoreError(f"context.{err['loc'][0]}: {err['msg']}", param="context") from None
+    return ContextRequest(tuple(ids), **checked.model_dump())
 
 
 def augment(messages: list[dict[str, Any]], hits: list[Hit], count_tokens: Callable[[str], int],

@@ -1,16 +1,19 @@
 """The OpenAI Files and Vector Stores endpoints, on the gateway's context store (each call runs in a thread: SQLite
-and the embedding model block)."""
+and the embedding model block). A file batch is indexed by a background task of this worker; its state is in the
+store, so any worker answers for it."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, File, Form, UploadFile
+from fastapi import FastAPI, File, Form, Query, UploadFile
 from fastapi.responses import Response
 
 from slm_fusion import protocol as P
 from slm_fusion.context.store import ContextStore, StoreError
+
+BATCH_POLL_MS = "250"  # `openai-poll-after-ms` of a batch in progress: the SDK's create_and_poll waits this long
 
 
 def add_context_routes(app: FastAPI, gw: Any, json_response: Any) -> None:
@@ -22,6 +25,13 @@ def add_context_routes(app: FastAPI, gw: Any, json_response: Any) -> None:
 
     async def run(fn: Any, *args: Any) -> Any:
         return await asyncio.to_thread(fn, *args)
+
+    indexing: set[asyncio.Task] = set()  # running batches, held so they are not garbage-collected mid-way
+
+    def batch_response(batch: dict[str, Any]) -> Response:
+        obj = P.file_batch_object(batch)
+        return json_response(obj, headers={"openai-poll-after-ms": BATCH_POLL_MS}
+                             if obj["status"] == "in_progress" else None)
 
     @app.post("/v1/files")
     async def upload(file: Annotated[UploadFile, File()], purpose: Annotated[str, Form()] = "assistants") -> Response:
@@ -87,6 +97,30 @@ def add_context_routes(app: FastAPI, gw: Any, json_response: Any) -> None:
     async def detach(store_id: str, file_id: str) -> Response:
         await run(store().detach, store_id, file_id)
         return json_response(P.deleted_object(file_id, "vector_store.file.deleted"))
+
+    @app.post("/v1/vector_stores/{store_id}/file_batches")
+    async def create_batch(store_id: str, body: P.FileBatchCreate) -> Response:
+        s = store()
+        batch = await run(s.create_batch, store_id, body.entries())
+        task = asyncio.create_task(run(s.run_batch, batch["id"]))
+        indexing.add(task)
+        task.add_done_callback(indexing.discard)
+        return batch_response(batch)
+
+    @app.get("/v1/vector_stores/{store_id}/file_batches/{batch_id}")
+    async def get_batch(store_id: str, batch_id: str) -> Response:
+        return batch_response(await run(store().batch, store_id, batch_id))
+
+    @app.post("/v1/vector_stores/{store_id}/file_batches/{batch_id}/cancel")
+    async def cancel_batch(store_id: str, batch_id: str) -> Response:
+        return batch_response(await run(store().cancel_batch, store_id, batch_id))
+
+    @app.get("/v1/vector_stores/{store_id}/file_batches/{batch_id}/files")
+    async def list_batch_files(store_id: str, batch_id: str, status: Annotated[
+            Literal["in_progress", "completed", "failed", "cancelled"] | None, Query(alias="filter")] = None,
+    ) -> Response:
+        files = await run(store().batch_files, store_id, batch_id, status)
+        return json_response(P.list_object([P.vector_store_file_object(f) for f in files]))
 
     @app.post("/v1/vector_stores/{store_id}/search")
     async def search(store_id: str, body: P.VectorStoreSearch) -> Response:

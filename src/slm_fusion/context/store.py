@@ -3,6 +3,7 @@
     files(id, filename, purpose, bytes, data, created_at)
     vector_stores(id, name, metadata, created_at)
     store_files(store_id, file_id, status, attributes, chunking, usage_bytes, last_error, created_at)
+    file_batches(id, store_id, status, created_at)      batch_files(batch_id, position, file_id, attributes, chunking)
     chunks(id, store_id, file_id, position, text, vector)          vector: float32 bytes, unit length
     chunks_fts (FTS5 over chunks.text, BM25 ranking)
 
@@ -13,19 +14,25 @@ ranking (cosine over the store's vectors, numpy, held in memory until the store 
 BM25 from FTS5 over the top candidates of each: score = hybrid_weight * cosine + (1 - hybrid_weight) * bm25
 normalised to the best BM25 hit.
 
+A file batch is indexed file by file (`run_batch`, in the background of the worker that created it); its counts are
+its files' statuses, and `cancel_batch` (from any worker: the state is in the file) marks the files not yet started
+`cancelled`, which the running batch reads before each file.
+
 Hand-written because no maintained embedded store does both a BM25 index and vectors in one file that two processes
 may open (Chroma's known multi-process hang, LanceDB's manual compaction, sqlite-vec brute force without BM25).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import re
 import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +52,10 @@ CREATE TABLE IF NOT EXISTS store_files (store_id TEXT NOT NULL, file_id TEXT NOT
 CREATE TABLE IF NOT EXISTS chunks (id INTEGER PRIMARY KEY, store_id TEXT NOT NULL, file_id TEXT NOT NULL,
     position INTEGER NOT NULL, text TEXT NOT NULL, vector BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS chunks_by_store ON chunks (store_id, file_id);
+CREATE TABLE IF NOT EXISTS file_batches (id TEXT PRIMARY KEY, store_id TEXT NOT NULL, status TEXT NOT NULL,
+    created_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS batch_files (batch_id TEXT NOT NULL, position INTEGER NOT NULL, file_id TEXT NOT NULL,
+    attributes TEXT NOT NULL, chunking TEXT NOT NULL, PRIMARY KEY (batch_id, position));
 CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5 (text, content='chunks', content_rowid='id');
 CREATE TRIGGER IF NOT EXISTS chunks_ai AFTER INSERT ON chunks BEGIN
     INSERT INTO chunks_fts (rowid, text) VALUES (new.id, new.text);
@@ -99,6 +110,13 @@ def chunking_of(strategy: Any) -> dict[str, Any]:
     return {"type": "static", "static": {"max_chunk_size_tokens": size, "chunk_overlap_tokens": overlap}}
 
 
+def _attributes(attributes: Any) -> dict[str, Any]:
+    attributes = attributes or {}
+    if len(attributes) > 16:
+        raise StoreError("attributes: at most 16 key/value pairs", param="attributes")
+    return attributes
+
+
 def split_text(text: str, offsets: Sequence[tuple[int, int]], size: int, overlap: int) -> list[str]:
     """Windows of `size` tokens stepping by size - overlap, cut at the tokens' character offsets."""
     if not offsets:
@@ -115,12 +133,28 @@ def split_text(text: str, offsets: Sequence[tuple[int, int]], size: int, overlap
     return out
 
 
+def pdf_text(filename: str, data: bytes) -> str:
+    """The text layer of a PDF (pypdf), page after page, blank lines between pages."""
+    from pypdf import PdfReader
+
+    try:
+        pages = [page.extract_text() or "" for page in PdfReader(io.BytesIO(data)).pages]
+    except Exception as e:  # noqa: BLE001 — pypdf raises many types on damaged or encrypted files
+        raise StoreError(f"{filename} is not a readable PDF ({e}); upload an unencrypted PDF", param="file") from None
+    if not any(page.strip() for page in pages):
+        raise StoreError(f"{filename} has no text layer ({len(pages)} page(s) of images?): run OCR on it first "
+                         "(e.g. ocrmypdf) or upload its text", param="file")
+    return "\n\n".join(page.strip() for page in pages if page.strip())
+
+
 def file_text(filename: str, data: bytes) -> str:
     """The text of an uploaded file (the types `/v1/files` accepts for retrieval)."""
     suffix = Path(filename).suffix.lower()
+    if suffix == ".pdf":
+        return pdf_text(filename, data)
     if suffix not in TEXT_TYPES:
         raise StoreError(f"file type {suffix or '(none)'} is not supported for retrieval; upload one of "
-                         f"{', '.join(sorted(TEXT_TYPES))}", param="file")
+                         f"{', '.join(sorted(TEXT_TYPES | {'.pdf'}))}", param="file")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
@@ -152,18 +186,38 @@ def _fts_query(query: str) -> str | None:
     return " OR ".join(f'"{w}"' for w in dict.fromkeys(words)) or None
 
 
+def open_store(location: str | Path, embed: Callable[[list[str]], np.ndarray],
+               tokenize: Callable[[str], list[tuple[int, int]]], max_file_bytes: int = 20_000_000) -> ContextStore:
+    """The store at `location`: a postgresql:// URL (PostgreSQL + pgvector, slm_fusion.context.pgvector: several
+    gateway replicas share it), else a SQLite file."""
+    if str(location).startswith(("postgresql:", "postgresql+psycopg2:")):
+        from slm_fusion.context.pgvector import PgContextStore
+
+        return PgContextStore(str(location), embed, tokenize, max_file_bytes)
+    return ContextStore(location, embed, tokenize, max_file_bytes)
+
+
 class ContextStore:
-    """Files and vector stores in one SQLite file (see the module doc). Methods are blocking: call them in a thread."""
+    """Files and vector stores in one SQLite file (see the module doc). Methods are blocking: call them in a thread.
+    The database primitives (`_connect`, `_q`, `_tx`, `_dense`, `_lexical`, `_vector_value`, `UPSERT_STORE_FILE`)
+    are all another database has to replace (context.pgvector); the rest is plain SQL both speak."""
 
     def __init__(self, path: str | Path, embed: Callable[[list[str]], np.ndarray],
                  tokenize: Callable[[str], list[tuple[int, int]]], max_file_bytes: int = 20_000_000) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.location = str(path)  # what `slm-fusion store` prints: the file, or the database URL
         self.embed, self.tokenize, self.max_file_bytes = embed, tokenize, max_file_bytes
-        self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=30, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
         self._lock = threading.Lock()
         self._cache: dict[str, tuple[tuple, np.ndarray, np.ndarray]] = {}  # store id -> (version, ids, vectors)
+        self._connect()
+
+    # -- the database: what another backend (context.pgvector) replaces ----------------------------------------------
+    UPSERT_STORE_FILE = "INSERT OR REPLACE INTO store_files VALUES (?, ?, 'in_progress', ?, ?, 0, NULL, ?)"
+
+    def _connect(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=30, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.executescript(SCHEMA)
@@ -171,9 +225,26 @@ class ContextStore:
     def close(self) -> None:
         self._db.close()
 
-    def _q(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
+    def _q(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
+        """Rows of one statement (each readable as row["column"]); `?` marks the arguments."""
         with self._lock:
             return self._db.execute(sql, args).fetchall()
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[Callable[..., int]]:
+        """One write transaction: yields run(sql, args, many=False) -> rows changed; rolled back on an error."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield lambda sql, args=(), many=False: (self._db.executemany if many else self._db.execute)(
+                    sql, args).rowcount
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _vector_value(self, vector: np.ndarray) -> Any:
+        return np.asarray(vector, dtype=np.float32).tobytes()
 
     # -- files ------------------------------------------------------------------------------------------------------
     def add_file(self, filename: str, data: bytes, purpose: str) -> dict[str, Any]:
@@ -197,16 +268,14 @@ class ContextStore:
 
     def file_content(self, fid: str) -> bytes:
         self.file(fid)
-        return self._q("SELECT data FROM files WHERE id = ?", (fid,))[0]["data"]
+        return bytes(self._q("SELECT data FROM files WHERE id = ?", (fid,))[0]["data"])
 
     def delete_file(self, fid: str) -> None:
         self.file(fid)
-        with self._lock:  # the file leaves every store it was in, chunks and all
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute("DELETE FROM chunks WHERE file_id = ?", (fid,))
-            self._db.execute("DELETE FROM store_files WHERE file_id = ?", (fid,))
-            self._db.execute("DELETE FROM files WHERE id = ?", (fid,))
-            self._db.execute("COMMIT")
+        with self._tx() as run:  # the file leaves every store it was in, chunks and all
+            run("DELETE FROM chunks WHERE file_id = ?", (fid,))
+            run("DELETE FROM store_files WHERE file_id = ?", (fid,))
+            run("DELETE FROM files WHERE id = ?", (fid,))
 
     # -- vector stores ----------------------------------------------------------------------------------------------
     def create_store(self, name: str | None, metadata: dict[str, Any] | None) -> dict[str, Any]:
@@ -220,7 +289,8 @@ class ContextStore:
             raise StoreError(f"No vector store with id '{sid}'", status=404, param="vector_store_id")
         counts = {r["status"]: r["n"] for r in self._q(
             "SELECT status, count(*) AS n FROM store_files WHERE store_id = ? GROUP BY status", (sid,))}
-        usage = self._q("SELECT coalesce(sum(usage_bytes), 0) AS b FROM store_files WHERE store_id = ?", (sid,))
+        usage = self._q("SELECT CAST(coalesce(sum(usage_bytes), 0) AS BIGINT) AS b FROM store_files WHERE "
+                        "store_id = ?", (sid,))
         return {**{k: rows[0][k] for k in ("id", "name", "created_at")}, "metadata": json.loads(rows[0]["metadata"]),
                 "file_counts": counts,
                 "usage_bytes": usage[0]["b"]}
@@ -230,12 +300,12 @@ class ContextStore:
 
     def delete_store(self, sid: str) -> None:
         self.store(sid)
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute("DELETE FROM chunks WHERE store_id = ?", (sid,))
-            self._db.execute("DELETE FROM store_files WHERE store_id = ?", (sid,))
-            self._db.execute("DELETE FROM vector_stores WHERE id = ?", (sid,))
-            self._db.execute("COMMIT")
+        with self._tx() as run:
+            run("DELETE FROM chunks WHERE store_id = ?", (sid,))
+            run("DELETE FROM store_files WHERE store_id = ?", (sid,))
+            run("DELETE FROM batch_files WHERE batch_id IN (SELECT id FROM file_batches WHERE store_id = ?)", (sid,))
+            run("DELETE FROM file_batches WHERE store_id = ?", (sid,))
+            run("DELETE FROM vector_stores WHERE id = ?", (sid,))
 
     # -- indexing ---------------------------------------------------------------------------------------------------
     def attach(self, sid: str, fid: str, attributes: dict[str, Any] | None = None,
@@ -243,26 +313,89 @@ class ContextStore:
         """Chunk, embed and index a file into a store (again from the start if it was there)."""
         self.store(sid)
         meta = self.file(fid)
-        attributes = attributes or {}
-        if len(attributes) > 16:
-            raise StoreError("attributes: at most 16 key/value pairs", param="attributes")
-        chunking = chunking_of(chunking_strategy)
-        self._q("INSERT OR REPLACE INTO store_files VALUES (?, ?, 'in_progress', ?, ?, 0, NULL, ?)",
-                (sid, fid, json.dumps(attributes), json.dumps(chunking), _now()))
+        attributes, chunking = _attributes(attributes), chunking_of(chunking_strategy)
+        with self._tx() as run:
+            run(self.UPSERT_STORE_FILE, (sid, fid, json.dumps(attributes), json.dumps(chunking), _now()))
         text = file_text(meta["filename"], self.file_content(fid))
         static = chunking["static"]
         pieces = split_text(text, self.tokenize(text), static["max_chunk_size_tokens"], static["chunk_overlap_tokens"])
         vectors = self.embed(pieces) if pieces else np.zeros((0, 1), dtype=np.float32)
-        with self._lock:  # chunks, vectors and the completed status in one transaction
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute("DELETE FROM chunks WHERE store_id = ? AND file_id = ?", (sid, fid))
-            self._db.executemany("INSERT INTO chunks (store_id, file_id, position, text, vector) VALUES (?, ?, ?, ?, ?)",
-                                 [(sid, fid, i, t, np.asarray(v, dtype=np.float32).tobytes())
-                                  for i, (t, v) in enumerate(zip(pieces, vectors))])
-            self._db.execute("UPDATE store_files SET status = 'completed', usage_bytes = ? WHERE store_id = ? AND "
-                             "file_id = ?", (sum(len(t.encode()) for t in pieces), sid, fid))
-            self._db.execute("COMMIT")
+        with self._tx() as run:  # chunks, vectors and the completed status in one transaction
+            run("DELETE FROM chunks WHERE store_id = ? AND file_id = ?", (sid, fid))
+            if pieces:
+                run("INSERT INTO chunks (store_id, file_id, position, text, vector) VALUES (?, ?, ?, ?, ?)",
+                    [(sid, fid, i, t, self._vector_value(v)) for i, (t, v) in enumerate(zip(pieces, vectors))],
+                    many=True)
+            run("UPDATE store_files SET status = 'completed', usage_bytes = ? WHERE store_id = ? AND file_id = ?",
+                (sum(len(t.encode()) for t in pieces), sid, fid))
         return self.store_file(sid, fid)
+
+    def chunk_count(self, sid: str) -> int:
+        return self._q("SELECT count(*) AS n FROM chunks WHERE store_id = ?", (sid,))[0]["n"]
+
+    # -- file batches -----------------------------------------------------------------------------------------------
+    def create_batch(self, sid: str, entries: Sequence[tuple[str, Any, Any]]) -> dict[str, Any]:
+        """A batch of (file id, attributes, chunking_strategy), checked whole before anything is written; its files
+        are `in_progress` in the store until `run_batch` indexes them."""
+        self.store(sid)
+        if not entries:
+            raise StoreError("file_batches: give file_ids (or files) with at least one id", param="file_ids")
+        rows = []
+        for fid, attributes, strategy in entries:
+            self.file(fid)
+            rows.append((fid, json.dumps(_attributes(attributes)), json.dumps(chunking_of(strategy))))
+        bid, now = f"vsfb_{uuid.uuid4().hex[:24]}", _now()
+        with self._tx() as run:
+            run("INSERT INTO file_batches VALUES (?, ?, 'in_progress', ?)", (bid, sid, now))
+            run("INSERT INTO batch_files VALUES (?, ?, ?, ?, ?)", [(bid, i, *row) for i, row in enumerate(rows)],
+                many=True)
+            run(self.UPSERT_STORE_FILE, [(sid, fid, attrs, chunking, now) for fid, attrs, chunking in rows],
+                many=True)
+        return self.batch(sid, bid)
+
+    def run_batch(self, bid: str) -> dict[str, Any]:
+        """Index a batch's files in order, stopping when it is cancelled; a file that cannot be indexed is `failed`
+        with its reason, and the batch goes on."""
+        sid = self._batch_row(None, bid)["store_id"]
+        for entry in self._q("SELECT * FROM batch_files WHERE batch_id = ? ORDER BY position", (bid,)):
+            if self._batch_row(sid, bid)["status"] == "cancelled":
+                break
+            try:
+                self.attach(sid, entry["file_id"], json.loads(entry["attributes"]), json.loads(entry["chunking"]))
+            except Exception as e:  # noqa: BLE001 — one file's failure is recorded on it, not raised
+                self._q("UPDATE store_files SET status = 'failed', last_error = ? WHERE store_id = ? AND file_id = ?",
+                        (str(e), sid, entry["file_id"]))
+        self._q("UPDATE file_batches SET status = 'completed' WHERE id = ? AND status = 'in_progress'", (bid,))
+        return self.batch(sid, bid)
+
+    def cancel_batch(self, sid: str, bid: str) -> dict[str, Any]:
+        """Stop a batch: its files not yet started become `cancelled` (the one being indexed finishes)."""
+        self._batch_row(sid, bid)
+        with self._tx() as run:
+            if run("UPDATE file_batches SET status = 'cancelled' WHERE id = ? AND status = 'in_progress'", (bid,)):
+                run("UPDATE store_files SET status = 'cancelled' WHERE store_id = ? AND status = 'in_progress' AND "
+                    "file_id IN (SELECT file_id FROM batch_files WHERE batch_id = ?)", (sid, bid))
+        return self.batch(sid, bid)
+
+    def _batch_row(self, sid: str | None, bid: str) -> sqlite3.Row:
+        rows = self._q("SELECT * FROM file_batches WHERE id = ?", (bid,))
+        if not rows or (sid is not None and rows[0]["store_id"] != sid):
+            raise StoreError(f"No file batch with id '{bid}' in vector store '{sid}'", status=404, param="batch_id")
+        return rows[0]
+
+    def batch(self, sid: str, bid: str) -> dict[str, Any]:
+        row = self._batch_row(sid, bid)
+        counts = {r["status"]: r["n"] for r in self._q(
+            "SELECT s.status, count(*) AS n FROM batch_files b JOIN store_files s ON s.store_id = ? AND s.file_id = "
+            "b.file_id WHERE b.batch_id = ? GROUP BY s.status", (sid, bid))}
+        return {**dict(row), "file_counts": counts}
+
+    def batch_files(self, sid: str, bid: str, status: str | None = None) -> list[dict[str, Any]]:
+        self._batch_row(sid, bid)
+        files = [self.store_file(sid, r["file_id"]) for r in self._q(
+            "SELECT b.file_id FROM batch_files b JOIN store_files s ON s.store_id = ? AND s.file_id = b.file_id "
+            "WHERE b.batch_id = ? ORDER BY b.position", (sid, bid))]
+        return [f for f in files if status is None or f["status"] == status]
 
     def store_file(self, sid: str, fid: str) -> dict[str, Any]:
         rows = self._q("SELECT * FROM store_files WHERE store_id = ? AND file_id = ?", (sid, fid))
@@ -278,11 +411,9 @@ class ContextStore:
 
     def detach(self, sid: str, fid: str) -> None:
         self.store_file(sid, fid)
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute("DELETE FROM chunks WHERE store_id = ? AND file_id = ?", (sid, fid))
-            self._db.execute("DELETE FROM store_files WHERE store_id = ? AND file_id = ?", (sid, fid))
-            self._db.execute("COMMIT")
+        with self._tx() as run:
+            run("DELETE FROM chunks WHERE store_id = ? AND file_id = ?", (sid, fid))
+            run("DELETE FROM store_files WHERE store_id = ? AND file_id = ?", (sid, fid))
 
     # -- search -----------------------------------------------------------------------------------------------------
     def _vectors(self, sid: str) -> tuple[np.ndarray, np.ndarray]:
@@ -298,6 +429,26 @@ class ContextStore:
             cached = self._cache[sid] = (key, ids, matrix)
         return cached[1], cached[2]
 
+    def _dense(self, store_ids: Sequence[str], q: np.ndarray, candidates: int) -> dict[int, float]:
+        """Chunk id -> cosine (clipped to 0..1) of the `candidates` nearest chunks of each store."""
+        dense: dict[int, float] = {}
+        for sid in store_ids:
+            ids, matrix = self._vectors(sid)
+            if len(ids):
+                sims = matrix @ q
+                top = np.argpartition(-sims, min(candidates, len(ids) - 1))[:candidates]
+                dense.update(zip(ids[top].tolist(), np.clip(sims[top], 0, 1).tolist()))
+        return dense
+
+    def _lexical(self, store_ids: Sequence[str], query: str, candidates: int) -> dict[int, float]:
+        """Chunk id -> BM25 score (higher is better) of the best keyword matches."""
+        fts = _fts_query(query)
+        if fts is None:
+            return {}
+        # FTS5's own `rank` order (bm25) stops at the limit; other stores' chunks drop out when hits are read
+        return {r["rowid"]: -r["rank"] for r in self._q(
+            "SELECT rowid, rank FROM chunks_fts WHERE chunks_fts MATCH ? ORDER BY rank LIMIT ?", [fts, candidates * 4])}
+
     def search(self, store_ids: Sequence[str], query: str, max_results: int = 10, filters: Any = None,
                score_threshold: float = 0.0, hybrid_weight: float = 0.5, candidates: int = 200) -> list[Hit]:
         """Best chunks of the stores for `query`: the top `candidates` of the dense ranking and of BM25, fused (see
@@ -308,20 +459,9 @@ class ContextStore:
             if sid not in known:
                 self.store(sid)
         q = np.asarray(self.embed([query])[0], dtype=np.float32)
-        dense: dict[int, float] = {}
-        for sid in store_ids:
-            ids, matrix = self._vectors(sid)
-            if len(ids):
-                sims = matrix @ q
-                top = np.argpartition(-sims, min(candidates, len(ids) - 1))[:candidates]
-                dense.update(zip(ids[top].tolist(), np.clip(sims[top], 0, 1).tolist()))
+        dense = self._dense(store_ids, q, candidates)
         marks = ",".join("?" * len(store_ids))
-        bm25: dict[int, float] = {}
-        fts = _fts_query(query)
-        if fts is not None:  # FTS5's own `rank` order (bm25) stops at the limit; other stores' chunks drop out below
-            bm25 = {r["rowid"]: -r["rank"] for r in self._q(
-                "SELECT rowid, rank FROM chunks_fts WHERE chunks_fts MATCH ? ORDER BY rank LIMIT ?",
-                [fts, candidates * 4])}
+        bm25 = self._lexical(store_ids, query, candidates)
         best = max(bm25.values(), default=0.0)
         fused = {cid: hybrid_weight * dense.get(cid, 0.0) + (1 - hybrid_weight) * (bm25.get(cid, 0.0) / best
                                                                                     if best > 0 else 0.0)

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, create_model
 
+from slm_fusion.context.settings import MODEL_CONTEXT_DESCRIPTION, ModelContext
 from slm_fusion.routing import cascade, classifier, fusion, rules, semantic  # noqa: F401 — importing registers them
 from slm_fusion.routing.base import ROUTERS
 from slm_fusion.routing.replicas import RoutingSettings
@@ -26,6 +27,7 @@ class RouterRef(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     router: str = Field(..., description="Name of an entry of `routers:`.")
+    context: ModelContext | None = Field(None, description=MODEL_CONTEXT_DESCRIPTION)
 
 
 def _kind(value: Any) -> str | None:
@@ -39,7 +41,20 @@ _kinds = [Annotated[cls.Config, Tag(kind)] for kind, cls in ROUTERS.items()]
 _type_error = f"`type` must name a router class: one of {', '.join(sorted(ROUTERS))}"
 RouterSpec = Annotated[Union[tuple(_kinds)],  # noqa: UP007 — a Union built from a tuple
                        Discriminator(_kind, custom_error_type="router_type", custom_error_message=_type_error)]
-VirtualModelSpec = Annotated[Union[(Annotated[RouterRef, Tag("ref")], *_kinds)],
+
+
+def _virtual(config: type[BaseModel]) -> type[BaseModel]:
+    """A router's `Config` written inline under `virtual_models:`, which may also declare the name's `context:`
+    (a module attribute under its own name, where pickle finds it)."""
+    name = f"Virtual{config.__name__}"
+    cls = create_model(name, __base__=config, __module__=__name__,
+                       context=(ModelContext | None, Field(None, description=MODEL_CONTEXT_DESCRIPTION)))
+    globals()[name] = cls
+    return cls
+
+
+_virtual_kinds = [Annotated[_virtual(cls.Config), Tag(kind)] for kind, cls in ROUTERS.items()]
+VirtualModelSpec = Annotated[Union[(Annotated[RouterRef, Tag("ref")], *_virtual_kinds)],
                              Discriminator(_kind, custom_error_type="router_type", custom_error_message=_type_error)]
 
 
@@ -69,9 +84,9 @@ def canonical_virtual_models(raw: Any, router_names: set[str]) -> Any:
                 spec["type"] = "fusion"
             elif isinstance(ref, str) and ref not in router_names and ref in ROUTERS:
                 spec["type"] = spec.pop("router")
-            elif isinstance(ref, str) and ref in router_names and len(spec) > 1:
+            elif isinstance(ref, str) and ref in router_names and set(spec) - {"router", "context"}:
                 raise ValueError(f"virtual_models.{name}: router '{ref}' is defined in `routers:`; move "
-                                 f"{sorted(k for k in spec if k != 'router')} there")
+                                 f"{sorted(set(spec) - {'router', 'context'})} there")
             elif ref is None:
                 raise ValueError(f"virtual_models.{name}: give `router: NAME` (an entry of `routers:`), "
                                  f"`router: KIND` with its settings (one of {sorted(ROUTERS)}), or "
