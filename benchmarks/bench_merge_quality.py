@@ -155,6 +155,8 @@ def run(quick: bool = False, retail: str | None = None, gsm8k: str | None = None
         results[name] = {t: _score(info["path"], t, examples[t], f"{name} / {t}") for t in TASKS}
         info.update({t: round(results[name][t].accuracy, 4) for t in TASKS})
         info["mean_tokens"] = {t: round(results[name][t].points[0].metrics["mean_tokens"], 1) for t in TASKS}
+        info["retail_by_split"] = {k: round(v["accuracy"], 4) for k, v in
+                                   results[name]["retail"].points[0].breakdown.get("split", {}).items()}
     spec = {t: models[f"specialist {t}"][t] for t in TASKS}
 
     table = Table(title=f"two-skill merge, SmolLM2-135M PAL specialists ({'quick' if quick else 'full'}): "
