@@ -73,6 +73,8 @@ def test_failed_trial_is_recorded_not_fatal(tmp_path):
     space = {"params": {"student.format": {"type": "categorical", "choices": ["pal", "cot"]}}}
     cfg_path, space_path = _write(tmp_path, "failing", space)
     cfg = load_config(cfg_path)
+    for fmt in ("cot", "pal"):  # both values tried whatever the sampler draws (4 random draws may all be pal)
+        open_study(cfg).enqueue_trial({"student.format": fmt})
     study = run_study(cfg, load_space(space_path, cfg), trials=4)
     states = {t.params["student.format"]: t.state for t in study.trials}
     failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
