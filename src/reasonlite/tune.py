@@ -153,7 +153,6 @@ def storage_url(cfg: ReasonLiteConfig, storage: str | None = None) -> str:
 
 
 def open_study(cfg: ReasonLiteConfig, storage: str | None = None):
-    import optuna
 
     folder = study_dir(cfg)
     url = storage_url(cfg, storage)
@@ -162,15 +161,7 @@ def open_study(cfg: ReasonLiteConfig, storage: str | None = None):
     heartbeat = int(os.environ.get("REASONLITE_TUNE_HEARTBEAT_S", "30"))
     rdb = rdb_storage(url, heartbeat)
     directions = ["maximize" if o == "accuracy" else "minimize" for o in cfg.tune.objectives]
-    for attempt in range(5):
-        try:
-            study = optuna.create_study(study_name=cfg.tune.study_name, storage=rdb, directions=directions,
-                                        load_if_exists=True)
-            break
-        except optuna.exceptions.DuplicatedStudyError:  # another worker created it between check and insert
-            time.sleep(0.5 * (attempt + 1))
-    else:
-        raise RuntimeError(f"tune: could not create or load study '{cfg.tune.study_name}' in {url}")
+    study = create_or_load_study(rdb, cfg.tune.study_name, directions, url)
     want = base_config_hash(cfg)
     have = study.user_attrs.get("base_config_hash")
     if have is None:
@@ -182,6 +173,18 @@ def open_study(cfg: ReasonLiteConfig, storage: str | None = None):
     seed = sampler_seed(cfg, len(study.get_trials(deepcopy=False)), shared=not url.startswith("sqlite"))
     study.sampler = _sampler(cfg.tune.sampler, seed)
     return study
+
+
+def create_or_load_study(rdb, name: str, directions: list[str], url: str):
+    """The study `name` in `rdb`, created if missing; retried because workers started together race on creating it."""
+    import optuna
+
+    for attempt in range(5):
+        try:
+            return optuna.create_study(study_name=name, storage=rdb, directions=directions, load_if_exists=True)
+        except optuna.exceptions.DuplicatedStudyError:  # another worker created it between check and insert
+            time.sleep(0.5 * (attempt + 1))
+    raise RuntimeError(f"tune: could not create or load study '{name}' in {url}")
 
 
 def rdb_storage(url: str, heartbeat: int):

@@ -169,16 +169,14 @@ class TaskScorer:
 
 def open_merge_study(out_dir: Path, space: MergeSpace, n_tasks: int, storage: str | None):
     """Create or load the study (reasonlite tune's storage: heartbeats, stale trials failed and retried once)."""
-    import optuna
 
-    from reasonlite.tune import _sampler, check_storage_url, rdb_storage
+    from reasonlite.tune import _sampler, check_storage_url, create_or_load_study, rdb_storage
 
     url = storage or f"sqlite:///{(out_dir / 'study.db').resolve()}"
     check_storage_url(url)
     out_dir.mkdir(parents=True, exist_ok=True)
     rdb = rdb_storage(url, int(os.environ.get("REASONLITE_TUNE_HEARTBEAT_S", "30")))
-    study = optuna.create_study(study_name=space.study_name, storage=rdb, directions=["maximize"] * n_tasks,
-                                load_if_exists=True)
+    study = create_or_load_study(rdb, space.study_name, ["maximize"] * n_tasks, url)
     study.sampler = _sampler("tpe", int.from_bytes(os.urandom(4), "little"))  # a resumed study explores anew
     return study
 
