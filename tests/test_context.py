@@ -327,10 +327,15 @@ def test_a_batch_records_a_failing_file_and_stops_when_cancelled(tmp_path):
     runner = threading.Thread(target=store.run_batch, args=(bid,))
     runner.start()
     assert entered.wait(30)
-    assert store.cancel_batch(sid, bid)["status"] == "cancelled"
+    at_cancel = store.cancel_batch(sid, bid)
+    assert at_cancel["status"] == "cancelled"
     release.set()
     runner.join(30)
-    assert store.batch(sid, bid)["file_counts"] == {"completed": 2, "failed": 1, "cancelled": 1}
+    # the file being embedded when the cancel came is cancelled too, and stays so: the counts the cancel returned
+    # are final (a client that polls once it reads `cancelled` never sees them change)
+    assert store.batch(sid, bid)["file_counts"] == at_cancel["file_counts"] == {"completed": 1, "failed": 1,
+                                                                                "cancelled": 2}
     failed = store.batch_files(sid, bid, "failed")
     assert [f["file_id"] for f in failed] == [fids[1]] and "embedding model crashed" in failed[0]["last_error"]
-    assert [f["file_id"] for f in store.batch_files(sid, bid, "cancelled")] == [fids[3]]
+    assert [f["file_id"] for f in store.batch_files(sid, bid, "cancelled")] == [fids[2], fids[3]]
+    assert store.chunk_count(sid) == 1  # file 0's only chunk: the embedding of the cancelled file was dropped

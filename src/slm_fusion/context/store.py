@@ -15,8 +15,9 @@ BM25 from FTS5 over the top candidates of each: score = hybrid_weight * cosine +
 normalised to the best BM25 hit.
 
 A file batch is indexed file by file (`run_batch`, in the background of the worker that created it); its counts are
-its files' statuses, and `cancel_batch` (from any worker: the state is in the file) marks the files not yet started
-`cancelled`, which the running batch reads before each file.
+its files' statuses, and `cancel_batch` (from any worker: the state is in the file) marks the files not yet indexed
+`cancelled`, the one being embedded included: a file completes only if it is still `in_progress` when its chunks are
+written, and the running batch reads the batch's status before each file.
 
 Hand-written because no maintained embedded store does both a BM25 index and vectors in one file that two processes
 may open (Chroma's known multi-process hang, LanceDB's manual compaction, sqlite-vec brute force without BM25).
@@ -312,23 +313,30 @@ class ContextStore:
                chunking_strategy: Any = None) -> dict[str, Any]:
         """Chunk, embed and index a file into a store (again from the start if it was there)."""
         self.store(sid)
-        meta = self.file(fid)
+        self.file(fid)
         attributes, chunking = _attributes(attributes), chunking_of(chunking_strategy)
         with self._tx() as run:
             run(self.UPSERT_STORE_FILE, (sid, fid, json.dumps(attributes), json.dumps(chunking), _now()))
-        text = file_text(meta["filename"], self.file_content(fid))
-        static = chunking["static"]
+        self._index(sid, fid)
+        return self.store_file(sid, fid)
+
+    def _index(self, sid: str, fid: str) -> bool:
+        """Chunk, embed and index a store's `in_progress` file with its own chunking; False when it was cancelled
+        meanwhile: it stays `cancelled`, without chunks, so what a cancelled batch reported never changes after."""
+        static = self.store_file(sid, fid)["chunking"]["static"]
+        text = file_text(self.file(fid)["filename"], self.file_content(fid))
         pieces = split_text(text, self.tokenize(text), static["max_chunk_size_tokens"], static["chunk_overlap_tokens"])
         vectors = self.embed(pieces) if pieces else np.zeros((0, 1), dtype=np.float32)
-        with self._tx() as run:  # chunks, vectors and the completed status in one transaction
+        with self._tx() as run:  # the completed status, chunks and vectors in one transaction
+            if not run("UPDATE store_files SET status = 'completed', usage_bytes = ? WHERE store_id = ? AND "
+                       "file_id = ? AND status = 'in_progress'", (sum(len(t.encode()) for t in pieces), sid, fid)):
+                return False
             run("DELETE FROM chunks WHERE store_id = ? AND file_id = ?", (sid, fid))
             if pieces:
                 run("INSERT INTO chunks (store_id, file_id, position, text, vector) VALUES (?, ?, ?, ?, ?)",
                     [(sid, fid, i, t, self._vector_value(v)) for i, (t, v) in enumerate(zip(pieces, vectors))],
                     many=True)
-            run("UPDATE store_files SET status = 'completed', usage_bytes = ? WHERE store_id = ? AND file_id = ?",
-                (sum(len(t.encode()) for t in pieces), sid, fid))
-        return self.store_file(sid, fid)
+        return True
 
     def chunk_count(self, sid: str) -> int:
         return self._q("SELECT count(*) AS n FROM chunks WHERE store_id = ?", (sid,))[0]["n"]
@@ -360,16 +368,17 @@ class ContextStore:
         for entry in self._q("SELECT * FROM batch_files WHERE batch_id = ? ORDER BY position", (bid,)):
             if self._batch_row(sid, bid)["status"] == "cancelled":
                 break
-            try:
-                self.attach(sid, entry["file_id"], json.loads(entry["attributes"]), json.loads(entry["chunking"]))
+            try:  # the file's row, attributes and chunking were written by create_batch
+                self._index(sid, entry["file_id"])
             except Exception as e:  # noqa: BLE001 — one file's failure is recorded on it, not raised
-                self._q("UPDATE store_files SET status = 'failed', last_error = ? WHERE store_id = ? AND file_id = ?",
-                        (str(e), sid, entry["file_id"]))
+                self._q("UPDATE store_files SET status = 'failed', last_error = ? WHERE store_id = ? AND file_id = ? "
+                        "AND status = 'in_progress'", (str(e), sid, entry["file_id"]))
         self._q("UPDATE file_batches SET status = 'completed' WHERE id = ? AND status = 'in_progress'", (bid,))
         return self.batch(sid, bid)
 
     def cancel_batch(self, sid: str, bid: str) -> dict[str, Any]:
-        """Stop a batch: its files not yet started become `cancelled` (the one being indexed finishes)."""
+        """Stop a batch: its files not yet indexed become `cancelled`, the one being embedded included (its
+        chunks are never written), so the counts this returns are final."""
         self._batch_row(sid, bid)
         with self._tx() as run:
             if run("UPDATE file_batches SET status = 'cancelled' WHERE id = ? AND status = 'in_progress'", (bid,)):
