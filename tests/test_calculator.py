@@ -171,7 +171,7 @@ def test_compress_adds_a_short_row_and_an_unbudgeted_full_row(tmp_path):
     buckets = [16, 24, 32, 48, 64, 96, 128, 256]
     cfg = build_config({"student": {"model": TINY, "format": "cot"}, "traces": {"style": "cot"},
                         "budget": {"condition_training": True, "compress": True, "buckets": buckets}})
-    rows, report = trace_examples(cfg, traces, tokenizer)
+    rows, report = trace_examples(cfg.stage_view("train"), traces, tokenizer)
     assert len(rows) == 3 * len(traces) and report.used == len(traces)
     for i, ex in enumerate(examples):
         full_budgeted, full_free, short = rows[3 * i: 3 * i + 3]

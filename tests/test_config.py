@@ -1,15 +1,22 @@
+from pathlib import Path
+
 import pytest
 import yaml
 
 from reasonlite.config import (
+    STAGE_SECTIONS,
     ConfigError,
     ReasonLiteConfig,
+    StageConfigError,
     build_config,
     config_hash,
+    get_dotted,
     load_config,
     parse_override,
     stage_hash,
 )
+
+EXAMPLES = Path(__file__).parents[1] / "examples"
 
 
 def test_defaults_are_the_offline_quickstart():
@@ -170,3 +177,64 @@ def test_the_inference_cap_has_the_gateways_name_and_the_old_one_still_loads(tmp
     # Recorded with the code before the rename (budget.inference_cap: 160): finished stages and tune studies stay valid.
     assert stage_hash(cfg, "eval") == "3bf438eba99c119b" and stage_hash(cfg, "train") == "c82094676286cb81"
     assert config_hash(cfg) == "18c6261364eff4e4" and base_config_hash(cfg) == "c9d3e49641a19403"
+
+
+# Recorded with main at f4d6621, before stages read the config through `StageView`: the view must not move one cached
+# stage folder. Change a pin only on purpose (it re-runs that stage for every user of the config).
+STAGE_HASHES_BEFORE_VIEWS = {
+    "retail_math.yaml": {"traces": "3ed1855af88280fe", "train": "c82094676286cb81", "eval": "6fc74bd30794f33f"},
+    "gsm8k_pal.yaml": {"traces": "87df46db4a80fbc5", "train": "7ddd266d110bc98f", "eval": "5948f27384055771"},
+    "openai_teacher.yaml": {"traces": "a420515f8d1390a2", "train": "dfea2f6ac67637f9", "eval": "41eac8d0530fb7d8"},
+    "retail_cot_budget.yaml": {"traces": "97dc4da5ea0cb9b5", "train": "1e75832765586453", "eval": "a518ecb85da1d1f7"},
+    "demo defaults": {"traces": "2d15c996d506bd73", "train": "749a91805abc5446", "eval": "d5283b1a03be5b2b"},
+}
+
+
+@pytest.mark.parametrize("name", list(STAGE_HASHES_BEFORE_VIEWS))
+def test_stage_hashes_are_those_recorded_before_stage_views(name):
+    from reasonlite.pipeline import DEMO_DEFAULTS
+
+    cfg = build_config(DEMO_DEFAULTS) if name == "demo defaults" else load_config(EXAMPLES / name)
+    assert {stage: stage_hash(cfg, stage) for stage in STAGE_SECTIONS} == STAGE_HASHES_BEFORE_VIEWS[name]
+    assert {stage: cfg.stage_view(stage).hash() for stage in STAGE_SECTIONS} == STAGE_HASHES_BEFORE_VIEWS[name]
+
+
+def test_a_stage_reads_the_sections_of_its_hash_and_nothing_else():
+    cfg = load_config(EXAMPLES / "retail_cot_budget.yaml")
+    traces, train, evaluation = (cfg.stage_view(stage) for stage in ("traces", "train", "eval"))
+    # its own sections and the earlier stages' (eval reads data; traces reads student.model), whole or in part
+    assert evaluation.data is cfg.data and evaluation.train.seed == 0 and evaluation.budget.answer_tokens == 12
+    assert traces.student.model == "smollm2-135m-instruct" and traces.budget.data_policy == "drop"
+    assert train.budget.compress and train.budget.buckets == [16, 24, 32, 48, 64, 96, 128, 256]
+    assert (traces.name, traces.runs_dir) == ("retail-cot-budget", "runs")  # where it writes, in no hash
+    with pytest.raises(StageConfigError) as err:
+        get_dotted(traces, "budget.reasoning_budget")
+    assert str(err.value) == (
+        "the traces stage read budget.reasoning_budget, which is not in its hash, so a change to it would reuse a "
+        "stale cached traces stage: add 'budget.reasoning_budget' to STAGE_SECTIONS['traces'] in reasonlite/config.py "
+        "(a knob already in use also to LATE_KNOBS, so existing hashes stay), or read it in a stage that has it")
+    # a section declared in part names the field; a section not declared at all is refused whole
+    for view, knob, named in [(traces, "student.format", "student.format"), (train, "eval.calculator", "eval"),
+                              (evaluation, "verifier.k", "verifier"), (evaluation, "tune.seed", "tune")]:
+        with pytest.raises(StageConfigError, match=rf"^the {view.stage} stage read {named}, .* add '{named}' to "):
+            get_dotted(view, knob)
+    with pytest.raises(AttributeError, match="budget.bucket is not a config field"):  # a typo stays a typo
+        get_dotted(train, "budget.bucket")
+    # narrowing to an earlier stage is safe, widening would let a stage read a later stage's knobs
+    assert evaluation.stage_view("traces").hash() == traces.hash() and train.stage_view("train") is train
+    with pytest.raises(StageConfigError, match="the train stage cannot read as the eval stage"):
+        train.stage_view("eval")
+    with pytest.raises(ValueError, match="unknown pipeline stage 'export'"):
+        cfg.stage_view("export")
+
+
+@pytest.mark.parametrize("stage", ["train", "eval"])
+def test_a_dumped_stage_view_loads_back_with_the_same_stage_hash(tmp_path, stage):
+    """torchrun's workers get `view.dump()` (reasonlite.train.distributed), so it must name the same stage folder."""
+    for example in ("retail_math.yaml", "gsm8k_pal.yaml", "openai_teacher.yaml", "retail_cot_budget.yaml"):
+        view = load_config(EXAMPLES / example, {"tune.seed": 7, "verifier.k": 4}).stage_view(stage)
+        path = tmp_path / f"{stage}-{example}"
+        path.write_text(view.dump())
+        dumped = yaml.safe_load(path.read_text())
+        assert "tune" not in dumped and "verifier" not in dumped and ("eval" in dumped) == (stage == "eval")
+        assert load_config(path).stage_view(stage).hash() == view.hash() == STAGE_HASHES_BEFORE_VIEWS[example][stage]

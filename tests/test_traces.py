@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from teacher_server import ServerState, ThreadedServer
 
-from reasonlite.config import build_config, config_hash
+from reasonlite.config import build_config, stage_hash
 from reasonlite.traces import Pair, Trace, TraceSet, build_trace_set
 from reasonlite.traces.pairs import make_pairs, perturb_rationale, program_edits
 from reasonlite.traces.prompts import parse_reply, pick_exemplars, teacher_messages
@@ -48,7 +48,7 @@ def test_dataset_teacher_retail_math_pal_end_to_end(tmp_path):
                                                       "traces.jsonl"]
     m = ts.manifest
     assert m["counts"]["correct"] == 24 and m["teacher_accuracy"] == 1.0
-    assert m["config_hash"] == config_hash(cfg, ("data", "teacher", "traces", "budget", "student.model"))
+    assert m["config_hash"] == stage_hash(cfg, "traces")  # the name of its stage folder, runs/_stages/traces-<hash>
     # k identical gold samples are selected once each
     assert len(ts.traces) == 12 and all(t.status == "correct" and t.program and t.tokens for t in ts.traces)
     assert m["agreement_histogram"] == {"1.00": 12}
@@ -57,6 +57,19 @@ def test_dataset_teacher_retail_math_pal_end_to_end(tmp_path):
     loaded = TraceSet.load(out)
     assert [t.id for t in loaded.traces] == [t.id for t in ts.traces] and len(loaded.all_traces) == 24
     assert loaded.pairs == ts.pairs and loaded.manifest == m
+
+
+def test_the_traces_stage_cannot_read_a_knob_outside_its_hash(tmp_path, monkeypatch):
+    """Handed the whole config, the stage reads only its view: a read of an eval knob (not in the traces hash, so a
+    change to it would reuse this cached trace set) fails naming the knob and the fix, before anything is written."""
+    from reasonlite.config import StageConfigError
+    from reasonlite.traces import build
+
+    monkeypatch.setattr(build, "_augment", lambda cfg, selected, tokenizer: cfg.budget.reasoning_budget)
+    with pytest.raises(StageConfigError, match=r"the traces stage read budget\.reasoning_budget, .* add "
+                                               r"'budget\.reasoning_budget' to STAGE_SECTIONS\['traces'\]"):
+        build_trace_set(_cfg(tmp_path, data={"n_train": 4}), tmp_path / "out", show_progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("style,fmt", [("cot", "cot"), ("pal", "pal")])

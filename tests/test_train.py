@@ -54,7 +54,7 @@ def tiny_cfg(**sections):
         base.setdefault(name, {}).update(values)
     if base["student"].get("format") in ("cot", "step_by_step", "answer"):
         base.setdefault("traces", {})["style"] = "cot"
-    return build_config(base)
+    return build_config(base).stage_view("train")  # what the train stage's code is handed
 
 
 @pytest.fixture(scope="module")
@@ -245,6 +245,20 @@ def test_resume_refuses_checkpoints_of_another_config(tmp_path, pal_set):
     (out / "train_state.json").write_text(json.dumps({"train_hash": "something-else"}))
     with pytest.raises(TrainError, match="different training config"):
         train_student(tiny_cfg(), pal_set, out, resume=True)
+
+
+def test_the_train_stage_cannot_read_a_knob_outside_its_hash(tmp_path, pal_set, monkeypatch):
+    """Handed the whole config, train_student reads only the train stage's view: the eval-side inference cap (not in
+    the train hash, so a change to it would reuse this cached student) fails naming the knob, before any step."""
+    from reasonlite.config import StageConfigError
+    from reasonlite.train import sft
+
+    monkeypatch.setattr(sft, "prepare_model", lambda cfg, model: cfg.budget.reasoning_budget)
+    cfg = build_config({"student": {"model": TINY}, "budget": {"reasoning_budget": 64}})
+    with pytest.raises(StageConfigError, match=r"the train stage read budget\.reasoning_budget, .* add "
+                                               r"'budget\.reasoning_budget' to STAGE_SECTIONS\['train'\]"):
+        train_student(cfg, pal_set, tmp_path / "out")
+    assert not (tmp_path / "out" / "checkpoints").exists()
 
 
 # ------------------------------------------------------------------------------------------------ full pipeline

@@ -321,6 +321,10 @@ class ReasonLiteConfig(Section):
             )
         return self
 
+    def stage_view(self, stage: str) -> StageView:
+        """What the pipeline stage `stage` may read of this config (`StageView`)."""
+        return StageView(self, stage)
+
     @model_validator(mode="after")
     def _synthesis_needs_llm_teacher(self) -> ReasonLiteConfig:
         if not self.traces.synthesize.enabled:
@@ -334,13 +338,17 @@ class ReasonLiteConfig(Section):
         return self
 
 
-# Which sections each pipeline stage depends on: a stage is reused when the hash of its sections is unchanged.
+# Which sections each pipeline stage depends on: a stage is reused when the hash of its sections is unchanged. The
+# same declaration is what the stage may read (`StageView`), so a knob outside a stage's hash cannot change its result.
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "traces": ("data", "teacher", "traces", "budget.max_trace_tokens", "budget.data_policy", "student.model"),
     "train": ("traces", "student", "train", "contrastive", "budget.condition_training", "budget.buckets",
               "budget.compress"),
     "eval": ("eval", "budget.reasoning_budget", "budget.forcing", "budget.answer_tokens"),
 }
+# Where a stage writes and what its run is called: readable by every stage, in no hash (runs that differ only in
+# these share their cached stages).
+STAGE_PATHS = ("name", "runs_dir")
 
 
 class ConfigError(ValueError):
@@ -481,10 +489,75 @@ def config_hash(cfg: ReasonLiteConfig, sections: tuple[str, ...] | None = None) 
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def stage_sections(stage: str) -> tuple[str, ...]:
+    """The dotted sections `stage` depends on: its own and those of the stages before it (`STAGE_SECTIONS`)."""
+    order = list(STAGE_SECTIONS)
+    if stage not in order:
+        raise ValueError(f"unknown pipeline stage '{stage}': use one of {', '.join(order)}")
+    return tuple(section for name in order[: order.index(stage) + 1] for section in STAGE_SECTIONS[name])
+
+
 def stage_hash(cfg: ReasonLiteConfig, stage: str) -> str:
     """Hash of everything a stage depends on, including the stages before it."""
-    order = list(STAGE_SECTIONS)
-    sections: tuple[str, ...] = ()
-    for name in order[: order.index(stage) + 1]:
-        sections += STAGE_SECTIONS[name]
-    return config_hash(cfg, sections)
+    return config_hash(cfg, stage_sections(stage))
+
+
+class StageConfigError(RuntimeError):
+    """A stage read a knob outside its hash: changing that knob would silently reuse a stale cached stage."""
+
+
+class StageView:
+    """What one pipeline stage may read of a config: the sections of its hash (`stage_sections`) and `STAGE_PATHS`.
+
+    It reads like the config (`view.traces.self_consistency.k`; `view.data` is the `DataConfig` itself); a section
+    the stage declares in part (`budget.forcing`) is a view of its own. Reading any other knob raises
+    StageConfigError naming it and the fix, so nothing outside a stage's cache key can change what the stage makes.
+    Build one with `cfg.stage_view(stage)`; `prefix`/`node` are the section a nested view stands for.
+    """
+
+    def __init__(self, cfg: ReasonLiteConfig, stage: str, node: BaseModel | None = None, prefix: str = ""):
+        self._cfg, self._stage, self._readable = cfg, stage, stage_sections(stage)
+        self._node, self._prefix = cfg if node is None else node, prefix
+
+    def __getattr__(self, key: str) -> Any:
+        if key.startswith("_"):  # dunders probed by copy/pickle/inspect, and our own slots before __init__ sets them
+            raise AttributeError(key)
+        path = self._prefix + key
+        if path in self._readable or (not self._prefix and key in STAGE_PATHS):
+            return getattr(self._node, key)
+        if any(section.startswith(path + ".") for section in self._readable):
+            return StageView(self._cfg, self._stage, getattr(self._node, key), path + ".")
+        if key not in type(self._node).model_fields:
+            raise AttributeError(f"{path} is not a config field")
+        raise StageConfigError(
+            f"the {self._stage} stage read {path}, which is not in its hash, so a change to it would reuse a stale "
+            f"cached {self._stage} stage: add '{path}' to STAGE_SECTIONS['{self._stage}'] in reasonlite/config.py "
+            "(a knob already in use also to LATE_KNOBS, so existing hashes stay), or read it in a stage that has it")
+
+    def __repr__(self) -> str:
+        return f"StageView({self._stage}{': ' + self._prefix.rstrip('.') if self._prefix else ''})"
+
+    @property
+    def stage(self) -> str:
+        return self._stage
+
+    def stage_view(self, stage: str) -> StageView:
+        """The view of `stage`: this one, or an earlier stage's (a view never widens to a later stage's knobs)."""
+        order = list(STAGE_SECTIONS)
+        if stage not in order[: order.index(self._stage) + 1]:
+            raise StageConfigError(f"the {self._stage} stage cannot read as the {stage} stage (it runs later and "
+                                   f"depends on more): pass the config itself, not the {self._stage} stage's view")
+        return self if stage == self._stage and not self._prefix else StageView(self._cfg, stage)
+
+    def hash(self) -> str:
+        """`stage_hash` of this stage: its cached folder's name, and the owner of its checkpoints."""
+        return stage_hash(self._cfg, self._stage)
+
+    def dump(self) -> str:
+        """YAML of what this stage may read (torchrun's workers load it; the model card shows it). For train and eval
+        it loads back as a config (defaults elsewhere) whose view of this stage has the same hash."""
+        full = self._cfg.model_dump(mode="json")
+        data = {key: full[key] for key in STAGE_PATHS}
+        for section in self._readable:
+            set_dotted(data, section, get_dotted(full, section))
+        return yaml.safe_dump(data, sort_keys=False)

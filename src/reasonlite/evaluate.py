@@ -418,7 +418,7 @@ def eval_command(target: str, data: str | None = None, fmt: str | None = None, b
 
     parsed = dict(parse_override(o) for o in overrides or [])
     is_config = Path(target).suffix in (".yaml", ".yml") and Path(target).is_file()
-    cfg = load_config(target if is_config else None, parsed)
+    cfg = load_config(target if is_config else None, parsed).stage_view("eval")  # what `reasonlite run` evaluates with
     if is_config:
         run_dir = Path(cfg.runs_dir) / cfg.name
         model_ref: str = str(run_dir / "train" / "model")

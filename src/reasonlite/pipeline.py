@@ -3,7 +3,9 @@
 Each stage's output lives in a content-addressed folder `<runs_dir>/_stages/<stage>-<hash>/`, where the hash covers
 the config sections the stage (and the stages before it) depend on (`config.STAGE_SECTIONS`). The run folder links
 to them. So changing only the learning rate reuses the trace set and never calls the teacher again, and tuning trials
-that share a trace set share it. `force` reruns a stage (and, by hash, nothing else changes).
+that share a trace set share it. `force` reruns a stage (and, by hash, nothing else changes). Each stage reads only
+its view of the config (`cfg.stage_view(stage)`: the same sections as its hash), so no knob outside the hash can make
+a reused stage stale.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from reasonlite.config import ReasonLiteConfig, build_config, dump_config, parse_override, stage_hash
+from reasonlite.config import ReasonLiteConfig, StageView, build_config, dump_config, parse_override, stage_hash
 
 console = Console()
 STAGES = ("traces", "train", "eval")
@@ -97,12 +99,14 @@ def _stage(cfg: ReasonLiteConfig, name: str, force: tuple[str, ...], result: Pip
     return folder
 
 
-def _eval_stage(cfg: ReasonLiteConfig, model_dir: Path, out: Path) -> dict:
-    """Evaluate the student (and the untrained base prompted the same way) on each configured split."""
+def _eval_stage(cfg: ReasonLiteConfig | StageView, model_dir: Path, out: Path) -> dict:
+    """Evaluate the student (and the untrained base prompted the same way) on each configured split. Reads only the
+    eval stage's view of `cfg` (`config.STAGE_SECTIONS`): every knob it uses is in the eval hash."""
     from reasonlite.data.splits import load_splits
     from reasonlite.evaluate import evaluate, write_report
     from reasonlite.infer import Student
 
+    cfg = cfg.stage_view("eval")
     splits = load_splits(cfg.data)
     missing = [s for s in cfg.eval.splits if s not in splits]
     if missing:
@@ -144,7 +148,7 @@ def _eval_stage(cfg: ReasonLiteConfig, model_dir: Path, out: Path) -> dict:
     return summary
 
 
-def _write_run_report(cfg: ReasonLiteConfig, summary: dict, out: Path) -> None:
+def _write_run_report(cfg: StageView, summary: dict, out: Path) -> None:
     lines = [f"# ReasonLite run `{cfg.name}`", "",
              (f"Student `{cfg.student.model}` trained as `{cfg.student.format}` on `{cfg.data.source}` "
               f"(teacher `{cfg.teacher.kind}`), inference cap {cfg.budget.reasoning_budget}."), "",

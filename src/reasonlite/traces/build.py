@@ -29,7 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from reasonlite.budget import apply_budget, count_tokens_many, token_stats
-from reasonlite.config import ReasonLiteConfig, config_hash
+from reasonlite.config import ReasonLiteConfig, StageView
 from reasonlite.teachers import CompletionCache, TeacherPrompt, complete_cached, make_teacher
 from reasonlite.traces.pairs import Pair, make_pairs
 from reasonlite.traces.prompts import pick_exemplars, teacher_messages
@@ -37,7 +37,6 @@ from reasonlite.traces.self_consistency import select, vote_and_grade
 from reasonlite.traces.synthesize import add_synthesized_traces
 from reasonlite.traces.verify import Trace, execute_programs, parse_trace
 
-TRACES_SECTIONS = ("data", "teacher", "traces", "budget", "student.model")
 STATUSES = ("correct", "wrong", "exec_error", "no_answer", "unverified")
 
 
@@ -76,14 +75,14 @@ def _read_jsonl(path: Path, model):
     return [model.model_validate_json(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
 
 
-def load_train_examples(cfg: ReasonLiteConfig) -> list:
+def load_train_examples(cfg: StageView) -> list:
     """The training split of the configured data source."""
     from reasonlite.data.splits import load_splits
 
     return load_splits(cfg.data)["train"]
 
 
-def default_cache_path(cfg: ReasonLiteConfig) -> Path:
+def default_cache_path(cfg: StageView) -> Path:
     """teacher.cache_path, else <runs_dir>/teacher_cache.sqlite (beside the run folders, shared by every run)."""
     return Path(cfg.teacher.cache_path) if cfg.teacher.cache_path else Path(cfg.runs_dir) / "teacher_cache.sqlite"
 
@@ -123,9 +122,11 @@ def _run_async(coro):
     return uvloop.run(coro)
 
 
-def build_trace_set(cfg: ReasonLiteConfig, out_dir: str | Path, show_progress: bool = True,
+def build_trace_set(cfg: ReasonLiteConfig | StageView, out_dir: str | Path, show_progress: bool = True,
                     console: Console | None = None) -> TraceSet:
-    """Generate, verify, filter and write a trace set for `cfg` into `out_dir`; return it."""
+    """Generate, verify, filter and write a trace set for `cfg` into `out_dir`; return it. Reads only the traces
+    stage's view of `cfg` (`config.STAGE_SECTIONS`), so every knob it uses is in the trace set's hash."""
+    cfg = cfg.stage_view("traces")
     started = time.time()
     console = console or Console(stderr=True)
     out_dir = Path(out_dir)
@@ -185,7 +186,7 @@ def build_trace_set(cfg: ReasonLiteConfig, out_dir: str | Path, show_progress: b
     return TraceSet(path=out_dir, traces=final, pairs=pairs, manifest=manifest, _all=traces)
 
 
-def _augment(cfg: ReasonLiteConfig, selected: list[Trace], tokenizer) -> dict | None:
+def _augment(cfg: StageView, selected: list[Trace], tokenizer) -> dict | None:
     """Append `traces.augment.k` verified variants per correct PAL trace to `selected`; the report, or None if off."""
     aug = cfg.traces.augment
     if not aug.k:
@@ -209,7 +210,7 @@ def _manifest(cfg, teacher, examples, traces, votes, selected, final, pairs, cac
     gold_traces = [t for t in traces if t.gold is not None]
     hist = Counter(f"{v.agreement:.2f}" for v in votes)
     return {
-        "config_hash": config_hash(cfg, TRACES_SECTIONS),
+        "config_hash": cfg.hash(),  # the traces stage hash: its folder is runs/_stages/traces-<hash>
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "teacher": {"kind": teacher.kind, "model": teacher.model_id, "params": teacher.params},
         "style": cfg.traces.style,

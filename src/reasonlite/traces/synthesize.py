@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from reasonlite.answers import answers_match, normalize_answer
-from reasonlite.config import ReasonLiteConfig
+from reasonlite.config import ReasonLiteConfig, StageView
 from reasonlite.data.example import Example
 from reasonlite.formats import extract_program
 from reasonlite.teachers import CompletionCache, TeacherPrompt, complete_cached, make_teacher
@@ -229,12 +229,14 @@ async def _ask(teacher, cache, prompts_by_k: dict[int, list[TeacherPrompt]]):
     return out, total
 
 
-def synthesize(cfg: ReasonLiteConfig, examples: list[Example], eval_questions: list[str],
+def synthesize(cfg: ReasonLiteConfig | StageView, examples: list[Example], eval_questions: list[str],
                cache_path: str | Path | None = None) -> tuple[list[Example], dict]:
     """New problems from the verified seeds among `examples`, filtered; returns (new examples, report).
 
     `eval_questions` are what no new problem may overlap; `cache_path` defaults to the traces stage's teacher cache.
+    Reads only the traces stage's view of `cfg`.
     """
+    cfg = cfg.stage_view("traces")
     sc = cfg.traces.synthesize
     seeds = pick_seeds(examples, sc.max_seeds)
     plan = _plan(seeds, list(sc.ops), sc.per_seed)
@@ -301,7 +303,7 @@ def synthesize(cfg: ReasonLiteConfig, examples: list[Example], eval_questions: l
     return synthesized, report
 
 
-def add_synthesized_traces(cfg: ReasonLiteConfig, train_examples: list[Example], selected: list, tokenizer
+def add_synthesized_traces(cfg: StageView, train_examples: list[Example], selected: list, tokenizer
                            ) -> tuple[list, dict]:
     """The build step: `selected` plus one trace per synthesized problem (its verified program), and the report.
 

@@ -16,7 +16,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from reasonlite.config import ReasonLiteConfig, stage_hash
+from reasonlite.config import ReasonLiteConfig, StageView
 from reasonlite.train.formats_data import TrainError, build_dataset, load_trace_set, trace_examples
 
 __all__ = ["TrainError", "TrainResult", "export_student", "train_student", "update_model_card"]
@@ -33,12 +33,12 @@ class TrainResult:
     metrics: dict = field(default_factory=dict)
 
 
-def _check_resume(cfg: ReasonLiteConfig, out: Path, resume: bool, fresh: bool = False, write: bool = True) -> None:
+def _check_resume(cfg: StageView, out: Path, resume: bool, fresh: bool = False, write: bool = True) -> None:
     """Checkpoints may only be resumed by the config that wrote them; only `fresh` deletes them. `write=False` only
     checks (before the model is loaded, so a refusal costs nothing)."""
     ckpt_dir = out / "checkpoints"
     state_path = out / STATE_FILE
-    want = stage_hash(cfg, "train")
+    want = cfg.hash()
     has_checkpoints = ckpt_dir.is_dir() and any(p.name.startswith("checkpoint-") for p in ckpt_dir.iterdir())
     if fresh:
         if ckpt_dir.exists() and write:
@@ -56,9 +56,10 @@ def _check_resume(cfg: ReasonLiteConfig, out: Path, resume: bool, fresh: bool = 
         state_path.write_text(json.dumps({"train_hash": want}))
 
 
-def train_student(cfg: ReasonLiteConfig, trace_dir: str | Path, out_dir: str | Path, resume: bool = False,
+def train_student(cfg: ReasonLiteConfig | StageView, trace_dir: str | Path, out_dir: str | Path, resume: bool = False,
                   adapter_only: bool = False, fresh: bool = False) -> TrainResult:
-    """Train `cfg.student` on the trace set in `trace_dir`, write checkpoints/metrics/plot and export to out/model."""
+    """Train `cfg.student` on the trace set in `trace_dir`, write checkpoints/metrics/plot and export to out/model.
+    Reads only the train stage's view of `cfg` (`config.STAGE_SECTIONS`): every knob it uses is in the train hash."""
     from transformers import set_seed
 
     from reasonlite.models import load_model
@@ -68,6 +69,7 @@ def train_student(cfg: ReasonLiteConfig, trace_dir: str | Path, out_dir: str | P
     from reasonlite.train.plots import plot_loss
     from reasonlite.train.sft import console, prepare_model, run_sft, write_metrics
 
+    cfg = cfg.stage_view("train")
     out = Path(out_dir)
     trace_dir = Path(trace_dir)
     if adapter_only and not cfg.student.lora:

@@ -16,27 +16,28 @@ import subprocess
 import sys
 from pathlib import Path
 
-from reasonlite.config import ReasonLiteConfig, dump_config, load_config
+from reasonlite.config import ReasonLiteConfig, StageView, load_config
 from reasonlite.train.formats_data import TrainError
 
-LAUNCH_CONFIG = "launch-config.yaml"  # the resolved config handed to the workers
+LAUNCH_CONFIG = "launch-config.yaml"  # the train stage's view of the config, handed to the workers
 
 
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def launch(cfg: ReasonLiteConfig, trace_dir: str | Path, out_dir: str | Path, nproc: int, resume: bool = False,
-           fresh: bool = False, adapter_only: bool = False):
+def launch(cfg: ReasonLiteConfig | StageView, trace_dir: str | Path, out_dir: str | Path, nproc: int,
+           resume: bool = False, fresh: bool = False, adapter_only: bool = False):
     """Run `train_student` on `nproc` local processes under torchrun (in this process when 1) and return rank 0's
     TrainResult."""
     from reasonlite.train import TrainResult, train_student
 
+    cfg = cfg.stage_view("train")
     if nproc == 1:
         return train_student(cfg, trace_dir, out_dir, resume=resume, fresh=fresh, adapter_only=adapter_only)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / LAUNCH_CONFIG).write_text(dump_config(cfg))
+    (out / LAUNCH_CONFIG).write_text(cfg.dump())  # loads back with the same train hash
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "reasonlite.train.distributed", str(out / LAUNCH_CONFIG), str(trace_dir), str(out),
            *(["--resume"] if resume else []), *(["--fresh"] if fresh else []),

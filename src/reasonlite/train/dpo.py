@@ -20,7 +20,7 @@ from typing import Any
 from transformers.trainer_callback import PrinterCallback
 
 from reasonlite.budget import budget_bucket
-from reasonlite.config import ReasonLiteConfig
+from reasonlite.config import StageView
 from reasonlite.formats import build_messages, ensure_answer_sentence
 from reasonlite.train.formats_data import TrainError, end_of_turn
 from reasonlite.train.sft import RichProgress, console, precision_kwargs
@@ -35,7 +35,7 @@ def _completion(fmt: str, text: str, answer: str | None) -> str:
     return ensure_answer_sentence(text, answer) if answer else text.strip()
 
 
-def pair_rows(cfg: ReasonLiteConfig, pairs: list[Any], tokenizer) -> list[dict]:
+def pair_rows(cfg: StageView, pairs: list[Any], tokenizer) -> list[dict]:
     """prompt/chosen/rejected text rows (prompt = the chat-templated student prompt) for the student's format."""
     fmt = cfg.student.format
     if fmt not in _PAIR_STYLE:
@@ -75,7 +75,7 @@ class DPORun:
     history: list[dict] = field(default_factory=list)
 
 
-def run_dpo(cfg: ReasonLiteConfig, model, tokenizer, pairs: list[Any], out_dir) -> DPORun:
+def run_dpo(cfg: StageView, model, tokenizer, pairs: list[Any], out_dir) -> DPORun:
     """One DPO(+NLL) stage on the SFT student; returns the updated model (same adapter when LoRA)."""
     from datasets import Dataset
     from peft import PeftModel

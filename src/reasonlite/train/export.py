@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from reasonlite.config import ReasonLiteConfig, dump_config
+from reasonlite.config import ReasonLiteConfig, StageView
 from reasonlite.train.formats_data import TrainError
 
 STUDENT_META = "reasonlite.json"
@@ -31,7 +31,7 @@ def manifest_hash(trace_dir: Path | None) -> str | None:
     return hashlib.sha256((Path(trace_dir) / "manifest.json").read_bytes()).hexdigest()[:16]
 
 
-def student_meta(cfg: ReasonLiteConfig, trace_dir: Path | None = None, extra: dict | None = None) -> dict:
+def student_meta(cfg: StageView, trace_dir: Path | None = None, extra: dict | None = None) -> dict:
     meta = {
         "format": cfg.student.format,
         "base_model": cfg.student.model,
@@ -51,7 +51,7 @@ def _eval_section(metrics: dict | None) -> str:
     return f"{EVAL_HEADER}\n\n```json\n{json.dumps(metrics, indent=2, default=str)}\n```\n"
 
 
-def write_model_card(out: Path, cfg: ReasonLiteConfig, meta: dict, train_metrics: dict | None = None,
+def write_model_card(out: Path, cfg: StageView, meta: dict, train_metrics: dict | None = None,
                      eval_metrics: dict | None = None) -> Path:
     card = [
         "---",
@@ -75,7 +75,7 @@ def write_model_card(out: Path, cfg: ReasonLiteConfig, meta: dict, train_metrics
         "",
         "## Config",
         "",
-        f"```yaml\n{dump_config(cfg)}```",
+        f"```yaml\n{cfg.dump()}```",  # the train stage's view: what this student was trained from
         "",
         _eval_section(eval_metrics),
     ]
@@ -106,11 +106,14 @@ def _generation_config(model, tokenizer):
     return gen
 
 
-def export_student(model: Any, tokenizer, cfg: ReasonLiteConfig, out: str | Path, trace_dir: Path | None = None,
-                   adapter_only: bool = False, train_metrics: dict | None = None) -> Path:
-    """Write the student to `out` (merged HF folder, or the LoRA adapter with `adapter_only`); returns `out`."""
+def export_student(model: Any, tokenizer, cfg: ReasonLiteConfig | StageView, out: str | Path,
+                   trace_dir: Path | None = None, adapter_only: bool = False,
+                   train_metrics: dict | None = None) -> Path:
+    """Write the student to `out` (merged HF folder, or the LoRA adapter with `adapter_only`); returns `out`. Reads
+    only the train stage's view of `cfg`."""
     from peft import PeftModel
 
+    cfg = cfg.stage_view("train")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     is_peft = isinstance(model, PeftModel)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from reasonlite.budget import budget_bucket
-from reasonlite.config import ReasonLiteConfig
+from reasonlite.config import StageView
 from reasonlite.formats import build_messages, build_target
 from reasonlite.traces import TraceSet
 
@@ -74,7 +74,7 @@ def _label(trace: Any) -> str | None:
     return getattr(trace, "label", None) or getattr(trace, "answer", None)
 
 
-def trace_examples(cfg: ReasonLiteConfig, traces: list[Any], tokenizer=None) -> tuple[list[TextExample], BuildReport]:
+def trace_examples(cfg: StageView, traces: list[Any], tokenizer=None) -> tuple[list[TextExample], BuildReport]:
     """Turn traces into text rows for `cfg.student.format`; traces missing what the format needs are dropped.
 
     Raises TrainError when nothing is left, naming the knob (student.format / traces.style) to change.
@@ -134,7 +134,7 @@ def trace_examples(cfg: ReasonLiteConfig, traces: list[Any], tokenizer=None) -> 
     return out, report
 
 
-def _compressed_rows(cfg: ReasonLiteConfig, question: str, rationale: str, label: str, trace_id: str, tokenizer,
+def _compressed_rows(cfg: StageView, question: str, rationale: str, label: str, trace_id: str, tokenizer,
                      report: BuildReport) -> list[TextExample]:
     """`budget.compress`: the full rationale with no stated budget, and its compressed form at that form's bucket."""
     from reasonlite.calculator import compress_rationale
@@ -174,7 +174,7 @@ def tokenize_example(tokenizer, example: TextExample) -> dict[str, list[int]]:
 MAX_CUT_FRACTION = 0.10
 
 
-def build_dataset(cfg: ReasonLiteConfig, examples: list[TextExample], tokenizer):
+def build_dataset(cfg: StageView, examples: list[TextExample], tokenizer):
     """A `datasets.Dataset` of input_ids / attention_mask / labels (+ loss_weight for step_by_step).
 
     Refuses max lengths that would cut prompts (then nothing is learnt from the example) or more than 10% of the

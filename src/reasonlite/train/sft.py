@@ -31,7 +31,7 @@ from transformers.trainer_callback import PrinterCallback
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from reasonlite.config import ReasonLiteConfig
+from reasonlite.config import StageView
 from reasonlite.train.formats_data import TrainError
 
 console = Console()
@@ -220,7 +220,7 @@ def check_lora_targets(model, targets: list[str]) -> None:
                          f"choose among {linear_names}")
 
 
-def prepare_model(cfg: ReasonLiteConfig, model):
+def prepare_model(cfg: StageView, model):
     """Wrap the base model in a seeded LoRA adapter (or leave it whole for full fine-tuning)."""
     if not cfg.student.lora:
         return model
@@ -234,7 +234,7 @@ def prepare_model(cfg: ReasonLiteConfig, model):
     return get_peft_model(model, lora)
 
 
-def planned_steps(cfg: ReasonLiteConfig, n_rows: int) -> int:
+def planned_steps(cfg: StageView, n_rows: int) -> int:
     """train.max_steps, capped at train.epochs_cap passes over the data (tiny trace sets would otherwise overfit)."""
     per_epoch = math.ceil(n_rows / (cfg.train.batch_size * cfg.train.grad_accum))
     return max(1, min(cfg.train.max_steps, cfg.train.epochs_cap * per_epoch))
@@ -322,7 +322,7 @@ def last_checkpoint(ckpt_dir: Path) -> str | None:
     return None
 
 
-def run_sft(cfg: ReasonLiteConfig, model, tokenizer, dataset, ckpt_dir: Path, resume: bool = False,
+def run_sft(cfg: StageView, model, tokenizer, dataset, ckpt_dir: Path, resume: bool = False,
             callbacks: list[TrainerCallback] | None = None) -> SFTRun:
     """Train with SFTTrainer; with `resume`, continue from the newest checkpoint in `ckpt_dir` if there is one."""
     steps = planned_steps(cfg, len(dataset))
