@@ -174,7 +174,8 @@ def data_retail_docs(out_dir: Path = typer.Argument(..., help="folder for the do
 
     paths = write_retail_docs(out_dir, seed=_load(config, set).data.seed if seed is None else seed)
     console.print(f"{len(paths)} documents in {out_dir}")
-    console.print(f"index them: slm-fusion store ingest {out_dir} --store retail-docs --config GATEWAY.yaml")
+    console.print(f"index them: slm-fusion store ingest {out_dir} --store retail-docs --config GATEWAY.yaml",
+                  soft_wrap=True)
 
 
 @app.command()

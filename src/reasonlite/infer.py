@@ -270,7 +270,8 @@ class Student:
         `sources`: one list of sources (or None) per question."""
         _check_options(budget, n, temperature, max_new_tokens, self.min_budget)
         if sources is not None and len(sources) != len(questions):
-            raise ValueError(f"sources has {len(sources)} entries for {len(questions)} questions: pass one per question")
+            raise ValueError(f"sources has {len(sources)} entries for {len(questions)} questions: pass one per "
+                             "question")
         per_question = list(sources) if sources is not None else [None] * len(questions)
         if seed is not None:
             import torch

@@ -180,9 +180,9 @@ def _documents(chain: str, products: list[Product], stores: list[Store]) -> dict
         docs[f"stock:{s.name}"] = Source(filename=f"stock-{_slug(s.name)}.md", text=(
             f"# Stock report - {chain} {s.name} store\n" + "\n".join(lines)))
         docs[f"policies:{s.name}"] = Source(filename=f"policies-{_slug(s.name)}.md", text=(
-            f"# Returns and price match - {chain} {s.name} store\n"
-            f"Returns: within 30 days with a receipt. Unopened items get a full refund; opened items are refunded "
-            f"minus a {s.restocking_fee}% restocking fee.\n"
+            f"# Returns, refunds and price match - {chain} {s.name} store\n"
+            f"Returns and refunds: within 30 days with a receipt. Returned unopened items are refunded in full; "
+            f"returned opened items are refunded minus a {s.restocking_fee}% restocking fee.\n"
             f"Price match: if a competitor sells an item for less, we match its price and take off a further "
             f"{s.price_match_extra}% of the difference."))
     return docs
@@ -228,6 +228,8 @@ class _Drawn:
     lookup: str  # the CoT's first sentence: the facts as the documents state them
     docs: list[str]  # keys into World.documents
     looked_up: list[str]  # given names whose values come from the documents
+    product: str
+    store: str | None = None
 
 
 Kind = Callable[[random.Random, World, _Solution], _Drawn]
@@ -243,7 +245,7 @@ def _case_cost(rng: random.Random, w: World, s: _Solution) -> _Drawn:
     q = rng.choice([f"What do {cases} cases of the {p.name} cost?",
                     f"A shop orders {cases} cases of the {p.name}. How much does the order cost in dollars?"])
     return _Drawn(q, f"The catalog lists the {p.name} at {_money(p.unit_price)} with {p.case_size} units per case.",
-                  [f"catalog:{p.name}"], ["case_size", "unit_price"])
+                  [f"catalog:{p.name}"], ["case_size", "unit_price"], p.name, None)
 
 
 def _member_case_cost(rng: random.Random, w: World, s: _Solution) -> _Drawn:
@@ -262,7 +264,7 @@ def _member_case_cost(rng: random.Random, w: World, s: _Solution) -> _Drawn:
     return _Drawn(q, f"The catalog lists the {p.name} at {_money(p.unit_price)} with {p.case_size} units per case, "
                      f"and members save {p.member_discount}%.",
                   [f"catalog:{p.name}", f"promotions:{p.name}"],
-                  ["case_size", "unit_price", "member_discount_percent"])
+                  ["case_size", "unit_price", "member_discount_percent"], p.name, None)
 
 
 def _bogo_cost(rng: random.Random, w: World, s: _Solution) -> _Drawn:
@@ -278,7 +280,7 @@ def _bogo_cost(rng: random.Random, w: World, s: _Solution) -> _Drawn:
     q = rng.choice([f"How much do {units} single {p.plural} cost with the current offer?",
                     f"A customer takes {units} {p.plural}, one at a time, with the promotion. What do they pay?"])
     return _Drawn(q, f"The {p.name} costs {_money(p.unit_price)}, and the offer is buy {p.buy_n}, get 1 free.",
-                  [f"catalog:{p.name}", f"promotions:{p.name}"], ["buy_n", "unit_price"])
+                  [f"catalog:{p.name}", f"promotions:{p.name}"], ["buy_n", "unit_price"], p.name, None)
 
 
 def _stock_pick(rng: random.Random, w: World) -> tuple[Store, Product]:
@@ -295,7 +297,7 @@ def _stock_after_sale(rng: random.Random, w: World, s: _Solution) -> _Drawn:
     q = rng.choice([f"How many {p.plural} are left in the {store.name} store after selling {sold}?",
                     f"The {store.name} store sells {sold} {p.plural} today. How many does it have left?"])
     return _Drawn(q, f"The {store.name} stock report shows {store.stock[p.name]} units of the {p.name}.",
-                  [f"stock:{store.name}"], ["units_in_stock"])
+                  [f"stock:{store.name}"], ["units_in_stock"], p.name, store.name)
 
 
 def _return_refund(rng: random.Random, w: World, s: _Solution) -> _Drawn:
@@ -312,7 +314,8 @@ def _return_refund(rng: random.Random, w: World, s: _Solution) -> _Drawn:
                     f"How much money does the {store.name} store refund for {returned} opened {p.plural}?"])
     return _Drawn(q, f"The {p.name} costs {_money(p.unit_price)}, and the {store.name} store keeps a "
                      f"{store.restocking_fee}% restocking fee on opened items.",
-                  [f"catalog:{p.name}", f"policies:{store.name}"], ["unit_price", "restocking_fee_percent"])
+                  [f"catalog:{p.name}", f"policies:{store.name}"], ["unit_price", "restocking_fee_percent"], p.name,
+                  store.name)
 
 
 def _stock_value(rng: random.Random, w: World, s: _Solution) -> _Drawn:
@@ -325,7 +328,7 @@ def _stock_value(rng: random.Random, w: World, s: _Solution) -> _Drawn:
                     f"At the catalog price, how much are all the {p.plural} in the {store.name} store worth?"])
     return _Drawn(q, f"The {store.name} stock report shows {store.stock[p.name]} units of the {p.name}, which costs "
                      f"{_money(p.unit_price)}.", [f"stock:{store.name}", f"catalog:{p.name}"],
-                  ["units_in_stock", "unit_price"])
+                  ["units_in_stock", "unit_price"], p.name, store.name)
 
 
 def _price_match(rng: random.Random, w: World, s: _Solution) -> _Drawn:
@@ -335,10 +338,10 @@ def _price_match(rng: random.Random, w: World, s: _Solution) -> _Drawn:
     competitor = s.given("competitor_price", p.unit_price - gap, money=True)
     s.given("unit_price", p.unit_price, money=True)
     s.given("extra_percent", store.price_match_extra)
-    s.step("difference", "unit_price - competitor_price", "The difference is {unit_price} - {competitor_price} = {out}.",
-           money=True)
-    s.step("extra", "difference * extra_percent / 100", "A further {difference} * {extra_percent} / 100 = {out} comes off.",
-           money=True)
+    s.step("difference", "unit_price - competitor_price",
+           "The difference is {unit_price} - {competitor_price} = {out}.", money=True)
+    s.step("extra", "difference * extra_percent / 100",
+           "A further {difference} * {extra_percent} / 100 = {out} comes off.", money=True)
     s.step("answer", "competitor_price - extra", "The store charges {competitor_price} - {extra} = {out}.", money=True)
     q = rng.choice([(f"A competitor sells the {p.name} for {competitor}. What does the {store.name} store charge "
                      "for one after its price match?"),
@@ -346,7 +349,7 @@ def _price_match(rng: random.Random, w: World, s: _Solution) -> _Drawn:
                      f"shop asks {competitor}?")])
     return _Drawn(q, f"The {p.name} costs {_money(p.unit_price)}, and the {store.name} store takes off a further "
                      f"{store.price_match_extra}% of the difference.", [f"catalog:{p.name}", f"policies:{store.name}"],
-                  ["unit_price", "extra_percent"])
+                  ["unit_price", "extra_percent"], p.name, store.name)
 
 
 KIND_SPECS: dict[str, Kind] = {
@@ -383,6 +386,7 @@ def _generate(n: int, world: World, kinds: list[str], split: str, seed: int) -> 
             id=f"retail-docs-{seed}-{split}-{i}", question=drawn.question, answer=s.answer(),
             rationale=f"{drawn.lookup} {s.rationale()}", program=s.program(), domain="retail", context=sources,
             metadata={"template": kind, "kind": kind, "world": world.name, "source": "retail_docs",
+                      "product": drawn.product, "store": drawn.store,
                       "lookups": {name: s.show(name) for name in drawn.looked_up}, "steps": len(s.steps)}))
     return examples
 
