@@ -502,8 +502,18 @@ LATE_KNOBS: dict[str, Any] = {"data.mix": [], "data.program_names": True,
                              "context": ContextConfig().model_dump(mode="json"), "eval.context_modes": ["none"]}
 
 
-def _drop_late_defaults(picked: dict) -> None:
+# The late knobs added after `tune.base_config_hash` (a study's identity) existed: it drops these at their defaults
+# too, so a study started before them still resumes (the earlier late knobs were already part of its hash).
+LATE_STUDY_KNOBS: tuple[str, ...] = ("data.heldout_kinds", "data.n_test_heldout_kinds", "traces.context", "context",
+                                     "eval.context_modes")
+
+
+def drop_late_defaults(picked: dict, knobs: Collection[str] | None = None) -> None:
+    """Remove from `picked` (dotted section -> dumped value) each late knob (of `knobs`, default all) at its
+    default."""
     for knob, default in LATE_KNOBS.items():
+        if knobs is not None and knob not in knobs:
+            continue
         for key, value in picked.items():
             if key == knob and value == default:
                 del picked[key]
@@ -518,7 +528,7 @@ def config_hash(cfg: ReasonLiteConfig, sections: tuple[str, ...] | None = None) 
     """Stable short hash of the whole config or of the given dotted sections."""
     full = cfg.model_dump(mode="json")
     picked = hash_names(dict(full) if sections is None else {s: get_dotted(full, s) for s in sections})
-    _drop_late_defaults(picked)
+    drop_late_defaults(picked)
     blob = json.dumps(picked, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
