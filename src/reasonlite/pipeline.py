@@ -277,7 +277,7 @@ def print_summary(result: PipelineResult) -> None:
     for col in ("accuracy", "mean\ntokens", "p95\ntokens", "s per\nquestion", "exec\nerrors"):
         table.add_column(col, justify="right", no_wrap=True)
     by_context = result.metrics.get("by_context")
-    rows = [(f"{split} [{mode}]", per_model) for mode, splits in by_context.items()
+    rows = [(f"{split} ({mode})", per_model) for mode, splits in by_context.items()
             for split, per_model in splits.items()] if by_context else result.metrics.get("splits", {}).items()
     for split, per_model in rows:
         for model_name, m in per_model.items():
