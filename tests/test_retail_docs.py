@@ -417,3 +417,15 @@ def test_the_gateways_retrieval_message_is_reasonlites_sources_message():
     assert messages[1] == sources_message(hits[:2]) == build_messages("Q?", "pal", sources=hits[:2])[0]
     assert messages[1]["content"] == f"{SOURCES_PREAMBLE}\n\n[1] a.md\nAlpha.\n\n[2] b.md\nBeta."
     assert [c["filename"] for c in citations] == ["a.md", "b.md"]
+
+
+def test_reasonlite_eval_writes_one_report_per_context_mode(tmp_path):
+    from reasonlite.evaluate import eval_command
+
+    result = eval_command("tiny-random-llama", data="retail_docs", fmt="pal", limit=1, out=tmp_path / "eval",
+                          overrides=["eval.context_modes=[gold, none]", "eval.max_new_tokens=8",
+                                     f"runs_dir={tmp_path / 'runs'}"])
+    assert result.meta["context"] == "gold"  # the first mode's result is returned
+    for mode in ("gold", "none"):
+        saved = json.loads((tmp_path / "eval" / f"context-{mode}" / "result.json").read_text())
+        assert saved["meta"]["context"] == mode and saved["meta"]["questions"] == 2  # test + test_heldout_kinds
