@@ -238,3 +238,27 @@ def test_a_dumped_stage_view_loads_back_with_the_same_stage_hash(tmp_path, stage
         dumped = yaml.safe_load(path.read_text())
         assert "tune" not in dumped and "verifier" not in dumped and ("eval" in dumped) == (stage == "eval")
         assert load_config(path).stage_view(stage).hash() == view.hash() == STAGE_HASHES_BEFORE_VIEWS[example][stage]
+
+
+def test_the_context_knobs_leave_every_existing_hash_unchanged():
+    """traces.context, eval.context_modes, data.heldout_kinds / n_test_heldout_kinds and the `context` section came
+    later: at their defaults no cached stage is orphaned. Pinned from the code before they existed (`git show
+    HEAD:src/reasonlite/config.py` of commit f4d6621), not recomputed by this code."""
+    from pathlib import Path
+
+    from reasonlite.tune import base_config_hash
+
+    root = Path(__file__).parents[1] / "examples"
+    pins = {"retail_math.yaml": ("7622fb1ac8de1b84", "3ed1855af88280fe", "c82094676286cb81", "6fc74bd30794f33f"),
+            "gsm8k_pal.yaml": ("fdccb8d5f3cf71be", "87df46db4a80fbc5", "7ddd266d110bc98f", "5948f27384055771"),
+            "retail_cot_budget.yaml": ("d5eaf34dead0575a", "97dc4da5ea0cb9b5", "1e75832765586453",
+                                       "a518ecb85da1d1f7")}
+    for name, (whole, traces, train, evaluation) in pins.items():
+        cfg = load_config(root / name)
+        assert (config_hash(cfg), stage_hash(cfg, "traces"), stage_hash(cfg, "train"), stage_hash(cfg, "eval")) == \
+            (whole, traces, train, evaluation), name
+    # a tune study's identity (base_config_hash, recomputed with its formula on the old config code)
+    assert [base_config_hash(load_config(root / n)) for n in ("retail_math.yaml", "gsm8k_pal.yaml")] == \
+        ["e529d91ab821686d", "58f6ed29bc0abaca"]
+    assert stage_hash(load_config(root / "retail_math.yaml", {"traces.context": "gold"}), "traces") != \
+        "3ed1855af88280fe"

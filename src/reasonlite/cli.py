@@ -18,6 +18,8 @@ config_app = typer.Typer(help="Inspect the config surface.", no_args_is_help=Tru
 app.add_typer(config_app, name="config")
 verifier_app = typer.Typer(help="Train a verifier that picks the best of k sampled programs.", no_args_is_help=True)
 app.add_typer(verifier_app, name="verifier")
+data_app = typer.Typer(help="Write the built-in generators' data to files.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
 console = Console()
 
 SetOption = typer.Option(None, "--set", "-s", help="override a knob: section.field=value (repeatable)")
@@ -120,7 +122,7 @@ def train(config: Path | None = typer.Argument(None), traces_dir: Path | None = 
 
 @app.command("eval")
 def eval_cmd(target: str = typer.Argument(..., help="a config YAML (evaluates its run's model) or a model alias/folder"),
-             data: str | None = typer.Option(None, help="retail_math, gsm8k, or a .jsonl/.csv file"),
+             data: str | None = typer.Option(None, help="retail_math, retail_docs, gsm8k, or a .jsonl/.csv file"),
              fmt: str | None = typer.Option(None, "--format",
                                                help="student format (default: the model's reasonlite.json, else cot)"),
              budgets: str | None = typer.Option(None, help="comma-separated inference caps, e.g. 32,64,128"),
@@ -160,6 +162,20 @@ def verifier_train(config: Path | None = typer.Argument(None),
     train_verifier_command(cfg, student_ref, out)
     console.print(f"use it: reasonlite eval {config or 'CONFIG'} --select verifier --verifier {out} --n "
                   f"{cfg.verifier.k}")
+
+
+@data_app.command("retail-docs")
+def data_retail_docs(out_dir: Path = typer.Argument(..., help="folder for the documents (one .md file each)"),
+                     seed: int | None = typer.Option(None, help="generator seed (default: the config's data.seed)"),
+                     config: Path | None = typer.Option(None, help="config whose data.seed is used"),
+                     set: list[str] | None = SetOption) -> None:
+    """Write the retail_docs documents (catalog pages, promotions, stock reports, policies) for a vector store."""
+    from reasonlite.data.retail_docs import write_retail_docs
+
+    paths = write_retail_docs(out_dir, seed=_load(config, set).data.seed if seed is None else seed)
+    console.print(f"{len(paths)} documents in {out_dir}")
+    console.print(f"index them: slm-fusion store ingest {out_dir} --store retail-docs --config GATEWAY.yaml",
+                  soft_wrap=True)
 
 
 @app.command()

@@ -61,7 +61,8 @@ def one_line(exc: BaseException) -> str:
     return joined
 
 
-_EXPECTED_NAMES = {"TeacherError", "TrainError", "FusionError", "MergeError", "RoutingConfigError", "PortInUse"}
+_EXPECTED_NAMES = {"TeacherError", "ContextError", "TrainError", "FusionError", "MergeError", "RoutingConfigError",
+                   "PortInUse"}
 
 
 def _is_expected(exc: BaseException) -> bool:

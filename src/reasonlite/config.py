@@ -20,6 +20,8 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 RationaleStyle = Literal["cot", "pal", "step_by_step"]
 StudentFormat = Literal["answer", "cot", "pal", "step_by_step"]
 SynthesisOp = Literal["rephrase", "new_numbers", "new_story", "extra_step", "irrelevant_context"]
+ContextMode = Literal["none", "gold", "retrieved"]
+BUILTIN_SOURCES = ("retail_math", "retail_docs", "gsm8k")
 
 
 class Section(BaseModel):
@@ -28,7 +30,7 @@ class Section(BaseModel):
 
 
 class MixSource(Section):
-    source: str = Field(description="'retail_math', 'gsm8k', or a .jsonl/.csv path mixed into the training set")
+    source: str = Field(description="'retail_math', 'retail_docs', 'gsm8k', or a .jsonl/.csv path mixed into the training set")
     name: str | None = Field(None, description="prefix of this source's eval splits ('<name>:test'); default: the source's name")
     path: str | None = Field(None, description="GSM8K folder when source is 'gsm8k'")
     weight: float = Field(1.0, ge=0, description="training questions taken = weight * data.n_train; 0 = evaluated only (a forgetting guard)")
@@ -37,11 +39,11 @@ class MixSource(Section):
 
     @property
     def label(self) -> str:
-        return self.name or (self.source if self.source in ("retail_math", "gsm8k") else Path(self.source).stem)
+        return self.name or (self.source if self.source in BUILTIN_SOURCES else Path(self.source).stem)
 
 
 class DataConfig(Section):
-    source: str = Field("retail_math", description="'retail_math' (built-in generator), 'gsm8k', or a .jsonl/.csv/HF-datasets path")
+    source: str = Field("retail_math", description="'retail_math' or 'retail_docs' (built-in generators), 'gsm8k', or a .jsonl/.csv/HF-datasets path")
     path: str | None = Field(None, description="GSM8K folder or train file when source is 'gsm8k' (default ../shared/data/gsm8k)")
     n_train: int = Field(400, ge=1, description="training questions to take (generated or the first N loaded)")
     n_test: int = Field(100, ge=1, description="held-out questions with the training templates (or the first N of the test file)")
@@ -50,6 +52,8 @@ class DataConfig(Section):
     heldout_families: list[str] | None = Field(None, validation_alias=AliasChoices("heldout_families", "heldout_templates"), description="retail_math families held out of training (None = the generator's default: food_bank, fundraiser)")
     n_test_reworded: int | None = Field(None, ge=0, description="retail_math: questions of trained structures in phrasings never trained on (split test_reworded); None = n_test")
     distractors: float = Field(0.0, ge=0, le=1, description="retail_math: probability that a question gets 1-2 irrelevant sentences (GSM-IC style); answers never change")
+    heldout_kinds: list[str] | None = Field(None, description="retail_docs question kinds held out of training (None = the generator's default: stock_value, price_match)")
+    n_test_heldout_kinds: int | None = Field(None, ge=0, description="retail_docs: questions of the held-out kinds (split test_heldout_kinds); None = n_test")
     test_path: str | None = Field(None, description="explicit eval file (.jsonl/.csv); overrides the source's test split")
     field_mapping: dict[str, str] | None = Field(None, description="our field -> source column, e.g. {question: prompt, answer: label}")
     on_bad_rows: Literal["skip", "fail"] = Field("skip", description="bad input rows: skip them with a count, or fail naming file:line")
@@ -124,6 +128,19 @@ class TracesConfig(Section):
     counterfactual_negatives: bool = Field(True, description="make a rejected trace by perturbing a correct program when the teacher produced no wrong one")
     synthesize: SynthesizeConfig = Field(default_factory=SynthesizeConfig, description="teacher synthesis of new problems (TinyGSM recipe)")
     augment: AugmentConfig = Field(default_factory=AugmentConfig, description="program-aided augmentation of verified programs (no teacher)")
+    context: ContextMode = Field("none", description="sources put before each training question, in the teacher's and the student's prompt: none, gold (the example's own context) or retrieved (the top context.top_k chunks of context.vector_store)")
+
+
+class ContextConfig(Section):
+    """Where 'retrieved' sources come from (traces.context, eval.context_modes): the OpenAI vector-store search API of
+    any endpoint, our gateway's or OpenAI's (reasonlite/context.py)."""
+
+    base_url: str = Field("http://127.0.0.1:8000/v1", description="endpoint serving /vector_stores/{id}/search, e.g. the gateway of `slm-fusion serve` or https://api.openai.com/v1")
+    vector_store: str | None = Field(None, description="vector store id (vs_...) or name (as `slm-fusion store ingest DIR --store NAME` made it); needed for 'retrieved'")
+    top_k: int = Field(3, ge=1, le=50, description="chunks retrieved per question (the gateway's context.top_k for the same prompt)")
+    api_key_env: str = Field("OPENAI_API_KEY", description="name of the environment variable holding the endpoint's key ('EMPTY' is sent when unset)")
+    timeout_s: float = Field(30.0, gt=0, description="per-search timeout in seconds")
+    cache_path: str | None = Field(None, description="SQLite cache of search results (default: <runs_dir>/retrieval_cache.sqlite): a rerun searches only for new questions")
 
 
 # Knobs renamed so that one knob has one name in reasonlite's YAML and the gateway's (old dotted name -> new): the
@@ -248,6 +265,7 @@ class EvalConfig(Section):
     compare_base: bool = Field(True, description="also evaluate the untrained base student prompted the same way")
     select: Literal["greedy", "vote", "verifier"] = Field("vote", description="which of the n samples answers: greedy (one greedy sample, n 1), vote (majority; n 1 is the greedy answer), verifier (top score of eval.verifier_path)")
     verifier_path: str | None = Field(None, description="folder written by `reasonlite verifier train` (needed when eval.select is verifier)")
+    context_modes: list[ContextMode] = Field(["none"], description="sources given with each eval question, one report per mode: none, gold (the example's own context), retrieved (context.vector_store's top chunks)")
 
     @model_validator(mode="after")
     def _select_needs(self) -> EvalConfig:
@@ -299,6 +317,7 @@ class ReasonLiteConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     contrastive: ContrastiveConfig = Field(default_factory=ContrastiveConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    context: ContextConfig = Field(default_factory=ContextConfig, description="the vector store 'retrieved' sources come from")
     verifier: VerifierConfig = Field(default_factory=VerifierConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
 
@@ -326,6 +345,26 @@ class ReasonLiteConfig(Section):
         return StageView(self, stage)
 
     @model_validator(mode="after")
+    def _context_needs(self) -> ReasonLiteConfig:
+        retrieved = self.traces.context == "retrieved" or "retrieved" in self.eval.context_modes
+        if retrieved and not self.context.vector_store:
+            where = "traces.context" if self.traces.context == "retrieved" else "eval.context_modes"
+            raise ValueError(f"{where} asks for 'retrieved' sources but context.vector_store is not set: set it to "
+                             "the store's id or name (`slm-fusion store ingest DIR --store NAME`), and "
+                             "context.base_url to its endpoint")
+        if len(set(self.eval.context_modes)) != len(self.eval.context_modes) or not self.eval.context_modes:
+            raise ValueError("eval.context_modes must be a non-empty list of distinct modes, e.g. [none, gold, retrieved]")
+        if self.traces.context != "none":
+            # the looked-up numbers live in the sources: a redrawn variant or a DPO prompt without them would be wrong
+            clash = ("traces.augment.k" if self.traces.augment.k else
+                     "traces.synthesize.enabled" if self.traces.synthesize.enabled else
+                     "contrastive.enabled" if self.contrastive.enabled else None)
+            if clash:
+                raise ValueError(f"{clash} does not carry sources yet but traces.context is "
+                                 f"'{self.traces.context}': turn {clash} off, or set traces.context: none")
+        return self
+
+    @model_validator(mode="after")
     def _synthesis_needs_llm_teacher(self) -> ReasonLiteConfig:
         if not self.traces.synthesize.enabled:
             return self
@@ -341,7 +380,8 @@ class ReasonLiteConfig(Section):
 # Which sections each pipeline stage depends on: a stage is reused when the hash of its sections is unchanged. The
 # same declaration is what the stage may read (`StageView`), so a knob outside a stage's hash cannot change its result.
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
-    "traces": ("data", "teacher", "traces", "budget.max_trace_tokens", "budget.data_policy", "student.model"),
+    "traces": ("data", "teacher", "traces", "budget.max_trace_tokens", "budget.data_policy", "student.model",
+               "context"),
     "train": ("traces", "student", "train", "contrastive", "budget.condition_training", "budget.buckets",
               "budget.compress"),
     "eval": ("eval", "budget.reasoning_budget", "budget.forcing", "budget.answer_tokens"),
@@ -465,11 +505,23 @@ LATE_KNOBS: dict[str, Any] = {"data.mix": [], "data.program_names": True,
                              "budget.compress": False, "eval.calculator": False, "train.packing": False,
                              "train.group_by_length": False, "train.num_threads": None,
                              "eval.select": "vote", "eval.verifier_path": None,
-                             "verifier": VerifierConfig().model_dump(mode="json"), "tune.seed": None}
+                             "verifier": VerifierConfig().model_dump(mode="json"), "tune.seed": None,
+                             "data.heldout_kinds": None, "data.n_test_heldout_kinds": None, "traces.context": "none",
+                             "context": ContextConfig().model_dump(mode="json"), "eval.context_modes": ["none"]}
 
 
-def _drop_late_defaults(picked: dict) -> None:
+# The late knobs added after `tune.base_config_hash` (a study's identity) existed: it drops these at their defaults
+# too, so a study started before them still resumes (the earlier late knobs were already part of its hash).
+LATE_STUDY_KNOBS: tuple[str, ...] = ("data.heldout_kinds", "data.n_test_heldout_kinds", "traces.context", "context",
+                                     "eval.context_modes")
+
+
+def drop_late_defaults(picked: dict, knobs: Collection[str] | None = None) -> None:
+    """Remove from `picked` (dotted section -> dumped value) each late knob (of `knobs`, default all) at its
+    default."""
     for knob, default in LATE_KNOBS.items():
+        if knobs is not None and knob not in knobs:
+            continue
         for key, value in picked.items():
             if key == knob and value == default:
                 del picked[key]
@@ -484,7 +536,7 @@ def config_hash(cfg: ReasonLiteConfig, sections: tuple[str, ...] | None = None) 
     """Stable short hash of the whole config or of the given dotted sections."""
     full = cfg.model_dump(mode="json")
     picked = hash_names(dict(full) if sections is None else {s: get_dotted(full, s) for s in sections})
-    _drop_late_defaults(picked)
+    drop_late_defaults(picked)
     blob = json.dumps(picked, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -127,8 +127,11 @@ def _breakdown(records: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
 def evaluate(student, examples: Sequence[Example], budgets: Sequence[int | None] | None = None, n: int = 1,
              temperature: float = 0.7, early_exit: bool = True, max_new_tokens: int = 256,
              batch_size: int | None = None, seed: int | None = 0, data_name: str = "",
-             progress: bool = True, select: str = "vote", verifier: Any = None) -> EvalResult:
+             progress: bool = True, select: str = "vote", verifier: Any = None,
+             sources: Sequence[Any] | None = None, context_mode: str = "none") -> EvalResult:
     """Solve every example at every budget (None = no cap) and measure accuracy against generated tokens.
+    `sources` (one list or None per example, `reasonlite.context.sources_for`) go before each question; the
+    `context_mode` they came from is recorded in the result's meta.
 
     `select` picks the answer among the n samples: vote (majority; n=1 is greedy), greedy (n must be 1) or verifier
     (`verifier`, a `reasonlite.verifier.Verifier`, scores all n samples; the metrics then also hold first-sample,
@@ -144,6 +147,11 @@ def evaluate(student, examples: Sequence[Example], budgets: Sequence[int | None]
     if select == "verifier" and (verifier is None or n < 2):
         raise ValueError("select 'verifier' picks among n >= 2 samples with a trained verifier: pass n >= 2 "
                          "(eval.n / --n) and the verifier folder (eval.verifier_path / --verifier)")
+    if sources is not None and len(sources) != len(examples):
+        raise ValueError(f"sources has {len(sources)} entries for {len(examples)} examples: pass one per example")
+    if sources is not None and any(sources) and select == "verifier":
+        raise ValueError("eval.select 'verifier' does not score questions with sources yet: use eval.select vote, "
+                         "or eval.context_modes [none]")
     settings = list(dict.fromkeys(budgets)) if budgets else [None]
     size = batch_size or getattr(student, "batch_size", 16)
     points: list[EvalPoint] = []
@@ -169,7 +177,8 @@ def evaluate(student, examples: Sequence[Example], budgets: Sequence[int | None]
                     solutions = student.solve_batch([e.question for e in chunk], budget=budget, n=n,
                                                 temperature=temperature, max_new_tokens=max_new_tokens,
                                                 early_exit=early_exit, seed=None if seed is None else seed + start,
-                                                batch_size=size)
+                                                batch_size=size, **({} if sources is None else {
+                                                    "sources": sources[start: start + size]}))
                 for example, sol, outcome in zip(chunk, solutions, outcomes):
                     records.append({
                         "id": example.id, "domain": example.domain, "template": example.metadata.get("template"),
@@ -191,6 +200,7 @@ def evaluate(student, examples: Sequence[Example], budgets: Sequence[int | None]
     return EvalResult(model=str(getattr(student, "name", "student")), format=str(getattr(student, "fmt", "?")),
                       data=data_name, n=n, points=points,
                       meta={"temperature": temperature if n > 1 else 0.0, "early_exit": early_exit, "select": select,
+                            "context": context_mode,
                             "verifier": str(verifier.path) if getattr(verifier, "path", None) else None,
                             "max_new_tokens": max_new_tokens, "seed": seed, "questions": len(examples),
                             "calculator": bool(getattr(student, "calculator", False)),
@@ -229,7 +239,8 @@ def render_markdown(result: EvalResult) -> str:
     parts = [f"# Eval: {result.model}", "",
              (f"- format: `{result.format}`, data: `{result.data or '?'}`, questions: {result.meta.get('questions')}, "
              f"n: {result.n}, max_new_tokens: {result.meta.get('max_new_tokens')}, "
-             f"calculator: {result.meta.get('calculator', False)}, select: {result.meta.get('select', 'vote')}"), "",
+             f"calculator: {result.meta.get('calculator', False)}, select: {result.meta.get('select', 'vote')}, "
+             f"context: {result.meta.get('context', 'none')}"), "",
              "## Summary", ""]
     rows = [[p.label] + [fmt.format(p.metrics[key]) for key, _, fmt in SUMMARY_COLUMNS] for p in result.points]
     parts += [_md_table(["setting"] + [h for _, h, _ in SUMMARY_COLUMNS], rows), ""]
@@ -339,12 +350,14 @@ def _tag_split(examples: Sequence[Example], split: str) -> list[Example]:
 
 
 RETAIL_EVAL_SPLITS = ("test", "test_heldout_families", "test_reworded")
+RETAIL_DOCS_EVAL_SPLITS = ("test", "test_heldout_kinds")
 
 
 def load_eval_data(data: str, limit: int | None = None, seed: int = 0,
                    field_mapping: dict[str, str] | None = None) -> list[Example]:
-    """Eval examples for `--data`: retail_math (both held-out splits), gsm8k (the test file), or a JSONL/CSV path
-    read with `field_mapping` (the config's `data.field_mapping`).
+    """Eval examples for `--data`: retail_math (its held-out splits), retail_docs (test and test_heldout_kinds, with
+    their gold context), gsm8k (the test file), or a JSONL/CSV path read with `field_mapping` (the config's
+    `data.field_mapping`).
 
     `limit` applies per split.
     """
@@ -356,6 +369,12 @@ def load_eval_data(data: str, limit: int | None = None, seed: int = 0,
         splits = load_splits(DataConfig(source="retail_math", n_train=1, n_test=n, n_test_heldout_families=n,
                                         n_test_reworded=n, seed=seed))
         return [e for name in RETAIL_EVAL_SPLITS for e in _tag_split(splits[name][:limit], name)]
+    if data == "retail_docs":
+        from reasonlite.data.retail_docs import retail_docs_splits
+
+        n = limit or DataConfig().n_test
+        splits = retail_docs_splits(1, n, seed=seed, n_test_heldout=n)
+        return [e for name in RETAIL_DOCS_EVAL_SPLITS for e in _tag_split(splits[name][:limit], name)]
     if data == "gsm8k" or data.startswith("gsm8k:"):
         from reasonlite.data.gsm8k import load_gsm8k
         from reasonlite.data.splits import default_gsm8k_dir
@@ -364,7 +383,7 @@ def load_eval_data(data: str, limit: int | None = None, seed: int = 0,
         return load_gsm8k(path, split="test")[:limit]
     path = Path(data)
     if not path.exists():
-        raise FileNotFoundError(f"--data {data}: not retail_math, gsm8k, or an existing .jsonl/.csv file")
+        raise FileNotFoundError(f"--data {data}: not retail_math, retail_docs, gsm8k, or an existing .jsonl/.csv file")
     if "gsm8k" in path.name.lower() or "gsm8k" in path.parent.name.lower():
         from reasonlite.data.gsm8k import load_gsm8k
 
@@ -459,13 +478,22 @@ def eval_command(target: str, data: str | None = None, fmt: str | None = None, b
         from reasonlite.verifier import Verifier
 
         verifier = Verifier.load(cfg.eval.verifier_path, batch_size=cfg.eval.batch_size)
-    result = evaluate(student, examples, budgets=budget_list, n=n, temperature=cfg.eval.temperature,
-                      early_exit=cfg.eval.early_exit, max_new_tokens=cfg.eval.max_new_tokens, data_name=data_name,
-                      select=cfg.eval.select, verifier=verifier)
-    paths = write_report(result, out)
-    console.print(summary_table(result))
-    if verifier is not None:
-        console.print("at equal samples: " + ", ".join(
-            f"{k.removesuffix('_accuracy')} {result.points[0].metrics[k]:.1%}" for k in SELECTION_COLUMNS))
-    console.print(f"report: {paths['md']}  plot: {paths['png']}  json: {paths['json']}")
-    return result
+    from reasonlite.context import sources_for
+
+    modes = list(cfg.eval.context_modes)
+    results = []
+    for mode in modes:  # one report per eval.context_modes entry; [none] (the default) writes `out` itself
+        sources = sources_for(examples, mode, cfg.context, cfg.runs_dir, knob="eval.context_modes")
+        result = evaluate(student, examples, budgets=budget_list, n=n, temperature=cfg.eval.temperature,
+                          early_exit=cfg.eval.early_exit, max_new_tokens=cfg.eval.max_new_tokens, data_name=data_name,
+                          select=cfg.eval.select, verifier=verifier, sources=None if mode == "none" else sources,
+                          context_mode=mode)
+        paths = write_report(result, out if modes == ["none"] else Path(out) / f"context-{mode}")
+        console.print(summary_table(result, title=None if modes == ["none"] else
+                                    f"{result.model} [{result.format}] on {result.data}, context {mode}"))
+        if verifier is not None:
+            console.print("at equal samples: " + ", ".join(
+                f"{k.removesuffix('_accuracy')} {result.points[0].metrics[k]:.1%}" for k in SELECTION_COLUMNS))
+        console.print(f"report: {paths['md']}  plot: {paths['png']}  json: {paths['json']}")
+        results.append(result)
+    return results[0]

@@ -8,12 +8,17 @@ student turns the messages into text. Formats:
   step_by_step  distilling step-by-step: the same question under two task prefixes, [label] -> answer and
                 [rationale] -> rationale; at inference the cheap [label] task answers.
 A budget (budget-conditioned training / inference) adds "Use at most N tokens." to the prompt.
+Sources (a question answered from documents) come first, as ONE system message: `SOURCES_PREAMBLE` and the numbered
+`[n] filename` blocks (`sources_message`). SLM-Fusion's retrieval (`slm_fusion.context.retrieve.augment`) renders the
+sources it packs with the same function, so a student served behind the gateway's vector-store retrieval reads the
+prompt it was trained and evaluated on, byte for byte.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Literal
+from collections.abc import Sequence
+from typing import Literal, Protocol
 
 Format = Literal["answer", "cot", "pal", "step_by_step"]
 Task = Literal["label", "rationale"]
@@ -27,12 +32,35 @@ INSTRUCTIONS: dict[str, str] = {
 TASK_PREFIX: dict[str, str] = {"label": "[label]", "rationale": "[rationale]"}
 
 
+SOURCES_PREAMBLE = "Answer from these sources; say so when they do not hold the answer."
+
+
+class SourceLike(Protocol):
+    """Anything with a filename and a text: `reasonlite.data.Source`, a gateway search `Hit`."""
+
+    filename: str
+    text: str
+
+
 def budget_line(budget: int) -> str:
     return f"Use at most {budget} tokens."
 
 
-def build_messages(question: str, fmt: Format, budget: int | None = None, task: Task | None = None) -> list[dict]:
-    """Chat messages for the student (user turn only; the tokenizer's chat template adds the rest)."""
+def source_block(index: int, source: SourceLike) -> str:
+    """One source as the model sees it: `[index] filename`, then its text."""
+    return f"[{index}] {source.filename}\n{source.text}"
+
+
+def sources_message(sources: Sequence[SourceLike]) -> dict:
+    """The system message that puts sources before a question (numbered from 1, in the order given)."""
+    blocks = [source_block(i, s) for i, s in enumerate(sources, 1)]
+    return {"role": "system", "content": SOURCES_PREAMBLE + "\n\n" + "\n\n".join(blocks)}
+
+
+def build_messages(question: str, fmt: Format, budget: int | None = None, task: Task | None = None,
+                   sources: Sequence[SourceLike] | None = None) -> list[dict]:
+    """Chat messages for the student: the sources' system message when there are any, then the user turn (the
+    tokenizer's chat template adds the rest)."""
     if fmt == "step_by_step":
         task = task or "label"
         text = f"{TASK_PREFIX[task]} {question.strip()}"
@@ -42,7 +70,8 @@ def build_messages(question: str, fmt: Format, budget: int | None = None, task: 
         raise ValueError(f"unknown student format '{fmt}': use one of answer, cot, pal, step_by_step")
     if budget is not None:
         text += f"\n{budget_line(budget)}"
-    return [{"role": "user", "content": text}]
+    context = [sources_message(sources)] if sources else []
+    return [*context, {"role": "user", "content": text}]
 
 
 def answer_sentence(answer: str) -> str:

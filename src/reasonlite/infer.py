@@ -29,7 +29,7 @@ from typing import Any
 from reasonlite import controller
 from reasonlite.budget import stated_budget
 from reasonlite.controller import Ask, Detector, Generated, Plan, Sample, Solution
-from reasonlite.formats import ANSWER_CUE, Format, build_messages
+from reasonlite.formats import ANSWER_CUE, Format, SourceLike, build_messages
 
 FORMATS = ("answer", "cot", "pal", "step_by_step")
 STUDENT_META_FILE = "reasonlite.json"  # written by the train export: {"format": ..., "budget_conditioned": bool}
@@ -200,10 +200,11 @@ class Student:
 
     # -- prompts ------------------------------------------------------------------------------------------------------
 
-    def prompt(self, question: str, budget: int | None = None) -> str:
-        """The exact text the student sees (the chat template applied to `formats.build_messages`)."""
+    def prompt(self, question: str, budget: int | None = None, sources: Sequence[SourceLike] | None = None) -> str:
+        """The exact text the student sees (the chat template applied to `formats.build_messages`, with the sources'
+        system message when there are sources)."""
         stated = stated_budget(budget, self.budget_conditioned, self.budget_buckets)
-        messages = build_messages(question, self.fmt, budget=stated)
+        messages = build_messages(question, self.fmt, budget=stated, sources=sources)
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     # -- generation ---------------------------------------------------------------------------------------------------
@@ -255,16 +256,23 @@ class Student:
 
     def solve(self, question: str, budget: int | None = None, n: int = 1, temperature: float = 0.7,
               max_new_tokens: int = 256, early_exit: bool = True, seed: int | None = None,
-              stop: Sequence[str] | None = None) -> Solution:
-        """Answer one question. `budget` caps reasoning tokens (None = max_new_tokens); n > 1 samples and votes."""
+              stop: Sequence[str] | None = None, sources: Sequence[SourceLike] | None = None) -> Solution:
+        """Answer one question. `budget` caps reasoning tokens (None = max_new_tokens); n > 1 samples and votes;
+        `sources` go before the question (`formats.sources_message`)."""
         return self.solve_batch([question], budget=budget, n=n, temperature=temperature, max_new_tokens=max_new_tokens,
-                                early_exit=early_exit, seed=seed, stop=stop)[0]
+                                early_exit=early_exit, seed=seed, stop=stop, sources=[sources])[0]
 
     def solve_batch(self, questions: Sequence[str], budget: int | None = None, n: int = 1, temperature: float = 0.7,
                     max_new_tokens: int = 256, early_exit: bool = True, seed: int | None = None,
-                    stop: Sequence[str] | None = None, batch_size: int | None = None) -> list[Solution]:
-        """Answer many questions, `batch_size` at a time; with n > 1, sample in rounds and vote (see module doc)."""
+                    stop: Sequence[str] | None = None, batch_size: int | None = None,
+                    sources: Sequence[Sequence[SourceLike] | None] | None = None) -> list[Solution]:
+        """Answer many questions, `batch_size` at a time; with n > 1, sample in rounds and vote (see module doc).
+        `sources`: one list of sources (or None) per question."""
         _check_options(budget, n, temperature, max_new_tokens, self.min_budget)
+        if sources is not None and len(sources) != len(questions):
+            raise ValueError(f"sources has {len(sources)} entries for {len(questions)} questions: pass one per "
+                             "question")
+        per_question = list(sources) if sources is not None else [None] * len(questions)
         if seed is not None:
             import torch
 
@@ -276,10 +284,10 @@ class Student:
         for start in range(0, len(questions), size):
             chunk = list(questions[start: start + size])
             t0 = time.perf_counter()
-            per_question = self._sample_rounds([self.prompt(q, budget) for q in chunk], cap, n, temperature,
-                                               early_exit, stop)
+            prompts = [self.prompt(q, budget, ctx) for q, ctx in zip(chunk, per_question[start: start + size])]
+            drawn = self._sample_rounds(prompts, cap, n, temperature, early_exit, stop)
             latency = time.perf_counter() - t0
-            solutions.extend(controller.vote(samples, latency) for samples in per_question)
+            solutions.extend(controller.vote(samples, latency) for samples in drawn)
         return solutions
 
     def _sample_rounds(self, prompts: list[str], cap: int, n: int, temperature: float, early_exit: bool,

@@ -102,6 +102,7 @@ def _stage(cfg: ReasonLiteConfig, name: str, force: tuple[str, ...], result: Pip
 def _eval_stage(cfg: ReasonLiteConfig | StageView, model_dir: Path, out: Path) -> dict:
     """Evaluate the student (and the untrained base prompted the same way) on each configured split. Reads only the
     eval stage's view of `cfg` (`config.STAGE_SECTIONS`): every knob it uses is in the eval hash."""
+    from reasonlite.context import sources_for
     from reasonlite.data.splits import load_splits
     from reasonlite.evaluate import evaluate, write_report
     from reasonlite.infer import Student
@@ -117,6 +118,10 @@ def _eval_stage(cfg: ReasonLiteConfig | StageView, model_dir: Path, out: Path) -
         targets["base"] = cfg.student.model
     budgets = [cfg.budget.reasoning_budget, *[b for b in cfg.eval.budgets if b != cfg.budget.reasoning_budget]]
     summary: dict = {"splits": {}, "budgets": budgets}
+    modes = list(cfg.eval.context_modes)
+    by_context = modes != ["none"]  # per-mode results, only when asked for (the summary of other runs is unchanged)
+    if by_context:
+        summary.update(context_modes=modes, by_context={})
     for target_name, ref in targets.items():
         student = Student(ref, fmt=cfg.student.format, forcing=cfg.budget.forcing,
                           answer_tokens=cfg.budget.answer_tokens, batch_size=cfg.eval.batch_size,
@@ -132,16 +137,24 @@ def _eval_stage(cfg: ReasonLiteConfig | StageView, model_dir: Path, out: Path) -
             select = "verifier" if verifier is not None else "vote"
         for split in cfg.eval.splits:
             examples = splits[split][: cfg.eval.limit] if cfg.eval.limit else splits[split]
-            result = evaluate(student, examples, budgets=target_budgets, n=cfg.eval.n,
-                              temperature=cfg.eval.temperature, early_exit=cfg.eval.early_exit,
-                              max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
-                              seed=cfg.train.seed, data_name=f"{cfg.data.source}:{split}", select=select,
-                              verifier=verifier)
-            write_report(result, out / f"{target_name}-{split}")
-            summary["splits"].setdefault(split, {})[target_name] = result.points[0].metrics
-            if target_name == "student" and len(result.points) > 1:
-                summary.setdefault("budget_sweep", {})[split] = [
-                    {"budget": p.budget, **p.metrics} for p in result.points]
+            for mode in modes:  # eval.context_modes: the first mode's results are the split's headline numbers
+                sources = sources_for(examples, mode, cfg.context, cfg.runs_dir, knob="eval.context_modes")
+                result = evaluate(student, examples, budgets=target_budgets, n=cfg.eval.n,
+                                  temperature=cfg.eval.temperature, early_exit=cfg.eval.early_exit,
+                                  max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
+                                  seed=cfg.train.seed, data_name=f"{cfg.data.source}:{split}", select=select,
+                                  verifier=verifier, sources=None if mode == "none" else sources, context_mode=mode)
+                write_report(result, out / (f"{target_name}-{split}" if mode == "none" else
+                                            f"{target_name}-{split}-context-{mode}"))
+                if by_context:
+                    summary["by_context"].setdefault(mode, {}).setdefault(split, {})[target_name] = \
+                        result.points[0].metrics
+                if mode != modes[0]:
+                    continue
+                summary["splits"].setdefault(split, {})[target_name] = result.points[0].metrics
+                if target_name == "student" and len(result.points) > 1:
+                    summary.setdefault("budget_sweep", {})[split] = [
+                        {"budget": p.budget, **p.metrics} for p in result.points]
         del student
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     _write_run_report(cfg, summary, out)
@@ -158,6 +171,15 @@ def _write_run_report(cfg: StageView, summary: dict, out: Path) -> None:
         for name, m in per_model.items():
             lines.append(f"| {split} | {name} | {m['accuracy']:.1%} | {m['mean_tokens']:.1f} | {m['p95_tokens']:.0f} "
                          f"| {m['seconds_per_question']:.2f} | {m['exec_error_rate']:.1%} |")
+    if "by_context" in summary:
+        lines += ["", "## Accuracy by context mode (eval.context_modes)", "",
+                  "| split | model | " + " | ".join(summary["context_modes"]) + " |",
+                  "|---|---|" + "---|" * len(summary["context_modes"])]
+        for split, per_model in summary["splits"].items():
+            for name in per_model:
+                cells = [f"{summary['by_context'][mode][split][name]['accuracy']:.1%}"
+                         for mode in summary["context_modes"]]
+                lines.append(f"| {split} | {name} | " + " | ".join(cells) + " |")
     lines += ["", "Per-target reports (breakdowns, plots): " + ", ".join(
         f"[{d.name}]({d.name}/report.md)" for d in sorted(out.iterdir()) if d.is_dir())]
     (out / "report.md").write_text("\n".join(lines) + "\n")
@@ -258,7 +280,10 @@ def print_summary(result: PipelineResult) -> None:
     table.add_column("model", no_wrap=True)
     for col in ("accuracy", "mean\ntokens", "p95\ntokens", "s per\nquestion", "exec\nerrors"):
         table.add_column(col, justify="right", no_wrap=True)
-    for split, per_model in result.metrics.get("splits", {}).items():
+    by_context = result.metrics.get("by_context")
+    rows = [(f"{split} ({mode})", per_model) for mode, splits in by_context.items()
+            for split, per_model in splits.items()] if by_context else result.metrics.get("splits", {}).items()
+    for split, per_model in rows:
         for model_name, m in per_model.items():
             table.add_row(split, model_name, f"{m['accuracy']:.1%}", f"{m['mean_tokens']:.1f}", f"{m['p95_tokens']:.0f}",
                           f"{m['seconds_per_question']:.2f}", f"{m.get('exec_error_rate', 0):.1%}")

@@ -36,11 +36,13 @@ from rich.console import Console
 from rich.table import Table
 
 from reasonlite.config import (
+    LATE_STUDY_KNOBS,
     ConfigError,
     ReasonLiteConfig,
     _did_you_mean,
     build_config,
     current_name,
+    drop_late_defaults,
     format_validation_error,
     get_dotted,
     hash_names,
@@ -132,6 +134,7 @@ def check_storage_url(url: str) -> None:
 def base_config_hash(cfg: ReasonLiteConfig) -> str:
     """Hash of the config a study searches around (its name, folder and tune section aside)."""
     data = hash_names(cfg.model_dump(mode="json"))  # a renamed knob hashes under its old name: studies resume
+    drop_late_defaults(data, LATE_STUDY_KNOBS)
     for key in ("name", "runs_dir", "tune"):
         data.pop(key, None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

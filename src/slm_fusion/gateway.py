@@ -197,11 +197,12 @@ class Gateway:
 
     async def generate_on(
         self, handle: ModelHandle, body: Any, gen: GenerationRequest | None = None, *,
-        sent: dict[str, Any] | None = None, **overrides: Any,
+        sent: dict[str, Any] | None = None, sources: list[Any] | None = None, **overrides: Any,
     ) -> list[Generation]:
         """One generation on `handle` within its own timeout; a timeout counts as a failure of the replica used.
-        `sent`: the client's fields as sent (for an upstream), when `gen` is built here."""
-        gen = gen or self.generation_request(handle, body, sent)
+        `sent`: the client's fields as sent (for an upstream), `sources`: the retrieved ones, when `gen` is built
+        here."""
+        gen = gen or self.generation_request(handle, body, sent, sources)
         for key, value in overrides.items():
             setattr(gen, key, value)
         if overrides and gen.sent is not None:  # what the router asks for is also what the upstream is sent
@@ -228,7 +229,8 @@ class Gateway:
         if isinstance(decision, routing.ExecutionPlan):
             async def call(model: str, **overrides: Any) -> list[Generation]:
                 async def attempt(m: str) -> list[Generation]:
-                    return await self.generate_on(self.handles[m], body, sent=gen.sent, **overrides)
+                    return await self.generate_on(self.handles[m], body, sent=gen.sent, sources=gen.sources,
+                                                  **overrides)
 
                 return (await with_fallbacks(self.fallback_chain(model), attempt, self._available))[1]
 
@@ -237,7 +239,7 @@ class Gateway:
 
         async def attempt(m: str) -> list[Generation]:
             h = self.handles[m]
-            return await self.generate_on(h, body, gen if h is handle else None, sent=gen.sent)
+            return await self.generate_on(h, body, gen if h is handle else None, sent=gen.sent, sources=gen.sources)
 
         model, gens, tried = await with_fallbacks(self.fallback_chain(handle.name), attempt, self._available)
         return self.handles[model], gens, _note_fallback(decision, handle.name, model, tried, RouteDecision)
@@ -259,7 +261,7 @@ class Gateway:
 
         async def attempt(m: str) -> tuple:
             h = self.handles[m]
-            g = gen if h is handle else self.generation_request(h, body, gen.sent)
+            g = gen if h is handle else self.generation_request(h, body, gen.sent, gen.sources)
             timeout = h.timeout(self.config.server.request_timeout_s)
             deadline = loop.time() + timeout
             stack = contextlib.AsyncExitStack()
@@ -290,10 +292,11 @@ class Gateway:
     # ------------------------------------------------------------------ request translation
     def generation_request(
         self, handle: ModelHandle, body: P.ChatCompletionRequest | P.CompletionRequest,
-        sent: dict[str, Any] | None = None,
+        sent: dict[str, Any] | None = None, sources: list[Any] | None = None,
     ) -> GenerationRequest:
         """`body` → the engine's request. `sent`: the client's fields exactly as sent (`P.sent_fields`), carried
-        for OpenAI-compatible upstreams (and for fallbacks to them)."""
+        for OpenAI-compatible upstreams (and for fallbacks to them); `sources`: what retrieval packed into the
+        messages (`GenerationRequest.sources`)."""
         cfg = handle.config
         limit = body.token_limit()
         param = body.token_limit_param()
@@ -324,6 +327,7 @@ class Gateway:
             "sent": sent if sent is not None else P.sent_fields(body),
             "reasoning": ReasoningOptions(reasoning_budget=body.reasoning_budget, pal=body.pal, vote=body.vote,
                                           temperature_set=body.temperature is not None),
+            "sources": list(sources or []),
         }
         if isinstance(body, P.ChatCompletionRequest):
             plan = tools.plan_of(extra.get("tools"), extra.get("tool_choice")) if not upstream else None

@@ -105,7 +105,9 @@ class ReasoningLayer:
         if gen.messages is None or not d.student_prompt:
             return gen.messages
         # A reasonlite student answers best when asked exactly as it was trained: its own instruction (and the
-        # budget line when it was trained budget-conditioned), read from the exported folder's reasonlite.json.
+        # budget line when it was trained budget-conditioned), read from the exported folder's reasonlite.json, after
+        # the retrieved sources' system message when the request retrieved any (the message its training and eval
+        # prompts carry: `build_messages(..., sources=)`). The client's own system messages are not part of it.
         if model_cfg.model not in self._student_meta:  # read once per model, not per request
             self._student_meta[model_cfg.model] = read_student_meta(model_cfg.model) if _is_local(model_cfg.model) else {}
         meta = self._student_meta[model_cfg.model]
@@ -115,7 +117,7 @@ class ReasoningLayer:
         fmt = meta.get("format") or plan.fmt
         budget = stated_budget(plan.budget, bool(meta.get("budget_conditioned")),
                                meta.get("budget_buckets") or meta.get("buckets"))
-        return build_messages(question, fmt, budget=budget)
+        return build_messages(question, fmt, budget=budget, sources=gen.sources)
 
     # -- sampling: reasonlite's controller, answered by the backend -------------------------------------------------
 

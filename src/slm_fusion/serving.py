@@ -18,6 +18,7 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import ValidationError
 
 from reasonlite.config import field_path
+from reasonlite.data.example import Source
 from slm_fusion import protocol as P
 from slm_fusion import tracing
 from slm_fusion.backends.base import GenerationRequest
@@ -72,7 +73,9 @@ async def complete(gw: Gateway, body: Any, request: Request, *, chat: bool,
         asked = (body.model_extra or {}).get("context")
         if asked is not None or declared is not None:
             body, raw, citations = await _with_context(gw, handle, body, raw, asked, declared)
-    gen = gw.generation_request(handle, body, P.sent_fields(body, raw))
+    # the sources ride along: a student prompt the reasoning layer rebuilds keeps them (slm_fusion.reasoning)
+    sources = [Source(filename=c["filename"], text=c["text"]) for c in citations or []]
+    gen = gw.generation_request(handle, body, P.sent_fields(body, raw), sources)
     timeout = handle.timeout(gw.config.server.request_timeout_s)
     if body.stream:
         return await _stream(gw, handle, gen, body, chat, timeout, decision, request, citations)

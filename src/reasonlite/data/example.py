@@ -1,4 +1,5 @@
-"""`Example`: one question with its gold answer, and optionally a gold rationale (CoT) and a gold PAL program."""
+"""`Example`: one question with its gold answer, and optionally a gold rationale (CoT), a gold PAL program and the
+context (the `Source`s) the answer depends on."""
 
 from __future__ import annotations
 
@@ -6,7 +7,15 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-EXAMPLE_FIELDS = ("id", "question", "answer", "rationale", "program", "domain", "metadata")
+EXAMPLE_FIELDS = ("id", "question", "answer", "rationale", "program", "domain", "metadata", "context")
+
+
+class Source(BaseModel):
+    """One document (or chunk) a question is answered from, shown to a model as `[n] filename` + text
+    (`reasonlite.formats.sources_message`, the message the gateway's retrieval sends too)."""
+
+    filename: str = Field(description="name shown in the `[n] filename` line, e.g. 'catalog-aria-kettle.md'")
+    text: str = Field(description="the document or chunk text")
 
 
 class Example(BaseModel):
@@ -19,3 +28,5 @@ class Example(BaseModel):
     program: str | None = Field(None, description="gold PAL program: 'def solution():' ... 'return x'")
     domain: str = Field("general", description="topic label used for reporting and routing, e.g. 'retail'")
     metadata: dict[str, Any] = Field(default_factory=dict, description="source-specific extras (template, steps...)")
+    context: list[Source] | None = Field(None, description="gold sources the answer depends on (None = the question "
+                                                           "stands alone)")

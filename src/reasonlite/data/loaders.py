@@ -1,6 +1,7 @@
 """Load `Example`s from user files: .jsonl, .json, .csv/.tsv, and local Hugging Face `datasets` files.
 
 A field mapping says which source column feeds which `Example` field ({"question": "prompt", "answer": "label"}).
+A `context` column holds what the answer depends on: plain text, or a list of {filename, text} sources.
 Bad rows are reported with file and line (or row index for parquet/arrow): ``on_bad="skip"`` drops them and
 counts them in a `LoadReport`; ``on_bad="fail"`` raises `DataError` naming the location, the field and the fix.
 """
@@ -13,11 +14,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from rich.console import Console
 
 from reasonlite.answers import extract_answer, normalize_answer, to_number
-from reasonlite.data.example import EXAMPLE_FIELDS, Example
+from reasonlite.data.example import EXAMPLE_FIELDS, Example, Source
 from reasonlite.jsonl import JsonlError, iter_jsonl
 
 __all__ = [
@@ -208,6 +209,7 @@ def _row_to_example(row: dict, mapping: dict[str, str], index: int, stem: str, r
     if raw_metadata is not None and raw_metadata != "" and not isinstance(raw_metadata, dict):
         raise _RowProblem("metadata", f"expected an object, got {type(raw_metadata).__name__}",
                           "store metadata as a JSON object or drop the column")
+    context = _context(row.get(column("context")), column("context"))
     used = {column(f) for f in EXAMPLE_FIELDS}
     # source columns we do not map are kept, so nothing the user had is silently lost
     metadata = {str(k): v for k, v in row.items() if k not in used}
@@ -221,7 +223,27 @@ def _row_to_example(row: dict, mapping: dict[str, str], index: int, stem: str, r
         program=_text(row.get(column("program"))),
         domain=domain or _text(row.get(column("domain"))) or "general",
         metadata=metadata,
+        context=context,
     )
+
+
+def _context(raw: Any, name: str) -> list[Source] | None:
+    """A `context` cell: plain text (one source, shown as `[1] context`), or a list of {filename, text} objects
+    (in a CSV cell: that list as JSON)."""
+    if isinstance(raw, str) and raw.strip().startswith("[{"):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError:
+            pass  # text that merely starts like JSON
+    if isinstance(raw, list):
+        try:
+            sources = [Source.model_validate(s) for s in raw]
+        except ValidationError:
+            raise _RowProblem("context", f"column {name!r} is a list, but not of {{filename, text}} objects",
+                              "give each source a filename and a text, or plain text for one source") from None
+        return sources or None
+    text = _text(raw)
+    return None if text is None else [Source(filename="context", text=text.strip())]
 
 
 def load_examples_with_report(

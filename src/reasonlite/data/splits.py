@@ -1,6 +1,7 @@
 """The splits a config's `data` section stands for: train, test (same distribution) and, for retail-math,
 test_heldout_families (story families never trained on; alias test_heldout_templates) and test_reworded (trained
-structures in phrasings never trained on)."""
+structures in phrasings never trained on); for retail-docs, test (products and prices never trained on) and
+test_heldout_kinds (question kinds never trained on)."""
 
 from __future__ import annotations
 
@@ -56,12 +57,18 @@ def load_splits(cfg: DataConfig) -> dict[str, list[Example]]:
         splits = retail_math_splits(cfg.n_train, cfg.n_test, seed=cfg.seed, heldout_families=cfg.heldout_families,
                                     n_test_heldout=cfg.n_test_heldout_families, n_test_reworded=cfg.n_test_reworded,
                                     distractors=cfg.distractors)
+    elif cfg.source == "retail_docs":
+        from reasonlite.data.retail_docs import retail_docs_splits
+
+        splits = retail_docs_splits(cfg.n_train, cfg.n_test, seed=cfg.seed, heldout_kinds=cfg.heldout_kinds,
+                                    n_test_heldout=cfg.n_test_heldout_kinds)
     elif cfg.source == "gsm8k":
         splits = _gsm8k_splits(cfg)
     elif Path(cfg.source).suffix in (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".arrow") or Path(cfg.source).is_dir():
         splits = _file_splits(cfg)
     else:
-        raise ValueError(f"data.source '{cfg.source}' is not retail_math, gsm8k or a .jsonl/.csv/.parquet path")
+        raise ValueError(f"data.source '{cfg.source}' is not retail_math, retail_docs, gsm8k or a .jsonl/.csv/.parquet "
+                         "path")
     if cfg.test_path:
         from reasonlite.data.loaders import load_examples
 

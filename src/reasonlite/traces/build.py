@@ -135,7 +135,11 @@ def build_trace_set(cfg: ReasonLiteConfig | StageView, out_dir: str | Path, show
 
     examples = load_train_examples(cfg)
     exemplars = pick_exemplars(tc.few_shot, style, tc.few_shot_path)
-    prompts = [TeacherPrompt(teacher_messages(ex.question, style, exemplars), ex) for ex in examples]
+    from reasonlite.context import sources_for
+
+    contexts = sources_for(examples, tc.context, cfg.context, cfg.runs_dir, knob="traces.context")
+    prompts = [TeacherPrompt(teacher_messages(ex.question, style, exemplars, sources), ex)
+               for ex, sources in zip(examples, contexts)]
 
     from reasonlite.models import load_tokenizer
 
@@ -150,8 +154,8 @@ def build_trace_set(cfg: ReasonLiteConfig | StageView, out_dir: str | Path, show
             cache.close()
 
     # verify: parse every reply, execute every program in one sandbox batch, count student tokens
-    traces = [parse_trace(ex, style, c.text, s, c.error)
-              for ex, row in zip(examples, completions) for s, c in enumerate(row)]
+    traces = [parse_trace(ex, style, c.text, s, c.error, context=sources)
+              for ex, sources, row in zip(examples, contexts, completions) for s, c in enumerate(row)]
     execute_programs(traces)
     for t, n in zip(traces, count_tokens_many([t.reasoning for t in traces], tokenizer)):
         t.tokens = n

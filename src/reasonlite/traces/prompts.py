@@ -12,11 +12,19 @@ shape. Built-in exemplars are retail-style word problems; `traces.few_shot_path`
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from reasonlite.answers import extract_answer, normalize_answer
-from reasonlite.formats import ANSWER_CUE, extract_program, render_completion, strip_answer_sentence
+from reasonlite.formats import (
+    ANSWER_CUE,
+    SourceLike,
+    extract_program,
+    render_completion,
+    sources_message,
+    strip_answer_sentence,
+)
 from reasonlite.jsonl import JsonlError, iter_jsonl
 
 STYLES = ("cot", "pal", "step_by_step")
@@ -98,8 +106,10 @@ def load_exemplars(path: str | Path, style: str) -> list[Exemplar]:
     return out
 
 
-def teacher_messages(question: str, style: str, exemplars: list[Exemplar]) -> list[dict]:
-    """System instruction, then each exemplar as a user/assistant turn, then the question."""
+def teacher_messages(question: str, style: str, exemplars: list[Exemplar],
+                     sources: Sequence[SourceLike] | None = None) -> list[dict]:
+    """System instruction, then each exemplar as a user/assistant turn, then the question: after the sources'
+    system message (`formats.sources_message`, as the student sees them) when it has sources."""
     if style not in SYSTEM:
         raise ValueError(f"unknown traces.style '{style}': use one of {', '.join(STYLES)}")
     messages = [{"role": "system", "content": SYSTEM[style]}]
@@ -109,6 +119,8 @@ def teacher_messages(question: str, style: str, exemplars: list[Exemplar]) -> li
             raise ValueError(f"few-shot exemplar {ex.question[:40]!r} has no {'program' if style == 'pal' else 'rationale'}"
                              f" for style '{style}'")
         messages += [{"role": "user", "content": ex.question.strip()}, {"role": "assistant", "content": reply}]
+    if sources:
+        messages.append(sources_message(sources))
     messages.append({"role": "user", "content": question.strip()})
     return messages
 

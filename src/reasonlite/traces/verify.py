@@ -18,6 +18,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from reasonlite.answers import answers_match, normalize_answer
+from reasonlite.data.example import Source
 from reasonlite.traces.prompts import parse_reply
 
 # k samples of a question repeat answers (and often whole texts): memoise the pure, string-keyed checks
@@ -48,6 +49,8 @@ class Trace(BaseModel):
     tokens: int | None = Field(None, description="student-tokenizer length of the rationale (or program for pal)")
     agreement: float | None = Field(None, description="share of the question's k samples that gave the majority answer")
     truncated: bool = False
+    context: list[Source] | None = Field(None, description="the sources the teacher and the student are shown with the "
+                                                           "question (traces.context)")
 
     @property
     def reasoning(self) -> str | None:
@@ -55,13 +58,15 @@ class Trace(BaseModel):
         return self.program if self.style == "pal" else self.rationale
 
 
-def parse_trace(example, style: str, text: str, sample_index: int, error: str | None = None) -> Trace:
-    """A Trace from a raw reply (answer still unknown for pal until `execute_programs`)."""
+def parse_trace(example, style: str, text: str, sample_index: int, error: str | None = None,
+                context: list[Source] | None = None) -> Trace:
+    """A Trace from a raw reply (answer still unknown for pal until `execute_programs`); `context`: the sources the
+    question was asked with."""
     parsed = _parse(style, text or "")
     trace = Trace(id=f"{example.id}#{sample_index}", example_id=example.id, question=example.question,
                   gold=normalize_answer(example.answer) if example.answer is not None else None,
                   domain=example.domain, style=style, text=text or "", rationale=parsed.rationale,
-                  program=parsed.program, answer=parsed.answer, sample_index=sample_index)
+                  program=parsed.program, answer=parsed.answer, sample_index=sample_index, context=context)
     if error is not None:
         trace.error = error
     elif style == "pal" and trace.program is None:

@@ -111,17 +111,20 @@ def trace_examples(cfg: StageView, traces: list[Any], tokenizer=None) -> tuple[l
             budget = budget_bucket(int(n_tokens), cfg.budget.buckets)
         q = trace.question
         tid = str(getattr(trace, "id", ""))
+        sources = getattr(trace, "context", None)  # traces.context: the sources the question was asked with
         if fmt == "answer":
-            out.append(TextExample(build_messages(q, "answer"), build_target("answer", answer=label), trace_id=tid))
+            out.append(TextExample(build_messages(q, "answer", sources=sources), build_target("answer", answer=label),
+                                   trace_id=tid))
         elif fmt == "step_by_step":
-            out.append(TextExample(build_messages(q, fmt, task="label"),
+            out.append(TextExample(build_messages(q, fmt, task="label", sources=sources),
                                    build_target(fmt, answer=label, task="label"), alpha, "label", tid))
-            out.append(TextExample(build_messages(q, fmt, budget=budget, task="rationale"), rationale_target,
-                                   1.0 - alpha, "rationale", tid))
+            out.append(TextExample(build_messages(q, fmt, budget=budget, task="rationale", sources=sources),
+                                   rationale_target, 1.0 - alpha, "rationale", tid))
         else:
-            out.append(TextExample(build_messages(q, fmt, budget=budget), rationale_target, trace_id=tid))
+            out.append(TextExample(build_messages(q, fmt, budget=budget, sources=sources), rationale_target,
+                                   trace_id=tid))
             if cfg.budget.compress:
-                out.extend(_compressed_rows(cfg, q, rationale_target, label or "", tid, tokenizer, report))
+                out.extend(_compressed_rows(cfg, q, rationale_target, label or "", tid, tokenizer, report, sources))
         report.used += 1
     if not out:
         reasons = ", ".join(f"{k}: {v}" for k, v in report.dropped.items())
@@ -135,11 +138,11 @@ def trace_examples(cfg: StageView, traces: list[Any], tokenizer=None) -> tuple[l
 
 
 def _compressed_rows(cfg: StageView, question: str, rationale: str, label: str, trace_id: str, tokenizer,
-                     report: BuildReport) -> list[TextExample]:
+                     report: BuildReport, sources=None) -> list[TextExample]:
     """`budget.compress`: the full rationale with no stated budget, and its compressed form at that form's bucket."""
     from reasonlite.calculator import compress_rationale
 
-    rows = [TextExample(build_messages(question, "cot"), rationale, trace_id=trace_id)]
+    rows = [TextExample(build_messages(question, "cot", sources=sources), rationale, trace_id=trace_id)]
     short = compress_rationale(rationale, label)
     if short is None:  # no equations, or they do not give the label: nothing to compress
         report.drop("not compressible (kept full only)")
@@ -147,7 +150,7 @@ def _compressed_rows(cfg: StageView, question: str, rationale: str, label: str, 
     if tokenizer is None:
         raise TrainError("budget.compress needs the student tokenizer to bucket compressed rationales")
     bucket = budget_bucket(len(tokenizer(short, add_special_tokens=False)["input_ids"]), cfg.budget.buckets)
-    rows.append(TextExample(build_messages(question, "cot", budget=bucket), short, trace_id=trace_id))
+    rows.append(TextExample(build_messages(question, "cot", budget=bucket, sources=sources), short, trace_id=trace_id))
     return rows
 
 

@@ -55,6 +55,9 @@ class GenerationRequest:
     reasoning: ReasoningOptions = field(default_factory=ReasoningOptions)
     tools: ToolPlan | None = None  # function calling on a local model (slm_fusion.tools): the reply becomes tool_calls
     adapter: str | None = None  # a LoRA adapter folder applied on the backend's base weights (multi-LoRA); None = base
+    # The sources retrieval packed into `messages` (slm_fusion.context; objects with filename and text): a student
+    # prompt the reasoning layer rebuilds keeps them, as `reasonlite.formats.build_messages(..., sources=)`.
+    sources: list[Any] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if (self.messages is None) == (self.prompt is None):

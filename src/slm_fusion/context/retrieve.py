@@ -8,10 +8,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from reasonlite.formats import SOURCES_PREAMBLE, source_block, sources_message
 from slm_fusion.context.settings import KNOBS, ModelContext, RetrievalSettings
 from slm_fusion.context.store import Hit, StoreError
-
-PREAMBLE = "Answer from these sources; say so when they do not hold the answer."
 
 
 @dataclass(frozen=True)
@@ -59,22 +58,22 @@ def context_request(asked: Any, defaults: RetrievalSettings | None,
 def augment(messages: list[dict[str, Any]], hits: list[Hit], count_tokens: Callable[[str], int],
             max_tokens: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The messages with a system message of sources (best first, duplicates dropped, each marked `[n] filename`)
-    that fits `max_tokens` of the serving model, and the citations of the sources used."""
-    used, seen, parts, total = [], set(), [], count_tokens(PREAMBLE)
+    that fits `max_tokens` of the serving model, and the citations of the sources used. The message is
+    reasonlite's `sources_message`, the one its students are trained and evaluated with."""
+    used: list[Hit] = []
+    seen, total = set(), count_tokens(SOURCES_PREAMBLE)
     for hit in hits:
         if hit.text in seen:
             continue
-        block = f"[{len(used) + 1}] {hit.filename}\n{hit.text}"
-        cost = count_tokens(block) + 1
+        cost = count_tokens(source_block(len(used) + 1, hit)) + 1
         if total + cost > max_tokens:
             continue  # a shorter later chunk may still fit
         seen.add(hit.text)
-        parts.append(block)
         used.append(hit)
         total += cost
     if not used:
         return messages, []
-    sources = {"role": "system", "content": PREAMBLE + "\n\n" + "\n\n".join(parts)}
+    sources = sources_message(used)
     first_user = next((i for i, m in enumerate(messages) if m.get("role") not in ("system", "developer")), 0)
     citations = [{"file_id": h.file_id, "filename": h.filename, "score": h.score, "text": h.text} for h in used]
     return [*messages[:first_user], sources, *messages[first_user:]], citations
