@@ -94,6 +94,10 @@ class PgContextStore(ContextStore):
             cur.execute("SELECT pg_advisory_lock(%s)", (SCHEMA_LOCK,))
             try:
                 cur.execute(SCHEMA)
+                cur.execute("SELECT attstorage FROM pg_attribute WHERE attrelid = 'chunks'::regclass AND attname = "
+                            "'vector'")
+                if cur.fetchone()["attstorage"] != "p":  # inline, never compressed: an exact scan reads it directly
+                    cur.execute("ALTER TABLE chunks ALTER COLUMN vector SET STORAGE PLAIN")
             finally:
                 cur.execute("SELECT pg_advisory_unlock(%s)", (SCHEMA_LOCK,))
         register_vector(self._db)
@@ -127,11 +131,17 @@ class PgContextStore(ContextStore):
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[Callable[..., int]]:
+        import psycopg2.extras
+
         with self._lock, self._db.cursor() as cur:
             cur.execute("BEGIN")
 
             def run(sql: str, args: Any = (), many: bool = False) -> int:
-                (cur.executemany if many else cur.execute)(_sql(sql), args)
+                """Rows changed (for `many`: of the last page; no caller reads it)."""
+                if many:  # pages of statements in one round trip each: executemany makes one per row
+                    psycopg2.extras.execute_batch(cur, _sql(sql), args, page_size=200)
+                else:
+                    cur.execute(_sql(sql), args)
                 return cur.rowcount
 
             try:
