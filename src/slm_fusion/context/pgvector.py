@@ -9,8 +9,8 @@ side of searches (on the store's keyword thread, so it overlaps the dense side).
 `vector_index` (the gateway's `context.vector_index`): `exact` (the default) scans the store's vectors; `hnsw`
 creates a pgvector HNSW index, `USING hnsw ((vector::vector(D)) vector_cosine_ops)`: pgvector indexes only
 fixed-dimension vectors and the column takes any, so the index is on the cast to the embedding model's dimension D
-(made when the first vector is known: at connect if there are chunks, else at the first search; on a big table that
-is minutes, once). A search then sets `hnsw.ef_search` to its candidate count, and on pgvector >= 0.8
+(made when the first vector is known: at connect if there are chunks, else when the first file is indexed; switching
+an existing big store to hnsw builds it at the next start, minutes, once). A search then sets `hnsw.ef_search` to its candidate count, and on pgvector >= 0.8
 `hnsw.iterative_scan = relaxed_order`: without it an HNSW scan returns at most ef_search rows *before* the
 `store_id = ?` filter, so a store holding a small share of the table would get few or no dense candidates; with it
 the scan goes on until the LIMIT is filled (up to `hnsw.max_scan_tuples`). The planner may still prefer the
@@ -104,10 +104,19 @@ class PgContextStore(ContextStore):
         register_vector(self._side)
         version = self._q("SELECT extversion FROM pg_extension WHERE extname = 'vector'")[0]["extversion"]
         self._iterative = tuple(int(x) for x in re.findall(r"\d+", version)[:2]) >= (0, 8)
-        if self.vector_index == "hnsw":
+        self._hnsw_of_stored()
+
+    def _hnsw_of_stored(self) -> None:
+        """With `vector_index: hnsw`, the index for the dimension of the vectors stored, once there are some."""
+        if self.vector_index == "hnsw" and self._hnsw_dims is None:
             known = self._q("SELECT vector_dims(vector) AS d FROM chunks LIMIT 1")
             if known:
                 self.ensure_hnsw(known[0]["d"])
+
+    def _index(self, sid: str, fid: str) -> bool:
+        indexed = super()._index(sid, fid)
+        self._hnsw_of_stored()  # the first vectors written: the index is made while the table is small
+        return indexed
 
     def ensure_hnsw(self, dims: int) -> None:
         """The HNSW index over the vectors cast to `dims` (see the module doc), created once, replicas in turn."""

@@ -222,8 +222,8 @@ def open_store(location: str | Path, embed: Callable[[list[str]], np.ndarray],
 
 class ContextStore:
     """Files and vector stores in one SQLite file (see the module doc). Methods are blocking: call them in a thread.
-    The database primitives (`_connect`, `_q`, `_tx`, `_dense`, `_lexical`, `_vector_value`, `UPSERT_STORE_FILE`)
-    are all another database has to replace (context.pgvector); the rest is plain SQL both speak."""
+    The database primitives (`_connect`, `_q`, `_tx`, `_dense`, `_lexical`, `_vector_value`, `UPSERT_STORE_FILE`,
+    `NOW`) are all another database has to replace (context.pgvector); the rest is plain SQL both speak."""
 
     def __init__(self, path: str | Path, embed: Callable[[list[str]], np.ndarray],
                  tokenize: Callable[[str], list[tuple[int, int]]], max_file_bytes: int = 20_000_000,
