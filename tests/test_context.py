@@ -339,3 +339,46 @@ def test_a_batch_records_a_failing_file_and_stops_when_cancelled(tmp_path):
     assert [f["file_id"] for f in failed] == [fids[1]] and "embedding model crashed" in failed[0]["last_error"]
     assert [f["file_id"] for f in store.batch_files(sid, bid, "cancelled")] == [fids[2], fids[3]]
     assert store.chunk_count(sid) == 1  # file 0's only chunk: the embedding of the cancelled file was dropped
+
+
+def test_keyword_scores_are_normalised_within_the_searched_stores(tmp_path):
+    store = _fake_store(tmp_path / "two.db")
+    mine, other = (store.create_store(name, None)["id"] for name in ("mine", "other"))
+    for sid, text in ((mine, "The Orbit kettle is on sale."),
+                      (other, "Orbit kettle, Orbit kettle: every Orbit kettle is on sale today.")):
+        store.attach(sid, store.add_file("page.txt", text.encode(), "assistants")["id"])
+    hits = store.search([mine], "Orbit kettle", hybrid_weight=0.0)  # BM25 only
+    # the other store's chunk matches better, but it is not searched: the best keyword hit here scores 1
+    assert [h.text for h in hits] == ["The Orbit kettle is on sale."] and hits[0].score == 1.0
+    both = store.search([mine, other], "Orbit kettle", hybrid_weight=0.0)
+    assert [h.text[:6] for h in both] == ["Orbit ", "The Or"] and both[0].score == 1.0
+    store.close()
+
+
+def test_postgres_hnsw_index_is_used_and_finds_a_small_stores_chunks(tmp_path):
+    from slm_fusion.context.pgvector import PgContextStore
+
+    pg = start_pgvector_server_or_skip()
+    try:
+        base = _fake_store(tmp_path / "unused.db")
+        store = PgContextStore(pg.url, base.embed, base.tokenize, vector_index="hnsw")
+        big, small = (store.create_store(name, None)["id"] for name in ("big", "small"))
+        for i in range(300):  # the big store: 300 one-chunk files of unrelated words
+            store.attach(big, store.add_file(f"b{i}.txt", f"filler{i} words{i % 7}".encode(), "assistants")["id"])
+        store.attach(small, store.add_file("lamp.txt", b"Contour desk lamp price", "assistants")["id"])
+        with store._db.cursor() as cur:
+            cur.execute("SELECT indexdef FROM pg_indexes WHERE indexname = 'chunks_hnsw_32'")
+            assert "hnsw" in cur.fetchone()["indexdef"]
+            cur.execute("SET enable_seqscan = off; EXPLAIN SELECT id FROM chunks ORDER BY vector::vector(32) <=> "
+                        "%s LIMIT 5", (base.embed(["lamp"])[0],))
+            assert "chunks_hnsw_32" in " ".join(r["QUERY PLAN"] for r in cur.fetchall())
+        # the small store holds 1 of 301 vectors: the store_id filter after the HNSW scan still finds it
+        assert [h.filename for h in store.search([small], "desk lamp", hybrid_weight=1.0)] == ["lamp.txt"]
+        exact = PgContextStore(pg.url, base.embed, base.tokenize)  # same database, exact search
+        query = "filler12 words5"
+        assert [h.chunk_id for h in store.search([big], query, 5)] == [h.chunk_id for h in exact.search([big], query, 5)]
+        exact.close()
+        store.close()
+        base.close()
+    finally:
+        pg.stop()

@@ -239,6 +239,12 @@ class ContextConfig(RetrievalSettings):
     url: str | None = Field(
         None, description="postgresql://user@host/db: a PostgreSQL + pgvector store several gateway replicas share "
                           "(instead of the SQLite file at `path`).")
+    vector_index: Literal["exact", "hnsw"] = Field(
+        "exact", description="Dense search on `url`: exact scan, or a pgvector HNSW index (approximate; faster on "
+                             "big stores). The SQLite store is always exact.")
+    batch_lease_s: float = Field(
+        30.0, gt=0, description="A file batch whose worker stopped renewing its claim this long (killed) is resumed "
+                                "by the next worker that starts or reads it.")
 
     @field_validator("url")
     @classmethod

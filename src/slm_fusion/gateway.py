@@ -74,8 +74,11 @@ class Gateway:
         if self.keys is not None:
             await self.keys.start()
         if self.config.context is not None and self.context is None:
-            self.context = open_store(self.config.context.url or self.config.context.path, self.embedder.vectors,
-                                      self.embedder.offsets, self.config.context.max_file_bytes)
+            ctx = self.config.context
+            self.context = open_store(ctx.url or ctx.path, self.embedder.vectors, self.embedder.offsets,
+                                      ctx.max_file_bytes, batch_lease_s=ctx.batch_lease_s,
+                                      vector_index=ctx.vector_index)
+            await asyncio.to_thread(self.context.resume_batches)  # the batches a killed worker left unfinished
         for handle in self.handles.values():
             for b in handle.backends:
                 try:
@@ -87,7 +90,7 @@ class Gateway:
 
     async def aclose(self) -> None:
         if self.context is not None:
-            self.context.close()
+            await asyncio.to_thread(self.context.close)  # waits for a batch runner to finish its file
             self.context = None
         for handle in self.handles.values():
             for b in handle.backends:

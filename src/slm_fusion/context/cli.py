@@ -7,7 +7,8 @@ gateway serves (`--config gateway.yaml` reads its `context.path` and `embeddings
 
 A store is named (`--store NAME` creates it on first use) or given by id. Ingesting a file again that is unchanged
 skips it; a changed one replaces the old copy. Each file is indexed in its own transaction, so an interrupted run
-keeps the files it finished and a rerun continues with the rest.
+(even killed -9) keeps the files it finished and a rerun indexes the rest, the one it was killed on included, without
+embedding a finished file again (tests/test_context_resume.py).
 """
 
 from __future__ import annotations
@@ -41,20 +42,21 @@ def _open(db: str | None, config: Path | None, must_exist: bool) -> tuple[Any, A
 
     if db is not None and config is not None:
         raise typer.BadParameter("give --db PATH or --config GATEWAY.yaml, not both", param_hint="--db/--config")
-    embeddings, max_file_bytes, settings = EmbeddingsConfig(), 20_000_000, RetrievalSettings()
+    embeddings, max_file_bytes, settings, options = EmbeddingsConfig(), 20_000_000, RetrievalSettings(), {}
     if config is not None:
         cfg = load_fusion_config(config)  # ConfigError: one line, exit 2
         if cfg.context is None:
             raise typer.BadParameter(f"{config} has no `context:` section; add `context: {{path: context.db}}` and "
                                      "`embeddings: {}`, or pass --db PATH", param_hint="--config")
         db, embeddings, max_file_bytes = cfg.context.url or cfg.context.path, cfg.embeddings, cfg.context.max_file_bytes
-        settings = cfg.context
+        settings, options = cfg.context, {"vector_index": cfg.context.vector_index,
+                                          "batch_lease_s": cfg.context.batch_lease_s}
     db = db or "context.db"
     if must_exist and not db.startswith("postgresql") and not Path(db).is_file():
         raise typer.BadParameter(f"no store file at {db}; ingest files first (`slm-fusion store ingest PATH --store "
                                  "NAME`) or point --db/--config at the gateway's file", param_hint="--db/--config")
     embedder = Embedder(embeddings)
-    return open_store(db, embedder.vectors, embedder.offsets, max_file_bytes), settings
+    return open_store(db, embedder.vectors, embedder.offsets, max_file_bytes, **options), settings
 
 
 def _named(store: Any, name: str, create: bool) -> dict[str, Any]:
@@ -109,7 +111,7 @@ def ingest(
     try:
         target = _named(store, store_name, create=True)
         sid = target["id"]
-        present = {store.file(f["file_id"])["filename"]: f["file_id"] for f in store.store_files(sid)}
+        present = {store.file(f["file_id"])["filename"]: f for f in store.store_files(sid)}
         added = skipped = 0
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=console, transient=False) as progress:
@@ -117,18 +119,20 @@ def ingest(
             for path in files:
                 progress.update(task, description=f"indexing {path.name}")
                 data = path.read_bytes()
-                old = present.get(path.name)
-                if old is not None and store.file_content(old) == data:
+                entry = present.get(path.name)
+                old = entry["file_id"] if entry is not None else None
+                same = old is not None and store.file_content(old) == data
+                if same and entry["status"] == "completed":
                     skipped += 1
                 else:
-                    try:
-                        fid = store.add_file(path.name, data, "assistants")["id"]
+                    try:  # a run killed while indexing this file left it `in_progress`: it is indexed again
+                        fid = old if same else store.add_file(path.name, data, "assistants")["id"]
                         store.attach(sid, fid)
                     except StoreError as e:
                         raise typer.BadParameter(f"{path}: {e.message}", param_hint="PATH") from None
-                    if old is not None:  # the changed file replaces its old copy (and the old copy's chunks)
+                    if old is not None and not same:  # the changed file replaces its old copy and its chunks
                         store.delete_file(old)
-                    present[path.name] = fid
+                    present[path.name] = store.store_file(sid, fid)
                     added += 1
                 progress.advance(task)
         console.print(f"vector store {sid} ('{target['name']}'): {added} file(s) indexed, {skipped} unchanged "

@@ -1,6 +1,7 @@
 """The OpenAI Files and Vector Stores endpoints, on the gateway's context store (each call runs in a thread: SQLite
-and the embedding model block). A file batch is indexed by a background task of this worker; its state is in the
-store, so any worker answers for it."""
+and the embedding model block). A file batch is indexed by a background thread of the worker that holds its lease
+(context.store's module doc); its state is in the store, so any worker answers for it, and reading a batch whose
+worker was killed resumes it here."""
 
 from __future__ import annotations
 
@@ -25,8 +26,6 @@ def add_context_routes(app: FastAPI, gw: Any, json_response: Any) -> None:
 
     async def run(fn: Any, *args: Any) -> Any:
         return await asyncio.to_thread(fn, *args)
-
-    indexing: set[asyncio.Task] = set()  # running batches, held so they are not garbage-collected mid-way
 
     def batch_response(batch: dict[str, Any]) -> Response:
         obj = P.file_batch_object(batch)
@@ -102,14 +101,16 @@ def add_context_routes(app: FastAPI, gw: Any, json_response: Any) -> None:
     async def create_batch(store_id: str, body: P.FileBatchCreate) -> Response:
         s = store()
         batch = await run(s.create_batch, store_id, body.entries())
-        task = asyncio.create_task(run(s.run_batch, batch["id"]))
-        indexing.add(task)
-        task.add_done_callback(indexing.discard)
+        await run(s.start_batch, batch["id"])  # a background thread of this worker (unless another claimed it)
         return batch_response(batch)
 
     @app.get("/v1/vector_stores/{store_id}/file_batches/{batch_id}")
     async def get_batch(store_id: str, batch_id: str) -> Response:
-        return batch_response(await run(store().batch, store_id, batch_id))
+        s = store()
+        batch = await run(s.batch, store_id, batch_id)
+        if batch["status"] == "in_progress":  # its worker was killed (lease expired): this one resumes it
+            await run(s.resume_batches, batch_id)
+        return batch_response(batch)
 
     @app.post("/v1/vector_stores/{store_id}/file_batches/{batch_id}/cancel")
     async def cancel_batch(store_id: str, batch_id: str) -> Response:
