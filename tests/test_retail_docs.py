@@ -429,3 +429,32 @@ def test_reasonlite_eval_writes_one_report_per_context_mode(tmp_path):
     for mode in ("gold", "none"):
         saved = json.loads((tmp_path / "eval" / f"context-{mode}" / "result.json").read_text())
         assert saved["meta"]["context"] == mode and saved["meta"]["questions"] == 2  # test + test_heldout_kinds
+
+
+def test_context_distractors_add_other_questions_documents_to_the_gold_ones_in_a_seeded_order(tmp_path):
+    """RAFT: each training question reads its own sources among k others drawn from the other questions', as a
+    retriever's neighbours; the gold ones are always there, the order is seeded, and at 0 nothing changes."""
+    from reasonlite.context import with_distractors
+    from reasonlite.traces import build_trace_set
+    from reasonlite.train.formats_data import trace_examples
+
+    examples = retail_docs_splits(6, 2, n_test_heldout=1)["train"]
+    golds = [list(e.context) for e in examples]
+    mixed = with_distractors([*golds, None], 2, seed=0)
+    assert mixed[-1] is None and mixed[:-1] == with_distractors(golds, 2, seed=0)[:len(golds)]
+    pool = {s.filename for g in golds for s in g}
+    for gold, sources in zip(golds, mixed):
+        names = [s.filename for s in sources]
+        assert len(names) == len(set(names)) == len(gold) + 2 and {s.filename for s in gold} <= set(names) <= pool
+    assert any([s.filename for s in m][: len(g)] != [s.filename for s in g] for g, m in zip(golds, mixed))
+    with pytest.raises(ConfigError, match="traces.context_distractors adds documents .* set traces.context: gold"):
+        build_config({"traces": {"context_distractors": 2}})
+    cfg = _traces_cfg(tmp_path, "gold").model_copy(deep=True)
+    cfg.traces.context_distractors = 2
+    ts = build_trace_set(cfg, tmp_path / "traces", show_progress=False)
+    by_id = {e.id: e for e in examples}
+    rows, _ = trace_examples(cfg, ts.traces)
+    for row, trace in zip(rows, ts.traces):
+        gold = by_id[trace.example_id].context
+        assert len(trace.context) == len(gold) + 2 and all(s in trace.context for s in gold)
+        assert row.messages == build_messages(by_id[trace.example_id].question, "pal", sources=trace.context)

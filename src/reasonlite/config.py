@@ -129,6 +129,7 @@ class TracesConfig(Section):
     synthesize: SynthesizeConfig = Field(default_factory=SynthesizeConfig, description="teacher synthesis of new problems (TinyGSM recipe)")
     augment: AugmentConfig = Field(default_factory=AugmentConfig, description="program-aided augmentation of verified programs (no teacher)")
     context: ContextMode = Field("none", description="sources put before each training question, in the teacher's and the student's prompt: none, gold (the example's own context) or retrieved (the top context.top_k chunks of context.vector_store)")
+    context_distractors: int = Field(0, ge=0, le=8, description="RAFT: with traces.context gold, add N documents of other training questions to each question's sources, shuffled with the gold ones, so the student learns to pick the source that answers (retrieval at serving time brings such neighbours); 0 = gold only")
 
 
 class ContextConfig(Section):
@@ -354,6 +355,9 @@ class ReasonLiteConfig(Section):
                              "context.base_url to its endpoint")
         if len(set(self.eval.context_modes)) != len(self.eval.context_modes) or not self.eval.context_modes:
             raise ValueError("eval.context_modes must be a non-empty list of distinct modes, e.g. [none, gold, retrieved]")
+        if self.traces.context_distractors and self.traces.context != "gold":
+            raise ValueError("traces.context_distractors adds documents to each question's gold sources: set "
+                             "traces.context: gold, or traces.context_distractors: 0")
         if self.traces.context != "none":
             # the looked-up numbers live in the sources: a redrawn variant or a DPO prompt without them would be wrong
             clash = ("traces.augment.k" if self.traces.augment.k else
@@ -507,13 +511,13 @@ LATE_KNOBS: dict[str, Any] = {"data.mix": [], "data.program_names": True,
                              "eval.select": "vote", "eval.verifier_path": None,
                              "verifier": VerifierConfig().model_dump(mode="json"), "tune.seed": None,
                              "data.heldout_kinds": None, "data.n_test_heldout_kinds": None, "traces.context": "none",
-                             "context": ContextConfig().model_dump(mode="json"), "eval.context_modes": ["none"]}
+                             "traces.context_distractors": 0, "context": ContextConfig().model_dump(mode="json"), "eval.context_modes": ["none"]}
 
 
 # The late knobs added after `tune.base_config_hash` (a study's identity) existed: it drops these at their defaults
 # too, so a study started before them still resumes (the earlier late knobs were already part of its hash).
 LATE_STUDY_KNOBS: tuple[str, ...] = ("data.heldout_kinds", "data.n_test_heldout_kinds", "traces.context", "context",
-                                     "eval.context_modes")
+                                     "eval.context_modes", "traces.context_distractors")
 
 
 def drop_late_defaults(picked: dict, knobs: Collection[str] | None = None) -> None:

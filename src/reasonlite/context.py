@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
@@ -129,3 +130,23 @@ def sources_for(examples: Sequence[Example], mode: ContextMode, cfg: ContextConf
     if mode == "retrieved":
         return list(retrieve(cfg, [e.question for e in examples], default_cache_path(cfg, runs_dir)))
     raise ValueError(f"{knob}: unknown context mode '{mode}'; use none, gold or retrieved")
+
+
+def with_distractors(contexts: Sequence[list[Source] | None], k: int, seed: int) -> list[list[Source] | None]:
+    """`traces.context_distractors` (RAFT, Zhang et al. 2024): each question's gold sources plus `k` documents drawn
+    from the other questions' sources, in a seeded shuffled order, so the student reads past the neighbours a
+    retriever brings along (a catalog page of a similar product, another store's policy) instead of trusting the
+    first source. A question without sources keeps none."""
+    pool = list({s.filename: s for sources in contexts if sources for s in sources}.values())
+    rng = random.Random(seed)
+    out: list[list[Source] | None] = []
+    for sources in contexts:
+        if not sources:
+            out.append(sources)
+            continue
+        own = {s.filename for s in sources}
+        others = [s for s in pool if s.filename not in own]
+        picked = [*sources, *rng.sample(others, min(k, len(others)))]
+        rng.shuffle(picked)
+        out.append(picked)
+    return out
