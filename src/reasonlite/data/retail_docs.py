@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -125,25 +125,25 @@ def _money(value: Fraction) -> str:
 # Worlds and their documents
 # ---------------------------------------------------------------------------------------------------------------
 
-def _brands(seed: int) -> dict[str, list[str]]:
-    """Disjoint brand lists per world (one shuffle of BRANDS for the seed)."""
-    pool = list(BRANDS)
-    random.Random(f"retail-docs:{seed}:brands").shuffle(pool)
+def _split_among_worlds(names: Sequence[str], seed: int, what: str) -> dict[str, list[str]]:
+    """Disjoint slices of `names` per world (one seeded shuffle): `what` is 'products' (brands) or 'stores'
+    (streets), the WorldSpec count each world takes."""
+    pool = list(names)
+    random.Random(f"retail-docs:{seed}:{'brands' if what == 'products' else 'streets'}").shuffle(pool)
     out, start = {}, 0
     for name, spec in WORLDS.items():
-        out[name] = pool[start: start + spec.products]
-        start += spec.products
+        count = getattr(spec, what)
+        out[name] = pool[start: start + count]
+        start += count
     return out
+
+
+def _brands(seed: int) -> dict[str, list[str]]:
+    return _split_among_worlds(BRANDS, seed, "products")
 
 
 def _streets(seed: int) -> dict[str, list[str]]:
-    pool = list(STREETS)
-    random.Random(f"retail-docs:{seed}:streets").shuffle(pool)
-    out, start = {}, 0
-    for name, spec in WORLDS.items():
-        out[name] = pool[start: start + spec.stores]
-        start += spec.stores
-    return out
+    return _split_among_worlds(STREETS, seed, "stores")
 
 
 def _products(rng: random.Random, brands: list[str]) -> list[Product]:
