@@ -122,6 +122,10 @@ def _eval_stage(cfg: ReasonLiteConfig | StageView, model_dir: Path, out: Path) -
     by_context = modes != ["none"]  # per-mode results, only when asked for (the summary of other runs is unchanged)
     if by_context:
         summary.update(context_modes=modes, by_context={})
+    # each split's questions and their sources per mode, once for every target (retrieval is not asked twice)
+    asked = {split: splits[split][: cfg.eval.limit] if cfg.eval.limit else splits[split] for split in cfg.eval.splits}
+    sourced = {(split, mode): sources_for(examples, mode, cfg.context, cfg.runs_dir, knob="eval.context_modes")
+               for split, examples in asked.items() for mode in modes}
     for target_name, ref in targets.items():
         student = Student(ref, fmt=cfg.student.format, forcing=cfg.budget.forcing,
                           answer_tokens=cfg.budget.answer_tokens, batch_size=cfg.eval.batch_size,
@@ -135,10 +139,9 @@ def _eval_stage(cfg: ReasonLiteConfig | StageView, model_dir: Path, out: Path) -
             verifier = Verifier.load(cfg.eval.verifier_path, batch_size=cfg.eval.batch_size) \
                 if target_name == "student" else None
             select = "verifier" if verifier is not None else "vote"
-        for split in cfg.eval.splits:
-            examples = splits[split][: cfg.eval.limit] if cfg.eval.limit else splits[split]
+        for split, examples in asked.items():
             for mode in modes:  # eval.context_modes: the first mode's results are the split's headline numbers
-                sources = sources_for(examples, mode, cfg.context, cfg.runs_dir, knob="eval.context_modes")
+                sources = sourced[split, mode]
                 result = evaluate(student, examples, budgets=target_budgets, n=cfg.eval.n,
                                   temperature=cfg.eval.temperature, early_exit=cfg.eval.early_exit,
                                   max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
