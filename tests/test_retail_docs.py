@@ -431,6 +431,31 @@ def test_reasonlite_eval_writes_one_report_per_context_mode(tmp_path):
         assert saved["meta"]["context"] == mode and saved["meta"]["questions"] == 2  # test + test_heldout_kinds
 
 
+def test_gold_retrieved_trains_on_the_gold_sources_among_the_retrievers_own_neighbours(gateway, tmp_path):
+    """RAFT with hard distractors: each training question's gold sources plus what retrieval brings for it that is
+    not gold, shuffled (seeded); the teacher and the student see exactly those."""
+    from reasonlite.context import sources_for, with_retrieved
+    from reasonlite.traces import build_trace_set
+
+    cfg = build_config({"runs_dir": str(tmp_path / "runs"),
+                        "data": {"source": "retail_docs", "n_train": 8, "n_test": 1, "n_test_heldout_kinds": 1},
+                        "student": {"model": "tiny-random-llama", "format": "pal"},
+                        "traces": {"context": "gold_retrieved"},
+                        "context": {"base_url": gateway["served"].v1, "vector_store": "retail-docs", "top_k": 3}})
+    examples = retail_docs_splits(8, 1, n_test_heldout=1)["train"]
+    retrieved = sources_for(examples, "retrieved", cfg.context, cfg.runs_dir)
+    mixed = sources_for(examples, "gold_retrieved", cfg.context, cfg.runs_dir, seed=0)
+    for ex, found, sources in zip(examples, retrieved, mixed):
+        texts = [s.text for s in sources]
+        assert len(texts) == len(set(texts)) and all(g in sources for g in ex.context)  # every gold source, once
+        assert {s.text for s in sources} == {s.text for s in [*ex.context, *found]}  # + the retriever's others
+    assert any(sum(s not in ex.context for s in m) for ex, m in zip(examples, mixed))  # some distractor came along
+    assert mixed == with_retrieved([list(e.context) for e in examples], retrieved, seed=0)  # seeded
+    assert any(m != [*e.context, *(s for s in r if s not in e.context)] for e, r, m in zip(examples, retrieved, mixed))
+    ts = build_trace_set(cfg, tmp_path / "traces", show_progress=False)
+    assert [t.context for t in ts.traces] == mixed
+
+
 def test_context_distractors_add_other_questions_documents_to_the_gold_ones_in_a_seeded_order(tmp_path):
     """RAFT: each training question reads its own sources among k others drawn from the other questions', as a
     retriever's neighbours; the gold ones are always there, the order is seeded, and at 0 nothing changes."""
@@ -447,7 +472,7 @@ def test_context_distractors_add_other_questions_documents_to_the_gold_ones_in_a
         names = [s.filename for s in sources]
         assert len(names) == len(set(names)) == len(gold) + 2 and {s.filename for s in gold} <= set(names) <= pool
     assert any([s.filename for s in m][: len(g)] != [s.filename for s in g] for g, m in zip(golds, mixed))
-    with pytest.raises(ConfigError, match="traces.context_distractors adds documents .* set traces.context: gold"):
+    with pytest.raises(ConfigError, match="traces.context_distractors adds documents .* set traces.context: gold \\(or gold_retrieved\\)"):
         build_config({"traces": {"context_distractors": 2}})
     cfg = _traces_cfg(tmp_path, "gold").model_copy(deep=True)
     cfg.traces.context_distractors = 2

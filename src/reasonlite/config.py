@@ -20,7 +20,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 RationaleStyle = Literal["cot", "pal", "step_by_step"]
 StudentFormat = Literal["answer", "cot", "pal", "step_by_step"]
 SynthesisOp = Literal["rephrase", "new_numbers", "new_story", "extra_step", "irrelevant_context"]
-ContextMode = Literal["none", "gold", "retrieved"]
+ContextMode = Literal["none", "gold", "retrieved", "gold_retrieved"]
 BUILTIN_SOURCES = ("retail_math", "retail_docs", "gsm8k")
 
 
@@ -128,7 +128,7 @@ class TracesConfig(Section):
     counterfactual_negatives: bool = Field(True, description="make a rejected trace by perturbing a correct program when the teacher produced no wrong one")
     synthesize: SynthesizeConfig = Field(default_factory=SynthesizeConfig, description="teacher synthesis of new problems (TinyGSM recipe)")
     augment: AugmentConfig = Field(default_factory=AugmentConfig, description="program-aided augmentation of verified programs (no teacher)")
-    context: ContextMode = Field("none", description="sources put before each training question, in the teacher's and the student's prompt: none, gold (the example's own context) or retrieved (the top context.top_k chunks of context.vector_store)")
+    context: ContextMode = Field("none", description="sources put before each training question, in the teacher's and the student's prompt: none, gold (the example's own context), retrieved (the top context.top_k chunks of context.vector_store) or gold_retrieved (the gold sources shuffled among the retrieved chunks: hard RAFT distractors)")
     context_distractors: int = Field(0, ge=0, le=8, description="RAFT: with traces.context gold, add N documents of other training questions to each question's sources, shuffled with the gold ones, so the student learns to pick the source that answers (retrieval at serving time brings such neighbours); 0 = gold only")
 
 
@@ -347,17 +347,18 @@ class ReasonLiteConfig(Section):
 
     @model_validator(mode="after")
     def _context_needs(self) -> ReasonLiteConfig:
-        retrieved = self.traces.context == "retrieved" or "retrieved" in self.eval.context_modes
+        retrieved = self.traces.context in ("retrieved", "gold_retrieved") or \
+            bool({"retrieved", "gold_retrieved"} & set(self.eval.context_modes))
         if retrieved and not self.context.vector_store:
-            where = "traces.context" if self.traces.context == "retrieved" else "eval.context_modes"
+            where = "traces.context" if self.traces.context in ("retrieved", "gold_retrieved") else "eval.context_modes"
             raise ValueError(f"{where} asks for 'retrieved' sources but context.vector_store is not set: set it to "
                              "the store's id or name (`slm-fusion store ingest DIR --store NAME`), and "
                              "context.base_url to its endpoint")
         if len(set(self.eval.context_modes)) != len(self.eval.context_modes) or not self.eval.context_modes:
             raise ValueError("eval.context_modes must be a non-empty list of distinct modes, e.g. [none, gold, retrieved]")
-        if self.traces.context_distractors and self.traces.context != "gold":
+        if self.traces.context_distractors and self.traces.context not in ("gold", "gold_retrieved"):
             raise ValueError("traces.context_distractors adds documents to each question's gold sources: set "
-                             "traces.context: gold, or traces.context_distractors: 0")
+                             "traces.context: gold (or gold_retrieved), or traces.context_distractors: 0")
         if self.traces.context != "none":
             # the looked-up numbers live in the sources: a redrawn variant or a DPO prompt without them would be wrong
             clash = ("traces.augment.k" if self.traces.augment.k else

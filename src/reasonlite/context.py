@@ -1,6 +1,7 @@
-"""Where a question's sources come from, per context mode: `none`, `gold` (the example's own `context`) or
+"""Where a question's sources come from, per context mode: `none`, `gold` (the example's own `context`),
 `retrieved` (the top `context.top_k` chunks of `context.vector_store`, searched with the official `openai` client's
-`vector_stores.search`, so any OpenAI-compatible endpoint serves: our gateway, or OpenAI itself).
+`vector_stores.search`, so any OpenAI-compatible endpoint serves: our gateway, or OpenAI itself) or `gold_retrieved`
+(the gold sources among what retrieval brings for the question: RAFT's training contexts).
 
 The sources become the system message of `formats.build_messages`, the message the gateway's retrieval inserts too.
 Search results are kept in a SQLite cache (one committed row per question, like the teacher cache), so a killed
@@ -116,10 +117,15 @@ def retrieve(cfg: ContextConfig, queries: Sequence[str], cache_path: str | Path)
 
 
 def sources_for(examples: Sequence[Example], mode: ContextMode, cfg: ContextConfig,
-                runs_dir: str | Path = "runs", knob: str = "traces.context") -> list[list[Source] | None]:
-    """Each example's sources in `mode` (None = no sources message). `knob` names the setting in errors."""
+                runs_dir: str | Path = "runs", knob: str = "traces.context", seed: int = 0) -> list[list[Source] | None]:
+    """Each example's sources in `mode` (None = no sources message). `knob` names the setting in errors; `seed`
+    orders the sources of `gold_retrieved`."""
     if mode == "none":
         return [None] * len(examples)
+    if mode == "gold_retrieved":
+        gold = sources_for(examples, "gold", cfg, runs_dir, knob)
+        retrieved = sources_for(examples, "retrieved", cfg, runs_dir, knob)
+        return with_retrieved(gold, retrieved, seed)
     if mode == "gold":
         missing = [e.id for e in examples if not e.context]
         if missing:
@@ -129,7 +135,23 @@ def sources_for(examples: Sequence[Example], mode: ContextMode, cfg: ContextConf
         return [list(e.context or []) for e in examples]
     if mode == "retrieved":
         return list(retrieve(cfg, [e.question for e in examples], default_cache_path(cfg, runs_dir)))
-    raise ValueError(f"{knob}: unknown context mode '{mode}'; use none, gold or retrieved")
+    raise ValueError(f"{knob}: unknown context mode '{mode}'; use none, gold, retrieved or gold_retrieved")
+
+
+def with_retrieved(gold: Sequence[list[Source] | None], retrieved: Sequence[list[Source] | None],
+                   seed: int) -> list[list[Source] | None]:
+    """`gold_retrieved`: each question's gold sources plus the retrieved chunks that are not gold, in a seeded
+    shuffled order. The distractors are the retriever's own mistakes for this very question (the similar product's
+    page, another store's policy): the hard negatives RAFT (Zhang et al. 2024) trains with, where random documents
+    of other questions (`with_distractors`) are easy to tell apart."""
+    rng = random.Random(seed)
+    out: list[list[Source] | None] = []
+    for own, found in zip(gold, retrieved):
+        texts = {s.text for s in own or []}
+        picked = [*(own or []), *(s for s in found or [] if s.text not in texts)]
+        rng.shuffle(picked)
+        out.append(picked or None)
+    return out
 
 
 def with_distractors(contexts: Sequence[list[Source] | None], k: int, seed: int) -> list[list[Source] | None]:

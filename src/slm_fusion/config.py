@@ -231,8 +231,8 @@ class EmbeddingsConfig(_Strict):
 
 class ContextConfig(RetrievalSettings):
     """Files and vector stores (`/v1/files`, `/v1/vector_stores`) and retrieval into chat (slm_fusion.context); the
-    retrieval knobs (`RetrievalSettings`: top_k, max_context_tokens, min_score, hybrid_weight) are the defaults of
-    every model's and request's `context`."""
+    retrieval knobs (`RetrievalSettings`: top_k, max_context_tokens, min_score, hybrid_weight, diversity) are the
+    defaults of every model's and request's `context`."""
 
     path: str = Field("context.db", description="SQLite file holding files, chunks, vectors and the BM25 index (relative to the YAML).")
     max_file_bytes: int = Field(20_000_000, ge=1, description="Largest file `/v1/files` accepts (413 above).")

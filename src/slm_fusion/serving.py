@@ -138,7 +138,7 @@ async def _with_context(gw: Gateway, handle: ModelHandle, body: Any, raw: Any, a
     with tracing.span(gw.tracer, "slm_fusion.retrieval", {"slm_fusion.vector_store_ids": list(ctx.vector_store_ids),
                                                           "slm_fusion.top_k": ctx.top_k}) as traced:
         hits = await asyncio.to_thread(gw.context.search, list(ctx.vector_store_ids), query, ctx.top_k, None,
-                                       ctx.min_score, ctx.hybrid_weight)
+                                       ctx.min_score, ctx.hybrid_weight, diversity=ctx.diversity)
         if traced is not None:
             traced.set_attribute("slm_fusion.hits", len(hits))
     fields = {"model": body.model, **raw} if isinstance(raw, dict) else body.model_dump(exclude_unset=True)

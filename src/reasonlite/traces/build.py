@@ -137,7 +137,7 @@ def build_trace_set(cfg: ReasonLiteConfig | StageView, out_dir: str | Path, show
     exemplars = pick_exemplars(tc.few_shot, style, tc.few_shot_path)
     from reasonlite.context import sources_for, with_distractors
 
-    contexts = sources_for(examples, tc.context, cfg.context, cfg.runs_dir, knob="traces.context")
+    contexts = sources_for(examples, tc.context, cfg.context, cfg.runs_dir, knob="traces.context", seed=cfg.data.seed)
     if tc.context_distractors:
         contexts = with_distractors(contexts, tc.context_distractors, cfg.data.seed)
     prompts = [TeacherPrompt(teacher_messages(ex.question, style, exemplars, sources), ex)

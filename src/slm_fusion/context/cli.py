@@ -152,7 +152,7 @@ def search(
     store, settings = _open(db, config, must_exist=True)
     try:
         sid = _named(store, name, create=False)["id"]
-        hits = store.search([sid], query, top_k, hybrid_weight=settings.hybrid_weight)
+        hits = store.search([sid], query, top_k, hybrid_weight=settings.hybrid_weight, diversity=settings.diversity)
     finally:
         store.close()
     table = Table(title=f"{name}: {query}")

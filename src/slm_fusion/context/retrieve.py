@@ -20,12 +20,13 @@ class ContextRequest:
     max_context_tokens: int
     min_score: float
     hybrid_weight: float
+    diversity: float
 
 
 def context_request(asked: Any, defaults: RetrievalSettings | None,
                     declared: ModelContext | None = None) -> ContextRequest | None:
     """What a chat retrieves, field by field: the request's `extra_body.context` ({vector_store_ids, top_k,
-    max_context_tokens, min_score, hybrid_weight}) over the `context:` its model declares, over the gateway's
+    max_context_tokens, min_score, hybrid_weight, diversity}) over the `context:` its model declares, over the gateway's
     `context:` defaults; None when neither the request nor its model names a store."""
     if asked is None and declared is None:
         return None

@@ -12,6 +12,7 @@ from fastapi import FastAPI, File, Form, Query, UploadFile
 from fastapi.responses import Response
 
 from slm_fusion import protocol as P
+from slm_fusion.context.settings import RetrievalSettings
 from slm_fusion.context.store import ContextStore, StoreError
 
 BATCH_POLL_MS = "250"  # `openai-poll-after-ms` of a batch in progress: the SDK's create_and_poll waits this long
@@ -126,7 +127,7 @@ def add_context_routes(app: FastAPI, gw: Any, json_response: Any) -> None:
     @app.post("/v1/vector_stores/{store_id}/search")
     async def search(store_id: str, body: P.VectorStoreSearch) -> Response:
         threshold = body.ranking_options.score_threshold if body.ranking_options else 0.0
-        weight = gw.config.context.hybrid_weight if gw.config.context else 0.5
+        ranking = gw.config.context or RetrievalSettings()  # ranked as a chat's retrieval ranks
         hits = await run(store().search, [store_id], body.text(), body.max_num_results, body.filters, threshold,
-                         weight)
+                         ranking.hybrid_weight, 200, ranking.diversity)
         return json_response(P.search_page(body.text(), hits))

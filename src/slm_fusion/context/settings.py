@@ -24,6 +24,8 @@ class RetrievalSettings(BaseModel):
     min_score: float = Field(0.0, ge=0.0, le=1.0, description="Chunks scoring below this are not used.")
     hybrid_weight: float = Field(
         0.5, ge=0.0, le=1.0, description="Weight of the dense (embedding) ranking against BM25 in the fused score.")
+    diversity: float = Field(
+        0.3, ge=0.0, lt=1.0, description="MMR: demote chunks close to ones already picked (0 = by score alone).")
 
 
 KNOBS = tuple(RetrievalSettings.model_fields)

@@ -13,7 +13,9 @@ in one transaction (its chunks, their vectors and its `completed` status togethe
 chunks, only the `in_progress` row, and attaching the file again indexes it from the start. Search fuses the dense
 ranking (cosine over the store's vectors, numpy, held in memory until the store changes; a flat index is exact) with
 BM25 from FTS5 over the top candidates of each: score = hybrid_weight * cosine + (1 - hybrid_weight) * bm25
-normalised to the best BM25 hit.
+normalised to the best BM25 hit. With `diversity` (the gateway's default 0.3) the results are then picked from a
+pool four times their number by maximal marginal relevance: a question that needs a product's catalog page and its
+store's return policy gets both, not the policies of six stores (docs/benchmarks.md, Context store).
 
 A file batch is indexed file by file (`run_batch`, in the background of the worker that created it); its counts are
 its files' statuses, and `cancel_batch` (from any worker: the state is in the file) marks the files not yet indexed
@@ -107,6 +109,38 @@ class Hit:
     text: str
     attributes: dict[str, Any]
     chunk_id: int
+
+
+DIVERSITY_POOL = 4  # with `diversity`, MMR chooses the results among this many times as many of the best chunks
+
+
+def _as_vector(value: Any) -> np.ndarray:
+    """A stored vector as float32: SQLite keeps raw bytes, pgvector's adapter returns its `Vector`."""
+    if isinstance(value, (bytes, memoryview)):
+        return np.frombuffer(value, dtype=np.float32)
+    return np.asarray(value.to_numpy() if hasattr(value, "to_numpy") else value, dtype=np.float32)
+
+
+def diversify(hits: list[Hit], vectors: list[np.ndarray], k: int, diversity: float) -> list[Hit]:
+    """Maximal marginal relevance (Carbonell & Goldstein 1998): repeatedly take the hit with the best
+    (1 - diversity) * score - diversity * (its highest cosine to a hit already taken), so that near-copies of one page
+    (six stores' return policies) do not fill every slot a question needs for its second source. Hand-written: a
+    dozen lines over vectors the store already holds; the libraries that have it (LangChain) would be a framework."""
+    if not hits:
+        return hits
+    unit = np.stack(vectors)
+    sims = unit @ unit.T
+    taken: list[int] = []
+    closest = np.zeros(len(hits), dtype=np.float32)  # each hit's highest cosine to the hits taken so far
+    left = np.ones(len(hits), dtype=bool)
+    scores = np.array([h.score for h in hits], dtype=np.float32)
+    while len(taken) < min(k, len(hits)):
+        gain = np.where(left, (1 - diversity) * scores - diversity * closest, -np.inf)
+        best = int(np.argmax(gain))
+        taken.append(best)
+        left[best] = False
+        closest = np.maximum(closest, sims[best])
+    return [hits[i] for i in taken]
 
 
 def _now() -> int:
@@ -600,9 +634,11 @@ class ContextStore:
         return {r[0]: -r[1] for r, keep in zip(rows, mine.tolist()) if keep}
 
     def search(self, store_ids: Sequence[str], query: str, max_results: int = 10, filters: Any = None,
-               score_threshold: float = 0.0, hybrid_weight: float = 0.5, candidates: int = 200) -> list[Hit]:
+               score_threshold: float = 0.0, hybrid_weight: float = 0.5, candidates: int = 200,
+               diversity: float = 0.0) -> list[Hit]:
         """Best chunks of the stores for `query`: the top `candidates` of the dense ranking and of BM25, fused (see
-        the module doc), then filtered by attributes and by the files' status."""
+        the module doc), then filtered by attributes and by the files' status; `diversity` > 0 picks the
+        `max_results` from a wider pool by maximal marginal relevance (`diversify`)."""
         known = {r["id"] for r in self._q(f"SELECT id FROM vector_stores WHERE id IN ({','.join('?' * len(store_ids))})",
                                            list(store_ids))}
         for sid in store_ids:  # unknown ids are a 404 (store() also counts files and bytes: not needed here)
@@ -618,13 +654,16 @@ class ContextStore:
                  for cid in dense.keys() | bm25.keys()}
         ranked = sorted((c for c in fused if fused[c] >= score_threshold), key=lambda c: -fused[c])
         hits: list[Hit] = []
-        wanted, start, size = set(store_ids), 0, max_results
-        while start < len(ranked):  # texts and attributes of the best only: max_results first, then more if dropped
+        vectors: list[np.ndarray] = []
+        pool = max_results if diversity <= 0 else max(DIVERSITY_POOL * max_results, 20)
+        wanted, start, size = set(store_ids), 0, pool
+        while start < len(ranked) and len(hits) < pool:  # texts of the best only: a pool first, more if dropped
             batch, start, size = ranked[start:start + size], start + size, 64
             # by chunk id only (the primary key): a store_id condition here makes SQLite scan the store's index
             rows = {r["id"]: r for r in self._q(
-                f"SELECT c.id, c.store_id, c.file_id, c.text, f.filename, s.attributes FROM chunks c JOIN files f ON "
-                f"f.id = c.file_id JOIN store_files s ON s.store_id = c.store_id AND s.file_id = c.file_id WHERE c.id "
+                f"SELECT c.id, c.store_id, c.file_id, c.text, f.filename, s.attributes"
+                f"{', c.vector' if diversity > 0 else ''} FROM chunks c JOIN files f ON f.id = c.file_id JOIN "
+                f"store_files s ON s.store_id = c.store_id AND s.file_id = c.file_id WHERE c.id "
                 f"IN ({','.join('?' * len(batch))}) AND s.status = 'completed'", batch)}
             for cid in batch:
                 r = rows.get(cid)
@@ -633,6 +672,8 @@ class ContextStore:
                     continue
                 hits.append(Hit(r["file_id"], r["filename"], round(fused[cid], 6), r["text"],
                                 json.loads(r["attributes"]), cid))
-                if len(hits) == max_results:
-                    return hits
-        return hits
+                if diversity > 0:
+                    vectors.append(_as_vector(r["vector"]))
+                if len(hits) == pool:
+                    break
+        return diversify(hits, vectors, max_results, diversity) if diversity > 0 else hits
