@@ -443,17 +443,18 @@ class ContextStore:
                 many=True)
         return self.batch(sid, bid)
 
-    def run_batch(self, bid: str) -> dict[str, Any]:
+    def run_batch(self, bid: str, claimed: bool = False) -> dict[str, Any]:
         """Index a batch's files still `in_progress`, in order, if this worker holds or can take its lease (else
         another live worker runs it: nothing is done); stops when the batch is cancelled or its lease was taken over.
-        A file that cannot be indexed is `failed` with its reason, and the batch goes on."""
+        A file that cannot be indexed is `failed` with its reason, and the batch goes on. `claimed`: the caller
+        (`start_batch`) has just taken the lease."""
         sid = self._batch_row(None, bid)["store_id"]
         with self._lock:
             if bid in self._running and self._running[bid] is not threading.current_thread():
                 return self.batch(sid, bid)  # this process runs it already
             self._running[bid] = threading.current_thread()
         try:
-            if self._claim(bid):
+            if claimed or self._claim(bid):
                 self._run_claimed(sid, bid)
         finally:
             with self._lock:
@@ -526,7 +527,7 @@ class ContextStore:
 
     def _run_in_background(self, bid: str) -> None:
         try:
-            self.run_batch(bid)
+            self.run_batch(bid, claimed=True)
         except Exception:  # the batch stays in the database: its lease expires and another worker resumes it
             log.exception("file batch %s stopped; the next worker that starts or reads it resumes it", bid)
 
