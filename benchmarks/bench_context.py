@@ -20,14 +20,14 @@ and search latency and ingestion rate of the embedded (SQLite) and the PostgreSQ
 
 3. Sources found: on the retail-docs corpus (74 documents), the share of questions (test and held-out kinds, 60 per
    split) whose gold documents are ALL among the retrieved top_k, per question kind, ranked by score alone
-   (diversity 0) and by maximal marginal relevance (diversity 0.3, the gateway's default), top_k 3 and 4.
+   (diversity 0) and by maximal marginal relevance (diversity 0.3; the gateway default is 0), top_k 3 and 4.
 4. End to end through the gateway: a retail-docs student (`reasonlite run examples/retail_docs.yaml`, PAL, trained
    on gold sources) served by `slm-fusion serve` (transformers backend, `reasoning.student_prompt`), the official
    `openai` client asking each question of the test split (products, prices and stores never trained on) and of
    the held-out kinds: no context; `extra_body.context` on the store of all 74 documents (retrieved, once per
    (top_k, diversity) of part 3); and on a store holding only the question's own documents (gold). Accuracy of the
-   executed answer. Targets (on the top_k 3, diversity 0.3 row): retrieved >= no context + 40 points, and within
-   10 points of gold. Skipped (saying so) when no trained student is found; `--student DIR` points at one.
+   executed answer. Targets (on the top_k 3, diversity 0 row: the defaults): retrieved >= no context + 40 points, and
+   within 10 points of gold. Skipped (saying so) when no trained student is found; `--student DIR` points at one.
 
     python benchmarks/bench_context.py [--quick] [--student runs/retail-docs-pal/train/model]
 """
@@ -309,7 +309,7 @@ STUDENT_DIR = ROOT / "runs" / "retail-docs-pal" / "train" / "model"  # where exa
 
 
 RETRIEVALS = ((3, 0.0), (3, 0.3), (4, 0.3))  # (top_k, diversity) of the retrieved rows: by score, and with MMR
-DEFAULT_RETRIEVAL = (3, 0.3)  # examples/retail_docs.yaml's top_k, the gateway's default diversity: the targets' row
+DEFAULT_RETRIEVAL = (3, 0.0)  # examples/retail_docs.yaml's top_k, the gateway's default diversity: the targets' row
 
 
 def docs_retrieval(per_split: int) -> list[dict]:

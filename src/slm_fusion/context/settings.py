@@ -25,7 +25,7 @@ class RetrievalSettings(BaseModel):
     hybrid_weight: float = Field(
         0.5, ge=0.0, le=1.0, description="Weight of the dense (embedding) ranking against BM25 in the fused score.")
     diversity: float = Field(
-        0.3, ge=0.0, lt=1.0, description="MMR: demote chunks close to ones already picked (0 = by score alone).")
+        0.0, ge=0.0, lt=1.0, description="MMR: demote chunks close to ones already picked (0 = by score alone).")
 
 
 KNOBS = tuple(RetrievalSettings.model_fields)

@@ -13,9 +13,9 @@ in one transaction (its chunks, their vectors and its `completed` status togethe
 chunks, only the `in_progress` row, and attaching the file again indexes it from the start. Search fuses the dense
 ranking (cosine over the store's vectors, numpy, held in memory until the store changes; a flat index is exact) with
 BM25 from FTS5 over the top candidates of each: score = hybrid_weight * cosine + (1 - hybrid_weight) * bm25
-normalised to the best BM25 hit. With `diversity` (the gateway's default 0.3) the results are then picked from a
-pool four times their number by maximal marginal relevance: a question that needs a product's catalog page and its
-store's return policy gets both, not the policies of six stores (docs/benchmarks.md, Context store).
+normalised to the best BM25 hit. With `diversity` > 0 (`context.diversity`, default 0) the results are then picked
+from a pool four times their number by maximal marginal relevance: a question that needs a product's catalog page and
+its store's return policy gets both, not the policies of six stores (docs/benchmarks.md, Context store).
 
 A file batch is indexed file by file (`run_batch`, in the background of the worker that created it); its counts are
 its files' statuses, and `cancel_batch` (from any worker: the state is in the file) marks the files not yet indexed
