@@ -262,3 +262,12 @@ def test_the_context_knobs_leave_every_existing_hash_unchanged():
         ["e529d91ab821686d", "58f6ed29bc0abaca"]
     assert stage_hash(load_config(root / "retail_math.yaml", {"traces.context": "gold"}), "traces") != \
         "3ed1855af88280fe"
+
+
+def test_the_transfer_recipe_names_splits_its_data_has():
+    from reasonlite.data.splits import load_splits
+
+    cfg = load_config(EXAMPLES / "retail_transfer.yaml", {"data.n_train": 40})
+    splits = load_splits(cfg.data)
+    assert set(cfg.eval.splits) <= set(splits) and cfg.traces.augment.k == 1 and cfg.data.mix[0].weight == 0
+    assert len(splits["gsm8k:test"]) == 100 and len(splits["test_heldout_families"]) == 100
