@@ -115,6 +115,21 @@ def test_a_chat_answers_from_the_store_with_citations(gateway, store_id):
     assert streamed == [citations]
 
 
+def test_a_chat_may_ask_for_diversified_retrieval_on_either_store(gateway, store_id):
+    # the MMR path reads the chunks' stored vectors back (SQLite bytes, pgvector's Vector): same best source first
+    client, _, _ = gateway
+    asked = {"vector_store_ids": [store_id], "top_k": 3}
+    by_score, diverse = (client.chat.completions.create(
+        model="up", messages=[{"role": "user", "content": "Can I return sale items?"}],
+        extra_body={"context": {**asked, "diversity": d}}).model_dump()["choices"][0]["slm_fusion"]["citations"]
+        for d in (0.0, 0.5))
+    assert by_score[0]["filename"] == diverse[0]["filename"] == "policy.txt"
+    assert sorted(c["file_id"] for c in diverse) == sorted({c["file_id"] for c in diverse}) and len(diverse) <= 3
+    with pytest.raises(openai.BadRequestError, match="context.diversity"):
+        client.chat.completions.create(model="up", messages=[{"role": "user", "content": "x"}],
+                                       extra_body={"context": {**asked, "diversity": 1.5}})
+
+
 def test_the_responses_api_file_search_tool_is_served(gateway, store_id):
     client, _, _ = gateway
     r = client.responses.create(model="up", input="How many Aria mugs are in the warehouse?",
