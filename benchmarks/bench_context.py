@@ -316,8 +316,8 @@ def docs_retrieval(per_split: int) -> list[dict]:
     """Does retrieval bring every source a retail-docs question needs? Share of questions (test and held-out kinds)
     whose gold documents are all among the top_k chunks of the store of all 74 documents, per question kind, for
     each (top_k, diversity) of RETRIEVALS; hybrid 0.5, MiniLM, the store's own search."""
-    from slm_fusion.context.store import ContextStore
     from reasonlite.data.retail_docs import retail_docs_splits, write_retail_docs
+    from slm_fusion.context.store import ContextStore
 
     embed, tokenize = _minilm()
     splits = retail_docs_splits(300, per_split, seed=0)

@@ -21,6 +21,7 @@ RationaleStyle = Literal["cot", "pal", "step_by_step"]
 StudentFormat = Literal["answer", "cot", "pal", "step_by_step"]
 SynthesisOp = Literal["rephrase", "new_numbers", "new_story", "extra_step", "irrelevant_context"]
 ContextMode = Literal["none", "gold", "retrieved", "gold_retrieved"]
+RETRIEVING_MODES = ("retrieved", "gold_retrieved")  # the context modes that search context.vector_store
 BUILTIN_SOURCES = ("retail_math", "retail_docs", "gsm8k")
 
 
@@ -347,10 +348,9 @@ class ReasonLiteConfig(Section):
 
     @model_validator(mode="after")
     def _context_needs(self) -> ReasonLiteConfig:
-        retrieved = self.traces.context in ("retrieved", "gold_retrieved") or \
-            bool({"retrieved", "gold_retrieved"} & set(self.eval.context_modes))
-        if retrieved and not self.context.vector_store:
-            where = "traces.context" if self.traces.context in ("retrieved", "gold_retrieved") else "eval.context_modes"
+        traced = self.traces.context in RETRIEVING_MODES
+        if (traced or set(RETRIEVING_MODES) & set(self.eval.context_modes)) and not self.context.vector_store:
+            where = "traces.context" if traced else "eval.context_modes"
             raise ValueError(f"{where} asks for 'retrieved' sources but context.vector_store is not set: set it to "
                              "the store's id or name (`slm-fusion store ingest DIR --store NAME`), and "
                              "context.base_url to its endpoint")

@@ -163,6 +163,9 @@ class PgContextStore(ContextStore):
     def _vector_value(self, vector: np.ndarray) -> Any:
         return np.asarray(vector, dtype=np.float32)
 
+    def _stored_vector(self, value: Any) -> np.ndarray:
+        return np.asarray(value.to_numpy(), dtype=np.float32)  # pgvector's adapter reads a `Vector`
+
     def _dense(self, store_ids: Sequence[str], q: np.ndarray, candidates: int) -> dict[int, float]:
         column, settings = "vector", ""
         if self.vector_index == "hnsw":  # the index's expression, and how far its scan goes (see the module doc)

@@ -6,6 +6,7 @@ worker was killed resumes it here."""
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, File, Form, Query, UploadFile
@@ -128,6 +129,7 @@ def add_context_routes(app: FastAPI, gw: Any, json_response: Any) -> None:
     async def search(store_id: str, body: P.VectorStoreSearch) -> Response:
         threshold = body.ranking_options.score_threshold if body.ranking_options else 0.0
         ranking = gw.config.context or RetrievalSettings()  # ranked as a chat's retrieval ranks
-        hits = await run(store().search, [store_id], body.text(), body.max_num_results, body.filters, threshold,
-                         ranking.hybrid_weight, 200, ranking.diversity)
+        hits = await run(functools.partial(store().search, hybrid_weight=ranking.hybrid_weight,
+                                           diversity=ranking.diversity),
+                         [store_id], body.text(), body.max_num_results, body.filters, threshold)
         return json_response(P.search_page(body.text(), hits))

@@ -114,13 +114,6 @@ class Hit:
 DIVERSITY_POOL = 4  # with `diversity`, MMR chooses the results among this many times as many of the best chunks
 
 
-def _as_vector(value: Any) -> np.ndarray:
-    """A stored vector as float32: SQLite keeps raw bytes, pgvector's adapter returns its `Vector`."""
-    if isinstance(value, (bytes, memoryview)):
-        return np.frombuffer(value, dtype=np.float32)
-    return np.asarray(value.to_numpy() if hasattr(value, "to_numpy") else value, dtype=np.float32)
-
-
 def diversify(hits: list[Hit], vectors: list[np.ndarray], k: int, diversity: float) -> list[Hit]:
     """Maximal marginal relevance (Carbonell & Goldstein 1998): repeatedly take the hit with the best
     (1 - diversity) * score - diversity * (its highest cosine to a hit already taken), so that near-copies of one page
@@ -256,7 +249,8 @@ def open_store(location: str | Path, embed: Callable[[list[str]], np.ndarray],
 
 class ContextStore:
     """Files and vector stores in one SQLite file (see the module doc). Methods are blocking: call them in a thread.
-    The database primitives (`_connect`, `_q`, `_tx`, `_dense`, `_lexical`, `_vector_value`, `UPSERT_STORE_FILE`,
+    The database primitives (`_connect`, `_q`, `_tx`, `_dense`, `_lexical`, `_vector_value`, `_stored_vector`,
+    `UPSERT_STORE_FILE`,
     `NOW`) are all another database has to replace (context.pgvector); the rest is plain SQL both speak."""
 
     def __init__(self, path: str | Path, embed: Callable[[list[str]], np.ndarray],
@@ -327,6 +321,10 @@ class ContextStore:
 
     def _vector_value(self, vector: np.ndarray) -> Any:
         return np.asarray(vector, dtype=np.float32).tobytes()
+
+    def _stored_vector(self, value: Any) -> np.ndarray:
+        """The inverse of `_vector_value`: a `chunks.vector` as read back, as float32."""
+        return np.frombuffer(value, dtype=np.float32)
 
     # -- files ------------------------------------------------------------------------------------------------------
     def add_file(self, filename: str, data: bytes, purpose: str) -> dict[str, Any]:
@@ -674,7 +672,7 @@ class ContextStore:
                 hits.append(Hit(r["file_id"], r["filename"], round(fused[cid], 6), r["text"],
                                 json.loads(r["attributes"]), cid))
                 if diversity > 0:
-                    vectors.append(_as_vector(r["vector"]))
+                    vectors.append(self._stored_vector(r["vector"]))
                 if len(hits) == pool:
                     break
         return diversify(hits, vectors, max_results, diversity) if diversity > 0 else hits
