@@ -9,6 +9,7 @@ import pytest
 from reasonlite.answers import answers_match, extract_answer
 from reasonlite.config import DataConfig
 from reasonlite.data import TEMPLATES, generate_retail_math, retail_math_splits
+from reasonlite.data.retail_math import _RESULT as RESULT_OF
 from reasonlite.data.retail_math import (
     DEFAULT_HELDOUT_FAMILIES,
     FAMILIES,
@@ -161,3 +162,47 @@ def test_custom_heldout_families_config_aliases_and_bad_names():
     loaded = load_splits(cfg)
     assert [len(loaded[k]) for k in ("train", *EVAL_SPLITS)] == [12, 4, 3, 2]
     assert all(e.metadata["distractors"] >= 1 for e in loaded["train"])
+
+
+def test_varied_wording_changes_only_the_training_questions():
+    varied = retail_math_splits(n_train=300, n_test=40, seed=2, vary_wording=True)
+    plain = retail_math_splits(n_train=300, n_test=40, seed=2)
+    for name in EVAL_SPLITS:  # runs with and without it are measured on the same questions
+        assert [e.question for e in varied[name]] == [e.question for e in plain[name]]
+    train = varied["train"]
+    assert [e.question for e in train] == [e.question for e in retail_math_splits(300, 40, seed=2,
+                                                                                   vary_wording=True)["train"]]
+    assert all(e.metadata["varied_wording"] for e in train)
+    results = execute_many([e.program for e in train])
+    for e, r in zip(train, results, strict=True):
+        assert r.ok and answers_match(r.value, e.answer), (e.question, e.program, r.value, e.answer)
+    # every sentence picks its own wording: one draw is written in far more ways than the 5 training phrasings
+    ops = ("price_qty", "discount", "coupon")
+    texts = {_draw("checkout", ops, 0, random.Random("one draw"), vary=random.Random(k)).question for k in range(60)}
+    assert len(texts) > 4 * len(TRAIN_PHRASINGS)
+    # order-free count changes come in several orders, and the program computes them in the order the question states
+    reordered = [e for e in train if e.metadata["ops"] != e.metadata["structure"].split(":")[1].split("+")]
+    assert len(reordered) >= 30
+    for e in reordered:
+        steps = [line.split(" = ")[0].strip() for line in e.program.splitlines() if "units_after" in line.split(" = ")[0]]
+        after = [RESULT_OF[op] for op in e.metadata["ops"][:-1] if op in RESULT_OF]
+        assert steps[: len(after)] == after, (e.metadata["ops"], e.program)
+
+
+def test_varied_wording_never_uses_the_reworded_splits_wording():
+    for family, spec in FAMILY_SPECS.items():
+        for k, ops in enumerate(spec.structures[:: max(len(spec.structures) // 4, 1)]):
+            for phrasing in TRAIN_PHRASINGS:
+                seed = f"{family}:{k}:{phrasing}"
+                drawn = _draw(family, ops, phrasing, random.Random(seed), vary=random.Random(seed))
+                # the same numbers in the reworded wording (phrasing 5 reverses order-free runs: same sentences)
+                reworded = _draw(family, drawn.ops, 5, random.Random(seed))
+                assert drawn.solution.program() == reworded.solution.program()
+                split = lambda q: set(re.split(r"(?<=[.?]) (?=[A-Z0-9$])", q))  # "Crumb & Co. sells" is one
+                assert split(reworded.question).isdisjoint(split(drawn.question)), (drawn.question, reworded.question)
+
+
+def test_vary_wording_is_a_data_knob():
+    cfg = DataConfig(source="retail_math", n_train=50, n_test=10, vary_wording=True)
+    assert all(e.metadata.get("varied_wording") for e in load_splits(cfg)["train"])
+    assert not any(e.metadata.get("varied_wording") for e in load_splits(DataConfig(n_train=50, n_test=10))["train"])

@@ -79,7 +79,8 @@ CLUBS = ["the Lincoln School band", "the Maple Grove scout troop", "the Westfiel
 FUNDRAISER_GOODS = [("cupcakes", "cupcake", "tray"), ("candy bars", "candy bar", "box"),
                     ("brownies", "brownie", "tray"), ("lemon bars", "lemon bar", "tray")]
 
-N_VARIANTS = 4  # wordings per sentence: 0-2 are used by training phrasings, 3 only by the reworded ones
+N_VARIANTS = 7  # wordings per sentence: 0-2 are used by training phrasings, 3 only by the reworded ones
+VARIED_WORDINGS: list[int] = [0, 1, 2, 4, 5, 6]  # drawn per sentence under vary_wording (4-6 only there)
 PHRASINGS: list[int] = list(range(7))
 TRAIN_PHRASINGS: list[int] = [0, 1, 2, 3, 4]  # wording p % 3; the question comes first in 3 and 4
 REWORDED_PHRASINGS: list[int] = [5, 6]  # wording 3, count changes reversed; 5 asks first, 6 states the start after them
@@ -199,7 +200,10 @@ def _sell_days(rng: random.Random, s: _Solution, cur: str, out: str) -> list[str
     return [f"{{place}} {{sells}} {n} {{items}} each {period} for {d} {period}s.",
             f"For the next {d} {period}s, {{place}} {{sells}} {n} {{items}} per {period}.",
             f"Over {d} {period}s, {n} {{items}} are {{sold}} every {period}.",
-            f"{n} {{items}} went out each {period}, and this went on for {d} {period}s."]
+            f"{n} {{items}} went out each {period}, and this went on for {d} {period}s.",
+            f"Sales ran at {n} {{items}} per {period}, for {d} {period}s in a row.",
+            f"For {d} straight {period}s, {{place}} {{sells}} {n} {{items}} a {period}.",
+            f"Every {period} for {d} {period}s, {n} {{items}} are {{sold}}."]
 
 
 def _delivery(rng: random.Random, s: _Solution, cur: str, out: str) -> list[str]:
@@ -213,7 +217,10 @@ def _delivery(rng: random.Random, s: _Solution, cur: str, out: str) -> list[str]
     return [f"Then a delivery of {b} {boxes} arrived, each holding {k} {{items}}.",
             f"{{place}} received {b} {boxes} with {k} {{items}} in each.",
             f"A shipment came in: {b} {boxes} of {k} {{items}} apiece.",
-            f"Each of the {b} {boxes} unloaded later held {k} {{items}}."]
+            f"Each of the {b} {boxes} unloaded later held {k} {{items}}.",
+            f"Next, {k} {{items}} came in each of {b} {boxes}.",
+            f"A truck dropped off {b} {boxes}, and every {box} had {k} {{items}} inside.",
+            f"{{place}} got a delivery: {b} {boxes}, {k} {{items}} per {box}."]
 
 
 def _returns(rng: random.Random, s: _Solution, cur: str, out: str) -> list[str]:
@@ -222,7 +229,10 @@ def _returns(rng: random.Random, s: _Solution, cur: str, out: str) -> list[str]:
     return [f"Customers returned {r} {{items}}, which went back into stock.",
             f"{r} {{items}} were returned and put back on the shelf.",
             f"Later, {r} returned {{items}} were added back.",
-            f"Back into stock went {r} {{items}} that shoppers had returned."]
+            f"Back into stock went {r} {{items}} that shoppers had returned.",
+            f"Shoppers brought back {r} {{items}}, and these were restocked.",
+            f"{r} {{items}} came back as returns and were put back in stock.",
+            f"Then {r} {{items}} were returned to {{place}} and restocked."]
 
 
 def _damaged(rng: random.Random, s: _Solution, cur: str, out: str) -> list[str]:
@@ -232,7 +242,10 @@ def _damaged(rng: random.Random, s: _Solution, cur: str, out: str) -> list[str]:
     return [f"{r} {{items}} were found {{damaged}} and thrown away.",
             f"{{place}} threw out {r} {{damaged}} {{items}}.",
             f"Of those, {r} {{items}} turned out to be {{damaged}} and were removed.",
-            f"{r} {{items}} had to be discarded as {{damaged}}."]
+            f"{r} {{items}} had to be discarded as {{damaged}}.",
+            f"Sadly, {r} {{items}} were {{damaged}} and had to be thrown out.",
+            f"{{place}} removed {r} {{items}} because they were {{damaged}}.",
+            f"A check found {r} {{damaged}} {{items}}, which were discarded."]
 
 
 def _split(rng: random.Random, s: _Solution, cur: str, out: str) -> list[str]:
@@ -242,7 +255,10 @@ def _split(rng: random.Random, s: _Solution, cur: str, out: str) -> list[str]:
     return [f"The {{items}} are then shared equally among {b} {{recipients}}.",
             f"Next, {{place}} splits them evenly between {b} {{recipients}}.",
             f"After that, all of them are divided equally among {b} {{recipients}}.",
-            f"Equal shares of what remains go to each of {b} {{recipients}}."]
+            f"Equal shares of what remains go to each of {b} {{recipients}}.",
+            f"Everything left is then divided evenly among {b} {{recipients}}.",
+            f"{b} {{recipients}} then share them equally.",
+            f"Then they are handed out in equal parts to {b} {{recipients}}."]
 
 
 def _price_qty(rng: random.Random, s: _Solution, cur: str, out: str) -> list[str]:
@@ -250,7 +266,10 @@ def _price_qty(rng: random.Random, s: _Solution, cur: str, out: str) -> list[str
     s.step(out, f"{cur} * price_each", "At {price_each} each, {prev} {items} come to {prev} * {price_each} = {out}.",
            money=True, prev=cur)
     return [f"Each {{item}} costs {p}.", f"The price is {p} per {{item}}.", f"They are priced at {p} each.",
-            f"One {{item}} goes for {p}."]
+            f"One {{item}} goes for {p}.",
+            f"A single {{item}} sells for {p}.",
+            f"Each one is priced at {p}.",
+            f"They cost {p} apiece."]
 
 
 def _bulk_tier(rng: random.Random, s: _Solution, cur: str, out: str) -> list[str]:
@@ -266,7 +285,10 @@ def _bulk_tier(rng: random.Random, s: _Solution, cur: str, out: str) -> list[str
     return [f"The first {t} {{items}} cost {f} each, and every {{item}} after that costs {c}.",
             f"Pricing is tiered: {f} each for the first {t}, then {c} each beyond that.",
             f"{{items}} cost {f} apiece up to {t}, and only {c} apiece for the rest.",
-            f"Beyond the first {t} {{items}}, which are {f} each, the price drops to {c} each."]
+            f"Beyond the first {t} {{items}}, which are {f} each, the price drops to {c} each.",
+            f"Each of the first {t} {{items}} costs {f}; any more cost {c} each.",
+            f"The price is {c} per {{item}} after the first {t}, which cost {f} each.",
+            f"Up to {t} {{items}} are charged at {f} each, and the rest at {c} each."]
 
 
 def _unit_conversion(rng: random.Random, s: _Solution, cur: str, out: str) -> list[str]:
@@ -281,7 +303,10 @@ def _unit_conversion(rng: random.Random, s: _Solution, cur: str, out: str) -> li
     return [f"It repacks everything into {packs} of {size} {small} each.",
             f"The {{good}} is divided into {packs} holding {size} {small} apiece.",
             f"Each {pack} it fills holds {size} {small}.",
-            f"{size} {small} go into every {pack} it fills."]
+            f"{size} {small} go into every {pack} it fills.",
+            f"Then everything is packed into {packs} that hold {size} {small} each.",
+            f"It is portioned into {packs}, {size} {small} to a {pack}.",
+            f"Every {pack} gets filled with {size} {small}."]
 
 
 def _discount(rng: random.Random, s: _Solution, cur: str, out: str) -> list[str]:
@@ -291,7 +316,10 @@ def _discount(rng: random.Random, s: _Solution, cur: str, out: str) -> list[str]
            money=True, prev=cur)
     s.step(out, f"{cur} - discount", "After the discount: {prev} - {discount} = {out}.", money=True, prev=cur)
     return [f"A {pct}% discount is applied to the total.", f"The total is then reduced by {pct}%.",
-            f"There is a {pct}%-off sale on the whole amount.", f"On top of that, the amount is cut by {pct} percent."]
+            f"There is a {pct}%-off sale on the whole amount.", f"On top of that, the amount is cut by {pct} percent.",
+            f"The total then gets {pct}% off.",
+            f"A sale takes {pct}% off the whole amount.",
+            f"Then {pct} percent is knocked off the total."]
 
 
 def _coupon(rng: random.Random, s: _Solution, cur: str, out: str) -> list[str]:
@@ -299,7 +327,10 @@ def _coupon(rng: random.Random, s: _Solution, cur: str, out: str) -> list[str]:
     s.step(out, f"{cur} - coupon_value", "The coupon brings it to {prev} - {coupon_value} = {out}.", money=True,
            prev=cur)
     return [f"A {c} coupon is then used.", f"Then {c} comes off with a coupon.", f"After that, a coupon saves {c}.",
-            f"A coupon worth {c} is redeemed next."]
+            f"A coupon worth {c} is redeemed next.",
+            f"Then a coupon takes {c} off.",
+            f"{c} is saved with a coupon after that.",
+            f"A coupon then lowers the amount by {c}."]
 
 
 def _tax(rng: random.Random, s: _Solution, cur: str, out: str) -> list[str]:
@@ -308,14 +339,20 @@ def _tax(rng: random.Random, s: _Solution, cur: str, out: str) -> list[str]:
     s.step("tax", f"{cur} * tax_percent / 100", "Tax is {prev} * {tax_percent}% = {out}.", money=True, prev=cur)
     s.step(out, f"{cur} + tax", "With tax: {prev} + {tax} = {out}.", money=True, prev=cur)
     return [f"Sales tax of {t}% is added.", f"Then {t}% tax is charged on that amount.",
-            f"A {t}% sales tax applies to what is left.", f"Tax at {t} percent is added next."]
+            f"A {t}% sales tax applies to what is left.", f"Tax at {t} percent is added next.",
+            f"Then a {t}% sales tax is added on.",
+            f"{t}% sales tax is charged next.",
+            f"Sales tax adds {t}% to that amount."]
 
 
 def _shipping(rng: random.Random, s: _Solution, cur: str, out: str) -> list[str]:
     f = s.given("shipping_fee", _money(rng, 5, 30, "0.5"), money=True)
     s.step(out, f"{cur} + shipping_fee", "Adding shipping: {prev} + {shipping_fee} = {out}.", money=True, prev=cur)
     return [f"A shipping fee of {f} is added.", f"Delivery then costs an extra {f}.",
-            f"The supplier also charges {f} for shipping.", f"Shipping adds {f} more."]
+            f"The supplier also charges {f} for shipping.", f"Shipping adds {f} more.",
+            f"Then {f} is added for shipping.",
+            f"On top of that, shipping costs {f}.",
+            f"There is also a {f} shipping charge."]
 
 
 def _change_due(rng: random.Random, s: _Solution, cur: str, out: str) -> list[str]:
@@ -325,7 +362,10 @@ def _change_due(rng: random.Random, s: _Solution, cur: str, out: str) -> list[st
     b = s.given("amount_paid", rng.choice(bills), money=True)
     s.step(out, f"amount_paid - {cur}", "The change is {amount_paid} - {prev} = {out}.", money=True, prev=cur)
     return [f"{{buyer}} pays with a {b} bill.", f"{{buyer}} hands over {b}.", f"Payment is made with {b} in cash.",
-            f"{b} in cash is handed to the cashier."]
+            f"{b} in cash is handed to the cashier.",
+            f"{{buyer}} pays using a {b} bill.",
+            f"To pay, {{buyer}} gives the cashier {b}.",
+            f"{{buyer}} pays in cash with {b}."]
 
 
 def _split_cost(rng: random.Random, s: _Solution, cur: str, out: str) -> list[str]:
@@ -335,7 +375,10 @@ def _split_cost(rng: random.Random, s: _Solution, cur: str, out: str) -> list[st
     return [f"The amount is split equally among {n} {{recipients}}.",
             f"{n} {{recipients}} then share the amount equally.",
             f"Each of {n} {{recipients}} pays an equal share of it.",
-            f"The money is then divided evenly across {n} {{recipients}}."]
+            f"The money is then divided evenly across {n} {{recipients}}.",
+            f"That cost is shared evenly by {n} {{recipients}}.",
+            f"Then the total is divided equally among {n} {{recipients}}.",
+            f"{n} {{recipients}} split the cost equally."]
 
 
 OPS: dict[str, Op] = {
@@ -360,24 +403,32 @@ _RESULT = {"sell_days": "units_after_sales", "delivery": "units_after_delivery",
 # ---------------------------------------------------------------------------------------------------------------
 _INTROS = {
     "stock": ["{place} had {n} {items}.", "At the start, {place} had {n} {items}.", "There were {n} {items} at {place}.",
-              "{place} began with {n} {items} on hand."],
+              "{place} began with {n} {items} on hand.",
+        "{place} started out with {n} {items}.", "There were {n} {items} in stock at {place} at first.", "{n} {items} were on hand at {place} to begin with."],
     "purchase": ["{buyer} buys {n} {items} at {place}.", "At {place}, {buyer} picks up {n} {items}.",
-                 "{buyer} orders {n} {items} from {place}.", "{n} {items} are bought by {buyer} at {place}."],
+                 "{buyer} orders {n} {items} from {place}.", "{n} {items} are bought by {buyer} at {place}.",
+        "{buyer} gets {n} {items} at {place}.", "{buyer} is buying {n} {items} from {place}.", "At {place}, {n} {items} are picked up by {buyer}."],
     "bulk": ["{place} buys {n} {big}s of {good}.", "A shipment of {n} {big}s of {good} reaches {place}.",
-             "{place} orders {n} {big}s of {good}.", "{n} {big}s of {good} were bought by {place}."],
+             "{place} orders {n} {big}s of {good}.", "{n} {big}s of {good} were bought by {place}.",
+        "{place} gets {n} {big}s of {good}.", "{n} {big}s of {good} are ordered by {place}.", "{place} takes in {n} {big}s of {good}."],
 }
 _QUESTIONS = {
     "count_left": ["How many {items} does {place} have now?", "How many {items} are left at the end?",
-                   "What is the final number of {items}?", "Find how many {items} {place} ends up with."],
+                   "What is the final number of {items}?", "Find how many {items} {place} ends up with.",
+        "How many {items} are there at the end?", "How many {items} remain?", "What number of {items} does {place} end with?"],
     "count_each": ["How many {items} does each {recipient} get?", "How many {items} go to each {recipient}?",
                    "What is one {recipient}'s share of {items}, as a count?",
-                   "Work out the number of {items} per {recipient}."],
+                   "Work out the number of {items} per {recipient}.",
+        "How many {items} does one {recipient} receive?", "What is the number of {items} each {recipient} gets?", "Each {recipient} gets how many {items}?"],
     "money_total": ["How many dollars is the final amount?", "What is the total, in dollars?",
-                    "How much money is that in all, in dollars?", "Give the final amount in dollars."],
+                    "How much money is that in all, in dollars?", "Give the final amount in dollars.",
+        "What is the final total in dollars?", "How many dollars does it come to?", "Find the final cost in dollars."],
     "money_change": ["How many dollars of change are due?", "How much change comes back, in dollars?",
-                     "What is the change in dollars?", "Find the change owed, in dollars."],
+                     "What is the change in dollars?", "Find the change owed, in dollars.",
+        "How many dollars come back as change?", "What change is owed, in dollars?", "Work out the change in dollars."],
     "money_each": ["How many dollars is each {recipient}'s share?", "How much does one {recipient} get, in dollars?",
-                   "What is the share per {recipient} in dollars?", "Find each {recipient}'s part, in dollars."],
+                   "What is the share per {recipient} in dollars?", "Find each {recipient}'s part, in dollars.",
+        "What is each {recipient}'s share in dollars?", "How many dollars is one {recipient}'s part?", "Find the dollar share of each {recipient}."],
 }
 _QUESTION_AFTER = {"split": "count_each", "change_due": "money_change", "split_cost": "money_each",
                    "price_qty": "money_total", "bulk_tier": "money_total", "discount": "money_total",
@@ -480,6 +531,7 @@ _TEST_BUCKETS = 8  # one question in 8 (by hash) is reserved for `test`, so trai
 
 @dataclass
 class _Problem:
+    ops: tuple[str, ...]  # in the order the question states them
     solution: _Solution
     base_question: str  # without distractors
     question: str
@@ -487,29 +539,43 @@ class _Problem:
 
 
 def _render(spec: _Family, ops: tuple[str, ...], phrasing: int, intro: str, facts: list[tuple[str, list[str]]],
-            words: dict[str, str]) -> list[str]:
-    """Sentences of the question (the question sentence last or first), for one phrasing."""
+            words: dict[str, str], vary: random.Random | None = None) -> list[str]:
+    """Sentences of the question (the question sentence last or first), for one phrasing. With ``vary`` (a training
+    question under vary_wording) every sentence draws its own wording from VARIED_WORDINGS and a third of the time
+    the start is stated after the order-free count changes (which ``_draw`` already shuffled): no sentence frame or
+    position tells the student which number is which."""
     variant = phrasing % 3 if phrasing in TRAIN_PHRASINGS else 3
-    sentences = [(op, variants[variant]) for op, variants in facts]
+
+    def wording() -> int:
+        return vary.choice(VARIED_WORDINGS) if vary is not None else variant
+
+    sentences = [(op, variants[wording()]) for op, variants in facts]
     if phrasing in REWORDED_PHRASINGS:  # reverse each run of count changes whose order does not matter
         out: list[tuple[str, str]] = []
         for commuting, run in itertools.groupby(sentences, key=lambda x: x[0] in _COMMUTING):
             group = list(run)
             out.extend(reversed(group) if commuting else group)
         sentences = out
-    body = [_INTROS[spec.start][variant].format(**words, n=intro)] + [text.format(**words) for _, text in sentences]
-    if phrasing == 6:  # the starting amount is stated after the count changes (their order does not matter)
+    body = [_INTROS[spec.start][wording()].format(**words, n=intro)] + [text.format(**words) for _, text in sentences]
+    if phrasing == 6 or (vary is not None and vary.random() < 1 / 3):
+        # the starting amount is stated after the count changes (their order does not matter)
         run = next((k for k, op in enumerate(ops) if op not in _COMMUTING), len(ops))
         body = body[1: run + 1] + body[:1] + body[run + 1:]
-    question = _QUESTIONS[_QUESTION_AFTER.get(ops[-1], "count_left")][variant].format(**words)
+    question = _QUESTIONS[_QUESTION_AFTER.get(ops[-1], "count_left")][wording()].format(**words)
     first = phrasing in _QUESTION_FIRST
     return [_cap(x) for x in ([question] + body if first else body + [question])]
 
 
 def _draw(family: str, ops: tuple[str, ...], phrasing: int, rng: random.Random,
-          distractor_rng: random.Random | None = None, distractors: float = 0.0) -> _Problem:
-    """One problem; the numbers and nouns depend on ``rng`` only, never on the phrasing or the distractors."""
+          distractor_rng: random.Random | None = None, distractors: float = 0.0,
+          vary: random.Random | None = None) -> _Problem:
+    """One problem; the numbers and nouns depend on ``rng`` only, never on the phrasing or the distractors. A wording
+    draw ``vary`` also shuffles each run of order-free count changes before the numbers are drawn, so the question
+    states them and the program computes them in the same (random) order."""
     spec = FAMILY_SPECS[family]
+    if vary is not None:
+        runs = [(free, list(run)) for free, run in itertools.groupby(ops, key=lambda op: op in _COMMUTING)]
+        ops = tuple(op for free, run in runs for op in (vary.sample(run, len(run)) if free else run))
     for _ in range(_MAX_DRAWS):
         words = spec.words(rng)
         s = _Solution(words)
@@ -532,7 +598,7 @@ def _draw(family: str, ops: tuple[str, ...], phrasing: int, rng: random.Random,
                 cur = out
         except _Redraw:
             continue
-        sentences = _render(spec, ops, phrasing, intro, facts, words)
+        sentences = _render(spec, ops, phrasing, intro, facts, words, vary)
         base = " ".join(sentences)
         n_distractors = 0
         if distractor_rng is not None and distractors > 0 and distractor_rng.random() < distractors:
@@ -543,7 +609,7 @@ def _draw(family: str, ops: tuple[str, ...], phrasing: int, rng: random.Random,
                 line = _cap(text.format(**words, other=other, k=distractor_rng.randint(2, 90),
                                         h=distractor_rng.randint(3, 12)))
                 sentences.insert(distractor_rng.randint(facts_at.start, facts_at.stop), line)
-        return _Problem(s, base, " ".join(sentences), n_distractors)
+        return _Problem(ops, s, base, " ".join(sentences), n_distractors)
     raise RuntimeError(f"structure {family}:{'+'.join(ops)} found no clean numbers in {_MAX_DRAWS} draws; "
                        "widen its ranges")
 
@@ -556,16 +622,19 @@ Picker = Callable[[int, random.Random], tuple[str, tuple[str, ...], int]]
 
 
 def _generate(n: int, rng: random.Random, pick: Picker, prefix: str, avoid: set[str], distractors: float = 0.0,
-              test_bucket: bool | None = None) -> list[Example]:
-    """``n`` distinct problems; ``test_bucket`` True/False keeps only questions reserved / not reserved for test."""
+              test_bucket: bool | None = None, vary_wording: bool = False) -> list[Example]:
+    """``n`` distinct problems; ``test_bucket`` True/False keeps only questions reserved / not reserved for test;
+    ``vary_wording`` draws every sentence's wording and the clause order per question (see ``_render``)."""
     examples: list[Example] = []
     seen = set(avoid)
     distractor_rng = random.Random(f"{prefix}:distractors")
+    wording_rng = random.Random(f"{prefix}:wording")
     for i in range(n):
         family, ops, phrasing = pick(i, rng)
         for _ in range(_MAX_DRAWS * (_TEST_BUCKETS if test_bucket else 1)):
             # one distractor stream per question, so adding distractors never changes the problem itself
-            p = _draw(family, ops, phrasing, rng, random.Random(distractor_rng.random()), distractors)
+            vary = random.Random(wording_rng.random()) if vary_wording else None
+            p = _draw(family, ops, phrasing, rng, random.Random(distractor_rng.random()), distractors, vary)
             if p.base_question in seen:
                 continue
             if test_bucket is not None and _reserved_for_test(p.base_question) != test_bucket:
@@ -579,8 +648,8 @@ def _generate(n: int, rng: random.Random, pick: Picker, prefix: str, avoid: set[
             id=f"{prefix}-{i}", question=p.question, answer=s.answer(), rationale=s.rationale(), program=s.program(),
             domain="retail",
             metadata={"template": family, "family": family, "structure": f"{family}:{'+'.join(ops)}",
-                      "ops": list(ops), "phrasing": phrasing, "distractors": p.distractors, "steps": len(s.steps),
-                      "source": "retail_math"},
+                      "ops": list(p.ops), "phrasing": phrasing, "distractors": p.distractors, "steps": len(s.steps),
+                      "source": "retail_math", **({"varied_wording": True} if vary_wording else {})},
         ))
     return examples
 
@@ -632,10 +701,12 @@ def generate_retail_math(n: int, seed: int = 0, templates: list[str] | None = No
 def retail_math_splits(n_train: int, n_test: int, seed: int = 0, heldout_families: list[str] | None = None,
                        n_test_heldout: int | None = None, n_test_reworded: int | None = None,
                        distractors: float = 0.0, heldout_templates: list[str] | None = None,
-                       ) -> dict[str, list[Example]]:
+                       vary_wording: bool = False) -> dict[str, list[Example]]:
     """train / test / test_heldout_families / test_reworded (see the module docstring); no eval question is a train
     question. ``n_test_heldout`` and ``n_test_reworded`` default to ``n_test``; ``heldout_templates`` is the old
     name of ``heldout_families``. ``test_heldout_templates`` is the same list as ``test_heldout_families``.
+    ``vary_wording`` varies the training questions' wording and clause order (``_render``); the eval splits are
+    the same either way, so runs with and without it are measured on the same questions.
     """
     if heldout_families is None:
         heldout_families = heldout_templates
@@ -646,12 +717,12 @@ def retail_math_splits(n_train: int, n_test: int, seed: int = 0, heldout_familie
         raise ValueError("heldout_families holds every family; leave at least one for training")
 
     def split(name: str, n: int, families: list[str], phrasings: list[int], avoid: set[str],
-              test_bucket: bool | None) -> list[Example]:
+              test_bucket: bool | None, vary: bool = False) -> list[Example]:
         rng = random.Random(f"retail-math:{seed}:{name}")
         return _generate(n, rng, _structure_cycle(families, phrasings, rng), f"retail-{seed}-{name}", avoid,
-                         distractors, test_bucket)
+                         distractors, test_bucket, vary)
 
-    train = split("train", n_train, trained, TRAIN_PHRASINGS, set(), False)
+    train = split("train", n_train, trained, TRAIN_PHRASINGS, set(), False, vary_wording)
     train_questions = {e.question for e in train}
     test = split("test", n_test, trained, TRAIN_PHRASINGS, train_questions, True)
     heldout_test = split("heldout", n_test if n_test_heldout is None else n_test_heldout, heldout, TRAIN_PHRASINGS,
