@@ -9,7 +9,7 @@ import pytest
 from reasonlite.answers import answers_match, extract_answer
 from reasonlite.config import DataConfig
 from reasonlite.data import TEMPLATES, generate_retail_math, retail_math_splits
-from reasonlite.data.retail_math import _RESULT as RESULT_OF
+from reasonlite.data.retail_math import _RESULT as RESULT_OF  # each operation's result name
 from reasonlite.data.retail_math import (
     DEFAULT_HELDOUT_FAMILIES,
     FAMILIES,

@@ -28,12 +28,15 @@ from __future__ import annotations
 import hashlib
 import itertools
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import TypeVar
 
 from reasonlite.answers import eval_arithmetic, format_number
 from reasonlite.data.example import Example
+
+T = TypeVar("T")
 
 __all__ = [
     "DEFAULT_HELDOUT_FAMILIES", "DEFAULT_HELDOUT_TEMPLATES", "FAMILIES", "PHRASINGS", "REWORDED_PHRASINGS",
@@ -79,7 +82,7 @@ CLUBS = ["the Lincoln School band", "the Maple Grove scout troop", "the Westfiel
 FUNDRAISER_GOODS = [("cupcakes", "cupcake", "tray"), ("candy bars", "candy bar", "box"),
                     ("brownies", "brownie", "tray"), ("lemon bars", "lemon bar", "tray")]
 
-N_VARIANTS = 7  # wordings per sentence: 0-2 are used by training phrasings, 3 only by the reworded ones
+N_VARIANTS = 7  # wordings per sentence: 0-2 training phrasings, 3 only the reworded ones, 4-6 only vary_wording
 VARIED_WORDINGS: list[int] = [0, 1, 2, 4, 5, 6]  # drawn per sentence under vary_wording (4-6 only there)
 PHRASINGS: list[int] = list(range(7))
 TRAIN_PHRASINGS: list[int] = [0, 1, 2, 3, 4]  # wording p % 3; the question comes first in 3 and 4
@@ -404,31 +407,39 @@ _RESULT = {"sell_days": "units_after_sales", "delivery": "units_after_delivery",
 _INTROS = {
     "stock": ["{place} had {n} {items}.", "At the start, {place} had {n} {items}.", "There were {n} {items} at {place}.",
               "{place} began with {n} {items} on hand.",
-        "{place} started out with {n} {items}.", "There were {n} {items} in stock at {place} at first.", "{n} {items} were on hand at {place} to begin with."],
+              "{place} started out with {n} {items}.", "There were {n} {items} in stock at {place} at first.",
+              "{n} {items} were on hand at {place} to begin with."],
     "purchase": ["{buyer} buys {n} {items} at {place}.", "At {place}, {buyer} picks up {n} {items}.",
                  "{buyer} orders {n} {items} from {place}.", "{n} {items} are bought by {buyer} at {place}.",
-        "{buyer} gets {n} {items} at {place}.", "{buyer} is buying {n} {items} from {place}.", "At {place}, {n} {items} are picked up by {buyer}."],
+                 "{buyer} gets {n} {items} at {place}.", "{buyer} is buying {n} {items} from {place}.",
+                 "At {place}, {n} {items} are picked up by {buyer}."],
     "bulk": ["{place} buys {n} {big}s of {good}.", "A shipment of {n} {big}s of {good} reaches {place}.",
              "{place} orders {n} {big}s of {good}.", "{n} {big}s of {good} were bought by {place}.",
-        "{place} gets {n} {big}s of {good}.", "{n} {big}s of {good} are ordered by {place}.", "{place} takes in {n} {big}s of {good}."],
+             "{place} gets {n} {big}s of {good}.", "{n} {big}s of {good} are ordered by {place}.",
+             "{place} takes in {n} {big}s of {good}."],
 }
 _QUESTIONS = {
     "count_left": ["How many {items} does {place} have now?", "How many {items} are left at the end?",
                    "What is the final number of {items}?", "Find how many {items} {place} ends up with.",
-        "How many {items} are there at the end?", "How many {items} remain?", "What number of {items} does {place} end with?"],
+                   "How many {items} are there at the end?", "How many {items} remain?",
+                   "What number of {items} does {place} end with?"],
     "count_each": ["How many {items} does each {recipient} get?", "How many {items} go to each {recipient}?",
                    "What is one {recipient}'s share of {items}, as a count?",
                    "Work out the number of {items} per {recipient}.",
-        "How many {items} does one {recipient} receive?", "What is the number of {items} each {recipient} gets?", "Each {recipient} gets how many {items}?"],
+                   "How many {items} does one {recipient} receive?",
+                   "What is the number of {items} each {recipient} gets?", "Each {recipient} gets how many {items}?"],
     "money_total": ["How many dollars is the final amount?", "What is the total, in dollars?",
                     "How much money is that in all, in dollars?", "Give the final amount in dollars.",
-        "What is the final total in dollars?", "How many dollars does it come to?", "Find the final cost in dollars."],
+                    "What is the final total in dollars?", "How many dollars does it come to?",
+                    "Find the final cost in dollars."],
     "money_change": ["How many dollars of change are due?", "How much change comes back, in dollars?",
                      "What is the change in dollars?", "Find the change owed, in dollars.",
-        "How many dollars come back as change?", "What change is owed, in dollars?", "Work out the change in dollars."],
+                     "How many dollars come back as change?", "What change is owed, in dollars?",
+                     "Work out the change in dollars."],
     "money_each": ["How many dollars is each {recipient}'s share?", "How much does one {recipient} get, in dollars?",
                    "What is the share per {recipient} in dollars?", "Find each {recipient}'s part, in dollars.",
-        "What is each {recipient}'s share in dollars?", "How many dollars is one {recipient}'s part?", "Find the dollar share of each {recipient}."],
+                   "What is each {recipient}'s share in dollars?", "How many dollars is one {recipient}'s part?",
+                   "Find the dollar share of each {recipient}."],
 }
 _QUESTION_AFTER = {"split": "count_each", "change_due": "money_change", "split_cost": "money_each",
                    "price_qty": "money_total", "bulk_tier": "money_total", "discount": "money_total",
@@ -538,6 +549,12 @@ class _Problem:
     distractors: int
 
 
+def _reorder_free_runs(items: Sequence[T], op_of: Callable[[T], str], reorder: Callable[[list[T]], list[T]]) -> list[T]:
+    """``items`` with each run of consecutive order-free count changes (_COMMUTING) passed through ``reorder``."""
+    runs = itertools.groupby(items, key=lambda x: op_of(x) in _COMMUTING)
+    return [x for free, run in runs for x in (reorder(list(run)) if free else run)]
+
+
 def _render(spec: _Family, ops: tuple[str, ...], phrasing: int, intro: str, facts: list[tuple[str, list[str]]],
             words: dict[str, str], vary: random.Random | None = None) -> list[str]:
     """Sentences of the question (the question sentence last or first), for one phrasing. With ``vary`` (a training
@@ -551,11 +568,7 @@ def _render(spec: _Family, ops: tuple[str, ...], phrasing: int, intro: str, fact
 
     sentences = [(op, variants[wording()]) for op, variants in facts]
     if phrasing in REWORDED_PHRASINGS:  # reverse each run of count changes whose order does not matter
-        out: list[tuple[str, str]] = []
-        for commuting, run in itertools.groupby(sentences, key=lambda x: x[0] in _COMMUTING):
-            group = list(run)
-            out.extend(reversed(group) if commuting else group)
-        sentences = out
+        sentences = _reorder_free_runs(sentences, lambda x: x[0], lambda run: run[::-1])
     body = [_INTROS[spec.start][wording()].format(**words, n=intro)] + [text.format(**words) for _, text in sentences]
     if phrasing == 6 or (vary is not None and vary.random() < 1 / 3):
         # the starting amount is stated after the count changes (their order does not matter)
@@ -569,13 +582,12 @@ def _render(spec: _Family, ops: tuple[str, ...], phrasing: int, intro: str, fact
 def _draw(family: str, ops: tuple[str, ...], phrasing: int, rng: random.Random,
           distractor_rng: random.Random | None = None, distractors: float = 0.0,
           vary: random.Random | None = None) -> _Problem:
-    """One problem; the numbers and nouns depend on ``rng`` only, never on the phrasing or the distractors. A wording
-    draw ``vary`` also shuffles each run of order-free count changes before the numbers are drawn, so the question
-    states them and the program computes them in the same (random) order."""
+    """One problem; for given ``ops`` the numbers and nouns depend on ``rng`` only, never on the phrasing or the
+    distractors. A wording draw ``vary`` first shuffles each run of order-free count changes in ``ops``, so the
+    question states them and the program computes them in the same (random) order."""
     spec = FAMILY_SPECS[family]
     if vary is not None:
-        runs = [(free, list(run)) for free, run in itertools.groupby(ops, key=lambda op: op in _COMMUTING)]
-        ops = tuple(op for free, run in runs for op in (vary.sample(run, len(run)) if free else run))
+        ops = tuple(_reorder_free_runs(ops, lambda op: op, lambda run: vary.sample(run, len(run))))
     for _ in range(_MAX_DRAWS):
         words = spec.words(rng)
         s = _Solution(words)
