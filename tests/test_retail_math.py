@@ -206,3 +206,21 @@ def test_vary_wording_is_a_data_knob():
     cfg = DataConfig(source="retail_math", n_train=50, n_test=10, vary_wording=True)
     assert all(e.metadata.get("varied_wording") for e in load_splits(cfg)["train"])
     assert not any(e.metadata.get("varied_wording") for e in load_splits(DataConfig(n_train=50, n_test=10))["train"])
+
+
+def test_vary_order_false_varies_the_wording_only():
+    cfg = DataConfig(source="retail_math", n_train=300, n_test=10, seed=2, vary_wording=True, vary_order=False)
+    train = load_splits(cfg)["train"]
+    assert all(e.metadata["varied_wording"] and e.metadata["varied_order"] is False for e in train)
+    # every question keeps its structure's order, and the start still comes first (phrasings 0-2) or right after the
+    # question sentence (3-4): only the wording of each sentence changes
+    assert all(e.metadata["ops"] == e.metadata["structure"].split(":")[1].split("+") for e in train)
+    plain = {e.question for e in retail_math_splits(300, 10, seed=2)["train"]}
+    assert len(plain & {e.question for e in train}) < len(train) // 4
+    for e in train:
+        sentences = re.split(r"(?<=[.?]) (?=[A-Z0-9$])", e.question)
+        start = sentences[1] if e.metadata["phrasing"] in (3, 4) else sentences[0]
+        first_given = e.program.splitlines()[1].split(" = ")[1]
+        assert first_given in start.replace(",", ""), (start, e.program)
+    results = execute_many([e.program for e in train])
+    assert all(r.ok and answers_match(r.value, x.answer) for x, r in zip(train, results, strict=True))

@@ -556,11 +556,11 @@ def _reorder_free_runs(items: Sequence[T], op_of: Callable[[T], str], reorder: C
 
 
 def _render(spec: _Family, ops: tuple[str, ...], phrasing: int, intro: str, facts: list[tuple[str, list[str]]],
-            words: dict[str, str], vary: random.Random | None = None) -> list[str]:
+            words: dict[str, str], vary: random.Random | None = None, vary_order: bool = True) -> list[str]:
     """Sentences of the question (the question sentence last or first), for one phrasing. With ``vary`` (a training
-    question under vary_wording) every sentence draws its own wording from VARIED_WORDINGS and a third of the time
-    the start is stated after the order-free count changes (which ``_draw`` already shuffled): no sentence frame or
-    position tells the student which number is which."""
+    question under vary_wording) every sentence draws its own wording from VARIED_WORDINGS and, with ``vary_order``,
+    a third of the time the start is stated after the order-free count changes (which ``_draw`` already shuffled):
+    no sentence frame or position tells the student which number is which."""
     variant = phrasing % 3 if phrasing in TRAIN_PHRASINGS else 3
 
     def wording() -> int:
@@ -570,7 +570,7 @@ def _render(spec: _Family, ops: tuple[str, ...], phrasing: int, intro: str, fact
     if phrasing in REWORDED_PHRASINGS:  # reverse each run of count changes whose order does not matter
         sentences = _reorder_free_runs(sentences, lambda x: x[0], lambda run: run[::-1])
     body = [_INTROS[spec.start][wording()].format(**words, n=intro)] + [text.format(**words) for _, text in sentences]
-    if phrasing == 6 or (vary is not None and vary.random() < 1 / 3):
+    if phrasing == 6 or (vary is not None and vary_order and vary.random() < 1 / 3):
         # the starting amount is stated after the count changes (their order does not matter)
         run = next((k for k, op in enumerate(ops) if op not in _COMMUTING), len(ops))
         body = body[1: run + 1] + body[:1] + body[run + 1:]
@@ -581,12 +581,12 @@ def _render(spec: _Family, ops: tuple[str, ...], phrasing: int, intro: str, fact
 
 def _draw(family: str, ops: tuple[str, ...], phrasing: int, rng: random.Random,
           distractor_rng: random.Random | None = None, distractors: float = 0.0,
-          vary: random.Random | None = None) -> _Problem:
+          vary: random.Random | None = None, vary_order: bool = True) -> _Problem:
     """One problem; for given ``ops`` the numbers and nouns depend on ``rng`` only, never on the phrasing or the
-    distractors. A wording draw ``vary`` first shuffles each run of order-free count changes in ``ops``, so the
-    question states them and the program computes them in the same (random) order."""
+    distractors. A wording draw ``vary`` with ``vary_order`` first shuffles each run of order-free count changes in
+    ``ops``, so the question states them and the program computes them in the same (random) order."""
     spec = FAMILY_SPECS[family]
-    if vary is not None:
+    if vary is not None and vary_order:
         ops = tuple(_reorder_free_runs(ops, lambda op: op, lambda run: vary.sample(run, len(run))))
     for _ in range(_MAX_DRAWS):
         words = spec.words(rng)
@@ -610,7 +610,7 @@ def _draw(family: str, ops: tuple[str, ...], phrasing: int, rng: random.Random,
                 cur = out
         except _Redraw:
             continue
-        sentences = _render(spec, ops, phrasing, intro, facts, words, vary)
+        sentences = _render(spec, ops, phrasing, intro, facts, words, vary, vary_order)
         base = " ".join(sentences)
         n_distractors = 0
         if distractor_rng is not None and distractors > 0 and distractor_rng.random() < distractors:
@@ -634,9 +634,10 @@ Picker = Callable[[int, random.Random], tuple[str, tuple[str, ...], int]]
 
 
 def _generate(n: int, rng: random.Random, pick: Picker, prefix: str, avoid: set[str], distractors: float = 0.0,
-              test_bucket: bool | None = None, vary_wording: bool = False) -> list[Example]:
+              test_bucket: bool | None = None, vary_wording: bool = False, vary_order: bool = True) -> list[Example]:
     """``n`` distinct problems; ``test_bucket`` True/False keeps only questions reserved / not reserved for test;
-    ``vary_wording`` draws every sentence's wording and the clause order per question (see ``_render``)."""
+    ``vary_wording`` draws every sentence's wording per question and, with ``vary_order``, its clause order (see
+    ``_render``)."""
     examples: list[Example] = []
     seen = set(avoid)
     distractor_rng = random.Random(f"{prefix}:distractors")
@@ -646,7 +647,8 @@ def _generate(n: int, rng: random.Random, pick: Picker, prefix: str, avoid: set[
         for _ in range(_MAX_DRAWS * (_TEST_BUCKETS if test_bucket else 1)):
             # one distractor stream per question, so adding distractors never changes the problem itself
             vary = random.Random(wording_rng.random()) if vary_wording else None
-            p = _draw(family, ops, phrasing, rng, random.Random(distractor_rng.random()), distractors, vary)
+            p = _draw(family, ops, phrasing, rng, random.Random(distractor_rng.random()), distractors, vary,
+                      vary_order)
             if p.base_question in seen:
                 continue
             if test_bucket is not None and _reserved_for_test(p.base_question) != test_bucket:
@@ -661,7 +663,8 @@ def _generate(n: int, rng: random.Random, pick: Picker, prefix: str, avoid: set[
             domain="retail",
             metadata={"template": family, "family": family, "structure": f"{family}:{'+'.join(ops)}",
                       "ops": list(p.ops), "phrasing": phrasing, "distractors": p.distractors, "steps": len(s.steps),
-                      "source": "retail_math", **({"varied_wording": True} if vary_wording else {})},
+                      "source": "retail_math", **({"varied_wording": True} if vary_wording else {}),
+                      **({"varied_order": False} if vary_wording and not vary_order else {})},
         ))
     return examples
 
@@ -713,12 +716,12 @@ def generate_retail_math(n: int, seed: int = 0, templates: list[str] | None = No
 def retail_math_splits(n_train: int, n_test: int, seed: int = 0, heldout_families: list[str] | None = None,
                        n_test_heldout: int | None = None, n_test_reworded: int | None = None,
                        distractors: float = 0.0, heldout_templates: list[str] | None = None,
-                       vary_wording: bool = False) -> dict[str, list[Example]]:
+                       vary_wording: bool = False, vary_order: bool = True) -> dict[str, list[Example]]:
     """train / test / test_heldout_families / test_reworded (see the module docstring); no eval question is a train
     question. ``n_test_heldout`` and ``n_test_reworded`` default to ``n_test``; ``heldout_templates`` is the old
     name of ``heldout_families``. ``test_heldout_templates`` is the same list as ``test_heldout_families``.
-    ``vary_wording`` varies the training questions' wording and clause order (``_render``); the eval splits are
-    the same either way, so runs with and without it are measured on the same questions.
+    ``vary_wording`` varies the training questions' wording and (with ``vary_order``) clause order (``_render``);
+    the eval splits are the same either way, so runs with and without it are measured on the same questions.
     """
     if heldout_families is None:
         heldout_families = heldout_templates
@@ -732,7 +735,7 @@ def retail_math_splits(n_train: int, n_test: int, seed: int = 0, heldout_familie
               test_bucket: bool | None, vary: bool = False) -> list[Example]:
         rng = random.Random(f"retail-math:{seed}:{name}")
         return _generate(n, rng, _structure_cycle(families, phrasings, rng), f"retail-{seed}-{name}", avoid,
-                         distractors, test_bucket, vary)
+                         distractors, test_bucket, vary, vary_order)
 
     train = split("train", n_train, trained, TRAIN_PHRASINGS, set(), False, vary_wording)
     train_questions = {e.question for e in train}
