@@ -27,6 +27,11 @@ EVAL_SPLITS = ("test", "test_heldout_families", "test_reworded")
 QUESTION_FIRST = (3, 4, 5)
 
 
+def sentences_of(question: str) -> list[str]:
+    """A question's sentences ("Crumb & Co. sells" stays one: a sentence starts with a capital, digit or $)."""
+    return re.split(r"(?<=[.?]) (?=[A-Z0-9$])", question)
+
+
 @pytest.fixture(scope="module")
 def splits():
     return retail_math_splits(n_train=200, n_test=60, seed=1, n_test_reworded=50)
@@ -198,8 +203,8 @@ def test_varied_wording_never_uses_the_reworded_splits_wording():
                 # the same numbers in the reworded wording (phrasing 5 reverses order-free runs: same sentences)
                 reworded = _draw(family, drawn.ops, 5, random.Random(seed))
                 assert drawn.solution.program() == reworded.solution.program()
-                split = lambda q: set(re.split(r"(?<=[.?]) (?=[A-Z0-9$])", q))  # "Crumb & Co. sells" is one
-                assert split(reworded.question).isdisjoint(split(drawn.question)), (drawn.question, reworded.question)
+                assert set(sentences_of(reworded.question)).isdisjoint(sentences_of(drawn.question)), (
+                    drawn.question, reworded.question)
 
 
 def test_vary_wording_is_a_data_knob():
@@ -218,8 +223,8 @@ def test_vary_order_false_varies_the_wording_only():
     plain = {e.question for e in retail_math_splits(300, 10, seed=2)["train"]}
     assert len(plain & {e.question for e in train}) < len(train) // 4
     for e in train:
-        sentences = re.split(r"(?<=[.?]) (?=[A-Z0-9$])", e.question)
-        start = sentences[1] if e.metadata["phrasing"] in (3, 4) else sentences[0]
+        sentences = sentences_of(e.question)
+        start = sentences[1] if e.metadata["phrasing"] in QUESTION_FIRST else sentences[0]
         first_given = e.program.splitlines()[1].split(" = ")[1]
         assert first_given in start.replace(",", ""), (start, e.program)
     results = execute_many([e.program for e in train])

@@ -53,7 +53,7 @@ class DataConfig(Section):
     heldout_families: list[str] | None = Field(None, validation_alias=AliasChoices("heldout_families", "heldout_templates"), description="retail_math families held out of training (None = the generator's default: food_bank, fundraiser)")
     n_test_reworded: int | None = Field(None, ge=0, description="retail_math: questions of trained structures in phrasings never trained on (split test_reworded); None = n_test")
     distractors: float = Field(0.0, ge=0, le=1, description="retail_math: probability that a question gets 1-2 irrelevant sentences (GSM-IC style); answers never change")
-    vary_wording: bool = Field(False, description="retail_math: each training question draws every sentence's wording (6 wordings, never the reworded split's) and the order of its order-free facts, so numbers bind to meaning, not position; eval splits unchanged")
+    vary_wording: bool = Field(False, description="retail_math: each training question draws every sentence's wording (6 wordings, never the reworded split's) and (with vary_order) the order of its order-free facts, so numbers bind to meaning, not position; eval splits unchanged")
     vary_order: bool = Field(True, description="with vary_wording: also shuffle the order-free count changes (the program follows) and state the start after them a third of the time; false varies the wording only")
     heldout_kinds: list[str] | None = Field(None, description="retail_docs question kinds held out of training (None = the generator's default: stock_value, price_match)")
     n_test_heldout_kinds: int | None = Field(None, ge=0, description="retail_docs: questions of the held-out kinds (split test_heldout_kinds); None = n_test")

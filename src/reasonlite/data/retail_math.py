@@ -664,6 +664,7 @@ def _generate(n: int, rng: random.Random, pick: Picker, prefix: str, avoid: set[
             metadata={"template": family, "family": family, "structure": f"{family}:{'+'.join(ops)}",
                       "ops": list(p.ops), "phrasing": phrasing, "distractors": p.distractors, "steps": len(s.steps),
                       "source": "retail_math", **({"varied_wording": True} if vary_wording else {}),
+                      # recorded only when off, so the default's generated data stays byte-identical
                       **({"varied_order": False} if vary_wording and not vary_order else {})},
         ))
     return examples
