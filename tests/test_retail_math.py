@@ -18,6 +18,11 @@ from reasonlite.data.retail_math import (
     REWORDED_PHRASINGS,
     STRUCTURES,
     TRAIN_PHRASINGS,
+    VOCAB_CONTAINERS,
+    VOCAB_DAMAGED,
+    VOCAB_PERIODS,
+    VOCAB_RECIPIENTS,
+    VOCAB_SELLS,
     _draw,
 )
 from reasonlite.data.splits import load_splits
@@ -229,3 +234,44 @@ def test_vary_order_false_varies_the_wording_only():
         assert first_given in start.replace(",", ""), (start, e.program)
     results = execute_many([e.program for e in train])
     assert all(r.ok and answers_match(r.value, x.answer) for x, r in zip(train, results, strict=True))
+
+
+def _story_words(families: list[str], draws: int = 200) -> set[str]:
+    return {value for f in families for k in range(draws) for value in FAMILY_SPECS[f].words(random.Random(k)).values()}
+
+
+def test_vary_vocabulary_names_variables_from_wider_pools_that_hold_no_heldout_word():
+    heldout_only = _story_words(DEFAULT_HELDOUT_FAMILIES) - _story_words(
+        [f for f in FAMILIES if f not in DEFAULT_HELDOUT_FAMILIES])
+    assert {"expired", "squashed", "hands out", "shelters", "teams"} <= heldout_only  # the check below can bite
+    pools = {w for pair in VOCAB_SELLS + VOCAB_RECIPIENTS for w in pair} | {
+        *VOCAB_PERIODS, *VOCAB_DAMAGED, *VOCAB_CONTAINERS}
+    assert pools.isdisjoint(heldout_only)
+
+    varied = retail_math_splits(n_train=400, n_test=40, seed=2, vary_wording=True, vary_vocabulary=True)
+    plain = retail_math_splits(n_train=400, n_test=40, seed=2, vary_wording=True)
+    for name in EVAL_SPLITS:  # runs with and without it are measured on the same questions
+        assert [e.question for e in varied[name]] == [e.question for e in plain[name]]
+    train = varied["train"]
+    assert all(e.metadata["varied_vocabulary"] for e in train)
+    assert not any("varied_vocabulary" in e.metadata for e in plain["train"])
+    results = execute_many([e.program for e in train])
+    for e, r in zip(train, results, strict=True):
+        assert r.ok and answers_match(r.value, e.answer), (e.question, e.program, r.value, e.answer)
+
+    def names(examples):
+        return {line.split(" = ")[0].strip() for e in examples for line in e.program.splitlines() if " = " in line}
+
+    assert len(names(train) - names(plain["train"])) >= 20  # 99 names against 72 for seed 2
+    # each name is read off the question: units_<damage word> and <container>s_delivered use the question's words
+    for e in train:
+        for name in names([e]):
+            if name.startswith("units_") and name[6:] in VOCAB_DAMAGED:
+                assert name[6:] in e.question, (name, e.question)
+            if name.endswith("_delivered") and name != "units_delivered":
+                assert name.removesuffix("_delivered") in e.question, (name, e.question)
+
+
+def test_vary_vocabulary_is_a_data_knob():
+    cfg = DataConfig(source="retail_math", n_train=50, n_test=10, vary_vocabulary=True)
+    assert all(e.metadata.get("varied_vocabulary") for e in load_splits(cfg)["train"])

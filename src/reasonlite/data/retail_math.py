@@ -81,6 +81,29 @@ PANTRY_ITEMS = [("cans of beans", "can of beans", "crate"), ("boxes of cereal", 
 CLUBS = ["the Lincoln School band", "the Maple Grove scout troop", "the Westfield soccer club", "the Oakdale drama club"]
 FUNDRAISER_GOODS = [("cupcakes", "cupcake", "tray"), ("candy bars", "candy bar", "box"),
                     ("brownies", "brownie", "tray"), ("lemon bars", "lemon bar", "tray")]
+# vary_vocabulary: wider pools for the story words that become variable names (units_{damaged}, sold_per_{period},
+# {container}s_delivered, {recipients}), drawn per training question; none is a held-out family's word (a test checks)
+VOCAB_SELLS = [("sells", "sold"), ("ships out", "shipped out"), ("gives away", "given away"), ("uses up", "used up"),
+               ("moves", "moved"), ("rents out", "rented out"), ("loans out", "loaned out")]
+VOCAB_PERIODS = ["day", "week", "hour", "month", "shift"]
+VOCAB_DAMAGED = ["damaged", "broken", "spoiled", "dented", "cracked", "torn", "faulty", "stale", "burnt", "scratched"]
+VOCAB_CONTAINERS = ["box", "case", "carton", "crate", "pallet", "bin", "tote", "bundle", "basket", "tray"]
+VOCAB_RECIPIENTS = [("branches", "branch"), ("outlets", "outlet"), ("kiosks", "kiosk"), ("locations", "location"),
+                    ("warehouses", "warehouse"), ("stalls", "stall"), ("vans", "van"), ("counters", "counter")]
+
+
+
+def _vary_vocabulary(words: dict[str, str], rng: random.Random) -> dict[str, str]:
+    """``words`` with the verb, period, damage word, container and (a store's) recipients drawn from the VOCAB_
+    pools, so the student reads a variable's name off the question instead of recalling one of a few it trained on.
+    Wholesale buyers keep their own recipients (a hotel's floors), so the stories stay sensible."""
+    sells, sold = rng.choice(VOCAB_SELLS)
+    varied = {**words, "sells": sells, "sold": sold, "period": rng.choice(VOCAB_PERIODS),
+              "damaged": rng.choice(VOCAB_DAMAGED), "container": rng.choice(VOCAB_CONTAINERS)}
+    if words["recipients"] == "branches":
+        varied["recipients"], varied["recipient"] = rng.choice(VOCAB_RECIPIENTS)
+    return varied
+
 
 N_VARIANTS = 7  # wordings per sentence: 0-2 training phrasings, 3 only the reworded ones, 4-6 only vary_wording
 VARIED_WORDINGS: list[int] = [0, 1, 2, 4, 5, 6]  # drawn per sentence under vary_wording (4-6 only there)
@@ -581,15 +604,19 @@ def _render(spec: _Family, ops: tuple[str, ...], phrasing: int, intro: str, fact
 
 def _draw(family: str, ops: tuple[str, ...], phrasing: int, rng: random.Random,
           distractor_rng: random.Random | None = None, distractors: float = 0.0,
-          vary: random.Random | None = None, vary_order: bool = True) -> _Problem:
+          vary: random.Random | None = None, vary_order: bool = True,
+          vocabulary: random.Random | None = None) -> _Problem:
     """One problem; for given ``ops`` the numbers and nouns depend on ``rng`` only, never on the phrasing or the
     distractors. A wording draw ``vary`` with ``vary_order`` first shuffles each run of order-free count changes in
-    ``ops``, so the question states them and the program computes them in the same (random) order."""
+    ``ops``, so the question states them and the program computes them in the same (random) order. A draw
+    ``vocabulary`` replaces the story words that name variables (``_vary_vocabulary``)."""
     spec = FAMILY_SPECS[family]
     if vary is not None and vary_order:
         ops = tuple(_reorder_free_runs(ops, lambda op: op, lambda run: vary.sample(run, len(run))))
     for _ in range(_MAX_DRAWS):
         words = spec.words(rng)
+        if vocabulary is not None:
+            words = _vary_vocabulary(words, vocabulary)
         s = _Solution(words)
         low, high, mult = spec.start_range
         try:
@@ -634,21 +661,24 @@ Picker = Callable[[int, random.Random], tuple[str, tuple[str, ...], int]]
 
 
 def _generate(n: int, rng: random.Random, pick: Picker, prefix: str, avoid: set[str], distractors: float = 0.0,
-              test_bucket: bool | None = None, vary_wording: bool = False, vary_order: bool = True) -> list[Example]:
+              test_bucket: bool | None = None, vary_wording: bool = False, vary_order: bool = True,
+              vary_vocabulary: bool = False) -> list[Example]:
     """``n`` distinct problems; ``test_bucket`` True/False keeps only questions reserved / not reserved for test;
     ``vary_wording`` draws every sentence's wording per question and, with ``vary_order``, its clause order (see
-    ``_render``)."""
+    ``_render``); ``vary_vocabulary`` draws the story words that name variables (``_vary_vocabulary``)."""
     examples: list[Example] = []
     seen = set(avoid)
     distractor_rng = random.Random(f"{prefix}:distractors")
     wording_rng = random.Random(f"{prefix}:wording")
+    vocabulary_rng = random.Random(f"{prefix}:vocabulary")  # its own stream: the other draws stay as they were
     for i in range(n):
         family, ops, phrasing = pick(i, rng)
         for _ in range(_MAX_DRAWS * (_TEST_BUCKETS if test_bucket else 1)):
             # one distractor stream per question, so adding distractors never changes the problem itself
             vary = random.Random(wording_rng.random()) if vary_wording else None
+            vocabulary = random.Random(vocabulary_rng.random()) if vary_vocabulary else None
             p = _draw(family, ops, phrasing, rng, random.Random(distractor_rng.random()), distractors, vary,
-                      vary_order)
+                      vary_order, vocabulary)
             if p.base_question in seen:
                 continue
             if test_bucket is not None and _reserved_for_test(p.base_question) != test_bucket:
@@ -665,7 +695,8 @@ def _generate(n: int, rng: random.Random, pick: Picker, prefix: str, avoid: set[
                       "ops": list(p.ops), "phrasing": phrasing, "distractors": p.distractors, "steps": len(s.steps),
                       "source": "retail_math", **({"varied_wording": True} if vary_wording else {}),
                       # recorded only when off, so the default's generated data stays byte-identical
-                      **({"varied_order": False} if vary_wording and not vary_order else {})},
+                      **({"varied_order": False} if vary_wording and not vary_order else {}),
+                      **({"varied_vocabulary": True} if vary_vocabulary else {})},
         ))
     return examples
 
@@ -717,12 +748,14 @@ def generate_retail_math(n: int, seed: int = 0, templates: list[str] | None = No
 def retail_math_splits(n_train: int, n_test: int, seed: int = 0, heldout_families: list[str] | None = None,
                        n_test_heldout: int | None = None, n_test_reworded: int | None = None,
                        distractors: float = 0.0, heldout_templates: list[str] | None = None,
-                       vary_wording: bool = False, vary_order: bool = True) -> dict[str, list[Example]]:
+                       vary_wording: bool = False, vary_order: bool = True,
+                       vary_vocabulary: bool = False) -> dict[str, list[Example]]:
     """train / test / test_heldout_families / test_reworded (see the module docstring); no eval question is a train
     question. ``n_test_heldout`` and ``n_test_reworded`` default to ``n_test``; ``heldout_templates`` is the old
     name of ``heldout_families``. ``test_heldout_templates`` is the same list as ``test_heldout_families``.
     ``vary_wording`` varies the training questions' wording and (with ``vary_order``) clause order (``_render``);
-    the eval splits are the same either way, so runs with and without it are measured on the same questions.
+    ``vary_vocabulary`` draws the training stories' variable-naming words from wider pools (``_vary_vocabulary``).
+    The eval splits are the same either way, so runs with and without them are measured on the same questions.
     """
     if heldout_families is None:
         heldout_families = heldout_templates
@@ -733,12 +766,12 @@ def retail_math_splits(n_train: int, n_test: int, seed: int = 0, heldout_familie
         raise ValueError("heldout_families holds every family; leave at least one for training")
 
     def split(name: str, n: int, families: list[str], phrasings: list[int], avoid: set[str],
-              test_bucket: bool | None, vary: bool = False) -> list[Example]:
+              test_bucket: bool | None, train: bool = False) -> list[Example]:
         rng = random.Random(f"retail-math:{seed}:{name}")
         return _generate(n, rng, _structure_cycle(families, phrasings, rng), f"retail-{seed}-{name}", avoid,
-                         distractors, test_bucket, vary, vary_order)
+                         distractors, test_bucket, train and vary_wording, vary_order, train and vary_vocabulary)
 
-    train = split("train", n_train, trained, TRAIN_PHRASINGS, set(), False, vary_wording)
+    train = split("train", n_train, trained, TRAIN_PHRASINGS, set(), False, train=True)
     train_questions = {e.question for e in train}
     test = split("test", n_test, trained, TRAIN_PHRASINGS, train_questions, True)
     heldout_test = split("heldout", n_test if n_test_heldout is None else n_test_heldout, heldout, TRAIN_PHRASINGS,
