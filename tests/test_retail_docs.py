@@ -14,6 +14,7 @@ import pytest
 from reasonlite.answers import answers_match
 from reasonlite.config import ConfigError, ContextConfig, build_config
 from reasonlite.data.retail_docs import (
+    CLASSIC_KINDS,
     DEFAULT_HELDOUT_KINDS,
     KINDS,
     make_world,
@@ -24,6 +25,7 @@ from reasonlite.data.retail_docs import (
 from reasonlite.formats import SOURCES_PREAMBLE, build_messages, sources_message
 
 SPLITS = retail_docs_splits(60, 40, seed=0, n_test_heldout=30)
+SPLITS_ALL = retail_docs_splits(160, 60, seed=0, n_test_heldout=30, kinds="all")  # the 18 kinds, ~10 of each trained
 
 
 def _numbers(text: str) -> set[Fraction]:
@@ -67,7 +69,19 @@ def test_test_products_stores_and_their_facts_never_appear_in_training():
 
 def test_the_heldout_kinds_are_never_trained_on():
     trained = {e.metadata["kind"] for e in SPLITS["train"]}
-    assert trained == set(KINDS) - set(DEFAULT_HELDOUT_KINDS) == {e.metadata["kind"] for e in SPLITS["test"]}
+    assert trained == set(CLASSIC_KINDS) - set(DEFAULT_HELDOUT_KINDS) == {e.metadata["kind"] for e in SPLITS["test"]}
+    trained_all = {e.metadata["kind"] for e in SPLITS_ALL["train"]}
+    assert len(KINDS) == 18 and trained_all == set(KINDS) - set(DEFAULT_HELDOUT_KINDS)
+    assert trained_all == {e.metadata["kind"] for e in SPLITS_ALL["test"]}
+    assert {e.metadata["kind"] for e in SPLITS_ALL["test_heldout_kinds"]} == set(DEFAULT_HELDOUT_KINDS)
+    # the classic kinds' questions are drawn as before: the wider set adds kinds, it does not change the first seven
+    assert [e.question for e in SPLITS_ALL["test_heldout_kinds"]] == [e.question for e in SPLITS["test_heldout_kinds"]]
+    picked = retail_docs_splits(12, 6, kinds=["units_cost", "stock_after_sale", "stock_value"])
+    assert {e.metadata["kind"] for e in picked["train"]} == {"units_cost", "stock_after_sale"}
+    with pytest.raises(ValueError, match="data.kinds: unknown"):
+        retail_docs_splits(5, 5, kinds=["refund"])
+    with pytest.raises(ValueError, match="data.kinds: 'every'"):
+        retail_docs_splits(5, 5, kinds="every")
     assert {e.metadata["kind"] for e in SPLITS["test_heldout_kinds"]} == set(DEFAULT_HELDOUT_KINDS)
     custom = retail_docs_splits(10, 4, heldout_kinds=["bogo_cost"])
     assert "bogo_cost" not in {e.metadata["kind"] for e in custom["train"]}
@@ -79,7 +93,7 @@ def test_the_heldout_kinds_are_never_trained_on():
 def test_every_gold_program_runs_in_the_sandbox_to_the_gold_answer():
     from reasonlite.sandbox import execute_many
 
-    examples = [e for split in SPLITS.values() for e in split]
+    examples = [e for splits in (SPLITS, SPLITS_ALL) for split in splits.values() for e in split]
     results = execute_many([e.program for e in examples])
     wrong = [(e.id, e.answer, r.value, r.error) for e, r in zip(examples, results)
              if not (r.ok and answers_match(str(r.value), e.answer))]
@@ -88,7 +102,7 @@ def test_every_gold_program_runs_in_the_sandbox_to_the_gold_answer():
 
 
 def test_the_gold_sources_hold_every_looked_up_number_and_the_question_holds_none_of_them():
-    for e in (e for split in SPLITS.values() for e in split):
+    for e in (e for splits in (SPLITS, SPLITS_ALL) for split in splits.values() for e in split):
         in_context = _numbers(" ".join(s.text for s in e.context))
         in_question = _numbers(e.question)
         givens = _givens(e.program)
@@ -174,6 +188,9 @@ def test_context_knobs_are_checked_with_the_field_to_fix():
         build_config({"eval": {"context_modes": ["gold", "gold"]}})
     with pytest.raises(ConfigError, match="traces.context"):
         build_config({"traces": {"context": "oracle"}})
+    with pytest.raises(ConfigError, match=r"data.kinds: 'every' is neither all nor a list of retail_docs kinds"):
+        build_config({"data": {"source": "retail_docs", "kinds": "every"}})
+    assert build_config({"data": {"kinds": "all"}}).data.kinds == "all"
     cfg = build_config({"traces": {"context": "retrieved"}, "context": {"vector_store": "retail-docs"}})
     assert cfg.context.top_k == 3 and cfg.context.base_url.endswith("/v1")
 

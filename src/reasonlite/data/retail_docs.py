@@ -14,7 +14,10 @@ A question names a product (and a store) and a quantity; the numbers it needs li
 question *kind* looks its facts up and records named steps with retail_math's step recorder, so the gold PAL program
 (looked-up facts and given quantities as named variables, `return answer`), the chain of thought (the lookups, then
 the arithmetic, ending "The answer is X.") and the exact answer cannot disagree. `Example.context` holds the
-documents the question needs (its gold sources) and `metadata["lookups"]` the facts read from them.
+documents the question needs (its gold sources) and `metadata["lookups"]` the facts read from them. There are 18
+kinds: the 7 CLASSIC_KINDS (the default) and, with `kinds="all"` (`data.kinds: all`), 11 more that read the same
+facts in other combinations (units in cases, a budget's units, two products' total, two stores' stock, a
+delivery...), so that a held-out kind recombines trained lookups and steps.
 
 Splits (`retail_docs_splits`):
   ``train``               the train world, training kinds;
@@ -38,7 +41,7 @@ from reasonlite.data.example import Example, Source
 # retail_math's recorder: givens and steps, each value exact and checked clean; one record gives program, CoT, answer
 from reasonlite.data.retail_math import _Redraw, _Solution
 
-__all__ = ["DEFAULT_HELDOUT_KINDS", "KINDS", "WORLDS", "retail_docs_corpus", "retail_docs_splits",
+__all__ = ["CLASSIC_KINDS", "DEFAULT_HELDOUT_KINDS", "KINDS", "WORLDS", "retail_docs_corpus", "retail_docs_splits",
            "write_retail_docs"]
 
 # Invented brand names: a product is "<brand> <item>", one brand per product, so a name never repeats across worlds.
@@ -352,13 +355,182 @@ def _price_match(rng: random.Random, w: World, s: _Solution) -> _Drawn:
                   ["unit_price", "extra_percent"], p.name, store.name)
 
 
+# The wider kinds (`data.kinds: all`): each reads facts the kinds above read, in new combinations or with a new
+# operation, so that a held-out kind is a recombination of trained lookups and steps rather than a first sight of
+# multiplying a stock count by a price.
+
+def _units_in_cases(rng: random.Random, w: World, s: _Solution) -> _Drawn:
+    p = rng.choice(w.products)
+    cases = s.given("cases", rng.randint(2, 12))
+    s.given("case_size", p.case_size)
+    s.step("answer", "cases * case_size", "{cases} cases hold {cases} * {case_size} = {out} units.")
+    q = rng.choice([f"How many units are in {cases} cases of the {p.name}?",
+                    f"A shop receives {cases} cases of the {p.name}. How many single units is that?"])
+    return _Drawn(q, f"The catalog packs the {p.name} {p.case_size} units per case.", [f"catalog:{p.name}"],
+                  ["case_size"], p.name)
+
+
+def _units_cost(rng: random.Random, w: World, s: _Solution) -> _Drawn:
+    p = rng.choice(w.products)
+    units = s.given("units", rng.randint(2, 15))
+    s.given("unit_price", p.unit_price, money=True)
+    s.step("answer", "units * unit_price", "They cost {units} * {unit_price} = {out}.", money=True)
+    q = rng.choice([f"What do {units} single {p.plural} cost at the catalog price?",
+                    f"A customer buys {units} {p.plural} without any offer. How much is that in dollars?"])
+    return _Drawn(q, f"The catalog lists the {p.name} at {_money(p.unit_price)}.", [f"catalog:{p.name}"],
+                  ["unit_price"], p.name)
+
+
+def _member_unit_price(rng: random.Random, w: World, s: _Solution) -> _Drawn:
+    p = rng.choice([p for p in w.products if p.member_discount is not None])
+    s.given("unit_price", p.unit_price, money=True)
+    s.given("member_discount_percent", p.member_discount)
+    s.step("discount", "unit_price * member_discount_percent / 100",
+           "The member discount on one is {unit_price} * {member_discount_percent} / 100 = {out}.", money=True)
+    s.step("answer", "unit_price - discount", "A member pays {unit_price} - {discount} = {out}.", money=True)
+    q = rng.choice([f"What does a member pay for one {p.name}?",
+                    f"How much is a single {p.name} with the member discount?"])
+    return _Drawn(q, f"The catalog lists the {p.name} at {_money(p.unit_price)}, and members save "
+                     f"{p.member_discount}%.", [f"catalog:{p.name}", f"promotions:{p.name}"],
+                  ["unit_price", "member_discount_percent"], p.name)
+
+
+def _bogo_free_units(rng: random.Random, w: World, s: _Solution) -> _Drawn:
+    p = rng.choice([p for p in w.products if p.buy_n is not None])
+    units = s.given("units_bought", rng.randint(p.buy_n + 1, 6 * (p.buy_n + 1)))
+    s.given("buy_n", p.buy_n)
+    s.step("group_size", "buy_n + 1", "Every group of {buy_n} + 1 = {out} units has one free.")
+    s.step("answer", "units_bought // group_size",
+           "{units_bought} units hold {units_bought} // {group_size} = {out} free ones.")
+    q = rng.choice([f"A customer takes {units} single {p.plural} with the promotion. How many do they get free?",
+                    f"How many of {units} {p.plural}, bought one at a time with the current offer, are free?"])
+    return _Drawn(q, f"The offer on the {p.name} is buy {p.buy_n}, get 1 free.", [f"promotions:{p.name}"],
+                  ["buy_n"], p.name)
+
+
+def _budget_units(rng: random.Random, w: World, s: _Solution) -> _Drawn:
+    p = rng.choice(w.products)
+    budget = s.given("budget", rng.randint(int(p.unit_price) + 1, 8 * int(p.unit_price) + 8), money=True)
+    s.given("unit_price", p.unit_price, money=True)
+    s.step("answer", "budget // unit_price", "{budget} buys {budget} // {unit_price} = {out} units.")
+    q = rng.choice([f"How many {p.plural} can a customer buy with {budget}?",
+                    f"With {budget} to spend, how many single {p.plural} can a shop buy at the catalog price?"])
+    return _Drawn(q, f"The catalog lists the {p.name} at {_money(p.unit_price)}.", [f"catalog:{p.name}"],
+                  ["unit_price"], p.name)
+
+
+def _two_product_cost(rng: random.Random, w: World, s: _Solution) -> _Drawn:
+    p, r = rng.sample(w.products, 2)
+    n_first = s.given("units_first", rng.randint(2, 6))
+    s.given("price_first", p.unit_price, money=True)
+    n_second = s.given("units_second", rng.randint(2, 6))
+    s.given("price_second", r.unit_price, money=True)
+    s.step("cost_first", "units_first * price_first", "The first costs {units_first} * {price_first} = {out}.",
+           money=True)
+    s.step("cost_second", "units_second * price_second",
+           "The second costs {units_second} * {price_second} = {out}.", money=True)
+    s.step("answer", "cost_first + cost_second", "Together {cost_first} + {cost_second} = {out}.", money=True)
+    q = rng.choice([f"What do {n_first} {p.plural} and {n_second} {r.plural} cost together?",
+                    f"A customer buys {n_first} {p.plural} and {n_second} {r.plural}. What is the total in dollars?"])
+    return _Drawn(q, f"The catalog lists the {p.name} at {_money(p.unit_price)} and the {r.name} at "
+                     f"{_money(r.unit_price)}.", [f"catalog:{p.name}", f"catalog:{r.name}"],
+                  ["price_first", "price_second"], p.name)
+
+
+def _price_difference(rng: random.Random, w: World, s: _Solution) -> _Drawn:
+    p, r = sorted(rng.sample(w.products, 2), key=lambda x: x.unit_price, reverse=True)
+    s.given("price_first", p.unit_price, money=True)
+    s.given("price_second", r.unit_price, money=True)
+    s.step("answer", "price_first - price_second", "The difference is {price_first} - {price_second} = {out}.",
+           money=True)  # equal prices give 0, which the recorder redraws
+    q = rng.choice([f"How much more does the {p.name} cost than the {r.name}?",
+                    f"What is the price difference between one {p.name} and one {r.name}?"])
+    return _Drawn(q, f"The catalog lists the {p.name} at {_money(p.unit_price)} and the {r.name} at "
+                     f"{_money(r.unit_price)}.", [f"catalog:{p.name}", f"catalog:{r.name}"],
+                  ["price_first", "price_second"], p.name)
+
+
+def _stock_after_delivery(rng: random.Random, w: World, s: _Solution) -> _Drawn:
+    store, p = _stock_pick(rng, w)
+    s.given("units_in_stock", store.stock[p.name])
+    cases = s.given("cases_delivered", rng.randint(1, 5))
+    s.given("case_size", p.case_size)
+    s.step("units_delivered", "cases_delivered * case_size",
+           "{cases_delivered} cases hold {cases_delivered} * {case_size} = {out} units.")
+    s.step("answer", "units_in_stock + units_delivered",
+           "The store then has {units_in_stock} + {units_delivered} = {out}.")
+    q = rng.choice([f"The {store.name} store receives {cases} cases of the {p.name}. How many units does it have then?",
+                    f"After a delivery of {cases} cases, how many {p.plural} does the {store.name} store have?"])
+    return _Drawn(q, f"The {store.name} stock report shows {store.stock[p.name]} units of the {p.name}, packed "
+                     f"{p.case_size} per case.", [f"stock:{store.name}", f"catalog:{p.name}"],
+                  ["units_in_stock", "case_size"], p.name, store.name)
+
+
+def _two_stores_stock(rng: random.Random, w: World, s: _Solution) -> _Drawn:
+    first, second = rng.sample(w.stores, 2)
+    shared = [name for name in first.stock if name in second.stock]
+    if not shared:
+        raise _Redraw(f"no product in both the {first.name} and {second.name} stores")
+    name = rng.choice(shared)
+    p = next(p for p in w.products if p.name == name)
+    s.given("units_first_store", first.stock[p.name])
+    s.given("units_second_store", second.stock[p.name])
+    s.step("answer", "units_first_store + units_second_store",
+           "Together they have {units_first_store} + {units_second_store} = {out}.")
+    q = rng.choice([f"How many {p.plural} do the {first.name} and {second.name} stores have together?",
+                    f"Counting the {first.name} and {second.name} stores, how many units of the {p.name} are in "
+                    "stock?"])
+    return _Drawn(q, f"The {first.name} stock report shows {first.stock[p.name]} units of the {p.name} and the "
+                     f"{second.name} report {second.stock[p.name]}.", [f"stock:{first.name}", f"stock:{second.name}"],
+                  ["units_first_store", "units_second_store"], p.name, first.name)
+
+
+def _stock_shortfall(rng: random.Random, w: World, s: _Solution) -> _Drawn:
+    store, p = _stock_pick(rng, w)
+    wanted = s.given("units_wanted", store.stock[p.name] + rng.randint(1, 40))
+    s.given("units_in_stock", store.stock[p.name])
+    s.step("answer", "units_wanted - units_in_stock",
+           "{units_wanted} - {units_in_stock} = {out} more must be ordered.")
+    q = rng.choice([f"A customer wants {wanted} {p.plural} from the {store.name} store. How many more than it has "
+                    "in stock must be ordered?",
+                    f"How many {p.plural} is the {store.name} store short of an order for {wanted}?"])
+    return _Drawn(q, f"The {store.name} stock report shows {store.stock[p.name]} units of the {p.name}.",
+                  [f"stock:{store.name}"], ["units_in_stock"], p.name, store.name)
+
+
+def _restocking_fee(rng: random.Random, w: World, s: _Solution) -> _Drawn:
+    store, p = rng.choice(w.stores), rng.choice(w.products)
+    returned = s.given("units_returned", rng.randint(1, 5))
+    s.given("unit_price", p.unit_price, money=True)
+    s.given("restocking_fee_percent", store.restocking_fee)
+    s.step("paid", "units_returned * unit_price", "They were bought for {units_returned} * {unit_price} = {out}.",
+           money=True)
+    s.step("answer", "paid * restocking_fee_percent / 100",
+           "The restocking fee is {paid} * {restocking_fee_percent} / 100 = {out}.", money=True)
+    q = rng.choice([f"What restocking fee does the {store.name} store keep when {returned} opened {p.plural} come "
+                    "back?",
+                    f"How much does the {store.name} store keep as a fee on a return of {returned} opened "
+                    f"{p.plural}?"])
+    return _Drawn(q, f"The {p.name} costs {_money(p.unit_price)}, and the {store.name} store keeps a "
+                     f"{store.restocking_fee}% restocking fee on opened items.",
+                  [f"catalog:{p.name}", f"policies:{store.name}"], ["unit_price", "restocking_fee_percent"], p.name,
+                  store.name)
+
+
 KIND_SPECS: dict[str, Kind] = {
     "case_cost": _case_cost, "member_case_cost": _member_case_cost, "bogo_cost": _bogo_cost,
     "stock_after_sale": _stock_after_sale, "return_refund": _return_refund,
     # held out by default: recombine lookups the training kinds make apart (stock + price), or a new policy
     "stock_value": _stock_value, "price_match": _price_match,
+    # the wider kinds (data.kinds: all)
+    "units_in_cases": _units_in_cases, "units_cost": _units_cost, "member_unit_price": _member_unit_price,
+    "bogo_free_units": _bogo_free_units, "budget_units": _budget_units, "two_product_cost": _two_product_cost,
+    "price_difference": _price_difference, "stock_after_delivery": _stock_after_delivery,
+    "two_stores_stock": _two_stores_stock, "stock_shortfall": _stock_shortfall, "restocking_fee": _restocking_fee,
 }
 KINDS: list[str] = list(KIND_SPECS)
+# The kinds of sessions 6-7 (every figure in docs/benchmarks.md before session 12): the default, so they reproduce.
+CLASSIC_KINDS: list[str] = KINDS[:7]
 DEFAULT_HELDOUT_KINDS: list[str] = ["stock_value", "price_match"]
 _MAX_DRAWS = 200
 
@@ -398,11 +570,24 @@ def _check_kinds(kinds: list[str], what: str) -> list[str]:
     return kinds
 
 
+def _chosen_kinds(kinds: list[str] | str | None) -> list[str]:
+    if kinds is None:
+        return CLASSIC_KINDS
+    if kinds == "all":
+        return KINDS
+    if isinstance(kinds, str):
+        raise ValueError(f"data.kinds: '{kinds}' is not a list of retail_docs kinds; use all, or a list from {KINDS}")
+    return _check_kinds(list(kinds), "kinds")
+
+
 def retail_docs_splits(n_train: int, n_test: int, seed: int = 0, heldout_kinds: list[str] | None = None,
-                       n_test_heldout: int | None = None) -> dict[str, list[Example]]:
-    """train / test / test_heldout_kinds (see the module docstring); `n_test_heldout` defaults to `n_test`."""
+                       n_test_heldout: int | None = None,
+                       kinds: list[str] | str | None = None) -> dict[str, list[Example]]:
+    """train / test / test_heldout_kinds (see the module docstring); `n_test_heldout` defaults to `n_test`. `kinds`
+    are the kinds drawn at all (None: the 7 CLASSIC_KINDS; "all": every kind); training takes those not held out."""
+    chosen = _chosen_kinds(kinds)
     heldout = _check_kinds(DEFAULT_HELDOUT_KINDS if heldout_kinds is None else list(heldout_kinds), "heldout_kinds")
-    trained = [k for k in KINDS if k not in heldout]
+    trained = [k for k in chosen if k not in heldout]
     if not trained:
         raise ValueError("data.heldout_kinds holds every retail_docs kind; leave at least one for training")
     train_world, test_world = make_world("train", seed), make_world("test", seed)

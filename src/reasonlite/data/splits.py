@@ -62,7 +62,7 @@ def load_splits(cfg: DataConfig) -> dict[str, list[Example]]:
         from reasonlite.data.retail_docs import retail_docs_splits
 
         splits = retail_docs_splits(cfg.n_train, cfg.n_test, seed=cfg.seed, heldout_kinds=cfg.heldout_kinds,
-                                    n_test_heldout=cfg.n_test_heldout_kinds)
+                                    n_test_heldout=cfg.n_test_heldout_kinds, kinds=cfg.kinds)
     elif cfg.source == "gsm8k":
         splits = _gsm8k_splits(cfg)
     elif Path(cfg.source).suffix in (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".arrow") or Path(cfg.source).is_dir():
