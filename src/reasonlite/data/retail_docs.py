@@ -478,8 +478,8 @@ def _two_stores_stock(rng: random.Random, w: World, s: _Solution) -> _Drawn:
     s.step("answer", "units_first_store + units_second_store",
            "Together they have {units_first_store} + {units_second_store} = {out}.")
     q = rng.choice([f"How many {p.plural} do the {first.name} and {second.name} stores have together?",
-                    f"Counting the {first.name} and {second.name} stores, how many units of the {p.name} are in "
-                    "stock?"])
+                    (f"Counting the {first.name} and {second.name} stores, how many units of the {p.name} are in "
+                    "stock?")])
     return _Drawn(q, f"The {first.name} stock report shows {first.stock[p.name]} units of the {p.name} and the "
                      f"{second.name} report {second.stock[p.name]}.", [f"stock:{first.name}", f"stock:{second.name}"],
                   ["units_first_store", "units_second_store"], p.name, first.name)
@@ -491,8 +491,8 @@ def _stock_shortfall(rng: random.Random, w: World, s: _Solution) -> _Drawn:
     s.given("units_in_stock", store.stock[p.name])
     s.step("answer", "units_wanted - units_in_stock",
            "{units_wanted} - {units_in_stock} = {out} more must be ordered.")
-    q = rng.choice([f"A customer wants {wanted} {p.plural} from the {store.name} store. How many more than it has "
-                    "in stock must be ordered?",
+    q = rng.choice([(f"A customer wants {wanted} {p.plural} from the {store.name} store. How many more than it has "
+                    "in stock must be ordered?"),
                     f"How many {p.plural} is the {store.name} store short of an order for {wanted}?"])
     return _Drawn(q, f"The {store.name} stock report shows {store.stock[p.name]} units of the {p.name}.",
                   [f"stock:{store.name}"], ["units_in_stock"], p.name, store.name)
@@ -507,10 +507,10 @@ def _restocking_fee(rng: random.Random, w: World, s: _Solution) -> _Drawn:
            money=True)
     s.step("answer", "paid * restocking_fee_percent / 100",
            "The restocking fee is {paid} * {restocking_fee_percent} / 100 = {out}.", money=True)
-    q = rng.choice([f"What restocking fee does the {store.name} store keep when {returned} opened {p.plural} come "
-                    "back?",
-                    f"How much does the {store.name} store keep as a fee on a return of {returned} opened "
-                    f"{p.plural}?"])
+    q = rng.choice([(f"What restocking fee does the {store.name} store keep when {returned} opened {p.plural} come "
+                    "back?"),
+                    (f"How much does the {store.name} store keep as a fee on a return of {returned} opened "
+                    f"{p.plural}?")])
     return _Drawn(q, f"The {p.name} costs {_money(p.unit_price)}, and the {store.name} store keeps a "
                      f"{store.restocking_fee}% restocking fee on opened items.",
                   [f"catalog:{p.name}", f"policies:{store.name}"], ["unit_price", "restocking_fee_percent"], p.name,
@@ -576,7 +576,9 @@ def _chosen_kinds(kinds: list[str] | str | None) -> list[str]:
     if kinds == "all":
         return KINDS
     if isinstance(kinds, str):
-        raise ValueError(f"data.kinds: '{kinds}' is not a list of retail_docs kinds; use all, or a list from {KINDS}")
+        # a config value: the CLI shows a ValueError as one line
+        raise ValueError(  # noqa: TRY004
+            f"data.kinds: '{kinds}' is not a list of retail_docs kinds; use all, or a list from {KINDS}")
     return _check_kinds(list(kinds), "kinds")
 
 
