@@ -7,17 +7,23 @@ import re
 import pytest
 
 from reasonlite.answers import answers_match, extract_answer
-from reasonlite.config import DataConfig
+from reasonlite.config import ConfigError, DataConfig, build_config
 from reasonlite.data import TEMPLATES, generate_retail_math, retail_math_splits
+from reasonlite.data.retail_math import _INTROS as INTROS
+from reasonlite.data.retail_math import _QUESTIONS as QUESTIONS
 from reasonlite.data.retail_math import _RESULT as RESULT_OF  # each operation's result name
 from reasonlite.data.retail_math import (
     DEFAULT_HELDOUT_FAMILIES,
     FAMILIES,
     FAMILY_SPECS,
+    N_VARIANTS,
+    OPS,
     PHRASINGS,
     REWORDED_PHRASINGS,
     STRUCTURES,
     TRAIN_PHRASINGS,
+    TRAINING_WORDINGS,
+    VARIED_WORDINGS,
     VOCAB_CONTAINERS,
     VOCAB_DAMAGED,
     VOCAB_PERIODS,
@@ -199,12 +205,14 @@ def test_varied_wording_changes_only_the_training_questions():
         assert steps[: len(after)] == after, (e.metadata["ops"], e.program)
 
 
-def test_varied_wording_never_uses_the_reworded_splits_wording():
+@pytest.mark.parametrize("n_wordings", [6, 11])
+def test_varied_wording_never_uses_the_reworded_splits_wording(n_wordings):
     for family, spec in FAMILY_SPECS.items():
         for k, ops in enumerate(spec.structures[:: max(len(spec.structures) // 4, 1)]):
             for phrasing in TRAIN_PHRASINGS:
                 seed = f"{family}:{k}:{phrasing}"
-                drawn = _draw(family, ops, phrasing, random.Random(seed), vary=random.Random(seed))
+                drawn = _draw(family, ops, phrasing, random.Random(seed), vary=random.Random(seed),
+                              n_wordings=n_wordings)
                 # the same numbers in the reworded wording (phrasing 5 reverses order-free runs: same sentences)
                 reworded = _draw(family, drawn.ops, 5, random.Random(seed))
                 assert drawn.solution.program() == reworded.solution.program()
@@ -275,3 +283,135 @@ def test_vary_vocabulary_names_variables_from_wider_pools_that_hold_no_heldout_w
 def test_vary_vocabulary_is_a_data_knob():
     cfg = DataConfig(source="retail_math", n_train=50, n_test=10, vary_vocabulary=True)
     assert all(e.metadata.get("varied_vocabulary") for e in load_splits(cfg)["train"])
+
+
+NEW_WORDINGS = range(7, 12)  # the training-only wordings n_wordings adds (7-11)
+
+
+def _placeholders(text: str) -> set[str]:
+    return set(re.findall(r"\{(\w+)\}", text))
+
+
+def _numbers(text: str) -> list[str]:
+    return sorted(re.findall(r"\$?\d+(?:\.\d+)?", text))
+
+
+@pytest.fixture(scope="module")
+def op_wordings():
+    """Every operation's wordings as it returns them (numbers and f-string words filled in, story placeholders
+    not), drawn over several structures of every family, with their story words."""
+    caught: dict[str, list[tuple[list[str], dict[str, str]]]] = {}
+    original = dict(OPS)
+
+    def catching(name, op):
+        def run(rng, s, cur, out):
+            wordings = op(rng, s, cur, out)
+            caught.setdefault(name, []).append((wordings, dict(s.words)))
+            return wordings
+        return run
+
+    try:
+        OPS.update({name: catching(name, op) for name, op in original.items()})
+        for family, spec in FAMILY_SPECS.items():
+            for k, ops in enumerate(spec.structures[:: max(len(spec.structures) // 6, 1)]):
+                _draw(family, ops, 0, random.Random(f"{family}:{k}"), vocabulary=random.Random(k) if k % 2 else None)
+    finally:
+        OPS.update(original)
+    return caught
+
+
+def test_every_wording_list_has_twelve_wordings_with_the_same_facts(op_wordings):
+    assert N_VARIANTS == 12 and TRAINING_WORDINGS == [0, 1, 2, 4, 5, 6, *NEW_WORDINGS]
+    assert 3 not in TRAINING_WORDINGS  # the reworded split's wording is never trained on
+    assert set(op_wordings) == set(OPS)
+    trained_words = _story_words([f for f in FAMILIES if f not in DEFAULT_HELDOUT_FAMILIES])
+    heldout_only = _story_words(DEFAULT_HELDOUT_FAMILIES) - trained_words
+    trained_tokens = {t for w in trained_words for t in w.lower().split()}
+    # the held-out story words and each of their words ("a volunteer": volunteer) that no training story uses
+    heldout_only |= {t for w in heldout_only for t in w.lower().split()
+                     if len(t) >= 4 and not {t, t[:-1], t[:-2]} & trained_tokens}  # boxes: a trained box
+    assert {"volunteer", "handed", "expired", "squashed", "pantry", "club"} <= heldout_only
+    f_string_words = ("period", "container", "pack", "small")  # written into the wordings by the operation
+
+    def check(name, wordings, words):
+        assert len(wordings) == N_VARIANTS, name
+        assert len({w.format(**words) for w in wordings}) == N_VARIANTS, (name, wordings)  # all different
+        first = wordings[0]
+        for k in NEW_WORDINGS:
+            new = wordings[k]
+            assert _placeholders(new) == _placeholders(first), (name, k, new)
+            assert _numbers(new) == _numbers(first), (name, k, new)
+            for key in f_string_words:
+                word = rf"\b{re.escape(words.get(key, '@'))}(e?s)?\b"
+                if re.search(word, first):
+                    assert re.search(word, new), (name, k, key, new)
+            # no held-out family's story word ({...} placeholders aside)
+            plain = re.sub(r"\{\w+\}", " ", new).lower()
+            assert not [w for w in heldout_only if re.search(rf"\b{re.escape(w.lower())}", plain)], (name, k, new)
+
+    for name, drawn in op_wordings.items():
+        for wordings, words in drawn:
+            check(name, wordings, words)
+    words = {"place": "Corner Grocer", "items": "pens", "item": "pen", "buyer": "a teacher", "recipient": "branch",
+             "big": "kilogram", "good": "rice", "n": "7"}
+    for table in (INTROS, QUESTIONS):
+        for key, wordings in table.items():
+            check(key, wordings, words)
+
+
+def test_n_wordings_six_is_todays_data():
+    assert VARIED_WORDINGS == TRAINING_WORDINGS[:6] == [0, 1, 2, 4, 5, 6]
+    for kwargs in ({"vary_wording": True}, {"vary_wording": True, "vary_vocabulary": True}, {}):
+        default = retail_math_splits(120, 10, seed=4, n_test_reworded=10, **kwargs)
+        assert retail_math_splits(120, 10, seed=4, n_test_reworded=10, n_wordings=6, **kwargs) == default
+        assert not any("n_wordings" in e.metadata for split in default.values() for e in split)
+    # pinned from the generator before wordings 7-11 existed: the default's data stays byte-identical
+    import hashlib
+
+    for kwargs, pinned in (({"vary_wording": True}, "37cc33acf2b76994"), ({}, "5e7d70f3e584a591")):
+        data = retail_math_splits(60, 10, seed=1, n_test_heldout=10, n_test_reworded=10, **kwargs)
+        text = "\n".join(e.question + e.program for name in ("train", *EVAL_SPLITS) for e in data[name])
+        assert hashlib.sha256(text.encode()).hexdigest()[:16] == pinned, kwargs
+
+
+# phrases only wordings 7-11 write (one per sentence kind, checked against the n_wordings=6 data below)
+NEW_WORDING_MARKERS = ("go by, and in every one of them", "over a stretch of", "In came", "Returns added",
+                       "Thanks to returns", "got rid of them", "went in the trash", "spread evenly across",
+                       "is what each", "has a price tag of", "Before any changes", "The opening count at",
+                       "leaves with", "now has how many", "Once everything is done", "Adding it all up",
+                       "fall to each", "marked down by", "knocks", "settles up", "chip in equally", "Freight costs")
+
+
+def test_more_wordings_change_only_the_training_questions():
+    six = retail_math_splits(n_train=400, n_test=40, seed=2, vary_wording=True, vary_vocabulary=True)
+    more = retail_math_splits(n_train=400, n_test=40, seed=2, vary_wording=True, vary_vocabulary=True, n_wordings=11)
+    for name in EVAL_SPLITS:  # runs with and without it are measured on the same questions
+        assert [e.model_dump() for e in more[name]] == [e.model_dump() for e in six[name]], name
+        assert not any("n_wordings" in e.metadata for e in more[name])
+    train = more["train"]
+    assert all(e.metadata["n_wordings"] == 11 and e.metadata["varied_wording"] for e in train)
+    assert [e.question for e in train] != [e.question for e in six["train"]]
+
+    def markers(examples):
+        return {m for e in examples for m in NEW_WORDING_MARKERS if m in e.question}
+
+    assert not markers(six["train"])
+    assert len(markers(train)) >= len(NEW_WORDING_MARKERS) - 3, set(NEW_WORDING_MARKERS) - markers(train)
+    assert sum(any(m in e.question for m in NEW_WORDING_MARKERS) for e in train) > len(train) // 3
+    results = execute_many([e.program for e in train])
+    for e, r in zip(train, results, strict=True):
+        assert r.ok and answers_match(r.value, e.answer), (e.question, e.program, r.value, e.answer)
+    # without vary_wording the knob changes nothing
+    assert retail_math_splits(100, 10, seed=2, n_wordings=11) == retail_math_splits(100, 10, seed=2)
+
+
+def test_n_wordings_is_a_data_knob_with_a_range():
+    cfg = DataConfig(source="retail_math", n_train=50, n_test=10, vary_wording=True, n_wordings=9)
+    assert all(e.metadata["n_wordings"] == 9 for e in load_splits(cfg)["train"])
+    for bad in (5, 12):
+        with pytest.raises(ConfigError) as err:
+            build_config({"data": {"n_wordings": bad}})
+        errors = str(err.value).splitlines()[1:]
+        assert len(errors) == 1 and errors[0].strip().startswith("data.n_wordings:"), str(err.value)
+        with pytest.raises(ValueError, match="n_wordings"):
+            retail_math_splits(10, 5, vary_wording=True, n_wordings=bad)

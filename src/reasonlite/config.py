@@ -56,6 +56,7 @@ class DataConfig(Section):
     vary_wording: bool = Field(False, description="retail_math: each training question draws every sentence's wording (6 wordings, never the reworded split's) and (with vary_order) the order of its order-free facts, so numbers bind to meaning, not position; eval splits unchanged")
     vary_order: bool = Field(True, description="with vary_wording: also shuffle the order-free count changes (the program follows) and state the start after them a third of the time; false varies the wording only")
     vary_vocabulary: bool = Field(False, description="retail_math: each training question draws the story words that name its variables (verb, period, damage word, container, recipients) from wider pools, none a held-out family's; eval splits unchanged")
+    n_wordings: int = Field(6, ge=6, le=11, description="retail_math, with vary_wording: how many wordings each training sentence draws from (6 = sessions 9-11's, up to 11; the reworded split's wording is never one)")
     kinds: list[str] | Literal["all"] | None = Field(None, description="retail_docs question kinds drawn at all (None = the 7 classic kinds of sessions 6-7; all = every one of the 18); training takes those not held out")
     heldout_kinds: list[str] | None = Field(None, description="retail_docs question kinds held out of training (None = the generator's default: stock_value, price_match)")
     n_test_heldout_kinds: int | None = Field(None, ge=0, description="retail_docs: questions of the held-out kinds (split test_heldout_kinds); None = n_test")
@@ -525,14 +526,14 @@ LATE_KNOBS: dict[str, Any] = {"data.mix": [], "data.program_names": True,
                              "data.heldout_kinds": None, "data.n_test_heldout_kinds": None, "traces.context": "none",
                              "traces.context_distractors": 0, "context": ContextConfig().model_dump(mode="json"), "eval.context_modes": ["none"],
                              "data.vary_wording": False, "data.vary_order": True,
-                             "data.vary_vocabulary": False, "data.kinds": None}
+                             "data.vary_vocabulary": False, "data.kinds": None, "data.n_wordings": 6}
 
 
 # The late knobs added after `tune.base_config_hash` (a study's identity) existed: it drops these at their defaults
 # too, so a study started before them still resumes (the earlier late knobs were already part of its hash).
 LATE_STUDY_KNOBS: tuple[str, ...] = ("data.heldout_kinds", "data.n_test_heldout_kinds", "traces.context", "context",
                                      "eval.context_modes", "traces.context_distractors", "data.vary_wording",
-                                     "data.vary_order", "data.vary_vocabulary", "data.kinds")
+                                     "data.vary_order", "data.vary_vocabulary", "data.kinds", "data.n_wordings")
 
 
 def drop_late_defaults(picked: dict, knobs: Collection[str] | None = None) -> None:

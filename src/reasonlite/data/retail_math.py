@@ -5,8 +5,11 @@ A problem is a story *family* (a store's inventory, a checkout, a wholesale orde
 discount, % tax, a coupon, shipping, tiered prices, unit conversion, change due...). The family and its operation
 sequence are the problem's *structure*; every family lists the structures it allows. Numbers and nouns are drawn per
 question; a *phrasing* (0-6) picks the wording of every sentence and the clause order, independently of the numbers,
-so one draw can be written seven ways with the same answer. Optional irrelevant sentences (GSM-IC style distractors)
-are added from a separate random stream and never enter the solution.
+so one draw can be written seven ways with the same answer. Every sentence has N_VARIANTS (12) wordings: 0-2 for the
+training phrasings, 3 only for the reworded ones, 4-11 only under ``vary_wording``, where each training sentence
+draws its own wording from the first ``n_wordings`` of TRAINING_WORDINGS (6 by default: 0-2 and 4-6; up to 11 adds
+7-11). Optional irrelevant sentences (GSM-IC style distractors) are added from a separate random stream and never
+enter the solution.
 
 Each operation records its solution as named steps (``variable = expression`` plus one sentence of arithmetic). The
 same steps produce all three gold signals, so they cannot disagree: the PAL program (givens as named variables,
@@ -105,8 +108,12 @@ def _vary_vocabulary(words: dict[str, str], rng: random.Random) -> dict[str, str
     return varied
 
 
-N_VARIANTS = 7  # wordings per sentence: 0-2 training phrasings, 3 only the reworded ones, 4-6 only vary_wording
-VARIED_WORDINGS: list[int] = [0, 1, 2, 4, 5, 6]  # drawn per sentence under vary_wording (4-6 only there)
+# wordings per sentence: 0-2 training phrasings, 3 only the reworded ones, 4-11 only vary_wording, of which
+# n_wordings picks the first n of TRAINING_WORDINGS (6, the default: 0-2 and 4-6, sessions 9-11's; up to 11 adds 7-11)
+N_VARIANTS = 12
+TRAINING_WORDINGS: list[int] = [0, 1, 2, 4, 5, 6, 7, 8, 9, 10, 11]  # every wording but the reworded split's (3)
+DEFAULT_N_WORDINGS = 6
+VARIED_WORDINGS: list[int] = TRAINING_WORDINGS[:DEFAULT_N_WORDINGS]  # drawn per sentence under vary_wording
 PHRASINGS: list[int] = list(range(7))
 TRAIN_PHRASINGS: list[int] = [0, 1, 2, 3, 4]  # wording p % 3; the question comes first in 3 and 4
 REWORDED_PHRASINGS: list[int] = [5, 6]  # wording 3, count changes reversed; 5 asks first, 6 states the start after them
@@ -229,7 +236,12 @@ def _sell_days(rng: random.Random, s: _Solution, cur: str, out: str) -> list[str
             f"{n} {{items}} went out each {period}, and this went on for {d} {period}s.",
             f"Sales ran at {n} {{items}} per {period}, for {d} {period}s in a row.",
             f"For {d} straight {period}s, {{place}} {{sells}} {n} {{items}} a {period}.",
-            f"Every {period} for {d} {period}s, {n} {{items}} are {{sold}}."]
+            f"Every {period} for {d} {period}s, {n} {{items}} are {{sold}}.",
+            f"Across {d} {period}s, {{place}} {{sells}} {n} {{items}} per {period}.",
+            f"In each of {d} {period}s, {{place}} {{sells}} {n} {{items}}.",
+            f"{d} {period}s go by, and in every one of them {{place}} {{sells}} {n} {{items}}.",
+            f"{{place}} {{sells}} {n} {{items}} per {period} over a stretch of {d} {period}s.",
+            f"{{place}} {{sells}} {{items}} at a rate of {n} per {period} for {d} {period}s."]
 
 
 def _delivery(rng: random.Random, s: _Solution, cur: str, out: str) -> list[str]:
@@ -246,7 +258,12 @@ def _delivery(rng: random.Random, s: _Solution, cur: str, out: str) -> list[str]
             f"Each of the {b} {boxes} unloaded later held {k} {{items}}.",
             f"Next, {k} {{items}} came in each of {b} {boxes}.",
             f"A truck dropped off {b} {boxes}, and every {box} had {k} {{items}} inside.",
-            f"{{place}} got a delivery: {b} {boxes}, {k} {{items}} per {box}."]
+            f"{{place}} got a delivery: {b} {boxes}, {k} {{items}} per {box}.",
+            f"{b} {boxes} were delivered, with {k} {{items}} packed in every {box}.",
+            f"In came {b} {boxes} of {{items}}, {k} to a {box}.",
+            f"The supplier sent {b} {boxes}; each {box} contained {k} {{items}}.",
+            f"{k} {{items}} fit in a {box}, and {b} full {boxes} were delivered.",
+            f"A delivery added {b} {boxes} to the stock, every one of them holding {k} {{items}}."]
 
 
 def _returns(rng: random.Random, s: _Solution, cur: str, out: str) -> list[str]:
@@ -258,7 +275,12 @@ def _returns(rng: random.Random, s: _Solution, cur: str, out: str) -> list[str]:
             f"Back into stock went {r} {{items}} that shoppers had returned.",
             f"Shoppers brought back {r} {{items}}, and these were restocked.",
             f"{r} {{items}} came back as returns and were put back in stock.",
-            f"Then {r} {{items}} were returned to {{place}} and restocked."]
+            f"Then {r} {{items}} were returned to {{place}} and restocked.",
+            f"Returns added {r} {{items}} back to the stock.",
+            f"A few customers brought {r} {{items}} back, and they went up for sale again.",
+            f"The store took back {r} returned {{items}} and restocked them.",
+            f"A total of {r} {{items}} were returned, and all of them could be sold again.",
+            f"Thanks to returns, the stock went up by {r} {{items}}."]
 
 
 def _damaged(rng: random.Random, s: _Solution, cur: str, out: str) -> list[str]:
@@ -271,7 +293,12 @@ def _damaged(rng: random.Random, s: _Solution, cur: str, out: str) -> list[str]:
             f"{r} {{items}} had to be discarded as {{damaged}}.",
             f"Sadly, {r} {{items}} were {{damaged}} and had to be thrown out.",
             f"{{place}} removed {r} {{items}} because they were {{damaged}}.",
-            f"A check found {r} {{damaged}} {{items}}, which were discarded."]
+            f"A check found {r} {{damaged}} {{items}}, which were discarded.",
+            f"It turned out that {r} of the {{items}} were {{damaged}}, so they were thrown away.",
+            f"Staff found {r} {{damaged}} {{items}} and got rid of them.",
+            f"Because they were {{damaged}}, {r} {{items}} went in the trash.",
+            f"The {{damaged}} {{items}}, {r} in all, were pulled from the shelves.",
+            f"{r} {{items}} could not be sold because they were {{damaged}}, so they were removed."]
 
 
 def _split(rng: random.Random, s: _Solution, cur: str, out: str) -> list[str]:
@@ -284,7 +311,12 @@ def _split(rng: random.Random, s: _Solution, cur: str, out: str) -> list[str]:
             f"Equal shares of what remains go to each of {b} {{recipients}}.",
             f"Everything left is then divided evenly among {b} {{recipients}}.",
             f"{b} {{recipients}} then share them equally.",
-            f"Then they are handed out in equal parts to {b} {{recipients}}."]
+            f"Then they are handed out in equal parts to {b} {{recipients}}.",
+            f"All the {{items}} are then divided into {b} equal parts, one for each of the {{recipients}}.",
+            f"The {{items}} get shared out evenly, with {b} {{recipients}} each taking the same number.",
+            f"Afterwards, all of the {{items}} go to {b} {{recipients}} in equal numbers.",
+            f"To finish, the {{items}} are sent out to {b} {{recipients}}, the same number to each.",
+            f"The {{items}} are then spread evenly across {b} {{recipients}}."]
 
 
 def _price_qty(rng: random.Random, s: _Solution, cur: str, out: str) -> list[str]:
@@ -295,7 +327,12 @@ def _price_qty(rng: random.Random, s: _Solution, cur: str, out: str) -> list[str
             f"One {{item}} goes for {p}.",
             f"A single {{item}} sells for {p}.",
             f"Each one is priced at {p}.",
-            f"They cost {p} apiece."]
+            f"They cost {p} apiece.",
+            f"{p} is what each {{item}} costs.",
+            f"Every {{item}} is sold at {p}.",
+            f"Per {{item}}, the price is {p}.",
+            f"It costs {p} to buy one {{item}}.",
+            f"Each {{item}} has a price tag of {p}."]
 
 
 def _bulk_tier(rng: random.Random, s: _Solution, cur: str, out: str) -> list[str]:
@@ -314,7 +351,12 @@ def _bulk_tier(rng: random.Random, s: _Solution, cur: str, out: str) -> list[str
             f"Beyond the first {t} {{items}}, which are {f} each, the price drops to {c} each.",
             f"Each of the first {t} {{items}} costs {f}; any more cost {c} each.",
             f"The price is {c} per {{item}} after the first {t}, which cost {f} each.",
-            f"Up to {t} {{items}} are charged at {f} each, and the rest at {c} each."]
+            f"Up to {t} {{items}} are charged at {f} each, and the rest at {c} each.",
+            f"For the first {t} {{items}} the price is {f} each, while every extra {{item}} is {c}.",
+            f"{f} is charged for each of the first {t} {{items}}, and {c} for every {{item}} after those.",
+            f"Once {t} {{items}} have been bought at {f} each, every additional {{item}} costs just {c}.",
+            f"Under the tiered pricing, each of the first {t} {{items}} costs {f} and every later {{item}} costs {c}.",
+            f"The first {t} {{items}} are billed at {f} apiece, with a lower price of {c} for each {{item}} beyond them."]
 
 
 def _unit_conversion(rng: random.Random, s: _Solution, cur: str, out: str) -> list[str]:
@@ -332,7 +374,12 @@ def _unit_conversion(rng: random.Random, s: _Solution, cur: str, out: str) -> li
             f"{size} {small} go into every {pack} it fills.",
             f"Then everything is packed into {packs} that hold {size} {small} each.",
             f"It is portioned into {packs}, {size} {small} to a {pack}.",
-            f"Every {pack} gets filled with {size} {small}."]
+            f"Every {pack} gets filled with {size} {small}.",
+            f"All of it is then repacked, {size} {small} per {pack}.",
+            f"It fills {packs} with {size} {small} in each one.",
+            f"Everything gets split into {packs}, and each {pack} takes {size} {small}.",
+            f"The whole amount is measured out into {packs}, with {size} {small} going into each.",
+            f"Using {packs} that take {size} {small} each, it repacks all of it."]
 
 
 def _discount(rng: random.Random, s: _Solution, cur: str, out: str) -> list[str]:
@@ -345,7 +392,12 @@ def _discount(rng: random.Random, s: _Solution, cur: str, out: str) -> list[str]
             f"There is a {pct}%-off sale on the whole amount.", f"On top of that, the amount is cut by {pct} percent.",
             f"The total then gets {pct}% off.",
             f"A sale takes {pct}% off the whole amount.",
-            f"Then {pct} percent is knocked off the total."]
+            f"Then {pct} percent is knocked off the total.",
+            f"A discount then lowers the whole amount by {pct}%.",
+            f"The total is discounted by {pct}%.",
+            f"Because of a sale, {pct}% comes off the total.",
+            f"A {pct} percent discount is given on the full amount.",
+            f"Everything is then marked down by {pct}%."]
 
 
 def _coupon(rng: random.Random, s: _Solution, cur: str, out: str) -> list[str]:
@@ -356,7 +408,12 @@ def _coupon(rng: random.Random, s: _Solution, cur: str, out: str) -> list[str]:
             f"A coupon worth {c} is redeemed next.",
             f"Then a coupon takes {c} off.",
             f"{c} is saved with a coupon after that.",
-            f"A coupon then lowers the amount by {c}."]
+            f"A coupon then lowers the amount by {c}.",
+            f"A coupon for {c} off is applied.",
+            f"Using a coupon cuts {c} from the amount.",
+            f"With a coupon, the price goes down by {c}.",
+            f"A coupon knocks {c} off what is owed.",
+            f"After a coupon is used, {c} less is owed."]
 
 
 def _tax(rng: random.Random, s: _Solution, cur: str, out: str) -> list[str]:
@@ -368,7 +425,12 @@ def _tax(rng: random.Random, s: _Solution, cur: str, out: str) -> list[str]:
             f"A {t}% sales tax applies to what is left.", f"Tax at {t} percent is added next.",
             f"Then a {t}% sales tax is added on.",
             f"{t}% sales tax is charged next.",
-            f"Sales tax adds {t}% to that amount."]
+            f"Sales tax adds {t}% to that amount.",
+            f"The amount also carries sales tax of {t}%.",
+            f"A sales tax raises the amount by {t}%.",
+            f"There is {t}% tax to pay on top.",
+            f"The sales tax rate is {t}%, and it is added to that amount.",
+            f"{t} percent is added on top for sales tax."]
 
 
 def _shipping(rng: random.Random, s: _Solution, cur: str, out: str) -> list[str]:
@@ -378,7 +440,12 @@ def _shipping(rng: random.Random, s: _Solution, cur: str, out: str) -> list[str]
             f"The supplier also charges {f} for shipping.", f"Shipping adds {f} more.",
             f"Then {f} is added for shipping.",
             f"On top of that, shipping costs {f}.",
-            f"There is also a {f} shipping charge."]
+            f"There is also a {f} shipping charge.",
+            f"Shipping the order costs another {f}.",
+            f"Delivery is charged on top, at {f}.",
+            f"To have it shipped, there is an extra charge of {f}.",
+            f"The shipping fee comes to {f}.",
+            f"Freight costs {f}, which is added to the bill."]
 
 
 def _change_due(rng: random.Random, s: _Solution, cur: str, out: str) -> list[str]:
@@ -391,7 +458,12 @@ def _change_due(rng: random.Random, s: _Solution, cur: str, out: str) -> list[st
             f"{b} in cash is handed to the cashier.",
             f"{{buyer}} pays using a {b} bill.",
             f"To pay, {{buyer}} gives the cashier {b}.",
-            f"{{buyer}} pays in cash with {b}."]
+            f"{{buyer}} pays in cash with {b}.",
+            f"{{buyer}} settles up with a {b} bill.",
+            f"{{buyer}} puts down {b} to pay.",
+            f"{{buyer}} offers a {b} bill as payment.",
+            f"{{buyer}} uses {b} to pay for it all.",
+            f"{{buyer}} pulls out a {b} bill to pay."]
 
 
 def _split_cost(rng: random.Random, s: _Solution, cur: str, out: str) -> list[str]:
@@ -404,7 +476,12 @@ def _split_cost(rng: random.Random, s: _Solution, cur: str, out: str) -> list[st
             f"The money is then divided evenly across {n} {{recipients}}.",
             f"That cost is shared evenly by {n} {{recipients}}.",
             f"Then the total is divided equally among {n} {{recipients}}.",
-            f"{n} {{recipients}} split the cost equally."]
+            f"{n} {{recipients}} split the cost equally.",
+            f"The cost is shared so that {n} {{recipients}} all pay the same.",
+            f"Equal amounts are paid by each of {n} {{recipients}}.",
+            f"The bill is split {n} ways among the {{recipients}}, in equal parts.",
+            f"{n} {{recipients}} chip in equally to cover it.",
+            f"The total is paid in {n} equal parts, one by each of the {{recipients}}."]
 
 
 OPS: dict[str, Op] = {
@@ -431,38 +508,78 @@ _INTROS = {
     "stock": ["{place} had {n} {items}.", "At the start, {place} had {n} {items}.", "There were {n} {items} at {place}.",
               "{place} began with {n} {items} on hand.",
               "{place} started out with {n} {items}.", "There were {n} {items} in stock at {place} at first.",
-              "{n} {items} were on hand at {place} to begin with."],
+              "{n} {items} were on hand at {place} to begin with.",
+              "Before any changes, {place} stocked {n} {items}.",
+              "Originally, {n} {items} sat on the shelves at {place}.",
+              "The opening count at {place} was {n} {items}.",
+              "In the beginning, {place} kept {n} {items} in its inventory.",
+              "Initially, {place} held {n} {items}."],
     "purchase": ["{buyer} buys {n} {items} at {place}.", "At {place}, {buyer} picks up {n} {items}.",
                  "{buyer} orders {n} {items} from {place}.", "{n} {items} are bought by {buyer} at {place}.",
                  "{buyer} gets {n} {items} at {place}.", "{buyer} is buying {n} {items} from {place}.",
-                 "At {place}, {n} {items} are picked up by {buyer}."],
+                 "At {place}, {n} {items} are picked up by {buyer}.",
+                 "{buyer} visits {place} and leaves with {n} {items}.",
+                 "From {place}, {buyer} purchases {n} {items}.",
+                 "{buyer} goes to {place} and buys {n} {items}.",
+                 "There is an order at {place} from {buyer} for {n} {items}.",
+                 "{buyer} needs {n} {items} and buys them at {place}."],
     "bulk": ["{place} buys {n} {big}s of {good}.", "A shipment of {n} {big}s of {good} reaches {place}.",
              "{place} orders {n} {big}s of {good}.", "{n} {big}s of {good} were bought by {place}.",
              "{place} gets {n} {big}s of {good}.", "{n} {big}s of {good} are ordered by {place}.",
-             "{place} takes in {n} {big}s of {good}."],
+             "{place} takes in {n} {big}s of {good}.",
+             "{place} purchases {n} {big}s of {good} in bulk.",
+             "{place} stocks up on {n} {big}s of {good}.",
+             "In total, {place} brings in {n} {big}s of {good}.",
+             "{place} has {n} {big}s of {good} delivered.",
+             "The bulk purchase at {place} is {n} {big}s of {good}."],
 }
 _QUESTIONS = {
     "count_left": ["How many {items} does {place} have now?", "How many {items} are left at the end?",
                    "What is the final number of {items}?", "Find how many {items} {place} ends up with.",
                    "How many {items} are there at the end?", "How many {items} remain?",
-                   "What number of {items} does {place} end with?"],
+                   "What number of {items} does {place} end with?",
+                   "At the end, how many {items} does {place} have?",
+                   "What is the count of {items} at {place} now?",
+                   "How many {items} are left at {place} after all this?",
+                   "Once everything is done, how many {items} does {place} hold?",
+                   "{place} now has how many {items}?"],
     "count_each": ["How many {items} does each {recipient} get?", "How many {items} go to each {recipient}?",
                    "What is one {recipient}'s share of {items}, as a count?",
                    "Work out the number of {items} per {recipient}.",
                    "How many {items} does one {recipient} receive?",
-                   "What is the number of {items} each {recipient} gets?", "Each {recipient} gets how many {items}?"],
+                   "What is the number of {items} each {recipient} gets?", "Each {recipient} gets how many {items}?",
+                   "How many {items} will a single {recipient} get?",
+                   "What is the count of {items} that every {recipient} receives?",
+                   "How many {items} are there for each {recipient}?",
+                   "How many {items} end up at every {recipient}?",
+                   "For one {recipient}, how many {items} is that?"],
     "money_total": ["How many dollars is the final amount?", "What is the total, in dollars?",
                     "How much money is that in all, in dollars?", "Give the final amount in dollars.",
                     "What is the final total in dollars?", "How many dollars does it come to?",
-                    "Find the final cost in dollars."],
+                    "Find the final cost in dollars.",
+                    "In dollars, what does it all add up to?",
+                    "Adding it all up, how many dollars is it?",
+                    "What does it cost altogether, in dollars?",
+                    "What dollar amount does this come to?",
+                    "The final amount is how many dollars?"],
     "money_change": ["How many dollars of change are due?", "How much change comes back, in dollars?",
                      "What is the change in dollars?", "Find the change owed, in dollars.",
                      "How many dollars come back as change?", "What change is owed, in dollars?",
-                     "Work out the change in dollars."],
+                     "Work out the change in dollars.",
+                     "In dollars, how much change should be given back?",
+                     "What amount of change is returned, in dollars?",
+                     "The change due is how many dollars?",
+                     "How many dollars does the cashier give back?",
+                     "After paying, how much change is received, in dollars?"],
     "money_each": ["How many dollars is each {recipient}'s share?", "How much does one {recipient} get, in dollars?",
                    "What is the share per {recipient} in dollars?", "Find each {recipient}'s part, in dollars.",
                    "What is each {recipient}'s share in dollars?", "How many dollars is one {recipient}'s part?",
-                   "Find the dollar share of each {recipient}."],
+                   "Find the dollar share of each {recipient}.",
+                   "In dollars, how much does every {recipient} pay?",
+                   "What does a single {recipient} owe, in dollars?",
+                   "How many dollars fall to each {recipient}?",
+                   "Each {recipient}'s share comes to how many dollars?",
+                   "What amount in dollars does one {recipient} cover?"],
 }
 _QUESTION_AFTER = {"split": "count_each", "change_due": "money_change", "split_cost": "money_each",
                    "price_qty": "money_total", "bulk_tier": "money_total", "discount": "money_total",
@@ -579,15 +696,18 @@ def _reorder_free_runs(items: Sequence[T], op_of: Callable[[T], str], reorder: C
 
 
 def _render(spec: _Family, ops: tuple[str, ...], phrasing: int, intro: str, facts: list[tuple[str, list[str]]],
-            words: dict[str, str], vary: random.Random | None = None, vary_order: bool = True) -> list[str]:
+            words: dict[str, str], vary: random.Random | None = None, vary_order: bool = True,
+            n_wordings: int = DEFAULT_N_WORDINGS) -> list[str]:
     """Sentences of the question (the question sentence last or first), for one phrasing. With ``vary`` (a training
-    question under vary_wording) every sentence draws its own wording from VARIED_WORDINGS and, with ``vary_order``,
+    question under vary_wording) every sentence draws its own wording from the first ``n_wordings`` of
+    TRAINING_WORDINGS (the default's are VARIED_WORDINGS) and, with ``vary_order``,
     a third of the time the start is stated after the order-free count changes (which ``_draw`` already shuffled):
     no sentence frame or position tells the student which number is which."""
     variant = phrasing % 3 if phrasing in TRAIN_PHRASINGS else 3
+    drawn = TRAINING_WORDINGS[:n_wordings]  # a choice over the same 6-element list as before keeps the default's draws
 
     def wording() -> int:
-        return vary.choice(VARIED_WORDINGS) if vary is not None else variant
+        return vary.choice(drawn) if vary is not None else variant
 
     sentences = [(op, variants[wording()]) for op, variants in facts]
     if phrasing in REWORDED_PHRASINGS:  # reverse each run of count changes whose order does not matter
@@ -605,11 +725,13 @@ def _render(spec: _Family, ops: tuple[str, ...], phrasing: int, intro: str, fact
 def _draw(family: str, ops: tuple[str, ...], phrasing: int, rng: random.Random,
           distractor_rng: random.Random | None = None, distractors: float = 0.0,
           vary: random.Random | None = None, vary_order: bool = True,
-          vocabulary: random.Random | None = None) -> _Problem:
+          vocabulary: random.Random | None = None, n_wordings: int = DEFAULT_N_WORDINGS) -> _Problem:
     """One problem; for given ``ops`` the numbers and nouns depend on ``rng`` only, never on the phrasing or the
     distractors. A wording draw ``vary`` with ``vary_order`` first shuffles each run of order-free count changes in
     ``ops``, so the question states them and the program computes them in the same (random) order. A draw
-    ``vocabulary`` replaces the story words that name variables (``_vary_vocabulary``)."""
+    ``vocabulary`` replaces the story words that name variables (``_vary_vocabulary``); ``n_wordings`` is how many
+    wordings ``vary`` draws from (``_render``)."""
+    _check_n_wordings(n_wordings)
     spec = FAMILY_SPECS[family]
     if vary is not None and vary_order:
         ops = tuple(_reorder_free_runs(ops, lambda op: op, lambda run: vary.sample(run, len(run))))
@@ -637,7 +759,7 @@ def _draw(family: str, ops: tuple[str, ...], phrasing: int, rng: random.Random,
                 cur = out
         except _Redraw:
             continue
-        sentences = _render(spec, ops, phrasing, intro, facts, words, vary, vary_order)
+        sentences = _render(spec, ops, phrasing, intro, facts, words, vary, vary_order, n_wordings)
         base = " ".join(sentences)
         n_distractors = 0
         if distractor_rng is not None and distractors > 0 and distractor_rng.random() < distractors:
@@ -653,6 +775,12 @@ def _draw(family: str, ops: tuple[str, ...], phrasing: int, rng: random.Random,
                        "widen its ranges")
 
 
+def _check_n_wordings(n_wordings: int) -> None:
+    if not DEFAULT_N_WORDINGS <= n_wordings <= len(TRAINING_WORDINGS):
+        raise ValueError(f"n_wordings must be {DEFAULT_N_WORDINGS}-{len(TRAINING_WORDINGS)} (the training wordings "
+                         f"{TRAINING_WORDINGS}), got {n_wordings}")
+
+
 def _reserved_for_test(question: str) -> bool:
     return int(hashlib.sha256(question.encode()).hexdigest()[:8], 16) % _TEST_BUCKETS == 0
 
@@ -662,10 +790,12 @@ Picker = Callable[[int, random.Random], tuple[str, tuple[str, ...], int]]
 
 def _generate(n: int, rng: random.Random, pick: Picker, prefix: str, avoid: set[str], distractors: float = 0.0,
               test_bucket: bool | None = None, vary_wording: bool = False, vary_order: bool = True,
-              vary_vocabulary: bool = False) -> list[Example]:
+              vary_vocabulary: bool = False, n_wordings: int = DEFAULT_N_WORDINGS) -> list[Example]:
     """``n`` distinct problems; ``test_bucket`` True/False keeps only questions reserved / not reserved for test;
-    ``vary_wording`` draws every sentence's wording per question and, with ``vary_order``, its clause order (see
-    ``_render``); ``vary_vocabulary`` draws the story words that name variables (``_vary_vocabulary``)."""
+    ``vary_wording`` draws every sentence's wording per question from ``n_wordings`` wordings and, with
+    ``vary_order``, its clause order (see ``_render``); ``vary_vocabulary`` draws the story words that name variables
+    (``_vary_vocabulary``)."""
+    _check_n_wordings(n_wordings)
     examples: list[Example] = []
     seen = set(avoid)
     distractor_rng = random.Random(f"{prefix}:distractors")
@@ -678,7 +808,7 @@ def _generate(n: int, rng: random.Random, pick: Picker, prefix: str, avoid: set[
             vary = random.Random(wording_rng.random()) if vary_wording else None
             vocabulary = random.Random(vocabulary_rng.random()) if vary_vocabulary else None
             p = _draw(family, ops, phrasing, rng, random.Random(distractor_rng.random()), distractors, vary,
-                      vary_order, vocabulary)
+                      vary_order, vocabulary, n_wordings)
             if p.base_question in seen:
                 continue
             if test_bucket is not None and _reserved_for_test(p.base_question) != test_bucket:
@@ -696,6 +826,7 @@ def _generate(n: int, rng: random.Random, pick: Picker, prefix: str, avoid: set[
                       "source": "retail_math", **({"varied_wording": True} if vary_wording else {}),
                       # recorded only when off, so the default's generated data stays byte-identical
                       **({"varied_order": False} if vary_wording and not vary_order else {}),
+                      **({"n_wordings": n_wordings} if vary_wording and n_wordings != DEFAULT_N_WORDINGS else {}),
                       **({"varied_vocabulary": True} if vary_vocabulary else {})},
         ))
     return examples
@@ -749,14 +880,16 @@ def retail_math_splits(n_train: int, n_test: int, seed: int = 0, heldout_familie
                        n_test_heldout: int | None = None, n_test_reworded: int | None = None,
                        distractors: float = 0.0, heldout_templates: list[str] | None = None,
                        vary_wording: bool = False, vary_order: bool = True,
-                       vary_vocabulary: bool = False) -> dict[str, list[Example]]:
+                       vary_vocabulary: bool = False, n_wordings: int = DEFAULT_N_WORDINGS) -> dict[str, list[Example]]:
     """train / test / test_heldout_families / test_reworded (see the module docstring); no eval question is a train
     question. ``n_test_heldout`` and ``n_test_reworded`` default to ``n_test``; ``heldout_templates`` is the old
     name of ``heldout_families``. ``test_heldout_templates`` is the same list as ``test_heldout_families``.
     ``vary_wording`` varies the training questions' wording and (with ``vary_order``) clause order (``_render``);
-    ``vary_vocabulary`` draws the training stories' variable-naming words from wider pools (``_vary_vocabulary``).
+    ``vary_vocabulary`` draws the training stories' variable-naming words from wider pools (``_vary_vocabulary``);
+    ``n_wordings`` (6-11, with ``vary_wording``) is how many training wordings each sentence draws from (``_render``).
     The eval splits are the same either way, so runs with and without them are measured on the same questions.
     """
+    _check_n_wordings(n_wordings)
     if heldout_families is None:
         heldout_families = heldout_templates
     heldout = _check_families(DEFAULT_HELDOUT_FAMILIES if heldout_families is None else heldout_families,
@@ -769,7 +902,8 @@ def retail_math_splits(n_train: int, n_test: int, seed: int = 0, heldout_familie
               test_bucket: bool | None, train: bool = False) -> list[Example]:
         rng = random.Random(f"retail-math:{seed}:{name}")
         return _generate(n, rng, _structure_cycle(families, phrasings, rng), f"retail-{seed}-{name}", avoid,
-                         distractors, test_bucket, train and vary_wording, vary_order, train and vary_vocabulary)
+                         distractors, test_bucket, train and vary_wording, vary_order, train and vary_vocabulary,
+                         n_wordings if train else DEFAULT_N_WORDINGS)
 
     train = split("train", n_train, trained, TRAIN_PHRASINGS, set(), False, train=True)
     train_questions = {e.question for e in train}

@@ -57,7 +57,8 @@ def load_splits(cfg: DataConfig) -> dict[str, list[Example]]:
         splits = retail_math_splits(cfg.n_train, cfg.n_test, seed=cfg.seed, heldout_families=cfg.heldout_families,
                                     n_test_heldout=cfg.n_test_heldout_families, n_test_reworded=cfg.n_test_reworded,
                                     distractors=cfg.distractors, vary_wording=cfg.vary_wording,
-                                    vary_order=cfg.vary_order, vary_vocabulary=cfg.vary_vocabulary)
+                                    vary_order=cfg.vary_order, vary_vocabulary=cfg.vary_vocabulary,
+                                    n_wordings=cfg.n_wordings)
     elif cfg.source == "retail_docs":
         from reasonlite.data.retail_docs import retail_docs_splits
 
