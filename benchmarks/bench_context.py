@@ -265,44 +265,132 @@ def latency(sizes: list[int], searches: int) -> list[dict]:
     return rows
 
 
-def _pg_rows(PgContextStore, pg, n: int, vectors: np.ndarray, queries: list) -> list[dict]:
+def _pg_database(pg, name: str) -> str:
+    """The URL of a new database `name` on the bench's PostgreSQL server."""
     import psycopg2
 
     admin = psycopg2.connect(pg.url.replace("+psycopg2", ""))
     admin.autocommit = True
     with admin.cursor() as cur:
-        cur.execute(f"CREATE DATABASE bench_{n}")
+        cur.execute(f"CREATE DATABASE {name}")
     admin.close()
+    return pg.url.rsplit("/", 1)[0] + f"/{name}"
+
+
+def _pg_rows(PgContextStore, pg, n: int, vectors: np.ndarray, queries: list) -> list[dict]:
     embedder = _StandIn(vectors)
-    store = PgContextStore(pg.url.rsplit("/", 1)[0] + f"/bench_{n}", embedder, embedder.tokenize)
+    store = PgContextStore(_pg_database(pg, f"bench_{n}"), embedder, embedder.tokenize)
     try:
         rate = _fill(store, embedder, n, np.random.default_rng(n + 1))
         sid = store.stores()[0]["id"]
-        with store._lock, store._db.cursor() as cur:
-            cur.execute("VACUUM ANALYZE chunks")
-        exact_times, exact_hits = _timed(store, embedder, sid, queries)
-        rows = [_latency_row("PostgreSQL exact", n, exact_times, **_parts(store, sid, queries),
-                             **{"ingest chunk/s": round(rate)})]
-        t0 = time.perf_counter()
-        store.vector_index = "hnsw"
-        store.ensure_hnsw(DIM)
-        build_s = time.perf_counter() - t0
-        ann_times, ann_hits = _timed(store, embedder, sid, queries)
-        ann_parts = _parts(store, sid, queries)
-        dense_recall = []
-        for q, _ in queries:
-            store.vector_index = "exact"
-            exact = sorted(store._dense([sid], q, 200).items(), key=lambda kv: -kv[1])[:10]
-            store.vector_index = "hnsw"
-            ann = sorted(store._dense([sid], q, 200).items(), key=lambda kv: -kv[1])[:10]
-            dense_recall.append(len({c for c, _ in exact} & {c for c, _ in ann}) / len(exact))
-        top5 = [len(set(a) & set(e)) / max(len(e), 1) for a, e in zip(ann_hits, exact_hits)]
-        rows.append(_latency_row("PostgreSQL HNSW", n, ann_times, **ann_parts, **{
-            "build s": round(build_s, 1), "ANN recall@10": round(statistics.mean(dense_recall), 3),
-            "top-5 = exact": round(statistics.mean(top5), 3)}))
-        return rows
+        return _exact_and_hnsw_rows(store, embedder, sid, queries, n, "PostgreSQL", {"ingest chunk/s": round(rate)})
     finally:
         store.close()
+
+
+def _exact_and_hnsw_rows(store, embedder, sid: str, queries: list, n: int, label: str, exact_extra: dict) -> list[dict]:
+    """A PostgreSQL store's exact row, then its HNSW row: build time, the ANN's share of the exact dense top-10 and
+    of the exact-backed hybrid top-5."""
+    with store._lock, store._db.cursor() as cur:
+        cur.execute("VACUUM ANALYZE chunks")
+    exact_times, exact_hits = _timed(store, embedder, sid, queries)
+    rows = [_latency_row(f"{label} exact", n, exact_times, **_parts(store, sid, queries), **exact_extra)]
+    t0 = time.perf_counter()
+    store.vector_index = "hnsw"
+    store.ensure_hnsw(DIM)
+    build_s = time.perf_counter() - t0
+    ann_times, ann_hits = _timed(store, embedder, sid, queries)
+    ann_parts = _parts(store, sid, queries)
+    dense_recall = []
+    for q, _ in queries:
+        store.vector_index = "exact"
+        exact = sorted(store._dense([sid], q, 200).items(), key=lambda kv: -kv[1])[:10]
+        store.vector_index = "hnsw"
+        ann = sorted(store._dense([sid], q, 200).items(), key=lambda kv: -kv[1])[:10]
+        dense_recall.append(len({c for c, _ in exact} & {c for c, _ in ann}) / len(exact))
+    top5 = [len(set(a) & set(e)) / max(len(e), 1) for a, e in zip(ann_hits, exact_hits)]
+    rows.append(_latency_row(f"{label} HNSW", n, ann_times, **ann_parts, **{
+        "build s": round(build_s, 1), "ANN recall@10": round(statistics.mean(dense_recall), 3),
+        "top-5 = exact": round(statistics.mean(top5), 3)}))
+    return rows
+
+
+class _Real(_StandIn):
+    """The embedder of the real-text stores: MiniLM on each file's chunks (100 words each by the word tokenizer),
+    and the query vector the benchmark set for a search."""
+
+    def __init__(self, embed) -> None:
+        super().__init__(np.zeros((0, DIM), np.float32))
+        self.embed, self.seen = embed, {}  # text -> vector: the second store does not embed the text again
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        if self.query is not None:
+            return self.query[None, :]
+        new = [x for x in dict.fromkeys(texts) if x not in self.seen]
+        if new:
+            self.seen.update(zip(new, np.asarray(self.embed(new), np.float32)))
+        return np.stack([self.seen[x] for x in texts])
+
+
+def _gsm8k_text() -> tuple[list[str], list[str]]:
+    """GSM8K's train + test questions and worked answers (calculator marks removed) as one stream of words, and the
+    test questions (the queries: each has its own answer among the chunks, and many near neighbours)."""
+    import re
+
+    rows = [json.loads(line) for split in ("train", "test")
+            for line in (ROOT.parent / "shared" / "data" / "gsm8k" / f"{split}.jsonl").read_text().splitlines() if line]
+    words = " ".join(f"{r['question']} {re.sub(r'<<[^>]*>>', '', r['answer'])}" for r in rows).split()
+    return words, [r["question"] for r in rows[-1319:]]
+
+
+def real_hnsw(searches: int) -> list[dict]:
+    """HNSW on real embeddings (the latency rows use random unit vectors, HNSW's hardest case): every 100 words of
+    GSM8K's questions and answers a chunk embedded with MiniLM, in the embedded store and in PostgreSQL, exact and
+    HNSW, queried with GSM8K test questions."""
+    from slm_fusion.context.pgvector import PgContextStore
+    from slm_fusion.context.store import ContextStore
+
+    words, questions = _gsm8k_text()
+    words = words[: len(words) // (WORDS_PER_CHUNK * CHUNKS_PER_FILE) * WORDS_PER_CHUNK * CHUNKS_PER_FILE]
+    n = len(words) // WORDS_PER_CHUNK
+    embed, _ = _minilm()
+    real = _Real(embed)
+    t0 = time.perf_counter()
+    query_vectors = np.asarray(embed(questions[:searches]), np.float32)
+    queries = list(zip(query_vectors, questions[:searches]))
+    rows = []
+
+    def fill(store) -> tuple[str, float]:
+        sid = store.create_store("gsm8k", None)["id"]
+        t0 = time.perf_counter()
+        for start in range(0, len(words), WORDS_PER_CHUNK * CHUNKS_PER_FILE):
+            text = " ".join(words[start:start + WORDS_PER_CHUNK * CHUNKS_PER_FILE])
+            fid = store.add_file(f"gsm8k-{start}.txt", text.encode(), "assistants")["id"]
+            store.attach(sid, fid, chunking_strategy=CHUNKING)
+        assert store.chunk_count(sid) == n, "a chunk per 100 words"
+        return sid, n / (time.perf_counter() - t0)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store = ContextStore(Path(tmp) / "real.db", real, _StandIn.tokenize)
+        sid, rate = fill(store)
+        times, _ = _timed(store, real, sid, queries)
+        rows.append(_latency_row("embedded, MiniLM on GSM8K text", n, times, **_parts(store, sid, queries),
+                                 **{"ingest chunk/s (embedding included)": round(rate)}))
+        store.close()
+    console.print(f"  {n} real chunks embedded and indexed in {time.perf_counter() - t0:.0f} s")
+    pg, pg_error = _pg_server()
+    if pg is None:
+        return rows + [{"store": "PostgreSQL, MiniLM on GSM8K text", "chunks": n, "note": pg_error}]
+    try:
+        store = PgContextStore(_pg_database(pg, "bench_real"), real, _StandIn.tokenize)
+        try:
+            sid, _ = fill(store)
+            rows += _exact_and_hnsw_rows(store, real, sid, queries, n, "PostgreSQL, MiniLM on GSM8K text:", {})
+        finally:
+            store.close()
+    finally:
+        pg.stop()
+    return rows
 
 
 STUDENT_DIR = ROOT / "runs" / "retail-docs-pal" / "train" / "model"  # where examples/retail_docs.yaml exports it
@@ -438,6 +526,9 @@ def run(quick: bool = False, student_dir: Path = STUDENT_DIR) -> dict:
     q = quality(20 if quick else 60)
     console.print("[cyan]context: search latency and ingestion[/cyan]")
     lat = latency([2000] if quick else [10_000, 100_000], 30 if quick else 200)
+    if not quick or "--real" in sys.argv:
+        console.print("[cyan]context: HNSW on real embeddings (MiniLM on GSM8K text)[/cyan]")
+        lat += real_hnsw(200)
     console.print("[cyan]context: does retrieval bring every source a retail-docs question needs?[/cyan]")
     found = docs_retrieval(5 if quick else 60)
     console.print("[cyan]context: a retail-docs student through the gateway, no context / retrieved / gold[/cyan]")
@@ -474,5 +565,16 @@ def run(quick: bool = False, student_dir: Path = STUDENT_DIR) -> dict:
 
 
 if __name__ == "__main__":
+    if "--only-real" in sys.argv:  # HNSW on real embeddings alone (a few minutes)
+        rows = real_hnsw(200)
+        OUT.mkdir(exist_ok=True)
+        (OUT / "context_real_hnsw.json").write_text(json.dumps(rows, indent=2))
+        table = Table(title="HNSW on real embeddings (MiniLM on GSM8K text)")
+        for col in dict.fromkeys(c for r in rows for c in r):
+            table.add_column(col, overflow="fold")
+        for r in rows:
+            table.add_row(*[str(r.get(c, "")) for c in dict.fromkeys(c for r in rows for c in r)])
+        console.print(table)
+        sys.exit(0)
     run(quick="--quick" in sys.argv,
         student_dir=Path(sys.argv[sys.argv.index("--student") + 1]) if "--student" in sys.argv else STUDENT_DIR)

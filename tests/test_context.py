@@ -370,6 +370,41 @@ def test_keyword_scores_are_normalised_within_the_searched_stores(tmp_path):
     store.close()
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_words_in_half_the_chunks_or_more_are_not_keyword_searched(tmp_path, backend):
+    """BM25 gives a word that most chunks hold no weight, but scoring it means ranking every such chunk: the keyword
+    side drops it (unless nothing would be left) and the ranking of the rest stays; the counts follow new chunks."""
+    from slm_fusion.context.pgvector import PgContextStore
+
+    pg = start_pgvector_server_or_skip() if backend == "postgresql" else None
+    base = _fake_store(tmp_path / "base.db")
+    store = base if pg is None else PgContextStore(pg.url, base.embed, base.tokenize)
+    try:
+        sid = store.create_store("docs", None)["id"]
+        texts = [f"the shop has {n} units of item{n}" for n in range(6)] + ["the kettle costs ten dollars"]
+        for i, text in enumerate(texts):
+            store.attach(sid, store.add_file(f"d{i}.txt", text.encode(), "assistants")["id"])
+        query = "how many units does the shop have of item3"
+        assert store._informative(["how", "many", "units", "the", "shop", "of", "item3"]) == ["how", "many", "item3"]
+        keyword = store._keyword.submit(store._lexical, [sid], query, 10).result()
+        assert len(keyword) == 1  # only item3's chunk holds a word that not half the chunks hold
+        hits = store.search([sid], query, 3, hybrid_weight=0.0)
+        assert hits[0].text == texts[3] and hits[0].score == 1.0 and all(h.score == 0 for h in hits[1:])
+        # every word is common: they are kept, so the keyword side still ranks
+        assert store._informative(["the", "shop"]) == ["the", "shop"]
+        assert store.search([sid], "the shop", 3, hybrid_weight=0.0)
+        # new chunks change the counts: "kettle" was in 1 of 7 chunks, now in 8 of 13
+        for i in range(6):
+            store.attach(sid, store.add_file(f"k{i}.txt", f"kettle number {i}".encode(), "assistants")["id"])
+        assert store._informative(["kettle", "item3"]) == ["item3"]
+    finally:
+        if store is not base:
+            store.close()
+        base.close()
+        if pg is not None:
+            pg.stop()
+
+
 def test_postgres_hnsw_index_is_used_and_finds_a_small_stores_chunks(tmp_path):
     from slm_fusion.context.pgvector import PgContextStore
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from slm_fusion.context.store import ContextStore, StoreError
+from slm_fusion.context.store import ContextStore, StoreError, _query_words
 
 SCHEMA = """
 CREATE EXTENSION IF NOT EXISTS vector;
@@ -180,8 +180,14 @@ class PgContextStore(ContextStore):
                 f"{column} <=> ? LIMIT ?", (q, sid, q, candidates)))
         return dense
 
+    def _term_docs(self, word: str) -> int:
+        return self._q("SELECT count(*) AS n FROM chunks WHERE tsv @@ plainto_tsquery('simple', ?)", (word,),
+                       side=True)[0]["n"]
+
     def _lexical(self, store_ids: Sequence[str], query: str, candidates: int) -> dict[int, float]:
-        words = list(dict.fromkeys(re.findall(r"\w+", query.lower())))
+        # the same words as the SQLite store's BM25 side: ts_rank_cd has no idf, so a word in half the chunks would
+        # otherwise weigh as much as a rare one, besides having every chunk that holds it ranked
+        words = self._informative(_query_words(query))
         if not words:
             return {}
         marks = ",".join("?" * len(store_ids))
