@@ -343,6 +343,23 @@ def _gsm8k_text() -> tuple[list[str], list[str]]:
     return words, [r["question"] for r in rows[-1319:]]
 
 
+def _every_word_rows(store, embedder, sid: str, queries: list, n: int, hits: list | None, label: str) -> list[dict]:
+    """The same searches with every query word on the keyword side (before the store dropped the words half the
+    chunks hold), side by side with the row above; with `hits` (those of the row above), the share of its top-5
+    that the every-word search returns too."""
+    informative = store._informative
+    store._informative = lambda words: words
+    try:
+        times, every = _timed(store, embedder, sid, queries)
+        extra = _parts(store, sid, queries)
+    finally:
+        store._informative = informative
+    if hits is not None:
+        extra["top-5 = every-word top-5"] = round(statistics.mean(
+            len(set(a) & set(b)) / max(len(b), 1) for a, b in zip(hits, every)), 3)
+    return [_latency_row(f"{label}, every query word (before)", n, times, **extra)]
+
+
 def real_hnsw(searches: int) -> list[dict]:
     """HNSW on real embeddings (the latency rows use random unit vectors, HNSW's hardest case): every 100 words of
     GSM8K's questions and answers a chunk embedded with MiniLM, in the embedded store and in PostgreSQL, exact and
@@ -373,9 +390,10 @@ def real_hnsw(searches: int) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         store = ContextStore(Path(tmp) / "real.db", real, _StandIn.tokenize)
         sid, rate = fill(store)
-        times, _ = _timed(store, real, sid, queries)
+        times, hits = _timed(store, real, sid, queries)
         rows.append(_latency_row("embedded, MiniLM on GSM8K text", n, times, **_parts(store, sid, queries),
                                  **{"ingest chunk/s (embedding included)": round(rate)}))
+        rows += _every_word_rows(store, real, sid, queries, n, hits, "embedded, MiniLM on GSM8K text")
         store.close()
     console.print(f"  {n} real chunks embedded and indexed in {time.perf_counter() - t0:.0f} s")
     pg, pg_error = _pg_server()
@@ -386,6 +404,8 @@ def real_hnsw(searches: int) -> list[dict]:
         try:
             sid, _ = fill(store)
             rows += _exact_and_hnsw_rows(store, real, sid, queries, n, "PostgreSQL, MiniLM on GSM8K text:", {})
+            store.vector_index = "exact"
+            rows += _every_word_rows(store, real, sid, queries, n, None, "PostgreSQL exact, MiniLM on GSM8K text")
         finally:
             store.close()
     finally:
