@@ -303,22 +303,28 @@ def _stock_after_sale(rng: random.Random, w: World, s: _Solution) -> _Drawn:
                   [f"stock:{store.name}"], ["units_in_stock"], p.name, store.name)
 
 
-def _return_refund(rng: random.Random, w: World, s: _Solution) -> _Drawn:
+def _opened_return(rng: random.Random, w: World, s: _Solution) -> tuple[Store, Product, str, str]:
+    """Opened units of a product returned to a store: the givens and what they were bought for (step `paid`);
+    (store, product, units returned as shown, the CoT's lookup sentence)."""
     store, p = rng.choice(w.stores), rng.choice(w.products)
     returned = s.given("units_returned", rng.randint(1, 5))
     s.given("unit_price", p.unit_price, money=True)
     s.given("restocking_fee_percent", store.restocking_fee)
     s.step("paid", "units_returned * unit_price", "They were bought for {units_returned} * {unit_price} = {out}.",
            money=True)
+    return store, p, returned, (f"The {p.name} costs {_money(p.unit_price)}, and the {store.name} store keeps a "
+                                f"{store.restocking_fee}% restocking fee on opened items.")
+
+
+def _return_refund(rng: random.Random, w: World, s: _Solution) -> _Drawn:
+    store, p, returned, lookup = _opened_return(rng, w, s)
     s.step("fee", "paid * restocking_fee_percent / 100",
            "The restocking fee is {paid} * {restocking_fee_percent} / 100 = {out}.", money=True)
     s.step("answer", "paid - fee", "The refund is {paid} - {fee} = {out}.", money=True)
     q = rng.choice([f"A customer returns {returned} opened {p.plural} to the {store.name} store. How much is refunded?",
                     f"How much money does the {store.name} store refund for {returned} opened {p.plural}?"])
-    return _Drawn(q, f"The {p.name} costs {_money(p.unit_price)}, and the {store.name} store keeps a "
-                     f"{store.restocking_fee}% restocking fee on opened items.",
-                  [f"catalog:{p.name}", f"policies:{store.name}"], ["unit_price", "restocking_fee_percent"], p.name,
-                  store.name)
+    return _Drawn(q, lookup, [f"catalog:{p.name}", f"policies:{store.name}"], ["unit_price", "restocking_fee_percent"],
+                  p.name, store.name)
 
 
 def _stock_value(rng: random.Random, w: World, s: _Solution) -> _Drawn:
@@ -499,22 +505,15 @@ def _stock_shortfall(rng: random.Random, w: World, s: _Solution) -> _Drawn:
 
 
 def _restocking_fee(rng: random.Random, w: World, s: _Solution) -> _Drawn:
-    store, p = rng.choice(w.stores), rng.choice(w.products)
-    returned = s.given("units_returned", rng.randint(1, 5))
-    s.given("unit_price", p.unit_price, money=True)
-    s.given("restocking_fee_percent", store.restocking_fee)
-    s.step("paid", "units_returned * unit_price", "They were bought for {units_returned} * {unit_price} = {out}.",
-           money=True)
+    store, p, returned, lookup = _opened_return(rng, w, s)
     s.step("answer", "paid * restocking_fee_percent / 100",
            "The restocking fee is {paid} * {restocking_fee_percent} / 100 = {out}.", money=True)
     q = rng.choice([(f"What restocking fee does the {store.name} store keep when {returned} opened {p.plural} come "
                     "back?"),
                     (f"How much does the {store.name} store keep as a fee on a return of {returned} opened "
                     f"{p.plural}?")])
-    return _Drawn(q, f"The {p.name} costs {_money(p.unit_price)}, and the {store.name} store keeps a "
-                     f"{store.restocking_fee}% restocking fee on opened items.",
-                  [f"catalog:{p.name}", f"policies:{store.name}"], ["unit_price", "restocking_fee_percent"], p.name,
-                  store.name)
+    return _Drawn(q, lookup, [f"catalog:{p.name}", f"policies:{store.name}"], ["unit_price", "restocking_fee_percent"],
+                  p.name, store.name)
 
 
 KIND_SPECS: dict[str, Kind] = {
