@@ -67,13 +67,13 @@ class DataConfig(Section):
     program_names: bool = Field(True, description="gsm8k: name each given quantity and step from the question's words (friends_april = 48); False = the v1 = 48 / 2 form (3x better on GSM8K with SmolLM2-135M: docs/benchmarks.md)")
     mix: list[MixSource] = Field([], description="more sources mixed into the training set, each with a weight; their eval splits are named '<name>:<split>'")
 
-
     @field_validator("kinds", mode="before")
     @classmethod
     def _kinds_all_or_list(cls, value: Any) -> Any:
         if isinstance(value, str) and value != "all":
             raise ValueError(f"'{value}' is neither all nor a list of retail_docs kinds (e.g. [case_cost, units_cost])")
         return value
+
 
 class TeacherConfig(Section):
     kind: Literal["dataset", "hf", "openai"] = Field("dataset", description="'dataset' = the example's own gold rationale/program (offline), 'hf' = a local transformers model, 'openai' = any OpenAI-compatible endpoint")
