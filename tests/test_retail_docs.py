@@ -90,6 +90,20 @@ def test_the_heldout_kinds_are_never_trained_on():
         retail_docs_splits(5, 5, heldout_kinds=["refund"])
 
 
+def test_a_kind_that_runs_out_of_new_questions_gives_its_turns_to_the_others():
+    # stock_value has 64 distinct questions in the training world (products x stores it stocks); the others hundreds
+    many = retail_docs_splits(300, 5, kinds=["stock_value", "units_cost"], heldout_kinds=["price_match"])["train"]
+    kinds = [e.metadata["kind"] for e in many]
+    assert len({e.question for e in many}) == 300
+    assert kinds[:20] == ["stock_value", "units_cost"] * 10  # turns as before while both kinds have questions
+    assert 50 <= kinds.count("stock_value") <= 64 and kinds.count("units_cost") >= 236
+    with pytest.raises(RuntimeError, match="hold fewer than 100 distinct questions for the train split"):
+        retail_docs_splits(100, 5, kinds=["stock_value"], heldout_kinds=["price_match"])
+    # the member discount on one unit or a few: 480 training questions of every kind (30 each) can be drawn
+    wide = retail_docs_splits(480, 5, kinds="all")["train"]
+    assert sum(e.metadata["kind"] == "member_unit_price" for e in wide) == 30
+
+
 def test_every_gold_program_runs_in_the_sandbox_to_the_gold_answer():
     from reasonlite.sandbox import execute_many
 

@@ -389,13 +389,24 @@ def _units_cost(rng: random.Random, w: World, s: _Solution) -> _Drawn:
 
 def _member_unit_price(rng: random.Random, w: World, s: _Solution) -> _Drawn:
     p = rng.choice([p for p in w.products if p.member_discount is not None])
+    units = rng.randint(1, 6)  # one unit, or a few (a world has ~8 such products: one unit alone runs out of questions)
     s.given("unit_price", p.unit_price, money=True)
     s.given("member_discount_percent", p.member_discount)
+    if units > 1:
+        s.given("units", units)
     s.step("discount", "unit_price * member_discount_percent / 100",
            "The member discount on one is {unit_price} * {member_discount_percent} / 100 = {out}.", money=True)
-    s.step("answer", "unit_price - discount", "A member pays {unit_price} - {discount} = {out}.", money=True)
-    q = rng.choice([f"What does a member pay for one {p.name}?",
-                    f"How much is a single {p.name} with the member discount?"])
+    if units == 1:
+        s.step("answer", "unit_price - discount", "A member pays {unit_price} - {discount} = {out}.", money=True)
+        q = rng.choice([f"What does a member pay for one {p.name}?",
+                        f"How much is a single {p.name} with the member discount?"])
+    else:
+        s.step("member_price", "unit_price - discount", "A member pays {unit_price} - {discount} = {out} for one.",
+               money=True)
+        s.step("answer", "units * member_price", "{units} of them cost {units} * {member_price} = {out}.",
+               money=True)
+        q = rng.choice([f"What does a member pay for {units} single {p.plural}?",
+                        f"How much are {units} {p.plural}, bought one at a time, with the member discount?"])
     return _Drawn(q, f"The catalog lists the {p.name} at {_money(p.unit_price)}, and members save "
                      f"{p.member_discount}%.", [f"catalog:{p.name}", f"promotions:{p.name}"],
                   ["unit_price", "member_discount_percent"], p.name)
@@ -534,23 +545,40 @@ DEFAULT_HELDOUT_KINDS: list[str] = ["stock_value", "price_match"]
 _MAX_DRAWS = 200
 
 
+def _draw_new(rng: random.Random, world: World, kind: str, seen: set[str]) -> tuple[_Drawn | None, _Solution]:
+    """A question of `kind` not in `seen` (None after _MAX_DRAWS tries: the kind has run out)."""
+    for _ in range(_MAX_DRAWS):
+        s = _Solution({})
+        try:
+            drawn = KIND_SPECS[kind](rng, world, s)
+        except _Redraw:
+            continue
+        if drawn.question not in seen:
+            return drawn, s
+    return None, _Solution({})
+
+
 def _generate(n: int, world: World, kinds: list[str], split: str, seed: int) -> list[Example]:
     """`n` distinct questions of `kinds` (taking turns) about `world`."""
     rng = random.Random(f"retail-docs:{seed}:{split}:questions")
     examples: list[Example] = []
     seen: set[str] = set()
+    spent: set[str] = set()  # kinds that ran out of new questions: they give their turns to the next kinds
+    turn = 0
     for i in range(n):
-        kind = kinds[i % len(kinds)]
-        for _ in range(_MAX_DRAWS):
-            s = _Solution({})
-            try:
-                drawn = KIND_SPECS[kind](rng, world, s)
-            except _Redraw:
+        drawn = None
+        while drawn is None:
+            live = [k for k in kinds if k not in spent]
+            if not live:
+                raise RuntimeError(f"retail_docs kinds {kinds} hold fewer than {n} distinct questions for the {split} "
+                                   f"split; ask for fewer examples")
+            kind = kinds[turn % len(kinds)]
+            turn += 1
+            if kind in spent:
                 continue
-            if drawn.question not in seen:
-                break
-        else:
-            raise RuntimeError(f"retail_docs kind {kind} keeps repeating questions; ask for fewer examples")
+            drawn, s = _draw_new(rng, world, kind, seen)
+            if drawn is None:
+                spent.add(kind)
         seen.add(drawn.question)
         sources = [world.documents[key] for key in drawn.docs]
         examples.append(Example(

@@ -39,7 +39,7 @@ CREATE TABLE IF NOT EXISTS store_files (store_id TEXT NOT NULL, file_id TEXT NOT
     created_at BIGINT NOT NULL, PRIMARY KEY (store_id, file_id));
 CREATE TABLE IF NOT EXISTS chunks (id BIGSERIAL PRIMARY KEY, store_id TEXT NOT NULL, file_id TEXT NOT NULL,
     position INTEGER NOT NULL, text TEXT NOT NULL, vector vector NOT NULL,
-    tsv tsvector GENERATED ALWAYS AS (to_tsvector('simple', text)) STORED);
+    tsv tsvector GENERATED ALWAYS AS (to_tsvector('english', text)) STORED);
 CREATE INDEX IF NOT EXISTS chunks_by_store ON chunks (store_id, file_id);
 CREATE INDEX IF NOT EXISTS chunks_tsv ON chunks USING gin (tsv);
 CREATE TABLE IF NOT EXISTS file_batches (id TEXT PRIMARY KEY, store_id TEXT NOT NULL, status TEXT NOT NULL,
@@ -50,6 +50,9 @@ CREATE TABLE IF NOT EXISTS batch_leases (batch_id TEXT PRIMARY KEY, owner TEXT N
     expires_at DOUBLE PRECISION NOT NULL);
 """
 VECTOR_INDEXES = ("exact", "hnsw")
+# A table made before stemming ('simple': no stems, no stop words) gets its tsv column regenerated once, at connect
+STEMMED_TSV = ("ALTER TABLE chunks DROP COLUMN tsv; ALTER TABLE chunks ADD COLUMN tsv tsvector GENERATED ALWAYS AS "
+               "(to_tsvector('english', text)) STORED; CREATE INDEX IF NOT EXISTS chunks_tsv ON chunks USING gin (tsv);")
 SCHEMA_LOCK = 0x51F05E  # pg_advisory_lock key: replicas starting together create the schema one at a time
 
 
@@ -94,6 +97,11 @@ class PgContextStore(ContextStore):
             cur.execute("SELECT pg_advisory_lock(%s)", (SCHEMA_LOCK,))
             try:
                 cur.execute(SCHEMA)
+                cur.execute("SELECT pg_get_expr(adbin, adrelid) AS expr FROM pg_attrdef JOIN pg_attribute ON "
+                            "attrelid = adrelid AND attnum = adnum WHERE adrelid = 'chunks'::regclass AND "
+                            "attname = 'tsv'")
+                if "english" not in cur.fetchone()["expr"]:
+                    cur.execute(STEMMED_TSV)
                 cur.execute("SELECT attstorage FROM pg_attribute WHERE attrelid = 'chunks'::regclass AND attname = "
                             "'vector'")
                 if cur.fetchone()["attstorage"] != "p":  # inline, never compressed: an exact scan reads it directly
@@ -180,9 +188,11 @@ class PgContextStore(ContextStore):
                 f"{column} <=> ? LIMIT ?", (q, sid, q, candidates)))
         return dense
 
-    def _term_docs(self, word: str) -> int:
-        return self._q("SELECT count(*) AS n FROM chunks WHERE tsv @@ plainto_tsquery('simple', ?)", (word,),
-                       side=True)[0]["n"]
+    def _term_docs(self, word: str, cap: int) -> int:
+        # a stop word ("the", "of") has no lexeme: the index never holds it, so it counts as held by every chunk
+        return self._q("SELECT CASE WHEN numnode(plainto_tsquery('english', ?)) = 0 THEN ? ELSE (SELECT count(*) "
+                       "FROM (SELECT 1 FROM chunks WHERE tsv @@ plainto_tsquery('english', ?) LIMIT ?) hits) END AS n",
+                       (word, cap, word, cap), side=True)[0]["n"]
 
     def _lexical(self, store_ids: Sequence[str], query: str, candidates: int) -> dict[int, float]:
         # the same words as the SQLite store's BM25 side: ts_rank_cd has no idf, so a word in half the chunks would
@@ -192,5 +202,5 @@ class PgContextStore(ContextStore):
             return {}
         marks = ",".join("?" * len(store_ids))
         return {r["id"]: float(r["rank"]) for r in self._q(
-            f"SELECT id, ts_rank_cd(tsv, q) AS rank FROM chunks, to_tsquery('simple', ?) q WHERE tsv @@ q AND "
+            f"SELECT id, ts_rank_cd(tsv, q) AS rank FROM chunks, to_tsquery('english', ?) q WHERE tsv @@ q AND "
             f"store_id IN ({marks}) ORDER BY rank DESC LIMIT ?", (" | ".join(words), *store_ids, candidates * 4), side=True)}
