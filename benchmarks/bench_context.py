@@ -394,6 +394,10 @@ def real_hnsw(searches: int) -> list[dict]:
         rows.append(_latency_row("embedded, MiniLM on GSM8K text", n, times, **_parts(store, sid, queries),
                                  **{"ingest chunk/s (embedding included)": round(rate)}))
         rows += _every_word_rows(store, real, sid, queries, n, hits, "embedded, MiniLM on GSM8K text")
+        _unstem(store)  # side by side: the same searches on the keyword index before stemming (session 12's)
+        times, _ = _timed(store, real, sid, queries)
+        rows.append(_latency_row("embedded, MiniLM on GSM8K text, unstemmed keyword index (before)", n, times,
+                                 **_parts(store, sid, queries)))
         store.close()
     console.print(f"  {n} real chunks embedded and indexed in {time.perf_counter() - t0:.0f} s")
     pg, pg_error = _pg_server()
@@ -420,15 +424,23 @@ RETRIEVALS = ((3, 0.0), (3, 0.3), (4, 0.3))  # (top_k, diversity) of the retriev
 DEFAULT_RETRIEVAL = (3, 0.0)  # examples/retail_docs.yaml's top_k, the gateway's default diversity: the targets' row
 
 
-def docs_retrieval(per_split: int) -> list[dict]:
+def _unstem(store) -> None:
+    """The store's keyword index as it was before session 13 (FTS5 unicode61, no stemming), for side-by-side rows."""
+    store._db.executescript("DROP TABLE chunks_fts; CREATE VIRTUAL TABLE chunks_fts USING fts5 (text, content='chunks', "
+                            "content_rowid='id'); INSERT INTO chunks_fts (chunks_fts) VALUES ('rebuild');")
+    store._term_cache = (None, 0, {})
+
+
+def docs_retrieval(per_split: int, kinds: str | None = None, before: bool = False) -> list[dict]:
     """Does retrieval bring every source a retail-docs question needs? Share of questions (test and held-out kinds)
     whose gold documents are all among the top_k chunks of the store of all 74 documents, per question kind, for
-    each (top_k, diversity) of RETRIEVALS; hybrid 0.5, MiniLM, the store's own search."""
+    each (top_k, diversity) of RETRIEVALS; hybrid 0.5, MiniLM, the store's own search. `kinds`: data.kinds of the
+    questions (None: the 7 classic kinds); `before`: the same searches on an unstemmed keyword index too."""
     from reasonlite.data.retail_docs import retail_docs_splits, write_retail_docs
     from slm_fusion.context.store import ContextStore
 
     embed, tokenize = _minilm()
-    splits = retail_docs_splits(300, per_split, seed=0)
+    splits = retail_docs_splits(300, per_split, seed=0, kinds=kinds)
     questions = splits["test"] + splits["test_heldout_kinds"]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -436,15 +448,19 @@ def docs_retrieval(per_split: int) -> list[dict]:
         sid = store.create_store("retail-docs", None)["id"]
         for path in write_retail_docs(Path(tmp) / "docs", seed=0):
             store.attach(sid, store.add_file(path.name, path.read_bytes(), "assistants")["id"])
-        for top_k, diversity in RETRIEVALS:
-            found: dict[str, list[bool]] = {}
-            for ex in questions:
-                got = {h.filename for h in store.search([sid], ex.question, top_k, diversity=diversity)}
-                found.setdefault(ex.metadata["kind"], []).append(all(src.filename in got for src in ex.context))
-            rows.append({"top_k": top_k, "diversity": diversity,
-                         "all sources found": round(sum(map(sum, found.values())) / len(questions), 3),
-                         **{kind: f"{sum(v)}/{len(v)}" for kind, v in sorted(found.items())}})
-            console.print(rows[-1])
+        for index in ("stemmed", "unstemmed (before)") if before else ("stemmed",):
+            if index != "stemmed":
+                _unstem(store)
+            for top_k, diversity in RETRIEVALS:
+                found: dict[str, list[bool]] = {}
+                for ex in questions:
+                    got = {h.filename for h in store.search([sid], ex.question, top_k, diversity=diversity)}
+                    found.setdefault(ex.metadata["kind"], []).append(all(src.filename in got for src in ex.context))
+                rows.append({"kinds": kinds or "classic", "keyword index": index, "top_k": top_k,
+                             "diversity": diversity,
+                             "all sources found": round(sum(map(sum, found.values())) / len(questions), 3),
+                             **{kind: f"{sum(v)}/{len(v)}" for kind, v in sorted(found.items())}})
+                console.print(rows[-1])
         store.close()
     return rows
 
@@ -585,6 +601,17 @@ def run(quick: bool = False, student_dir: Path = STUDENT_DIR) -> dict:
 
 
 if __name__ == "__main__":
+    if "--only-sources" in sys.argv:  # part 3 alone, stemmed and unstemmed side by side, both kind sets (~2 min)
+        rows = docs_retrieval(60, before=True) + docs_retrieval(60, kinds="all", before=True)
+        OUT.mkdir(exist_ok=True)
+        (OUT / "context_sources.json").write_text(json.dumps(rows, indent=2))
+        table = Table(title="Retail-docs questions whose sources are all retrieved")
+        for col in ("kinds", "keyword index", "top_k", "diversity", "all sources found"):
+            table.add_column(col)
+        for r in rows:
+            table.add_row(*[str(r[c]) for c in ("kinds", "keyword index", "top_k", "diversity", "all sources found")])
+        console.print(table)
+        sys.exit(0)
     if "--only-real" in sys.argv:  # HNSW on real embeddings alone (a few minutes)
         rows = real_hnsw(200)
         OUT.mkdir(exist_ok=True)
