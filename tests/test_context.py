@@ -370,6 +370,15 @@ def test_keyword_scores_are_normalised_within_the_searched_stores(tmp_path):
     store.close()
 
 
+def _close(store, base, pg) -> None:
+    """A test's store on either backend (`base`: the SQLite store it was made from), and its PostgreSQL if any."""
+    if store is not base:
+        store.close()
+    base.close()
+    if pg is not None:
+        pg.stop()
+
+
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_words_in_half_the_chunks_or_more_are_not_keyword_searched(tmp_path, backend):
     """BM25 gives a word that most chunks hold no weight, but scoring it means ranking every such chunk: the keyword
@@ -400,11 +409,7 @@ def test_words_in_half_the_chunks_or_more_are_not_keyword_searched(tmp_path, bac
             store.attach(sid, store.add_file(f"k{i}.txt", f"kettle number {i}".encode(), "assistants")["id"])
         assert store._informative(["kettle", "item3"]) == ["item3"]
     finally:
-        if store is not base:
-            store.close()
-        base.close()
-        if pg is not None:
-            pg.stop()
+        _close(store, base, pg)
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
@@ -452,11 +457,7 @@ def test_keyword_search_matches_other_forms_of_a_word_and_old_stores_are_reindex
         store.attach(sid, store.add_file("d3.txt", b"Three kettles in stock.", "assistants")["id"])
         assert sorted(keyword("kettles")) == ["A kettle for tea.", "Three kettles in stock."]  # new chunks: stemmed
     finally:
-        if store is not base:
-            store.close()
-        base.close()
-        if pg is not None:
-            pg.stop()
+        _close(store, base, pg)
 
 
 def test_postgres_hnsw_index_is_used_and_finds_a_small_stores_chunks(tmp_path):
