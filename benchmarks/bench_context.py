@@ -435,23 +435,30 @@ def _unstem(store) -> None:
     store._term_cache = (None, 0, {})
 
 
+def _docs_store(tmp: Path):
+    """(store, vector store id): a fresh embedded store at `tmp` holding the retail-docs corpus's 74 documents."""
+    from reasonlite.data.retail_docs import write_retail_docs
+    from slm_fusion.context.store import ContextStore
+
+    store = ContextStore(tmp / "docs.db", *_minilm())
+    sid = store.create_store("retail-docs", None)["id"]
+    for path in write_retail_docs(tmp / "docs", seed=0):
+        store.attach(sid, store.add_file(path.name, path.read_bytes(), "assistants")["id"])
+    return store, sid
+
+
 def docs_retrieval(per_split: int, kinds: str | None = None, before: bool = False) -> list[dict]:
     """Does retrieval bring every source a retail-docs question needs? Share of questions (test and held-out kinds)
     whose gold documents are all among the top_k chunks of the store of all 74 documents, per question kind, for
     each (top_k, diversity, hybrid_weight) of RETRIEVALS; MiniLM, the store's own search. `kinds`: data.kinds of the
     questions (None: the 7 classic kinds); `before`: the same searches on an unstemmed keyword index too."""
-    from reasonlite.data.retail_docs import retail_docs_splits, write_retail_docs
-    from slm_fusion.context.store import ContextStore
+    from reasonlite.data.retail_docs import retail_docs_splits
 
-    embed, tokenize = _minilm()
     splits = retail_docs_splits(300, per_split, seed=0, kinds=kinds)
     questions = splits["test"] + splits["test_heldout_kinds"]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        store = ContextStore(Path(tmp) / "docs.db", embed, tokenize)
-        sid = store.create_store("retail-docs", None)["id"]
-        for path in write_retail_docs(Path(tmp) / "docs", seed=0):
-            store.attach(sid, store.add_file(path.name, path.read_bytes(), "assistants")["id"])
+        store, sid = _docs_store(Path(tmp))
         for index in ("stemmed", "unstemmed (before)") if before else ("stemmed",):
             if index != "stemmed":
                 _unstem(store)
@@ -474,17 +481,12 @@ def retrieval_grid(n_questions: int = 120) -> list[dict]:
     """How RETRIEVALS' recipe row was chosen: the share of the first `n_questions` *training* questions (never the
     test split) whose gold documents are all retrieved, over top_k 2-3 x diversity 0 / 0.3 x hybrid 0.5-1.0, with
     the mean number of retrieved documents that are not gold (the distractors a student must read past)."""
-    from reasonlite.data.retail_docs import retail_docs_splits, write_retail_docs
-    from slm_fusion.context.store import ContextStore
+    from reasonlite.data.retail_docs import retail_docs_splits
 
-    embed, tokenize = _minilm()
     questions = retail_docs_splits(300, 5, seed=0)["train"][:n_questions]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        store = ContextStore(Path(tmp) / "docs.db", embed, tokenize)
-        sid = store.create_store("retail-docs", None)["id"]
-        for path in write_retail_docs(Path(tmp) / "docs", seed=0):
-            store.attach(sid, store.add_file(path.name, path.read_bytes(), "assistants")["id"])
+        store, sid = _docs_store(Path(tmp))
         for top_k in (2, 3):
             for diversity in (0.0, 0.3):
                 for weight in (0.5, 0.7, 0.8, 0.9, 1.0):
