@@ -158,10 +158,37 @@ def test_packed_training_resumes_like_a_straight_run_and_tracks_padded_loss(tmp_
     assert [h["loss"] for h in padded.history] == pytest.approx([h["loss"] for h in straight.history], rel=1e-3)
 
 
-def test_group_by_length_trains(tmp_path, tokenizer, pal_set):
+def test_group_by_length_trains(tmp_path, tokenizer, pal_set, monkeypatch):
+    from reasonlite.train import sft
     from reasonlite.train.sft import prepare_model, run_sft
 
+    drawn = []  # the trainer draws its batches from the shuffled sampler, not transformers' own
+    original = sft.ShuffledLengthGroupedSampler.__iter__
+    monkeypatch.setattr(sft.ShuffledLengthGroupedSampler, "__iter__", lambda self: drawn.append(1) or original(self))
     cfg = tiny_cfg(train={"max_steps": 2, "batch_size": 2, "group_by_length": True})
     examples, _ = trace_examples(cfg, load_trace_set(pal_set).traces, tokenizer)
     run = run_sft(cfg, prepare_model(cfg, _model()), tokenizer, build_dataset(cfg, examples, tokenizer), tmp_path)
     assert run.steps == 2 and run.final_loss == run.final_loss  # finite, not NaN
+    assert drawn
+
+
+def test_length_grouped_batches_come_in_shuffled_order_not_longest_to_shortest():
+    """transformers sorts each megabatch of 50 batches longest -> shortest, so a run ending on a megabatch's end
+    trained last on its shortest rows; the trainer's sampler keeps the homogeneous batches but shuffles their order."""
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    from reasonlite.train.sft import ShuffledLengthGroupedSampler
+
+    lengths = [int(x) for x in torch.randint(20, 400, (800,), generator=torch.Generator().manual_seed(0))]
+    hf = list(LengthGroupedSampler(4, lengths=lengths, generator=torch.Generator().manual_seed(1)))
+    ours = list(ShuffledLengthGroupedSampler(4, lengths=lengths, generator=torch.Generator().manual_seed(1)))
+    batches = lambda order: [tuple(order[i: i + 4]) for i in range(0, len(order), 4)]
+    assert sorted(ours) == list(range(800))  # every row once
+    assert sorted(batches(ours)) == sorted(batches(hf))  # the very same batches: as little padding
+    longest = lambda order: [max(lengths[i] for i in b) for b in batches(order)]
+    # HF: within each megabatch (50 batches) the longest row never grows from one batch to the next
+    assert all(a >= b for a, b in zip(longest(hf)[1:50], longest(hf)[2:50]))
+    # ours: the last 10 batches are not the shortest of anything; they span the range like any other 10
+    assert max(longest(ours)[-10:]) > sorted(longest(hf))[len(longest(hf)) // 2]
+    again = list(ShuffledLengthGroupedSampler(4, lengths=lengths, generator=torch.Generator().manual_seed(1)))
+    assert again == ours  # seeded: a resumed run replays the same order

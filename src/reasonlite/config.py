@@ -253,7 +253,7 @@ class TrainConfig(Section):
     step_by_step_alpha: float = Field(0.5, ge=0, le=1, description="step_by_step loss = alpha*label + (1-alpha)*rationale")
     epochs_cap: int = Field(20, ge=1, description="upper bound on passes over the data when max_steps would exceed it")
     packing: bool = Field(False, description="padding-free: pack each batch's examples into rows of up to max_length tokens, no cross-example attention")
-    group_by_length: bool = Field(False, description="draw batches of similar length (HF LengthGroupedSampler) to cut padding; changes the data order")
+    group_by_length: bool = Field(False, description="draw batches of similar length (HF LengthGroupedSampler, its batches shuffled) to cut padding; changes the data order")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads for training (None = torch's default)")
 
 

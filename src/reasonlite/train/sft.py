@@ -28,6 +28,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback
+from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
@@ -127,6 +128,21 @@ def weighted_example_loss(logits: torch.Tensor, labels: torch.Tensor, weights: t
     return 2.0 * (weights.to(per_example.dtype) * per_example).sum() / n
 
 
+class ShuffledLengthGroupedSampler(LengthGroupedSampler):
+    """transformers' length grouping with its batches in random order. Its sampler sorts each megabatch (50 batches)
+    from the longest rows to the shortest, so every 50 steps run long -> short and a run whose last step ends a
+    megabatch trains last on the shortest rows alone (session 14: a 300-step retail student that way dropped steps
+    from its programs, 69% on its test split against 94% at 200 steps without grouping). transformers has no
+    option to shuffle the batches, hence this subclass: the same length-homogeneous batches (the same padding
+    saved), drawn in an order the seeded generator shuffles, so a resumed run replays it."""
+
+    def __iter__(self):
+        indices = get_length_grouped_indices(self.lengths, self.batch_size, generator=self.generator)
+        batches = [indices[i: i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
+        order = torch.randperm(len(batches), generator=self.generator).tolist()
+        return iter([i for b in order for i in batches[b]])
+
+
 class WeightedSFTTrainer(SFTTrainer):
     """SFTTrainer whose loss honours a `loss_weight` column (step_by_step).
 
@@ -142,6 +158,12 @@ class WeightedSFTTrainer(SFTTrainer):
             # Our loss is a per-micro-batch mean, not a sum over `num_items_in_batch` tokens, so let Trainer divide it
             # by the gradient-accumulation steps as it does for models without loss kwargs.
             self.model_accepts_loss_kwargs = False
+
+    def _get_train_sampler(self, train_dataset=None):
+        sampler = super()._get_train_sampler(train_dataset)
+        if type(sampler) is LengthGroupedSampler:  # train.group_by_length: the same batches, in shuffled order
+            return ShuffledLengthGroupedSampler(sampler.batch_size, lengths=sampler.lengths, generator=sampler.generator)
+        return sampler
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         weights = inputs.pop("loss_weight", None)
