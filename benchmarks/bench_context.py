@@ -28,7 +28,8 @@ and search latency and ingestion rate of the embedded (SQLite) and the PostgreSQ
    the held-out kinds: no context; `extra_body.context` on the store of all 74 documents (retrieved, once per
    (top_k, diversity, hybrid_weight) of part 3); and on a store holding only the question's own documents (gold).
    Accuracy of the executed answer. Targets (on the row of examples/retail_docs_gateway.yaml's retrieval: top_k 3,
-   diversity 0.3, hybrid 0.7): retrieved >= no context + 40 points, and within 10 points of gold. Skipped (saying so) when no trained student is found; `--student DIR` points at one.
+   diversity 0.3, hybrid 0.7): retrieved >= no context + 40 points, and within 10 points of gold. Skipped (saying
+   so) when no trained student is found; `--student DIR` points at one.
 
     python benchmarks/bench_context.py [--quick] [--student runs/retail-docs-pal/train/model]
     python benchmarks/bench_context.py --only-sources | --tune-retrieval | --only-real   (one part alone)
@@ -447,6 +448,12 @@ def _docs_store(tmp: Path):
     return store, sid
 
 
+def _retrieved(store, sid: str, question: str, retrieval: tuple[int, float, float]) -> set[str]:
+    """Filenames of the chunks the store's search returns for `question` at (top_k, diversity, hybrid_weight)."""
+    top_k, diversity, weight = retrieval
+    return {h.filename for h in store.search([sid], question, top_k, diversity=diversity, hybrid_weight=weight)}
+
+
 def docs_retrieval(per_split: int, kinds: str | None = None, before: bool = False) -> list[dict]:
     """Does retrieval bring every source a retail-docs question needs? Share of questions (test and held-out kinds)
     whose gold documents are all among the top_k chunks of the store of all 74 documents, per question kind, for
@@ -465,8 +472,7 @@ def docs_retrieval(per_split: int, kinds: str | None = None, before: bool = Fals
             for top_k, diversity, weight in RETRIEVALS:
                 found: dict[str, list[bool]] = {}
                 for ex in questions:
-                    got = {h.filename for h in store.search([sid], ex.question, top_k, diversity=diversity,
-                                                          hybrid_weight=weight)}
+                    got = _retrieved(store, sid, ex.question, (top_k, diversity, weight))
                     found.setdefault(ex.metadata["kind"], []).append(all(src.filename in got for src in ex.context))
                 rows.append({"kinds": kinds or "classic", "keyword index": index, "top_k": top_k,
                              "diversity": diversity, "hybrid_weight": weight,
@@ -492,8 +498,7 @@ def retrieval_grid(n_questions: int = 120) -> list[dict]:
                 for weight in (0.5, 0.7, 0.8, 0.9, 1.0):
                     found = extra = 0
                     for ex in questions:
-                        got = {h.filename for h in store.search([sid], ex.question, top_k, diversity=diversity,
-                                                                hybrid_weight=weight)}
+                        got = _retrieved(store, sid, ex.question, (top_k, diversity, weight))
                         gold = {src.filename for src in ex.context}
                         found += gold <= got
                         extra += len(got - gold)
@@ -648,10 +653,11 @@ if __name__ == "__main__":
         OUT.mkdir(exist_ok=True)
         (OUT / "context_sources.json").write_text(json.dumps(rows, indent=2))
         table = Table(title="Retail-docs questions whose sources are all retrieved")
-        for col in ("kinds", "keyword index", "top_k", "diversity", "hybrid_weight", "all sources found"):
+        columns = ("kinds", "keyword index", "top_k", "diversity", "hybrid_weight", "all sources found")
+        for col in columns:
             table.add_column(col)
         for r in rows:
-            table.add_row(*[str(r[c]) for c in ("kinds", "keyword index", "top_k", "diversity", "hybrid_weight", "all sources found")])
+            table.add_row(*[str(r[c]) for c in columns])
         console.print(table)
         sys.exit(0)
     if "--tune-retrieval" in sys.argv:  # the training-question grid behind RECIPE_RETRIEVAL (~1 min)
